@@ -1,0 +1,38 @@
+// Package repair freezes, captures and restores established TCP sockets
+// with the kernel's TCP_REPAIR facility, and finds the sockets a network
+// namespace holds.
+//
+// A migration moves one socket in four steps. [Freeze] puts a live socket
+// into repair mode: from then on the kernel neither sends nor times out
+// anything for it, and closing it sends neither FIN nor RST.
+// [Frozen.Capture] reads everything the peer could notice — sequence
+// numbers, the bytes queued in both directions, the options negotiated in
+// the handshake, the window, the options the application set — into a
+// [State], a plain value with a versioned binary encoding
+// ([State.MarshalBinary], [Decode]). [Restore] builds a new socket from a
+// State, possibly on another host and with other addresses, still in repair
+// mode; [Restored.Commit] brings it to life. On the abort path
+// [Frozen.Thaw] lets the original socket carry on as if nothing happened.
+//
+// Half-closed connections (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING) are
+// captured with their FINs accounted for and rebuilt at commit: an outbound
+// FIN by shutdown(2), an inbound one by a FIN segment injected through a raw
+// socket, in the order the state machine needs.
+//
+// MPTCP sockets (the default for Go ≥ 1.24 listeners), sockets with an
+// upper-layer protocol such as kTLS, listening sockets and anything that is
+// not TCP are refused with errors that say why ([ErrMPTCP], [ErrULP],
+// [ErrListening], [ErrNotTCP]).
+//
+// [List] enumerates the namespace's TCP connections through sock_diag, and
+// [TakeFD] copies another process's socket descriptor with pidfd_getfd.
+//
+// Privileges: TCP_REPAIR needs CAP_NET_ADMIN in the socket's network
+// namespace, the FIN injection a raw socket (CAP_NET_RAW), TakeFD ptrace
+// rights over the target. All TCP_REPAIR socket options are issued from one
+// file (sockopt_linux.go); the rest of the package speaks in State values.
+//
+// Tests run as root against real sockets: loopback pairs for unit cases,
+// and the tests/ package moves sockets between network namespaces. The
+// decoder has a native fuzz target (FuzzDecode).
+package repair

@@ -1,0 +1,47 @@
+//go:build !linux
+
+package repair
+
+import (
+	"net"
+	"net/netip"
+	"syscall"
+)
+
+// Frozen is a socket in repair mode. TCP_REPAIR exists on Linux only.
+type Frozen struct{}
+
+// Freeze reports ErrUnsupported: TCP_REPAIR exists on Linux only.
+func Freeze(c syscall.Conn) (*Frozen, error) { return nil, opErr("freeze", ErrUnsupported) }
+
+// Capture reports ErrUnsupported.
+func (f *Frozen) Capture() (*State, error) { return nil, opErr("capture", ErrUnsupported) }
+
+// Thaw reports ErrUnsupported.
+func (f *Frozen) Thaw() error { return opErr("thaw", ErrUnsupported) }
+
+// Discard reports ErrUnsupported.
+func (f *Frozen) Discard() error { return opErr("discard", ErrUnsupported) }
+
+// Restored is a socket rebuilt from a State. TCP_REPAIR exists on Linux only.
+type Restored struct{}
+
+// Restore reports ErrUnsupported: TCP_REPAIR exists on Linux only.
+func Restore(st *State, o RestoreOptions) (*Restored, error) {
+	return nil, opErr("restore", ErrUnsupported)
+}
+
+// Local returns the zero address.
+func (r *Restored) Local() netip.AddrPort { return netip.AddrPort{} }
+
+// Remote returns the zero address.
+func (r *Restored) Remote() netip.AddrPort { return netip.AddrPort{} }
+
+// Commit reports ErrUnsupported.
+func (r *Restored) Commit() (*net.TCPConn, error) { return nil, opErr("commit", ErrUnsupported) }
+
+// Abort reports ErrUnsupported.
+func (r *Restored) Abort() error { return opErr("abort", ErrUnsupported) }
+
+// InjectMark is the SO_MARK of segments the Linux implementation injects.
+const InjectMark = 0x6d746370

@@ -1,0 +1,505 @@
+//go:build linux
+
+package repair
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"os/exec"
+	"strings"
+
+	"github.com/mtcp-dev/mtcp/internal/stream"
+	"github.com/mtcp-dev/mtcp/nat/netns"
+	"golang.org/x/sys/unix"
+)
+
+func skipUnlessRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: TCP_REPAIR requires CAP_NET_ADMIN")
+	}
+}
+
+// privateNetns makes a network namespace with only loopback in it, so the
+// tests can install nftables rules without touching the machine's own. The
+// name follows the testbed's pattern (mtt<pid>x<hex>-<host>) so that
+// testbed.Sweep removes it if this process dies before its cleanup runs.
+func privateNetns(t testing.TB) string {
+	t.Helper()
+	name := fmt.Sprintf("mtt%dx%04x-repair", os.Getpid(), rand.Uint32()&0xffff)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del: %v: %s", err, out)
+		}
+	})
+	nsExec(t, name, "", "ip", "link", "set", "lo", "up")
+	return name
+}
+
+func nsExec(t testing.TB, ns, stdin string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v: %s", args, err, out)
+	}
+}
+
+// hold drops the client's segments to the server's port while a test
+// migrates the server end, as mtcp's flow hold does, so that nothing
+// reaches the port between discard and restore (the kernel would answer
+// with a RST). It returns the function that lifts the hold.
+func hold(t testing.TB, ns string, port int) (release func()) {
+	t.Helper()
+	table := fmt.Sprintf("hold%d", port)
+	nsExec(t, ns, fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority -300\n  meta mark != %#x tcp dport %d drop\n }\n}\n", table, InjectMark, port), "nft", "-f", "-")
+	return func() { nsExec(t, ns, "", "nft", "delete", "table", "inet", table) }
+}
+
+// pairOpts shapes a loopback connection.
+type pairOpts struct {
+	ns           string // network namespace name; "" = the test's own
+	network      string // "tcp4" or "tcp6"
+	serverBuf    int    // SO_RCVBUFFORCE/SO_SNDBUFFORCE on the server, 0 = default
+	clientRcvBuf int    // SO_RCVBUF on the client before connect, 0 = default
+}
+
+func setBuf(c syscall.RawConn, opt, v int) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, v) })
+	return errors.Join(err, serr)
+}
+
+// pair returns the client and server ends of a fresh loopback connection.
+func pair(t testing.TB, o pairOpts) (client, server *net.TCPConn) {
+	t.Helper()
+	addr := "127.0.0.1:0"
+	if o.network == "tcp6" {
+		addr = "[::1]:0"
+	}
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	if o.serverBuf > 0 {
+		// Set on the listener so the window scale of the handshake fits.
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			return errors.Join(setBuf(c, unix.SO_RCVBUFFORCE, o.serverBuf), setBuf(c, unix.SO_SNDBUFFORCE, o.serverBuf))
+		}
+	}
+	d := net.Dialer{}
+	if o.clientRcvBuf > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error { return setBuf(c, unix.SO_RCVBUF, o.clientRcvBuf) }
+	}
+	var ln net.Listener
+	var c net.Conn
+	err := inNetns(o.ns, func() (err error) {
+		if ln, err = lc.Listen(context.Background(), o.network, addr); err != nil {
+			return err
+		}
+		c, err = d.Dial(o.network, ln.Addr().String())
+		return err
+	})
+	if ln != nil {
+		defer ln.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+func inNetns(ns string, fn func() error) error {
+	if ns == "" {
+		return fn()
+	}
+	return netns.Do(netns.Path(ns), fn)
+}
+
+// sockInfo reads a socket's state and receive queue length.
+func sockInfo(t testing.TB, c syscall.Conn) (TCPState, int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h tcpInfoHead
+	var inq int
+	err = control(rc, func(fd int) (err error) {
+		if h, err = infoHead(fd); err != nil {
+			return err
+		}
+		inq, err = unix.IoctlGetInt(fd, unix.SIOCINQ)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return TCPState(h.state), inq
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// migrateInPlace captures the server end, checks the encoding round trip,
+// discards the socket and restores it at the same addresses.
+func migrateInPlace(t testing.TB, ns string, server *net.TCPConn) (*State, *net.TCPConn) {
+	t.Helper()
+	release := func() {}
+	if ns != "" {
+		release = hold(t, ns, server.LocalAddr().(*net.TCPAddr).Port)
+	}
+	f, err := Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Capture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := st.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Discard(); err != nil {
+		t.Fatal(err)
+	}
+	st2, err := Decode(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r *Restored
+	if err := inNetns(ns, func() (err error) { r, err = Restore(st2, RestoreOptions{}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	var c *net.TCPConn
+	err = inNetns(ns, func() (err error) { c, err = r.Commit(); return err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return st, c
+}
+
+// streamCase is one loopback migration: what each side does before the
+// server end is frozen, and what they exchange after it is restored.
+type streamCase struct {
+	name       string
+	pair       pairOpts
+	clientPre  int // client writes, server leaves unread (receive queue)
+	serverRead int // of those, the server reads this many before the freeze
+	serverPre  int // server writes before the freeze (send queue)
+	clientFIN  bool
+	serverFIN  bool
+	want       TCPState
+	minRecvQ   int // the captured queues must hold at least this much
+	minSendQ   int
+	minUnsent  int
+	post       int // bytes each side still sends after the restore
+}
+
+func TestMigrateLoopback(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := privateNetns(t)
+	const mib = 1 << 20
+	var cases []streamCase
+	for _, network := range []string{"tcp4", "tcp6"} {
+		p := pairOpts{ns: ns, network: network}
+		cases = append(cases,
+			streamCase{name: "idle", pair: p, want: StateEstablished, post: 1000},
+			streamCase{name: "recv-queue", pair: p, clientPre: 3000, serverRead: 1000, want: StateEstablished, minRecvQ: 2000, post: 5000},
+			streamCase{name: "send-unsent", pair: pairOpts{ns: ns, network: network, serverBuf: 4 * mib, clientRcvBuf: 4096},
+				serverPre: 1 * mib, want: StateEstablished, minSendQ: 512 << 10, minUnsent: 512 << 10, post: 5000},
+			streamCase{name: "large-4MiB-each-way", pair: pairOpts{ns: ns, network: network, serverBuf: 24 * mib, clientRcvBuf: 4096},
+				clientPre: 5 * mib, serverRead: 1, serverPre: 6 * mib, want: StateEstablished,
+				minRecvQ: 4 * mib, minSendQ: 4 * mib, post: 1 * mib},
+			streamCase{name: "close-wait", pair: p, clientPre: 777, clientFIN: true, want: StateCloseWait, minRecvQ: 777, post: 3000},
+			streamCase{name: "close-wait-empty", pair: p, clientFIN: true, want: StateCloseWait, post: 10},
+			streamCase{name: "fin-wait2", pair: p, clientPre: 100, serverPre: 200, serverFIN: true, want: StateFinWait2, post: 3000},
+		)
+	}
+	for _, tc := range cases {
+		t.Run(tc.pair.network+"/"+tc.name, func(t *testing.T) { runStreamCase(t, tc) })
+	}
+}
+
+func runStreamCase(t *testing.T, tc streamCase) {
+	client, server := pair(t, tc.pair)
+	deadline := time.Now().Add(30 * time.Second)
+	client.SetDeadline(deadline)
+	server.SetDeadline(deadline)
+	up, down := stream.Pattern(time.Now().UnixNano()), stream.Pattern(time.Now().UnixNano()+1)
+
+	if _, err := io.Copy(client, up.Reader(0, int64(tc.clientPre))); err != nil {
+		t.Fatal(err)
+	}
+	upv := &stream.Verifier{Pattern: up}
+	if _, err := io.CopyN(upv, server, int64(tc.serverRead)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(server, down.Reader(0, int64(tc.serverPre))); err != nil {
+		t.Fatal(err)
+	}
+	if tc.clientFIN {
+		client.CloseWrite()
+	}
+	if tc.serverFIN {
+		server.CloseWrite()
+	}
+	waitFor(t, "the server socket to settle in "+tc.want.String(), func() bool {
+		st, inq := sockInfo(t, server)
+		return st == tc.want && inq == tc.clientPre-tc.serverRead
+	})
+
+	st, server := migrateInPlace(t, tc.pair.ns, server)
+	if st.TCPState != tc.want || len(st.RecvQueue) < tc.minRecvQ || len(st.SendQueue) < tc.minSendQ || int(st.Unsent) < tc.minUnsent {
+		t.Fatalf("captured %v; want state %v, ≥%d received, ≥%d to send, ≥%d unsent", st, tc.want, tc.minRecvQ, tc.minSendQ, tc.minUnsent)
+	}
+	if got, _ := sockInfo(t, server); got != tc.want && !(tc.want == StateFinWait2 && got == StateFinWait1) {
+		t.Errorf("restored socket is %v, want %v", got, tc.want)
+	}
+	server.SetDeadline(deadline)
+	exchange(t, client, server, up, down, tc.clientPre, tc.serverPre, tc.post, tc.clientFIN, tc.serverFIN, upv)
+}
+
+// exchange finishes both streams after a migration and verifies every byte:
+// each side sends post more bytes unless it already sent its FIN, then
+// closes its write side; each reads the other's stream to EOF.
+func exchange(t *testing.T, client, server *net.TCPConn, up, down stream.Pattern, clientPre, serverPre, post int, clientFIN, serverFIN bool, upv *stream.Verifier) {
+	t.Helper()
+	upTotal, downTotal := int64(clientPre), int64(serverPre)
+	errc := make(chan error, 3)
+	send := func(c *net.TCPConn, p stream.Pattern, off int64, fin bool) {
+		if fin {
+			errc <- nil
+			return
+		}
+		_, err := io.Copy(c, p.Reader(off, int64(post)))
+		errc <- errors.Join(err, c.CloseWrite())
+	}
+	if !clientFIN {
+		upTotal += int64(post)
+	}
+	if !serverFIN {
+		downTotal += int64(post)
+	}
+	go send(client, up, int64(clientPre), clientFIN)
+	go send(server, down, int64(serverPre), serverFIN)
+	downv := &stream.Verifier{Pattern: down}
+	go func() {
+		_, err := io.Copy(upv, server)
+		errc <- err
+	}()
+	if _, err := io.Copy(downv, client); err != nil {
+		t.Fatalf("client read: %v", err)
+	}
+	for range 3 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if upv.N != upTotal || downv.N != downTotal {
+		t.Fatalf("server got %d of %d bytes, client got %d of %d", upv.N, upTotal, downv.N, downTotal)
+	}
+}
+
+func TestThawContinues(t *testing.T) {
+	skipUnlessRoot(t)
+	client, server := pair(t, pairOpts{network: "tcp4"})
+	up, down := stream.Pattern(1), stream.Pattern(2)
+	io.Copy(client, up.Reader(0, 100))
+	f, err := Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Capture(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Thaw(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Thaw(); !errors.Is(err, ErrDone) {
+		t.Fatalf("second Thaw = %v, want ErrDone", err)
+	}
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	server.SetDeadline(time.Now().Add(10 * time.Second))
+	exchange(t, client, server, up, down, 100, 0, 10000, false, false, &stream.Verifier{Pattern: up})
+}
+
+func TestSockoptsSurvive(t *testing.T) {
+	skipUnlessRoot(t)
+	for _, network := range []string{"tcp4", "tcp6"} {
+		t.Run(network, func(t *testing.T) {
+			ns := privateNetns(t)
+			_, server := pair(t, pairOpts{ns: ns, network: network})
+			rc, _ := server.SyscallConn()
+			tos := unix.IP_TOS
+			level := unix.SOL_IP
+			if network == "tcp6" {
+				level, tos = unix.SOL_IPV6, unix.IPV6_TCLASS
+			}
+			err := control(rc, func(fd int) error {
+				for _, o := range [][3]int{
+					{unix.SOL_TCP, unix.TCP_NODELAY, 0},
+					{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+					{unix.SOL_TCP, unix.TCP_KEEPIDLE, 33},
+					{unix.SOL_TCP, unix.TCP_KEEPINTVL, 7},
+					{unix.SOL_TCP, unix.TCP_KEEPCNT, 4},
+					{unix.SOL_TCP, unix.TCP_USER_TIMEOUT, 12345},
+					{unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, 16384},
+					{level, tos, 0x28},
+					{unix.SOL_SOCKET, unix.SO_MARK, 0x77},
+					{unix.SOL_SOCKET, unix.SO_PRIORITY, 5},
+					{unix.SOL_TCP, unix.TCP_CORK, 1},
+				} {
+					if err := unix.SetsockoptInt(fd, o[0], o[1], o[2]); err != nil {
+						return err
+					}
+				}
+				return unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_CONGESTION, "reno")
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, restored := migrateInPlace(t, ns, server)
+			want := Sockopts{KeepAlive: true, KeepIdle: 33, KeepIntvl: 7, KeepCnt: 4, UserTimeout: 12345,
+				NotSentLowat: 16384, TOS: 0x28, Mark: 0x77, Priority: 5, Cork: true, Congestion: "reno"}
+			got := st.Sockopts
+			got.RcvBuf, got.SndBuf = 0, 0
+			if got != want {
+				t.Fatalf("captured %+v\nwant     %+v", got, want)
+			}
+			f, err := Freeze(restored)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st2, err := f.Capture()
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Thaw()
+			if st2.Sockopts.RcvBuf < st.Sockopts.RcvBuf || st2.Sockopts.SndBuf < st.Sockopts.SndBuf {
+				t.Errorf("buffers shrank: %d/%d -> %d/%d", st.Sockopts.RcvBuf, st.Sockopts.SndBuf, st2.Sockopts.RcvBuf, st2.Sockopts.SndBuf)
+			}
+			got2 := st2.Sockopts
+			got2.RcvBuf, got2.SndBuf = 0, 0
+			if got2 != want {
+				t.Fatalf("restored %+v\nwant     %+v", got2, want)
+			}
+		})
+	}
+}
+
+func TestRefusesUnmigratable(t *testing.T) {
+	skipUnlessRoot(t)
+	t.Run("listening", func(t *testing.T) {
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
+		ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		if _, err := Freeze(ln.(*net.TCPListener)); !errors.Is(err, ErrListening) {
+			t.Fatalf("Freeze(listener) = %v, want ErrListening", err)
+		}
+	})
+	t.Run("udp", func(t *testing.T) {
+		c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := Freeze(c.(*net.UDPConn)); !errors.Is(err, ErrNotTCP) {
+			t.Fatalf("Freeze(udp) = %v, want ErrNotTCP", err)
+		}
+	})
+	t.Run("mptcp", func(t *testing.T) {
+		if b, err := os.ReadFile("/proc/sys/net/mptcp/enabled"); err != nil || b[0] != '1' {
+			t.Skip("MPTCP is not enabled in this kernel (net.mptcp.enabled)")
+		}
+		// A Go ≥ 1.24 listener is MPTCP by default; the dialer must opt in.
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		d := net.Dialer{}
+		d.SetMultipathTCP(true)
+		c, err := d.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		for _, conn := range []net.Conn{c, s} {
+			_, err := Freeze(conn.(*net.TCPConn))
+			if !errors.Is(err, ErrMPTCP) {
+				t.Fatalf("Freeze(MPTCP) = %v, want ErrMPTCP", err)
+			}
+		}
+	})
+	t.Run("ktls", func(t *testing.T) {
+		_, server := pair(t, pairOpts{network: "tcp4"})
+		rc, _ := server.SyscallConn()
+		if err := control(rc, func(fd int) error { return unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls") }); err != nil {
+			t.Skipf("kernel TLS is not available here (TCP_ULP tls: %v)", err)
+		}
+		if _, err := Freeze(server); !errors.Is(err, ErrULP) {
+			t.Fatalf("Freeze(kTLS) = %v, want ErrULP", err)
+		}
+	})
+}
+
+func TestRestoreBadInput(t *testing.T) {
+	skipUnlessRoot(t)
+	st := sampleState()
+	st.Local = netip4("127.0.0.1:1")
+	st.Remote = netip4("127.0.0.1:2")
+	bad := *st
+	bad.Unsent = 1 << 20
+	if _, err := Restore(&bad, RestoreOptions{}); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("Restore(invalid) = %v, want ErrMalformed", err)
+	}
+	if _, err := Restore(st, RestoreOptions{Local: netip4("[::1]:5")}); err == nil {
+		t.Fatal("Restore accepted a family mismatch")
+	}
+	// An address that is not local cannot be bound: a clear error, and no
+	// socket left behind.
+	st.Local = netip4("192.0.2.1:80")
+	if _, err := Restore(st, RestoreOptions{}); err == nil {
+		t.Fatal("Restore bound a non-local address")
+	}
+}
+
+func netip4(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
