@@ -43,7 +43,6 @@ func injectFIN(r *Restored) error {
 
 	src, dst := r.remote.Addr().AsSlice(), r.local.Addr().AsSlice()
 	var pkt []byte
-	domain := unix.AF_INET
 	var to unix.Sockaddr
 	if r.local.Addr().Is4() {
 		pkt = make([]byte, 20, 40)
@@ -57,7 +56,6 @@ func injectFIN(r *Restored) error {
 		// The kernel fills in the IP checksum and ID of IP_HDRINCL packets.
 		to = &unix.SockaddrInet4{Addr: r.local.Addr().As4()}
 	} else {
-		domain = unix.AF_INET6
 		pkt = make([]byte, 40, 60)
 		pkt[0] = 0x60
 		binary.BigEndian.PutUint16(pkt[4:], 20)
@@ -70,19 +68,25 @@ func injectFIN(r *Restored) error {
 	binary.BigEndian.PutUint16(tcp[16:], tcpChecksum(src, dst, tcp))
 	pkt = append(pkt, tcp...)
 
-	// IPPROTO_RAW implies IP_HDRINCL (IPV6_HDRINCL for IPv6).
-	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
-	if err != nil {
-		return fmt.Errorf("inject FIN: raw socket (needs CAP_NET_RAW): %w", err)
-	}
-	defer unix.Close(fd)
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, InjectMark); err != nil {
-		return fmt.Errorf("inject FIN: SO_MARK: %w", err)
-	}
-	if err := unix.Sendto(fd, pkt, 0, to); err != nil {
+	if err := unix.Sendto(r.raw, pkt, 0, to); err != nil {
 		return fmt.Errorf("inject FIN: send: %w", err)
 	}
 	return nil
+}
+
+// rawSocket opens the socket injectFIN sends through. IPPROTO_RAW implies
+// IP_HDRINCL (IPV6_HDRINCL for IPv6): the packet carries the peer's address
+// as its source.
+func rawSocket(domain int) (int, error) {
+	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+	if err != nil {
+		return -1, fmt.Errorf("raw socket for the FIN (needs CAP_NET_RAW): %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, InjectMark); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("raw socket: SO_MARK: %w", err)
+	}
+	return fd, nil
 }
 
 // tcpChecksum computes the TCP checksum over the pseudo-header and the

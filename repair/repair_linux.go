@@ -66,7 +66,7 @@ func (f *Frozen) Thaw() error {
 		return opErr("thaw", ErrDone)
 	}
 	f.done = true
-	return opErr("thaw", control(f.rc, func(fd int) error { return repairOff(fd, true) }))
+	return opErr("thaw", control(f.rc, func(fd int) error { return repairOff(fd, false) }))
 }
 
 // Discard closes the frozen socket. In repair mode the kernel tears the
@@ -196,6 +196,7 @@ func capture(fd int) (*State, error) {
 // brings it to life; [Restored.Abort] throws it away silently.
 type Restored struct {
 	fd     int
+	raw    int // raw socket for injecting the peer's FIN, or -1
 	st     *State
 	local  netip.AddrPort
 	remote netip.AddrPort
@@ -209,7 +210,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err := st.Validate(); err != nil {
 		return nil, opErr("restore", err)
 	}
-	r := &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote}
+	r := &Restored{fd: -1, raw: -1, st: st, local: st.Local, remote: st.Remote}
 	if o.Local.IsValid() {
 		r.local = o.Local
 	}
@@ -228,7 +229,13 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 		return nil, opErr("restore: socket", err)
 	}
 	r.fd = fd
-	if err := r.build(); err != nil {
+	err = r.build()
+	if err == nil && st.TCPState.inboundFIN() {
+		// Made now, in the namespace of the restore, so that Commit can
+		// run on any thread.
+		r.raw, err = rawSocket(domain)
+	}
+	if err != nil {
 		unix.Close(fd) // in repair mode: nothing is sent
 		return nil, opErr("restore", err)
 	}
@@ -308,6 +315,9 @@ func (r *Restored) Commit() (*net.TCPConn, error) {
 	}
 	fd, st := r.fd, r.st
 	r.fd = -1
+	if r.raw >= 0 {
+		defer unix.Close(r.raw)
+	}
 	fail := func(err error) (*net.TCPConn, error) {
 		unix.Close(fd)
 		return nil, opErr("commit", err)
@@ -370,6 +380,9 @@ func (r *Restored) Abort() error {
 	}
 	fd := r.fd
 	r.fd = -1
+	if r.raw >= 0 {
+		unix.Close(r.raw)
+	}
 	return opErr("abort", unix.Close(fd))
 }
 

@@ -285,47 +285,10 @@ func runStreamCase(t *testing.T, tc streamCase) {
 		t.Errorf("restored socket is %v, want %v", got, tc.want)
 	}
 	server.SetDeadline(deadline)
-	exchange(t, client, server, up, down, tc.clientPre, tc.serverPre, tc.post, tc.clientFIN, tc.serverFIN, upv)
-}
-
-// exchange finishes both streams after a migration and verifies every byte:
-// each side sends post more bytes unless it already sent its FIN, then
-// closes its write side; each reads the other's stream to EOF.
-func exchange(t *testing.T, client, server *net.TCPConn, up, down stream.Pattern, clientPre, serverPre, post int, clientFIN, serverFIN bool, upv *stream.Verifier) {
-	t.Helper()
-	upTotal, downTotal := int64(clientPre), int64(serverPre)
-	errc := make(chan error, 3)
-	send := func(c *net.TCPConn, p stream.Pattern, off int64, fin bool) {
-		if fin {
-			errc <- nil
-			return
-		}
-		_, err := io.Copy(c, p.Reader(off, int64(post)))
-		errc <- errors.Join(err, c.CloseWrite())
-	}
-	if !clientFIN {
-		upTotal += int64(post)
-	}
-	if !serverFIN {
-		downTotal += int64(post)
-	}
-	go send(client, up, int64(clientPre), clientFIN)
-	go send(server, down, int64(serverPre), serverFIN)
-	downv := &stream.Verifier{Pattern: down}
-	go func() {
-		_, err := io.Copy(upv, server)
-		errc <- err
-	}()
-	if _, err := io.Copy(downv, client); err != nil {
-		t.Fatalf("client read: %v", err)
-	}
-	for range 3 {
-		if err := <-errc; err != nil {
-			t.Fatal(err)
-		}
-	}
-	if upv.N != upTotal || downv.N != downTotal {
-		t.Fatalf("server got %d of %d bytes, client got %d of %d", upv.N, upTotal, downv.N, downTotal)
+	err := stream.Finish(client, server, stream.Half{Pattern: up, Sent: int64(tc.clientPre), FIN: tc.clientFIN},
+		stream.Half{Pattern: down, Sent: int64(tc.serverPre), FIN: tc.serverFIN}, int64(tc.post), upv)
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -349,7 +312,9 @@ func TestThawContinues(t *testing.T) {
 	}
 	client.SetDeadline(time.Now().Add(10 * time.Second))
 	server.SetDeadline(time.Now().Add(10 * time.Second))
-	exchange(t, client, server, up, down, 100, 0, 10000, false, false, &stream.Verifier{Pattern: up})
+	if err := stream.Finish(client, server, stream.Half{Pattern: up, Sent: 100}, stream.Half{Pattern: down}, 10000, &stream.Verifier{Pattern: up}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestSockoptsSurvive(t *testing.T) {

@@ -1,0 +1,273 @@
+//go:build linux
+
+package repair
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// migrateOnce moves an idle socket through the whole cycle: freeze,
+// capture, encode, discard, decode, restore, commit.
+func migrateOnce(tb testing.TB, ns string, c *net.TCPConn) *net.TCPConn {
+	f, err := Freeze(c)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	st, err := f.Capture()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	blob, err := st.MarshalBinary()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := f.Discard(); err != nil {
+		tb.Fatal(err)
+	}
+	var out *net.TCPConn
+	err = inNetns(ns, func() error {
+		st, err := Decode(blob)
+		if err != nil {
+			return err
+		}
+		r, err := Restore(st, RestoreOptions{})
+		if err != nil {
+			return err
+		}
+		out, err = r.Commit()
+		return err
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
+// BenchmarkCaptureEncode: freeze, capture and encode an idle established
+// socket, then thaw it.
+func BenchmarkCaptureEncode(b *testing.B) {
+	skipUnlessRoot(b)
+	_, server := pair(b, pairOpts{ns: privateNetns(b), network: "tcp4"})
+	b.ReportAllocs()
+	for b.Loop() {
+		f, err := Freeze(server)
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, err := f.Capture()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := st.MarshalBinary(); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Thaw(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkDecodeRestore: decode a captured idle socket and restore it to
+// a live connection (the capture and discard of each round are untimed).
+func BenchmarkDecodeRestore(b *testing.B) {
+	skipUnlessRoot(b)
+	ns := privateNetns(b)
+	_, server := pair(b, pairOpts{ns: ns, network: "tcp4"})
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		f, err := Freeze(server)
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, err := f.Capture()
+		if err != nil {
+			b.Fatal(err)
+		}
+		blob, _ := st.MarshalBinary()
+		f.Discard()
+		b.StartTimer()
+		err = inNetns(ns, func() error {
+			st, err := Decode(blob)
+			if err != nil {
+				return err
+			}
+			r, err := Restore(st, RestoreOptions{})
+			if err != nil {
+				return err
+			}
+			server, err = r.Commit()
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	server.Close()
+}
+
+// BenchmarkMigrateIdle: the whole cycle for one idle socket, in one
+// namespace: freeze, capture, encode, discard, decode, restore, commit.
+func BenchmarkMigrateIdle(b *testing.B) {
+	skipUnlessRoot(b)
+	for _, network := range []string{"tcp4", "tcp6"} {
+		b.Run(network, func(b *testing.B) {
+			ns := privateNetns(b)
+			_, server := pair(b, pairOpts{ns: ns, network: network})
+			b.ReportAllocs()
+			for b.Loop() {
+				server = migrateOnce(b, ns, server)
+			}
+			server.Close()
+		})
+	}
+}
+
+// BenchmarkBatch10k: freeze and capture 10,000 idle sockets, discard them,
+// restore and commit all 10,000. One op is the whole batch; ns/socket is
+// the cost per socket. The client ends live in a child process because the
+// open-files limit (20,000 here) cannot hold both ends.
+func BenchmarkBatch10k(b *testing.B) {
+	skipUnlessRoot(b)
+	const n = 10000
+	ns := privateNetns(b)
+	servers := manyConns(b, ns, n)
+	states := make([]*State, n)
+	blobs := make([][]byte, n)
+	port := servers[0].LocalAddr().(*net.TCPAddr).Port
+	restored := make([]*Restored, n)
+	b.ReportAllocs()
+	for b.Loop() {
+		// Hold the flows while they are frozen, as the daemon does: a
+		// keepalive probe reaching a discarded socket would be answered
+		// with a RST. The nft runs are not timed.
+		b.StopTimer()
+		release := hold(b, ns, port)
+		b.StartTimer()
+		for i, c := range servers {
+			f, err := Freeze(c)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if states[i], err = f.Capture(); err != nil {
+				b.Fatal(err)
+			}
+			if blobs[i], err = states[i].MarshalBinary(); err != nil {
+				b.Fatal(err)
+			}
+			if err := f.Discard(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		err := inNetns(ns, func() error {
+			for i, blob := range blobs {
+				st, err := Decode(blob)
+				if err != nil {
+					return err
+				}
+				if restored[i], err = Restore(st, RestoreOptions{}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		release()
+		b.StartTimer()
+		for i, r := range restored {
+			if servers[i], err = r.Commit(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/socket")
+	for _, c := range servers {
+		c.Close()
+	}
+}
+
+// manyConns opens n loopback connections in namespace ns whose client ends
+// are held by a child process (TestHelperClients) until the benchmark ends.
+func manyConns(b *testing.B, ns string, n int) []*net.TCPConn {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	var ln net.Listener
+	if err := inNetns(ns, func() (err error) {
+		ln, err = lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestHelperClients$")
+	cmd.Env = append(os.Environ(), "MTCP_HELPER_CLIENTS="+ln.Addr().String()+","+strconv.Itoa(n))
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stdin.Close() // the child exits when its stdin closes
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	conns := make([]*net.TCPConn, 0, n)
+	for len(conns) < n {
+		c, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		conns = append(conns, c.(*net.TCPConn))
+	}
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		b.Fatalf("client helper: %q, %v", line, err)
+	}
+	return conns
+}
+
+// TestHelperClients is not a test: it is the child process of manyConns.
+func TestHelperClients(t *testing.T) {
+	spec := os.Getenv("MTCP_HELPER_CLIENTS")
+	if spec == "" {
+		t.Skip("helper process for BenchmarkBatch10k")
+	}
+	var addr string
+	var n int
+	for i := len(spec) - 1; i >= 0; i-- {
+		if spec[i] == ',' {
+			addr = spec[:i]
+			n, _ = strconv.Atoi(spec[i+1:])
+			break
+		}
+	}
+	conns := make([]net.Conn, 0, n)
+	for range n {
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dial:", err)
+			os.Exit(1)
+		}
+		conns = append(conns, c)
+	}
+	fmt.Println("ready")
+	bufio.NewReader(os.Stdin).ReadString('\n') // until the parent closes stdin
+	os.Exit(0)
+}
