@@ -1,0 +1,13 @@
+// Command mtcpctl controls mtcp, Migratory TCP for Linux. See package
+// github.com/mtcp-dev/mtcp/cmd/mtcpctl/cli, or run `mtcpctl --help`.
+package main
+
+import (
+	"os"
+
+	"github.com/mtcp-dev/mtcp/cmd/mtcpctl/cli"
+)
+
+func main() {
+	os.Exit(cli.Run(os.Args[1:]))
+}

@@ -1,0 +1,223 @@
+package tests
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/nat/netns"
+	"github.com/mtcp-dev/mtcp/repair"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// in runs fn inside host h's network namespace, failing the test on error.
+func in(t testing.TB, h *testbed.Host, fn func() error) {
+	t.Helper()
+	if err := netns.Do(h.NetNSPath(), fn); err != nil {
+		t.Fatalf("%s: %v", h.Name, err)
+	}
+}
+
+// nft applies an nftables script in h's namespace.
+func nft(t testing.TB, h *testbed.Host, script string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := h.Nft(ctx, script); err != nil {
+		t.Fatalf("%s: nft: %v", h.Name, err)
+	}
+}
+
+// addr returns h's service address of the family of v6.
+func addr(h *testbed.Host, v6 bool) netip.Addr {
+	if v6 {
+		return h.LAN6
+	}
+	return h.LAN4
+}
+
+// l3 is the nftables protocol keyword for an address family.
+func l3(a netip.Addr) string {
+	if a.Is6() {
+		return "ip6"
+	}
+	return "ip"
+}
+
+func setBuf(c syscall.RawConn, opt, v int) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, v) })
+	return errors.Join(err, serr)
+}
+
+// connect opens a connection from the client host to server host s at
+// port, returning both ends. serverBuf > 0 forces the server's buffer
+// sizes (set on the listener, so the handshake's window scale fits);
+// clientRcvBuf > 0 shrinks the client's receive buffer.
+func connect(t testing.TB, client, s *testbed.Host, v6 bool, port uint16, serverBuf, clientRcvBuf int) (c, srv *net.TCPConn) {
+	t.Helper()
+	lc := net.ListenConfig{}
+	lc.SetMultipathTCP(false) // TCP_REPAIR cannot migrate MPTCP sockets
+	if serverBuf > 0 {
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			return errors.Join(setBuf(c, syscall.SO_RCVBUFFORCE, serverBuf), setBuf(c, syscall.SO_SNDBUFFORCE, serverBuf))
+		}
+	}
+	ap := netip.AddrPortFrom(addr(s, v6), port)
+	var ln net.Listener
+	in(t, s, func() (err error) { ln, err = lc.Listen(context.Background(), "tcp", ap.String()); return err })
+	defer ln.Close()
+	d := net.Dialer{Timeout: 10 * time.Second}
+	if clientRcvBuf > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error { return setBuf(c, syscall.SO_RCVBUF, clientRcvBuf) }
+	}
+	var cc net.Conn
+	in(t, client, func() (err error) { cc, err = d.Dial("tcp", ap.String()); return err })
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close(); sc.Close() })
+	return cc.(*net.TCPConn), sc.(*net.TCPConn)
+}
+
+// sockState reports the state and queue lengths of the TCP socket bound to
+// local port on host h, as sock_diag sees it.
+func sockState(t testing.TB, h *testbed.Host, port uint16) (st repair.TCPState, recvQ, sendQ uint32, found bool) {
+	t.Helper()
+	var conns []repair.Conn
+	in(t, h, func() (err error) {
+		conns, err = repair.List(context.Background(), repair.ListOptions{Port: port, States: []repair.TCPState{
+			repair.StateEstablished, repair.StateFinWait1, repair.StateFinWait2, repair.StateCloseWait,
+			repair.StateLastAck, repair.StateClosing}})
+		return err
+	})
+	for _, c := range conns {
+		if c.Local.Port() == port {
+			return c.State, c.RecvQ, c.SendQ, true
+		}
+	}
+	return 0, 0, 0, false
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, now := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s (now: %s)", what, now)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// watchRSTs counts the TCP resets the client host sends and receives.
+// It returns a function reading both counters.
+func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
+	t.Helper()
+	nft(t, client, `table inet mtcpwatch {
+	counter rst_in {}
+	counter rst_out {}
+	chain in {
+		type filter hook input priority 0
+		tcp flags & rst == rst counter name rst_in
+	}
+	chain out {
+		type filter hook output priority 0
+		tcp flags & rst == rst counter name rst_out
+	}
+}
+`)
+	read := func(name string) int {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		out, err := client.Run(ctx, "nft", "list", "counter", "inet", "mtcpwatch", name)
+		if err != nil {
+			t.Fatalf("reading counter %s: %v", name, err)
+		}
+		m := regexp.MustCompile(`packets (\d+)`).FindSubmatch(out)
+		if m == nil {
+			t.Fatalf("counter %s: no packet count in %q", name, out)
+		}
+		n, _ := strconv.Atoi(string(m[1]))
+		return n
+	}
+	return func() (int, int) { return read("rst_in"), read("rst_out") }
+}
+
+// flowRules names one flow's nftables rules on every host involved.
+type flowRules struct {
+	table                string // per-flow table name
+	client, server       netip.AddrPort
+	src, dst             *testbed.Host
+	srcAddr, dstAddr     netip.Addr
+	clientHost           *testbed.Host
+	clientBlocked        bool
+	clientBlockTableName string
+}
+
+func newFlowRules(client *testbed.Host, c, srv *net.TCPConn, src, dst *testbed.Host) *flowRules {
+	ca := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	sa := srv.LocalAddr().(*net.TCPAddr).AddrPort()
+	ca = netip.AddrPortFrom(ca.Addr().Unmap(), ca.Port())
+	sa = netip.AddrPortFrom(sa.Addr().Unmap(), sa.Port())
+	v6 := sa.Addr().Is6()
+	return &flowRules{
+		table:  fmt.Sprintf("mtcpflow%d", sa.Port()),
+		client: ca, server: sa, src: src, dst: dst,
+		srcAddr: addr(src, v6), dstAddr: addr(dst, v6), clientHost: client,
+		clientBlockTableName: fmt.Sprintf("mtcpblock%d", sa.Port()),
+	}
+}
+
+// match is the nftables match for the client's segments of the flow.
+func (f *flowRules) match(daddr netip.Addr) string {
+	p := l3(daddr)
+	return fmt.Sprintf("%s saddr %s %s daddr %s tcp sport %d tcp dport %d", p, f.client.Addr(), p, daddr, f.client.Port(), f.server.Port())
+}
+
+// blockClient makes the client host drop every segment of the flow that
+// reaches it, so the server's data and FIN stay unacknowledged.
+func (f *flowRules) blockClient(t testing.TB) {
+	p := l3(f.server.Addr())
+	nft(t, f.clientHost, fmt.Sprintf("table inet %s {\n chain pre {\n  type filter hook prerouting priority -300\n  %s saddr %s tcp sport %d tcp dport %d drop\n }\n}\n",
+		f.clientBlockTableName, p, f.server.Addr(), f.server.Port(), f.client.Port()))
+	f.clientBlocked = true
+}
+
+func (f *flowRules) unblockClient(t testing.TB) {
+	if f.clientBlocked {
+		nft(t, f.clientHost, "delete table inet "+f.clientBlockTableName+"\n")
+		f.clientBlocked = false
+	}
+}
+
+// hold drops the client's segments of the flow at the source before they
+// reach the frozen socket (a segment reaching no socket would be answered
+// with a RST). The segment repair injects carries repair.InjectMark.
+func (f *flowRules) hold(t testing.TB) {
+	nft(t, f.src, fmt.Sprintf("table inet %s {\n chain pre {\n  type filter hook prerouting priority -300\n  %s drop\n }\n}\n",
+		f.table, f.match(f.srcAddr)))
+}
+
+// steer installs the target's reply-source rewrite, then atomically
+// replaces the source's hold with the forward rewrite to the target.
+func (f *flowRules) steer(t testing.TB) {
+	p := l3(f.dstAddr)
+	nft(t, f.dst, fmt.Sprintf("table inet %s {\n chain post {\n  type filter hook postrouting priority 100\n  %s saddr %s %s daddr %s tcp sport %d tcp dport %d %s saddr set %s\n }\n}\n",
+		f.table, p, f.dstAddr, p, f.client.Addr(), f.server.Port(), f.client.Port(), p, f.srcAddr))
+	nft(t, f.src, fmt.Sprintf("delete table inet %s\ntable inet %s {\n chain pre {\n  type filter hook prerouting priority -300\n  %s %s daddr set %s\n }\n}\n",
+		f.table, f.table, f.match(f.srcAddr), p, f.dstAddr))
+}

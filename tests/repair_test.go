@@ -1,0 +1,261 @@
+package tests
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/internal/stream"
+	"github.com/mtcp-dev/mtcp/repair"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// flow is one test connection between the client and s1 and what each end
+// has done to it so far.
+type flow struct {
+	t              *testing.T
+	bed            *testbed.Bed
+	client, server *net.TCPConn
+	port           uint16
+	rules          *flowRules
+	up, down       stream.Half
+	serverV        *stream.Verifier
+}
+
+func (f *flow) clientWrite(n int) {
+	f.t.Helper()
+	if _, err := io.Copy(f.client, f.up.Pattern.Reader(f.up.Sent, int64(n))); err != nil {
+		f.t.Fatalf("client write: %v", err)
+	}
+	f.up.Sent += int64(n)
+}
+
+func (f *flow) serverWrite(n int) {
+	f.t.Helper()
+	if _, err := io.Copy(f.server, f.down.Pattern.Reader(f.down.Sent, int64(n))); err != nil {
+		f.t.Fatalf("server write: %v", err)
+	}
+	f.down.Sent += int64(n)
+}
+
+func (f *flow) serverRead(n int) {
+	f.t.Helper()
+	if _, err := io.CopyN(f.serverV, f.server, int64(n)); err != nil {
+		f.t.Fatalf("server read: %v", err)
+	}
+}
+
+func (f *flow) clientFIN() {
+	f.t.Helper()
+	if err := f.client.CloseWrite(); err != nil {
+		f.t.Fatal(err)
+	}
+	f.up.FIN = true
+}
+
+func (f *flow) serverFIN() {
+	f.t.Helper()
+	if err := f.server.CloseWrite(); err != nil {
+		f.t.Fatal(err)
+	}
+	f.down.FIN = true
+}
+
+// await waits until s1's socket is in state want with recvQ bytes unread
+// and (when sendQ ≥ 0) sendQ bytes unacknowledged. Like the kernel's
+// sock_diag, both counts include a FIN (one sequence number).
+func (f *flow) await(want repair.TCPState, recvQ, sendQ int) {
+	f.t.Helper()
+	eventually(f.t, 10*time.Second, "s1's socket to settle in "+want.String(), func() (bool, string) {
+		st, rq, sq, ok := sockState(f.t, f.bed.S1, f.port)
+		return ok && st == want && int(rq) == recvQ && (sendQ < 0 || int(sq) == sendQ),
+			st.String() + " rq=" + strconv.Itoa(int(rq)) + " sq=" + strconv.Itoa(int(sq))
+	})
+}
+
+// repairCase is one connection state migrated from s1 to s2.
+type repairCase struct {
+	name       string
+	serverBuf  int // forced server buffers, 0 = default
+	clientRBuf int // client receive buffer, 0 = default
+	prepare    func(f *flow)
+	want       repair.TCPState
+	check      func(t *testing.T, st *repair.State) // what the capture must show
+	post       int64                                // bytes each open side sends after the move
+}
+
+const mib = 1 << 20
+
+func repairCases() []repairCase {
+	return []repairCase{
+		{name: "established-idle", want: repair.StateEstablished, post: 10000,
+			prepare: func(f *flow) { f.await(repair.StateEstablished, 0, 0) }},
+		{name: "recv-queue", want: repair.StateEstablished, post: 10000,
+			prepare: func(f *flow) {
+				f.clientWrite(5000)
+				f.serverRead(1200)
+				f.await(repair.StateEstablished, 3800, 0)
+			},
+			check: func(t *testing.T, st *repair.State) {
+				if len(st.RecvQueue) != 3800 {
+					t.Errorf("receive queue %d bytes, want 3800", len(st.RecvQueue))
+				}
+			}},
+		{name: "send-unacked-and-unsent", want: repair.StateEstablished, post: 10000, serverBuf: 4 * mib,
+			prepare: func(f *flow) {
+				// The client drops everything from s1: what s1 sends stays
+				// unacknowledged, and beyond the initial congestion window it
+				// stays unsent.
+				f.rules.blockClient(f.t)
+				f.serverWrite(300000)
+				f.await(repair.StateEstablished, 0, 300000)
+			},
+			check: func(t *testing.T, st *repair.State) {
+				if len(st.SendQueue) != 300000 || st.Unsent == 0 || int(st.Unsent) >= len(st.SendQueue) {
+					t.Errorf("send queue %d bytes with %d unsent; want 300000 with some sent and some unsent", len(st.SendQueue), st.Unsent)
+				}
+			}},
+		{name: "large-queues-4MiB-each-way", want: repair.StateEstablished, post: mib, serverBuf: 32 * mib, clientRBuf: 4096,
+			prepare: func(f *flow) {
+				f.clientWrite(5 * mib)
+				f.serverWrite(5 * mib)
+				f.await(repair.StateEstablished, 5*mib, -1)
+			},
+			check: func(t *testing.T, st *repair.State) {
+				if len(st.RecvQueue) < 4*mib || len(st.SendQueue) < 4*mib {
+					t.Errorf("queues %d received, %d to send; want ≥ 4 MiB each", len(st.RecvQueue), len(st.SendQueue))
+				}
+			}},
+		{name: "fin-wait1", want: repair.StateFinWait1, post: 10000,
+			prepare: func(f *flow) {
+				f.clientWrite(1000)
+				f.rules.blockClient(f.t)
+				f.serverWrite(5000)
+				f.serverFIN()
+				f.await(repair.StateFinWait1, 1000, 5001) // the FIN counts in the queue
+			}},
+		{name: "fin-wait2", want: repair.StateFinWait2, post: 10000,
+			prepare: func(f *flow) {
+				f.serverWrite(5000)
+				f.serverFIN()
+				f.clientWrite(700)
+				f.await(repair.StateFinWait2, 700, 0)
+			}},
+		{name: "close-wait", want: repair.StateCloseWait, post: 10000,
+			prepare: func(f *flow) {
+				f.clientWrite(3000)
+				f.clientFIN()
+				f.serverWrite(2000)
+				f.await(repair.StateCloseWait, 3001, 0)
+			}},
+		{name: "last-ack", want: repair.StateLastAck,
+			prepare: func(f *flow) {
+				f.clientWrite(3000)
+				f.clientFIN()
+				f.await(repair.StateCloseWait, 3001, 0)
+				f.rules.blockClient(f.t)
+				f.serverWrite(4000)
+				f.serverFIN()
+				f.await(repair.StateLastAck, 3001, 4001)
+			}},
+		{name: "closing", want: repair.StateClosing,
+			prepare: func(f *flow) {
+				f.rules.blockClient(f.t)
+				f.serverWrite(2000)
+				f.serverFIN()
+				f.clientWrite(1500)
+				f.clientFIN()
+				f.await(repair.StateClosing, 1501, 2001)
+			}},
+	}
+}
+
+// TestRepairAcrossHosts freezes a connection on s1 in each state, moves its
+// state to s2 and restores it there behind address rewriting; the client
+// keeps talking to s1's address and must see every byte exactly once, in
+// order, both ways, with no RST and no error.
+func TestRepairAcrossHosts(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	port := uint16(7000)
+	for _, v6 := range []bool{false, true} {
+		family := "ipv4"
+		if v6 {
+			family = "ipv6"
+		}
+		for _, tc := range repairCases() {
+			port++
+			t.Run(family+"/"+tc.name, func(t *testing.T) {
+				in0, out0 := rsts()
+				runRepairCase(t, bed, v6, port, tc)
+				if in, out := rsts(); in != in0 || out != out0 {
+					t.Fatalf("the client saw %d RSTs and sent %d", in-in0, out-out0)
+				}
+			})
+		}
+	}
+}
+
+func runRepairCase(t *testing.T, bed *testbed.Bed, v6 bool, port uint16, tc repairCase) {
+	client, server := connect(t, bed.Client, bed.S1, v6, port, tc.serverBuf, tc.clientRBuf)
+	deadline := time.Now().Add(60 * time.Second)
+	client.SetDeadline(deadline)
+	server.SetDeadline(deadline)
+	seed := stream.Pattern(time.Now().UnixNano())
+	f := &flow{t: t, bed: bed, client: client, server: server, port: port,
+		rules: newFlowRules(bed.Client, client, server, bed.S1, bed.S2),
+		up:    stream.Half{Pattern: seed}, down: stream.Half{Pattern: seed + 1}}
+	f.serverV = &stream.Verifier{Pattern: f.up.Pattern}
+	tc.prepare(f)
+
+	// The migration transaction, by hand: hold, freeze + capture, transfer
+	// (encode/decode), restore on s2 with s2's address, steer, commit.
+	f.rules.hold(t)
+	frozen, err := repair.Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := frozen.Capture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.TCPState != tc.want {
+		t.Fatalf("captured %v, want %v", st, tc.want)
+	}
+	if tc.check != nil {
+		tc.check(t, st)
+	}
+	blob, err := st.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := frozen.Discard(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := repair.Decode(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restored *repair.Restored
+	in(t, bed.S2, func() (err error) {
+		restored, err = repair.Restore(got, repair.RestoreOptions{Local: netip.AddrPortFrom(addr(bed.S2, v6), port)})
+		return err
+	})
+	f.rules.steer(t)
+	f.rules.unblockClient(t)
+	moved, err := restored.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { moved.Close() })
+	moved.SetDeadline(deadline)
+	if err := stream.Finish(client, moved, f.up, f.down, tc.post, f.serverV); err != nil {
+		t.Fatal(err)
+	}
+	if ra := client.RemoteAddr().(*net.TCPAddr).AddrPort(); ra.Addr().Unmap() != addr(bed.S1, v6) {
+		t.Fatalf("client talks to %v, want s1's address", ra)
+	}
+}
