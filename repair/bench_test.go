@@ -6,49 +6,46 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 )
 
-// migrateOnce moves an idle socket through the whole cycle: freeze,
-// capture, encode, discard, decode, restore, commit.
-func migrateOnce(tb testing.TB, ns string, c *net.TCPConn) *net.TCPConn {
+// migrateOnce moves an idle socket through the whole cycle as the daemon
+// does, on descriptors: freeze, capture, encode, discard, decode, restore,
+// commit. The caller runs it on a thread in the socket's namespace.
+func migrateOnce(c syscall.Conn) (*os.File, error) {
 	f, err := Freeze(c)
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	st, err := f.Capture()
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	blob, err := st.MarshalBinary()
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
 	if err := f.Discard(); err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
-	var out *net.TCPConn
-	err = inNetns(ns, func() error {
-		st, err := Decode(blob)
-		if err != nil {
-			return err
-		}
-		r, err := Restore(st, RestoreOptions{})
-		if err != nil {
-			return err
-		}
-		out, err = r.Commit()
-		return err
-	})
+	if st, err = Decode(blob); err != nil {
+		return nil, err
+	}
+	r, err := Restore(st, RestoreOptions{})
 	if err != nil {
-		tb.Fatal(err)
+		return nil, err
 	}
-	return out
+	if err := r.Commit(); err != nil {
+		return nil, err
+	}
+	return r.File()
 }
 
 // BenchmarkCaptureEncode: freeze, capture and encode an idle established
@@ -77,41 +74,50 @@ func BenchmarkCaptureEncode(b *testing.B) {
 
 // BenchmarkDecodeRestore: decode a captured idle socket and restore it to
 // a live connection (the capture and discard of each round are untimed).
+// The loop runs on one thread inside the test namespace, as a daemon would.
 func BenchmarkDecodeRestore(b *testing.B) {
 	skipUnlessRoot(b)
 	ns := privateNetns(b)
 	_, server := pair(b, pairOpts{ns: ns, network: "tcp4"})
+	var sock interface {
+		syscall.Conn
+		io.Closer
+	} = server
 	b.ReportAllocs()
-	for b.Loop() {
-		b.StopTimer()
-		f, err := Freeze(server)
-		if err != nil {
-			b.Fatal(err)
-		}
-		st, err := f.Capture()
-		if err != nil {
-			b.Fatal(err)
-		}
-		blob, _ := st.MarshalBinary()
-		f.Discard()
-		b.StartTimer()
-		err = inNetns(ns, func() error {
-			st, err := Decode(blob)
+	err := inNetns(ns, func() error {
+		for b.Loop() {
+			b.StopTimer()
+			f, err := Freeze(sock)
 			if err != nil {
+				return err
+			}
+			st, err := f.Capture()
+			if err != nil {
+				return err
+			}
+			blob, _ := st.MarshalBinary()
+			f.Discard()
+			b.StartTimer()
+			if st, err = Decode(blob); err != nil {
 				return err
 			}
 			r, err := Restore(st, RestoreOptions{})
 			if err != nil {
 				return err
 			}
-			server, err = r.Commit()
-			return err
-		})
-		if err != nil {
-			b.Fatal(err)
+			if err := r.Commit(); err != nil {
+				return err
+			}
+			if sock, err = r.File(); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
-	server.Close()
+	sock.Close()
 }
 
 // BenchmarkMigrateIdle: the whole cycle for one idle socket, in one
@@ -122,11 +128,20 @@ func BenchmarkMigrateIdle(b *testing.B) {
 		b.Run(network, func(b *testing.B) {
 			ns := privateNetns(b)
 			_, server := pair(b, pairOpts{ns: ns, network: network})
+			var sock syscall.Conn = server
 			b.ReportAllocs()
-			for b.Loop() {
-				server = migrateOnce(b, ns, server)
+			err := inNetns(ns, func() (err error) {
+				for b.Loop() {
+					if sock, err = migrateOnce(sock); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
 			}
-			server.Close()
+			sock.(io.Closer).Close()
 		})
 	}
 }
@@ -139,10 +154,14 @@ func BenchmarkBatch10k(b *testing.B) {
 	skipUnlessRoot(b)
 	const n = 10000
 	ns := privateNetns(b)
-	servers := manyConns(b, ns, n)
+	conns := manyConns(b, ns, n)
+	port := conns[0].LocalAddr().(*net.TCPAddr).Port
+	servers := make([]syscall.Conn, n)
+	for i, c := range conns {
+		servers[i] = c
+	}
 	states := make([]*State, n)
 	blobs := make([][]byte, n)
-	port := servers[0].LocalAddr().(*net.TCPAddr).Port
 	restored := make([]*Restored, n)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -186,14 +205,17 @@ func BenchmarkBatch10k(b *testing.B) {
 		release()
 		b.StartTimer()
 		for i, r := range restored {
-			if servers[i], err = r.Commit(); err != nil {
+			if err := r.Commit(); err != nil {
+				b.Fatal(err)
+			}
+			if servers[i], err = r.File(); err != nil {
 				b.Fatal(err)
 			}
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/socket")
 	for _, c := range servers {
-		c.Close()
+		c.(io.Closer).Close()
 	}
 }
 

@@ -1,6 +1,7 @@
 package repair
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -31,10 +32,13 @@ func Freeze(c syscall.Conn) (*Frozen, error) {
 		return nil, opErr("freeze", err)
 	}
 	err = control(rc, func(fd int) error {
-		if _, err := checkSocket(fd); err != nil {
+		if err := checkSocket(fd); err != nil {
 			return err
 		}
-		return repairOn(fd)
+		if err := repairOn(fd); err != nil {
+			return freezeError(fd, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, opErr("freeze", err)
@@ -48,9 +52,15 @@ func (f *Frozen) Capture() (*State, error) {
 	if f.done {
 		return nil, opErr("capture", ErrDone)
 	}
+	// A net.TCPConn already knows its addresses: asking the kernel again
+	// costs two system calls on the hot path.
+	var local, remote netip.AddrPort
+	if tc, ok := f.c.(*net.TCPConn); ok {
+		local, remote = tcpAddrPortOf(tc.LocalAddr()), tcpAddrPortOf(tc.RemoteAddr())
+	}
 	var st *State
 	err := control(f.rc, func(fd int) (err error) {
-		st, err = capture(fd)
+		st, err = capture(fd, local, remote)
 		return err
 	})
 	if err != nil {
@@ -94,8 +104,20 @@ func control(rc syscall.RawConn, fn func(fd int) error) error {
 	return ferr
 }
 
-// capture reads a socket already in repair mode.
-func capture(fd int) (*State, error) {
+// tcpAddrPortOf converts a Go TCP address; a zoned (link-local) or
+// missing address gives the zero value, and capture asks the kernel.
+func tcpAddrPortOf(a net.Addr) netip.AddrPort {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok || ta.Zone != "" {
+		return netip.AddrPort{}
+	}
+	ap := ta.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// capture reads a socket already in repair mode. local and remote are the
+// socket's addresses if the caller knows them, zero otherwise.
+func capture(fd int, local, remote netip.AddrPort) (*State, error) {
 	info, err := infoHead(fd)
 	if err != nil {
 		return nil, err
@@ -104,36 +126,22 @@ func capture(fd int) (*State, error) {
 	if !st.TCPState.migratable() {
 		return nil, fmt.Errorf("%w: %v", ErrState, st.TCPState)
 	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		return nil, fmt.Errorf("getsockname: %w", err)
-	}
-	if st.Local, err = addrPort(sa); err != nil {
-		return nil, err
-	}
-	if sa, err = unix.Getpeername(fd); err != nil {
-		return nil, fmt.Errorf("getpeername: %w", err)
-	}
-	if st.Remote, err = addrPort(sa); err != nil {
-		return nil, err
-	}
-
-	inq, outq, notsent, err := queueLens(fd)
-	if err != nil {
-		return nil, err
-	}
-	// A queued FIN occupies one sequence number, and SIOCOUTQ/SIOCOUTQNSD
-	// count it; it carries no data. SIOCINQ already leaves the inbound FIN
-	// out.
-	if st.TCPState.outboundFIN() {
-		if outq > 0 {
-			outq--
+	st.Local, st.Remote = local, remote
+	if !local.IsValid() || !remote.IsValid() {
+		sa, err := unix.Getsockname(fd)
+		if err != nil {
+			return nil, fmt.Errorf("getsockname: %w", err)
 		}
-		if notsent > 0 {
-			notsent--
+		if st.Local, err = addrPort(sa); err != nil {
+			return nil, err
+		}
+		if sa, err = unix.Getpeername(fd); err != nil {
+			return nil, fmt.Errorf("getpeername: %w", err)
+		}
+		if st.Remote, err = addrPort(sa); err != nil {
+			return nil, err
 		}
 	}
-	st.Unsent = uint32(notsent)
 
 	opts := TCPOptions(info.options) & knownOptions
 	st.Options = opts
@@ -151,25 +159,21 @@ func capture(fd int) (*State, error) {
 	if st.Window, err = window(fd); err != nil {
 		return nil, err
 	}
-	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6()); err != nil {
-		return nil, err
-	}
 
 	// Segments still reach a frozen socket unless the flow is held: ACKs
-	// shrink the send queue, data grows the receive queue. Each queue is
-	// read between two reads of its sequence number and taken only if they
-	// agree, so queue and sequence number always belong together.
-	rcvNxt, recvQ, err := readQueue(fd, queueRecv, inq)
+	// shrink the send queue, data grows the receive queue. readQueue
+	// returns each queue with the sequence number that goes with it.
+	rcvNxt, recvQ, err := readQueue(fd, queueRecv)
 	if err != nil {
 		return nil, err
 	}
-	writeSeq, sendQ, err := readQueue(fd, queueSend, outq)
+	writeSeq, sendQ, unsent, err := readSendQueue(fd, st.TCPState.outboundFIN())
 	if err != nil {
 		return nil, err
 	}
-	st.RecvQueue, st.SendQueue = recvQ, sendQ
-	if int(st.Unsent) > len(sendQ) {
-		return nil, fmt.Errorf("send queue holds %d bytes but %d are unsent", len(sendQ), st.Unsent)
+	st.RecvQueue, st.SendQueue, st.Unsent = recvQ, sendQ, unsent
+	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0); err != nil {
+		return nil, err
 	}
 	if st.TCPState.inboundFIN() {
 		rcvNxt--
@@ -182,9 +186,6 @@ func capture(fd int) (*State, error) {
 	// peer sees those bytes again and drops them as duplicates.
 	st.RecvSeq = rcvNxt - uint32(len(recvQ))
 	st.SendSeq = writeSeq - uint32(len(sendQ))
-	if err := selectQueue(fd, queueNone); err != nil {
-		return nil, err
-	}
 	if err := st.Validate(); err != nil {
 		return nil, fmt.Errorf("captured state is inconsistent: %w", err)
 	}
@@ -193,11 +194,13 @@ func capture(fd int) (*State, error) {
 
 // Restored is a socket rebuilt from a State, still in repair mode: it has
 // its queues and sequence numbers but has sent nothing. [Restored.Commit]
-// brings it to life; [Restored.Abort] throws it away silently.
+// brings it to life, after which [Restored.File] or [Restored.Conn] hands
+// it over; [Restored.Abort] throws it away (silently, before Commit).
 type Restored struct {
-	fd     int
-	raw    int // raw socket for injecting the peer's FIN, or -1
-	st     *State
+	fd        int
+	raw       int // raw socket for injecting the peer's FIN, or -1
+	committed bool
+	st        *State
 	local  netip.AddrPort
 	remote netip.AddrPort
 }
@@ -224,7 +227,10 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if r.local.Addr().Is6() {
 		domain = unix.AF_INET6
 	}
-	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	// Blocking, so that File hands over a plain descriptor that needs no
+	// poller; the buffers are sized so that no write during restore or
+	// commit has to wait.
+	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return nil, opErr("restore: socket", err)
 	}
@@ -292,9 +298,6 @@ func (r *Restored) build() error {
 	if err := setWindow(fd, win); err != nil {
 		return err
 	}
-	if err := selectQueue(fd, queueNone); err != nil {
-		return err
-	}
 	return setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts)
 }
 
@@ -305,100 +308,147 @@ func (r *Restored) Local() netip.AddrPort { return r.local }
 func (r *Restored) Remote() netip.AddrPort { return r.remote }
 
 // Commit leaves repair mode and completes the connection: it sends the
-// unsent tail of the send queue, replays the FINs of a half-closed
-// connection in the order its state needs, and returns the live connection.
-// The kernel's window probe on leaving repair mode makes the peer answer at
-// once, so lost segments are retransmitted without waiting for a timer.
-func (r *Restored) Commit() (*net.TCPConn, error) {
-	if r.fd < 0 {
-		return nil, opErr("commit", ErrDone)
+// unsent tail of the send queue and replays the FINs of a half-closed
+// connection in the order its state needs. On error the socket is closed.
+func (r *Restored) Commit() error {
+	if r.fd < 0 || r.committed {
+		return opErr("commit", ErrDone)
 	}
-	fd, st := r.fd, r.st
-	r.fd = -1
+	if err := r.commit(); err != nil {
+		r.closeAll()
+		return opErr("commit", err)
+	}
+	r.committed = true
 	if r.raw >= 0 {
-		defer unix.Close(r.raw)
+		unix.Close(r.raw)
+		r.raw = -1
 	}
-	fail := func(err error) (*net.TCPConn, error) {
-		unix.Close(fd)
-		return nil, opErr("commit", err)
-	}
-	if err := repairOff(fd, true); err != nil {
-		return fail(err)
+	return nil
+}
+
+func (r *Restored) commit() error {
+	fd, st := r.fd, r.st
+	// With data in flight, the window probe sent on leaving repair mode
+	// makes the peer acknowledge at once what it holds; an idle connection
+	// needs none (on loopback the probe costs a fifth of the restore).
+	if err := repairOff(fd, len(st.SendQueue) > int(st.Unsent)); err != nil {
+		return err
 	}
 	if st.Unsent > 0 {
 		if err := writeQueue(fd, queueNone, st.SendQueue[len(st.SendQueue)-int(st.Unsent):]); err != nil {
-			return fail(err)
+			return err
 		}
+	}
+	shutdown := func() error {
+		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
+			return fmt.Errorf("shutdown: %w", err)
+		}
+		return nil
 	}
 	// LAST_ACK: the peer's FIN came first (CLOSE_WAIT), then ours.
 	// CLOSING: ours went first (FIN_WAIT1), then the peer's crossed it.
 	switch st.TCPState {
 	case StateCloseWait:
-		if err := injectFIN(r); err != nil {
-			return fail(err)
-		}
+		return injectFIN(r)
 	case StateLastAck:
 		if err := injectFIN(r); err != nil {
-			return fail(err)
+			return err
 		}
-		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
-			return fail(fmt.Errorf("shutdown: %w", err))
+		return shutdown()
+	case StateFinWait1, StateFinWait2:
+		return shutdown()
+	case StateClosing:
+		if err := shutdown(); err != nil {
+			return err
 		}
-	case StateFinWait1, StateFinWait2, StateClosing:
-		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
-			return fail(fmt.Errorf("shutdown: %w", err))
-		}
-		if st.TCPState == StateClosing {
-			if err := injectFIN(r); err != nil {
-				return fail(err)
-			}
-		}
+		return injectFIN(r)
 	}
-	f := os.NewFile(uintptr(fd), "tcp:"+r.local.String()+"->"+r.remote.String())
+	return nil
+}
+
+// File hands over the committed socket as an *os.File in blocking mode,
+// for example to pass to the application with SCM_RIGHTS. The caller owns
+// it from then on.
+func (r *Restored) File() (*os.File, error) {
+	if r.fd < 0 || !r.committed {
+		return nil, opErr("file", errors.New("not committed"))
+	}
+	f := os.NewFile(uintptr(r.fd), "tcp:"+r.local.String()+"->"+r.remote.String())
+	r.fd = -1
+	return f, nil
+}
+
+// Conn hands over the committed socket as a *net.TCPConn. net.FileConn
+// turns TCP_NODELAY and keepalive on for every connection it wraps; Conn
+// puts back what the application had chosen.
+func (r *Restored) Conn() (*net.TCPConn, error) {
+	f, err := r.File()
+	if err != nil {
+		return nil, opErr("conn", err)
+	}
 	c, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
-		return nil, opErr("commit", err)
+		return nil, opErr("conn", err)
 	}
 	tc := c.(*net.TCPConn)
 	rc, err := tc.SyscallConn()
 	if err == nil {
-		err = control(rc, func(fd int) error { return undoGoDefaults(fd, &st.Sockopts) })
+		err = control(rc, func(fd int) error { return undoGoDefaults(fd, &r.st.Sockopts) })
 	}
 	if err != nil {
 		tc.Close()
-		return nil, opErr("commit", err)
+		return nil, opErr("conn", err)
 	}
 	return tc, nil
 }
 
-// Abort closes the restored socket while still in repair mode, so nothing
-// reaches the peer.
+// Abort closes the restored socket. Before Commit it is still in repair
+// mode, so nothing reaches the peer; after Commit (and before File or
+// Conn) it is an ordinary close.
 func (r *Restored) Abort() error {
 	if r.fd < 0 {
 		return opErr("abort", ErrDone)
 	}
-	fd := r.fd
-	r.fd = -1
-	if r.raw >= 0 {
-		unix.Close(r.raw)
-	}
-	return opErr("abort", unix.Close(fd))
+	return opErr("abort", r.closeAll())
 }
 
-// readQueue returns a consistent sequence number and content of queue q;
-// hint is the queue's length as last seen. It retries while segments keep
-// changing the queue under it.
-func readQueue(fd int, q repairQueue, hint int) (uint32, []byte, error) {
+func (r *Restored) closeAll() error {
+	var err error
+	if r.raw >= 0 {
+		unix.Close(r.raw)
+		r.raw = -1
+	}
+	if r.fd >= 0 {
+		err = unix.Close(r.fd)
+		r.fd = -1
+	}
+	return err
+}
+
+// readQueue returns the receive queue and rcv_nxt, consistent with each
+// other: rcv_nxt moves with every data segment that arrives, so it is read
+// before the queue length and, when the queue is not empty, again after the
+// queue, until the two reads agree. (An empty queue read after rcv_nxt
+// proves nothing arrived in between: the application cannot read while the
+// socket is frozen.)
+func readQueue(fd int, q repairQueue) (uint32, []byte, error) {
 	if err := selectQueue(fd, q); err != nil {
 		return 0, nil, err
 	}
+	seq, err := queueSeq(fd)
+	if err != nil {
+		return 0, nil, err
+	}
+	inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	if err != nil {
+		return 0, nil, fmt.Errorf("SIOCINQ: %w", err)
+	}
+	if inq == 0 {
+		return seq, nil, nil
+	}
 	for range 100 {
-		seq, err := queueSeq(fd)
-		if err != nil {
-			return 0, nil, err
-		}
-		data, err := peekQueue(fd, q, hint)
+		data, err := peekQueue(fd, q, inq)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -409,7 +459,46 @@ func readQueue(fd int, q repairQueue, hint int) (uint32, []byte, error) {
 		if again == seq {
 			return seq, data, nil
 		}
-		hint = len(data) + int(again-seq)
+		inq = len(data) + int(again-seq)
+		seq = again
 	}
-	return 0, nil, fmt.Errorf("queue %d keeps changing: the flow is not held while frozen", q)
+	return 0, nil, fmt.Errorf("receive queue keeps changing: the flow is not held while frozen")
+}
+
+// readSendQueue returns the send queue, write_seq and how many queued
+// bytes were never sent. write_seq cannot move while the application is
+// locked out by repair mode, and arriving ACKs only drop bytes from the
+// head of the queue, so one read of each is consistent. A queued FIN
+// (fin) takes one sequence number, which SIOCOUTQ and SIOCOUTQNSD count.
+func readSendQueue(fd int, fin bool) (writeSeq uint32, data []byte, unsent uint32, err error) {
+	if err := selectQueue(fd, queueSend); err != nil {
+		return 0, nil, 0, err
+	}
+	if writeSeq, err = queueSeq(fd); err != nil {
+		return 0, nil, 0, err
+	}
+	outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+	if err != nil {
+		return 0, nil, 0, fmt.Errorf("SIOCOUTQ: %w", err)
+	}
+	if fin && outq > 0 {
+		outq--
+	}
+	if outq == 0 {
+		return writeSeq, nil, 0, nil
+	}
+	notsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
+	if err != nil {
+		return 0, nil, 0, fmt.Errorf("SIOCOUTQNSD: %w", err)
+	}
+	if fin && notsent > 0 {
+		notsent--
+	}
+	if data, err = peekQueue(fd, queueSend, outq); err != nil {
+		return 0, nil, 0, err
+	}
+	if notsent > len(data) {
+		return 0, nil, 0, fmt.Errorf("send queue holds %d bytes but %d are unsent", len(data), notsent)
+	}
+	return writeSeq, data, uint32(notsent), nil
 }

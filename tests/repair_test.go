@@ -246,7 +246,10 @@ func runRepairCase(t *testing.T, bed *testbed.Bed, v6 bool, port uint16, tc repa
 	})
 	f.rules.steer(t)
 	f.rules.unblockClient(t)
-	moved, err := restored.Commit()
+	if err := restored.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	moved, err := restored.Conn()
 	if err != nil {
 		t.Fatal(err)
 	}
