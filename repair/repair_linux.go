@@ -201,8 +201,8 @@ type Restored struct {
 	raw       int // raw socket for injecting the peer's FIN, or -1
 	committed bool
 	st        *State
-	local  netip.AddrPort
-	remote netip.AddrPort
+	local     netip.AddrPort
+	remote    netip.AddrPort
 }
 
 // Restore builds a new socket from st in the calling thread's network
