@@ -1,10 +1,12 @@
 package tests
 
 import (
+	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -84,7 +86,55 @@ type repairCase struct {
 	prepare    func(f *flow)
 	want       repair.TCPState
 	check      func(t *testing.T, st *repair.State) // what the capture must show
+	restored   func(t *testing.T, c *net.TCPConn)   // what the restored socket must show
 	post       int64                                // bytes each open side sends after the move
+}
+
+// appOpts are socket options an application sets and would miss if the
+// migration dropped them.
+var appOpts = repair.Sockopts{NoDelay: false, Cork: false, KeepAlive: true, KeepIdle: 33, KeepIntvl: 7, KeepCnt: 4,
+	UserTimeout: 12345, Congestion: "reno", NotSentLowat: 16384, TOS: 0x28, Mark: 0x77, Priority: 5}
+
+func setAppOpts(t *testing.T, c *net.TCPConn, v6 bool) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tosLevel, tos := syscall.IPPROTO_IP, syscall.IP_TOS
+	if v6 {
+		tosLevel, tos = syscall.IPPROTO_IPV6, 0x43 // IPV6_TCLASS
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		for _, o := range [][3]int{
+			{syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 0},
+			{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1},
+			{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE, 33},
+			{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL, 7},
+			{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT, 4},
+			{syscall.IPPROTO_TCP, 18, 12345}, // TCP_USER_TIMEOUT
+			{syscall.IPPROTO_TCP, 25, 16384}, // TCP_NOTSENT_LOWAT
+			{tosLevel, tos, 0x28},
+			{syscall.SOL_SOCKET, syscall.SO_MARK, 0x77},
+			{syscall.SOL_SOCKET, syscall.SO_PRIORITY, 5},
+		} {
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), o[0], o[1], o[2])
+			}
+		}
+		if serr == nil {
+			serr = syscall.SetsockoptString(int(fd), syscall.IPPROTO_TCP, 13, "reno") // TCP_CONGESTION
+		}
+	})
+	if err = errors.Join(err, serr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func optsOf(st *repair.State) repair.Sockopts {
+	o := st.Sockopts
+	o.RcvBuf, o.SndBuf = 0, 0
+	return o
 }
 
 const mib = 1 << 20
@@ -127,6 +177,30 @@ func repairCases() []repairCase {
 			check: func(t *testing.T, st *repair.State) {
 				if len(st.RecvQueue) < 4*mib || len(st.SendQueue) < 4*mib {
 					t.Errorf("queues %d received, %d to send; want ≥ 4 MiB each", len(st.RecvQueue), len(st.SendQueue))
+				}
+			}},
+		{name: "socket-options", want: repair.StateEstablished, post: 10000,
+			prepare: func(f *flow) {
+				setAppOpts(f.t, f.server, f.server.LocalAddr().(*net.TCPAddr).IP.To4() == nil)
+				f.clientWrite(100)
+				f.await(repair.StateEstablished, 100, 0)
+			},
+			check: func(t *testing.T, st *repair.State) {
+				if got := optsOf(st); got != appOpts {
+					t.Errorf("captured options %+v\nwant %+v", got, appOpts)
+				}
+			},
+			restored: func(t *testing.T, c *net.TCPConn) {
+				fr, err := repair.Freeze(c)
+				if err != nil {
+					t.Fatal(err)
+				}
+				st, err := fr.Capture()
+				if err := errors.Join(err, fr.Thaw()); err != nil {
+					t.Fatal(err)
+				}
+				if got := optsOf(st); got != appOpts {
+					t.Errorf("restored options %+v\nwant %+v", got, appOpts)
 				}
 			}},
 		{name: "fin-wait1", want: repair.StateFinWait1, post: 10000,
@@ -254,6 +328,9 @@ func runRepairCase(t *testing.T, bed *testbed.Bed, v6 bool, port uint16, tc repa
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { moved.Close() })
+	if tc.restored != nil {
+		tc.restored(t, moved)
+	}
 	moved.SetDeadline(deadline)
 	if err := stream.Finish(client, moved, f.up, f.down, tc.post, f.serverV); err != nil {
 		t.Fatal(err)
