@@ -227,15 +227,19 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if r.local.Addr().Is6() {
 		domain = unix.AF_INET6
 	}
-	// Blocking, so that File hands over a plain descriptor that needs no
-	// poller; the buffers are sized so that no write during restore or
-	// commit has to wait.
-	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return nil, opErr("restore: socket", err)
+	b := o.Blank
+	if b == nil {
+		var err error
+		if b, err = NewBlank(domain == unix.AF_INET6); err != nil {
+			return nil, opErr("restore", err)
+		}
+	} else if b.fd < 0 || b.v6 != (domain == unix.AF_INET6) {
+		return nil, opErr("restore", fmt.Errorf("blank socket is used up or of the wrong family"))
 	}
+	fd := b.fd
+	b.fd = -1 // the Restored owns it now, whatever happens
 	r.fd = fd
-	err = r.build()
+	err := r.build()
 	if err == nil && st.TCPState.inboundFIN() {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.
@@ -248,15 +252,52 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	return r, nil
 }
 
-// build follows the order the kernel requires (see DESIGN.md): repair on,
-// sequence numbers while CLOSED, bind, connect (no SYN in repair mode),
+// Blank is a new TCP socket already in repair mode, made ahead of a restore
+// — in the prepare phase of a migration — so that creating it stays off the
+// critical path while the connection is frozen. A Blank is used by one
+// Restore (RestoreOptions.Blank), which takes it over even if it fails.
+type Blank struct {
+	fd int
+	v6 bool
+}
+
+// NewBlank makes a blank socket for an IPv6 (v6) or IPv4 connection in the
+// calling thread's network namespace. The socket is blocking, so that
+// Restored.File hands over a plain descriptor that needs no poller;
+// restore sizes the buffers so that no write during restore or commit has
+// to wait.
+func NewBlank(v6 bool) (*Blank, error) {
+	domain := unix.AF_INET
+	if v6 {
+		domain = unix.AF_INET6
+	}
+	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return nil, opErr("blank: socket", err)
+	}
+	if err := repairOn(fd); err != nil {
+		unix.Close(fd)
+		return nil, opErr("blank", err)
+	}
+	return &Blank{fd: fd, v6: v6}, nil
+}
+
+// Close releases a blank socket that was not used.
+func (b *Blank) Close() error {
+	if b.fd < 0 {
+		return nil
+	}
+	fd := b.fd
+	b.fd = -1
+	return opErr("blank: close", unix.Close(fd))
+}
+
+// build follows the order the kernel requires (see DESIGN.md): repair on
+// (done by NewBlank), sequence numbers while CLOSED, bind, connect (no SYN in repair mode),
 // negotiated options, timestamp, receive queue, the sent part of the send
 // queue, then the window, which the kernel checks against rcv_nxt.
 func (r *Restored) build() error {
 	fd, st := r.fd, r.st
-	if err := repairOn(fd); err != nil {
-		return err
-	}
 	if err := sizeBuffers(fd, st); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ package repair
 
 import (
 	"net"
+	"os"
 	"net/netip"
 	"syscall"
 )
@@ -23,6 +24,15 @@ func (f *Frozen) Thaw() error { return opErr("thaw", ErrUnsupported) }
 // Discard reports ErrUnsupported.
 func (f *Frozen) Discard() error { return opErr("discard", ErrUnsupported) }
 
+// Blank is a socket made ahead of a restore. TCP_REPAIR exists on Linux only.
+type Blank struct{}
+
+// NewBlank reports ErrUnsupported.
+func NewBlank(v6 bool) (*Blank, error) { return nil, opErr("blank", ErrUnsupported) }
+
+// Close does nothing.
+func (b *Blank) Close() error { return nil }
+
 // Restored is a socket rebuilt from a State. TCP_REPAIR exists on Linux only.
 type Restored struct{}
 
@@ -38,7 +48,13 @@ func (r *Restored) Local() netip.AddrPort { return netip.AddrPort{} }
 func (r *Restored) Remote() netip.AddrPort { return netip.AddrPort{} }
 
 // Commit reports ErrUnsupported.
-func (r *Restored) Commit() (*net.TCPConn, error) { return nil, opErr("commit", ErrUnsupported) }
+func (r *Restored) Commit() error { return opErr("commit", ErrUnsupported) }
+
+// File reports ErrUnsupported.
+func (r *Restored) File() (*os.File, error) { return nil, opErr("file", ErrUnsupported) }
+
+// Conn reports ErrUnsupported.
+func (r *Restored) Conn() (*net.TCPConn, error) { return nil, opErr("conn", ErrUnsupported) }
 
 // Abort reports ErrUnsupported.
 func (r *Restored) Abort() error { return opErr("abort", ErrUnsupported) }

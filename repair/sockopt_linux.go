@@ -5,6 +5,7 @@ package repair
 // speaks in State values.
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -38,11 +39,19 @@ type tcpInfoHead struct {
 }
 
 // checkSocket refuses sockets TCP_REPAIR cannot migrate, naming why. It
-// is on the hot path of every migration, so it asks only what tells the
-// cases apart: SO_PROTOCOL is IPPROTO_TCP only for AF_INET/AF_INET6 stream
-// sockets (MPTCP and SMC have their own numbers); listening sockets are
-// recognised when repair mode refuses them (see freezeError).
+// is on the hot path of every migration, so the common case costs one call:
+// an empty TCP_ULP answer comes only from a plain TCP socket (an MPTCP
+// socket answers with its first subflow's "mptcp", other protocols with an
+// error). Anything else is classified with SO_PROTOCOL, which is
+// IPPROTO_TCP only for AF_INET/AF_INET6 stream sockets. Listening sockets
+// are recognised when repair mode refuses them (see freezeError).
 func checkSocket(fd int) error {
+	var buf [16]byte
+	l := uint32(len(buf))
+	uerr := getsockopt(fd, unix.SOL_TCP, unix.TCP_ULP, unsafe.Pointer(&buf[0]), &l)
+	if uerr == nil && (l == 0 || buf[0] == 0) {
+		return nil
+	}
 	proto, err := getInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
 	if err != nil {
 		if errors.Is(err, unix.ENOTSOCK) {
@@ -50,21 +59,21 @@ func checkSocket(fd int) error {
 		}
 		return fmt.Errorf("SO_PROTOCOL: %w", err)
 	}
-	switch proto {
-	case unix.IPPROTO_TCP:
-	case unix.IPPROTO_MPTCP:
+	switch {
+	case proto == unix.IPPROTO_MPTCP:
 		return ErrMPTCP
-	default:
+	case proto != unix.IPPROTO_TCP:
 		return fmt.Errorf("%w (protocol %d)", ErrNotTCP, proto)
+	case uerr != nil && !errors.Is(uerr, unix.ENOPROTOOPT):
+		return fmt.Errorf("TCP_ULP: %w", uerr)
+	case uerr != nil:
+		return nil
 	}
-	ulp, err := unix.GetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP)
-	if err != nil && !errors.Is(err, unix.ENOPROTOOPT) {
-		return fmt.Errorf("TCP_ULP: %w", err)
+	n := int(l)
+	if i := bytes.IndexByte(buf[:n], 0); i >= 0 {
+		n = i
 	}
-	if ulp != "" {
-		return fmt.Errorf("%w: %q", ErrULP, ulp)
-	}
-	return nil
+	return fmt.Errorf("%w: %q", ErrULP, buf[:n])
 }
 
 // freezeError explains why repair mode was refused.

@@ -204,4 +204,7 @@ type RestoreOptions struct {
 	Local netip.AddrPort
 	// Remote replaces the peer's address; zero keeps State.Remote.
 	Remote netip.AddrPort
+	// Blank is a socket made ahead with NewBlank, so that the restore does
+	// not create one while the connection is frozen; nil makes one.
+	Blank *Blank
 }
