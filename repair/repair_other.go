@@ -4,8 +4,8 @@ package repair
 
 import (
 	"net"
-	"os"
 	"net/netip"
+	"os"
 	"syscall"
 )
 
