@@ -1,0 +1,316 @@
+// Package migrate runs the migration transaction of connection mode: it
+// moves a batch of TCP connections from a source server to a target server
+// while the flows' steering point keeps the client's view unchanged.
+//
+// Three parties take part, each behind a small interface so that the
+// coordinator can be tested against in-process fakes without root:
+//
+//   - the [Source] holds the live sockets and their applications;
+//   - the [Target] rebuilds the sockets and hands them to its application;
+//   - the [Steering] point decides where the flows' packets go: the host
+//     that owns the service address (forward steering) or a gateway in
+//     front of the pool (gateway steering). It may be the source itself.
+//
+// The phases, each with its own deadline ([Deadlines]):
+//
+//	prepare   target: can you take n connections? (it makes blank sockets)
+//	hold      steering: queue the flows' client packets
+//	capture   source: applications export their snapshots, sockets are
+//	          frozen (TCP_REPAIR) and captured
+//	transfer  target: restore the sockets in repair mode, install the
+//	          reply-source rewrite
+//	switch    steering: send the flows to the target, re-deliver what was
+//	          queued
+//	commit    target: leave repair mode, hand over to the application;
+//	          source: discard the frozen sockets
+//
+// Any failure before the switch aborts: the target throws away what it
+// restored, the source thaws its sockets and gives them back to their
+// applications, and the steering point lets the queued packets through to
+// the source again. The connections carry on at the source. Flows the
+// target fails to restore are aborted one by one while the others move on.
+// After the switch the target owns the flows: a failure to commit is
+// reported, not rolled back.
+//
+// The package does no I/O of its own and needs no privileges.
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Flow is one TCP connection as its client sees it: the client's address
+// and the service address it dialled.
+type Flow struct {
+	Client, Service netip.AddrPort
+}
+
+func (f Flow) String() string { return f.Client.String() + "->" + f.Service.String() }
+
+// Item is one captured connection on its way from source to target.
+type Item struct {
+	Flow Flow
+	// App names the application service that serves the connection
+	// (for example ":7000"); the target hands the connection to the
+	// application registered for it.
+	App string
+	// State is the encoded socket state (repair.State), opaque here.
+	State []byte
+	// Snapshot is the application's per-connection state, opaque here.
+	Snapshot []byte
+}
+
+// Source is the server the connections leave.
+type Source interface {
+	// Capture takes the flows from their applications (with their
+	// snapshots), freezes their sockets and captures them. It returns one
+	// item per flow it captured and an error per flow it could not (nil
+	// entries for those captured); flows it could not capture carry on at
+	// the source untouched.
+	Capture(ctx context.Context, flows []Flow) ([]Item, []error, error)
+	// Thaw lets captured flows carry on at the source (abort).
+	Thaw(ctx context.Context, flows []Flow) error
+	// Discard drops the frozen sockets of flows the target now owns.
+	Discard(ctx context.Context, flows []Flow) error
+}
+
+// Target is the server the connections move to.
+type Target interface {
+	// Name identifies the target in reports.
+	Name() string
+	// Addr is the target's address on the service network of the given
+	// family (4 or 6): where steering sends the flows.
+	Addr(family int) netip.Addr
+	// Prepare asks the target to get ready for n connections.
+	Prepare(ctx context.Context, n int) error
+	// Transfer restores the items in repair mode. It returns an error per
+	// item (nil where restored).
+	Transfer(ctx context.Context, items []Item) ([]error, error)
+	// Commit brings restored flows to life and hands them over.
+	Commit(ctx context.Context, flows []Flow) error
+	// Abort throws restored flows away silently.
+	Abort(ctx context.Context, flows []Flow) error
+}
+
+// Steering is the point that decides where the flows' packets go.
+type Steering interface {
+	// Hold queues the flows' client packets from now on.
+	Hold(ctx context.Context, flows []Flow) error
+	// Switch sends the flows to addr, replacing the hold atomically, and
+	// re-delivers what was queued so it meets the new rule.
+	Switch(ctx context.Context, flows []Flow, to netip.Addr) error
+	// Unhold lifts the hold and re-delivers what was queued to where the
+	// flows went before (abort).
+	Unhold(ctx context.Context, flows []Flow) error
+}
+
+// Deadlines bound each phase. Zero fields take the defaults.
+type Deadlines struct {
+	Prepare, Hold, Capture, Transfer, Switch, Commit time.Duration
+}
+
+// DefaultDeadlines are used for zero fields of Deadlines.
+var DefaultDeadlines = Deadlines{
+	Prepare:  2 * time.Second,
+	Hold:     2 * time.Second,
+	Capture:  5 * time.Second,
+	Transfer: 10 * time.Second,
+	Switch:   2 * time.Second,
+	Commit:   5 * time.Second,
+}
+
+func (d Deadlines) get(p Phase) time.Duration {
+	v := map[Phase]time.Duration{PhasePrepare: d.Prepare, PhaseHold: d.Hold, PhaseCapture: d.Capture,
+		PhaseTransfer: d.Transfer, PhaseSwitch: d.Switch, PhaseCommit: d.Commit}[p]
+	if v == 0 {
+		v = DefaultDeadlines.get(p)
+	}
+	return v
+}
+
+// Phase names a step of the transaction.
+type Phase string
+
+// The phases, in order.
+const (
+	PhasePrepare  Phase = "prepare"
+	PhaseHold     Phase = "hold"
+	PhaseCapture  Phase = "capture"
+	PhaseTransfer Phase = "transfer"
+	PhaseSwitch   Phase = "switch"
+	PhaseCommit   Phase = "commit"
+)
+
+// Report says what a transaction did.
+type Report struct {
+	// Moved are the flows the target owns now.
+	Moved []Flow
+	// Failed are the flows that stayed at the source, with why.
+	Failed map[Flow]error
+	// Timings is how long each phase took.
+	Timings map[Phase]time.Duration
+	// Aborted is set when the whole transaction was rolled back.
+	Aborted bool
+}
+
+// PhaseError says which phase failed.
+type PhaseError struct {
+	Phase Phase
+	Err   error
+}
+
+func (e *PhaseError) Error() string { return "migrate: " + string(e.Phase) + ": " + e.Err.Error() }
+
+// Unwrap returns the underlying error.
+func (e *PhaseError) Unwrap() error { return e.Err }
+
+// Run moves flows from src to tgt through the steering point st. On error
+// before the switch every flow stays at the source; the report says which
+// flows moved in any case.
+func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target, d Deadlines) (*Report, error) {
+	rep := &Report{Failed: map[Flow]error{}, Timings: map[Phase]time.Duration{}}
+	if len(flows) == 0 {
+		return rep, nil
+	}
+	phase := func(p Phase, fn func(ctx context.Context) error) error {
+		pctx, cancel := context.WithTimeout(ctx, d.get(p))
+		defer cancel()
+		t := time.Now()
+		err := fn(pctx)
+		rep.Timings[p] += time.Since(t)
+		if err != nil {
+			return &PhaseError{Phase: p, Err: err}
+		}
+		return nil
+	}
+	// cleanup runs an abort step with its own deadline even when ctx is
+	// already done: leaving a flow held or frozen is worse than a late
+	// abort.
+	cleanup := func(fn func(ctx context.Context) error) error {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.get(PhaseCommit))
+		defer cancel()
+		return fn(cctx)
+	}
+	fail := func(fs []Flow, err error) {
+		for _, f := range fs {
+			rep.Failed[f] = err
+		}
+	}
+
+	if err := phase(PhasePrepare, func(ctx context.Context) error { return tgt.Prepare(ctx, len(flows)) }); err != nil {
+		fail(flows, err)
+		rep.Aborted = true
+		return rep, err
+	}
+	if err := phase(PhaseHold, func(ctx context.Context) error { return st.Hold(ctx, flows) }); err != nil {
+		fail(flows, err)
+		rep.Aborted = true
+		return rep, errors.Join(err, cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
+	}
+	var items []Item
+	var perFlow []error
+	if err := phase(PhaseCapture, func(ctx context.Context) (err error) {
+		items, perFlow, err = src.Capture(ctx, flows)
+		return err
+	}); err != nil {
+		fail(flows, err)
+		rep.Aborted = true
+		var thawErr error
+		if captured := itemFlows(items); len(captured) > 0 {
+			thawErr = cleanup(func(ctx context.Context) error { return src.Thaw(ctx, captured) })
+		}
+		return rep, errors.Join(err, thawErr,
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
+	}
+	// Flows that could not be captured carry on at the source.
+	var notCaptured []Flow
+	for i, err := range perFlow {
+		if err != nil && i < len(flows) {
+			rep.Failed[flows[i]] = err
+			notCaptured = append(notCaptured, flows[i])
+		}
+	}
+	var cleanupErr error
+	if len(notCaptured) > 0 {
+		cleanupErr = cleanup(func(ctx context.Context) error { return st.Unhold(ctx, notCaptured) })
+	}
+	if len(items) == 0 {
+		rep.Aborted = true
+		return rep, errors.Join(&PhaseError{Phase: PhaseCapture, Err: errors.New("no connection could be captured")}, cleanupErr)
+	}
+
+	var restoreErrs []error
+	if err := phase(PhaseTransfer, func(ctx context.Context) (err error) {
+		restoreErrs, err = tgt.Transfer(ctx, items)
+		return err
+	}); err != nil {
+		moving := itemFlows(items)
+		fail(moving, err)
+		rep.Aborted = true
+		return rep, errors.Join(err, cleanupErr,
+			cleanup(func(ctx context.Context) error { return tgt.Abort(ctx, moving) }),
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, moving) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, moving) }))
+	}
+	var moving, refused []Flow
+	for i, it := range items {
+		if i < len(restoreErrs) && restoreErrs[i] != nil {
+			rep.Failed[it.Flow] = fmt.Errorf("target %s: %w", tgt.Name(), restoreErrs[i])
+			refused = append(refused, it.Flow)
+			continue
+		}
+		moving = append(moving, it.Flow)
+	}
+	if len(refused) > 0 {
+		cleanupErr = errors.Join(cleanupErr,
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, refused) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, refused) }))
+	}
+	if len(moving) == 0 {
+		rep.Aborted = true
+		return rep, errors.Join(&PhaseError{Phase: PhaseTransfer, Err: errors.New("the target restored no connection")}, cleanupErr)
+	}
+
+	// The switch is the point of no return: once the steering point sends
+	// the flows to the target, the target owns them.
+	byFamily := map[int][]Flow{}
+	for _, f := range moving {
+		fam := 4
+		if f.Service.Addr().Is6() {
+			fam = 6
+		}
+		byFamily[fam] = append(byFamily[fam], f)
+	}
+	if err := phase(PhaseSwitch, func(ctx context.Context) error {
+		for fam, fs := range byFamily {
+			if err := st.Switch(ctx, fs, tgt.Addr(fam)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		fail(moving, err)
+		rep.Aborted = true
+		return rep, errors.Join(err, cleanupErr,
+			cleanup(func(ctx context.Context) error { return tgt.Abort(ctx, moving) }),
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, moving) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, moving) }))
+	}
+	rep.Moved = moving
+	err := phase(PhaseCommit, func(ctx context.Context) error {
+		return errors.Join(tgt.Commit(ctx, moving), src.Discard(ctx, moving))
+	})
+	return rep, errors.Join(err, cleanupErr)
+}
+
+func itemFlows(items []Item) []Flow {
+	fs := make([]Flow, len(items))
+	for i, it := range items {
+		fs[i] = it.Flow
+	}
+	return fs
+}

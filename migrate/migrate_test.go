@@ -1,0 +1,192 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// world is an in-process pool: it records every call in order and fails
+// where a test asks it to.
+type world struct {
+	mu        *sync.Mutex
+	calls     []string
+	failAt    string          // "party.method" that fails as a whole
+	blockAt   string          // "party.method" that waits for its deadline
+	refuse    map[Flow]bool   // flows the target cannot restore
+	noCapture map[Flow]bool   // flows the source cannot capture
+	where     map[Flow]string // "src" or "tgt": who owns each flow
+}
+
+func (w *world) call(ctx context.Context, name string, fs []Flow) error {
+	w.mu.Lock()
+	keys := make([]string, len(fs))
+	for i, f := range fs {
+		keys[i] = fmt.Sprint(f.Client.Port())
+	}
+	w.calls = append(w.calls, name+"("+strings.Join(keys, ",")+")")
+	w.mu.Unlock()
+	if w.blockAt == name {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	if w.failAt == name {
+		return errors.New(name + " failed")
+	}
+	return nil
+}
+
+type fakeSource struct{ *world }
+
+func (s fakeSource) Capture(ctx context.Context, fs []Flow) ([]Item, []error, error) {
+	if err := s.call(ctx, "src.Capture", fs); err != nil {
+		return nil, nil, err
+	}
+	var items []Item
+	errs := make([]error, len(fs))
+	for i, f := range fs {
+		if s.noCapture[f] {
+			errs[i] = errors.New("app refused")
+			continue
+		}
+		items = append(items, Item{Flow: f, App: ":7000", State: []byte("state"), Snapshot: []byte("snap")})
+	}
+	return items, errs, nil
+}
+
+func (s fakeSource) Thaw(ctx context.Context, fs []Flow) error { return s.call(ctx, "src.Thaw", fs) }
+
+func (s fakeSource) Discard(ctx context.Context, fs []Flow) error {
+	return s.call(ctx, "src.Discard", fs)
+}
+
+type fakeTarget struct{ *world }
+
+func (t fakeTarget) Name() string               { return "s2" }
+func (t fakeTarget) Addr(family int) netip.Addr { return netip.MustParseAddr("10.77.2.12") }
+func (t fakeTarget) Prepare(ctx context.Context, n int) error {
+	return t.call(ctx, "tgt.Prepare", nil)
+}
+
+func (t fakeTarget) Transfer(ctx context.Context, items []Item) ([]error, error) {
+	if err := t.call(ctx, "tgt.Transfer", itemFlows(items)); err != nil {
+		return nil, err
+	}
+	errs := make([]error, len(items))
+	for i, it := range items {
+		if t.refuse[it.Flow] {
+			errs[i] = errors.New("restore failed")
+		}
+	}
+	return errs, nil
+}
+
+func (t fakeTarget) Commit(ctx context.Context, fs []Flow) error {
+	if err := t.call(ctx, "tgt.Commit", fs); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, f := range fs {
+		t.where[f] = "tgt"
+	}
+	return nil
+}
+
+func (t fakeTarget) Abort(ctx context.Context, fs []Flow) error { return t.call(ctx, "tgt.Abort", fs) }
+
+type fakeSteering struct{ *world }
+
+func (s fakeSteering) Hold(ctx context.Context, fs []Flow) error { return s.call(ctx, "st.Hold", fs) }
+func (s fakeSteering) Switch(ctx context.Context, fs []Flow, to netip.Addr) error {
+	return s.call(ctx, "st.Switch", fs)
+}
+func (s fakeSteering) Unhold(ctx context.Context, fs []Flow) error {
+	return s.call(ctx, "st.Unhold", fs)
+}
+
+func flows(n int) []Flow {
+	fs := make([]Flow, n)
+	for i := range fs {
+		fs[i] = Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("10.77.1.2"), uint16(40001+i)),
+			Service: netip.MustParseAddrPort("10.77.2.11:7000")}
+	}
+	return fs
+}
+
+func TestRun(t *testing.T) {
+	fs := flows(3)
+	for _, tc := range []struct {
+		name      string
+		w         world
+		wantErr   Phase // "" = success
+		wantMoved int
+		wantCalls []string
+	}{
+		{name: "all move", wantMoved: 3, wantCalls: []string{
+			"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
+			"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
+		{name: "target refuses", w: world{failAt: "tgt.Prepare"}, wantErr: PhasePrepare,
+			wantCalls: []string{"tgt.Prepare()"}},
+		{name: "hold fails", w: world{failAt: "st.Hold"}, wantErr: PhaseHold,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "capture fails", w: world{failAt: "src.Capture"}, wantErr: PhaseCapture,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"st.Unhold(40001,40002,40003)"}},
+		{name: "target dies mid-transfer", w: world{failAt: "tgt.Transfer"}, wantErr: PhaseTransfer,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
+				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "transfer times out", w: world{blockAt: "tgt.Transfer"}, wantErr: PhaseTransfer,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
+				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "switch fails", w: world{failAt: "st.Switch"}, wantErr: PhaseSwitch,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
+				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "one flow not restored", w: world{refuse: map[Flow]bool{fs[1]: true}}, wantMoved: 2,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
+				"st.Switch(40001,40003)", "tgt.Commit(40001,40003)", "src.Discard(40001,40003)"}},
+		{name: "one flow not captured", w: world{noCapture: map[Flow]bool{fs[0]: true}}, wantMoved: 2,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"st.Unhold(40001)", "tgt.Transfer(40002,40003)",
+				"st.Switch(40002,40003)", "tgt.Commit(40002,40003)", "src.Discard(40002,40003)"}},
+		{name: "commit fails after switch", w: world{failAt: "tgt.Commit"}, wantErr: PhaseCommit, wantMoved: 3,
+			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
+				"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &tc.w
+			w.where = map[Flow]string{}
+			w.mu = new(sync.Mutex)
+			d := Deadlines{Transfer: 20 * time.Millisecond}
+			rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
+			var pe *PhaseError
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("Run: %v", err)
+			case tc.wantErr != "" && (!errors.As(err, &pe) || pe.Phase != tc.wantErr):
+				t.Fatalf("Run error = %v, want a %s failure", err, tc.wantErr)
+			}
+			if len(rep.Moved) != tc.wantMoved || len(rep.Moved)+len(rep.Failed) != len(fs) {
+				t.Fatalf("moved %d, failed %d; want %d moved of %d", len(rep.Moved), len(rep.Failed), tc.wantMoved, len(fs))
+			}
+			if !slices.Equal(w.calls, tc.wantCalls) {
+				t.Fatalf("calls:\n got %q\nwant %q", w.calls, tc.wantCalls)
+			}
+			if tc.w.blockAt != "" && !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("a timed-out phase should say so: %v", err)
+			}
+		})
+	}
+}
