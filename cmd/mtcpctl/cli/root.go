@@ -54,6 +54,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return ExitFailure
 	}
 	fmt.Fprintf(stderr, "mtcpctl: %v\n", err)
+	var pe *partialError
+	if errors.As(err, &pe) {
+		return ExitPartial
+	}
 	return ExitFailure
 }
 
@@ -76,7 +80,8 @@ through CRIU, for unmodified servers). nftables rules hold each flow while it
 moves and steer it to its new server afterwards. Every server of the pool
 runs the daemon, mtcpd.
 
-Exit status: 0 on success, 1 when the command failed, 2 on a usage error.`,
+Exit status: 0 on success, 1 when the command failed, 2 on a usage error,
+3 when a migration or drain moved some connections but not all.`,
 		Example: `  # Build a throwaway pool on this machine (network namespaces) to try mtcp:
   sudo mtcpctl testbed up
   sudo mtcpctl testbed status
@@ -92,6 +97,10 @@ Exit status: 0 on success, 1 when the command failed, 2 on a usage error.`,
 	root.CompletionOptions.HiddenDefaultCmd = true
 	root.SetUsageTemplate(usageTemplate)
 	root.AddCommand(
+		newConnsCmd(),
+		newMigrateCmd(),
+		newDrainCmd(),
+		newStatusCmd(),
 		newTestbedCmd(),
 	)
 	return root

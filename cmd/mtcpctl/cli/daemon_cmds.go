@@ -1,0 +1,251 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/spf13/cobra"
+)
+
+// ExitPartial: a migration or drain moved some connections but not all.
+const ExitPartial = 3
+
+// partialError makes mtcpctl exit with ExitPartial.
+type partialError struct{ msg string }
+
+func (e *partialError) Error() string { return e.msg }
+
+// addAdminFlag adds --admin, the daemon's admin socket.
+func addAdminFlag(cmd *cobra.Command, path *string) {
+	def := os.Getenv("MTCP_ADMIN")
+	if def == "" {
+		def = admin.DefaultSocket
+	}
+	cmd.Flags().StringVar(path, "admin", def, "mtcpd's admin socket (root only; env MTCP_ADMIN)")
+}
+
+func newConnsCmd() *cobra.Command {
+	var output outputFormat
+	var sock string
+	cmd := &cobra.Command{
+		Use:   "conns [-o json]",
+		Short: "List the connections mtcpd can migrate",
+		Long: `List this server's TCP connections that mtcpd knows, like ss: the client's
+address, the service address the client dialled (it stays the same wherever
+the connection lives), the socket's local address here, the application
+service serving it, its TCP state, round-trip time and retransmissions.`,
+		Example: `  sudo mtcpctl conns
+  sudo mtcpctl conns -o json | jq '.[].client'`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conns, err := admin.NewClient(sock).Conns(cmd.Context())
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if output == outputJSON {
+				if conns == nil {
+					conns = []admin.Conn{}
+				}
+				return writeJSON(w, conns)
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "STATE\tCLIENT\tSERVICE\tLOCAL\tAPP\tRTT\tRETRANS\tNOTE")
+			for _, c := range conns {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%s\n", c.State, c.Client, c.Service, c.Local, c.App,
+					c.RTT.Round(time.Microsecond), c.Retrans, c.Migratable)
+			}
+			return tw.Flush()
+		},
+	}
+	addOutputFlag(cmd, &output)
+	addAdminFlag(cmd, &sock)
+	return cmd
+}
+
+func newMigrateCmd() *cobra.Command {
+	var output outputFormat
+	var sock, to, service string
+	var flows []string
+	var all bool
+	cmd := &cobra.Command{
+		Use:   "migrate (--flow CLIENT_IP:PORT... | --service :PORT | --all) --to PEER",
+		Short: "Move live connections to another server of the pool",
+		Long: `Move live TCP connections from this server to the peer PEER. Their clients
+keep their connections and the address they dialled; at most they notice a
+short pause. The move is a transaction: if anything fails before the flows
+are switched to PEER, they carry on here as if nothing had happened.
+
+Select the connections with --flow (the client's address, repeatable),
+--service (every connection of an application service, e.g. :7000) or
+--all. Exit status 3 means some connections moved and some did not.`,
+		Example: `  sudo mtcpctl migrate --flow 10.77.1.2:41234 --to s2
+  sudo mtcpctl migrate --service :7000 --to s3
+  sudo mtcpctl migrate --all --to s2 -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			n := 0
+			for _, set := range []bool{len(flows) > 0, service != "", all} {
+				if set {
+					n++
+				}
+			}
+			if n != 1 {
+				return usageErrorf("give exactly one of --flow, --service and --all")
+			}
+			if to == "" {
+				return usageErrorf("--to PEER is required")
+			}
+			rep, err := admin.NewClient(sock).Migrate(cmd.Context(), &admin.MigrateRequest{Flows: flows, Service: service, All: all, To: to})
+			if err != nil {
+				return err
+			}
+			if output == outputJSON {
+				if err := writeJSON(cmd.OutOrStdout(), rep); err != nil {
+					return err
+				}
+			} else {
+				printReport(cmd.OutOrStdout(), rep)
+			}
+			return reportError(rep)
+		},
+	}
+	cmd.Flags().StringSliceVar(&flows, "flow", nil, "client address IP:PORT of a connection to move (repeatable)")
+	cmd.Flags().StringVar(&service, "service", "", "move every connection of this application service (e.g. :7000)")
+	cmd.Flags().BoolVar(&all, "all", false, "move every migratable connection")
+	cmd.Flags().StringVar(&to, "to", "", "name of the peer to move them to")
+	addOutputFlag(cmd, &output)
+	addAdminFlag(cmd, &sock)
+	return cmd
+}
+
+func reportError(rep *admin.Report) error {
+	switch {
+	case len(rep.Failed) == 0:
+		return nil
+	case len(rep.Moved) == 0:
+		return fmt.Errorf("no connection moved to %s", rep.To)
+	default:
+		return &partialError{fmt.Sprintf("%d of %d connections moved to %s", len(rep.Moved), len(rep.Moved)+len(rep.Failed), rep.To)}
+	}
+}
+
+func printReport(w io.Writer, rep *admin.Report) {
+	fmt.Fprintf(w, "moved %d connection(s) to %s", len(rep.Moved), rep.To)
+	if len(rep.Failed) > 0 {
+		fmt.Fprintf(w, ", %d stayed here", len(rep.Failed))
+	}
+	fmt.Fprintln(w)
+	phases := []string{"prepare", "hold", "capture", "transfer", "switch", "commit"}
+	var parts []string
+	for _, p := range phases {
+		if d, ok := rep.Timings[p]; ok {
+			parts = append(parts, fmt.Sprintf("%s %v", p, d.Round(time.Microsecond)))
+		}
+	}
+	if len(parts) > 0 {
+		fmt.Fprintln(w, "  "+strings.Join(parts, ", "))
+	}
+	keys := make([]string, 0, len(rep.Failed))
+	for k := range rep.Failed {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(w, "  %s: %s\n", k, rep.Failed[k])
+	}
+}
+
+func newDrainCmd() *cobra.Command {
+	var sock, to string
+	var spread, quiet bool
+	var batch int
+	cmd := &cobra.Command{
+		Use:   "drain (--to PEER | --spread)",
+		Short: "Move every connection away from this server",
+		Long: `Move every migratable connection away from this server, for maintenance:
+to one peer (--to) or spread over the healthy peers (--spread). A progress
+bar shows how many have moved. Connections that cannot move stay here and
+are listed at the end; the exit status is then 3.`,
+		Example: `  sudo mtcpctl drain --to s2
+  sudo mtcpctl drain --spread`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if (to == "") == !spread {
+				return usageErrorf("give exactly one of --to PEER and --spread")
+			}
+			errw := cmd.ErrOrStderr()
+			bar := func(p admin.Progress) {
+				if quiet || p.Total == 0 {
+					return
+				}
+				const width = 40
+				filled := width * p.Done / p.Total
+				fmt.Fprintf(errw, "\r[%s%s] %d/%d moved, %d failed", strings.Repeat("#", filled), strings.Repeat(".", width-filled), p.Done, p.Total, p.Failed)
+				if p.Final {
+					fmt.Fprintln(errw)
+				}
+			}
+			p, err := admin.NewClient(sock).Drain(cmd.Context(), &admin.DrainRequest{To: to, Spread: spread, Batch: batch}, bar)
+			if err != nil {
+				return err
+			}
+			for i := range p.Reports {
+				printReport(cmd.OutOrStdout(), &p.Reports[i])
+			}
+			if p.Failed > 0 {
+				return &partialError{fmt.Sprintf("%d of %d connections could not move", p.Failed, p.Total)}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "move everything to this peer")
+	cmd.Flags().BoolVar(&spread, "spread", false, "spread the connections over the healthy peers")
+	cmd.Flags().BoolVar(&quiet, "quiet", false, "no progress bar")
+	cmd.Flags().IntVar(&batch, "batch", 0, "connections per transaction (0 = the daemon's default, 1000)")
+	addAdminFlag(cmd, &sock)
+	return cmd
+}
+
+func newStatusCmd() *cobra.Command {
+	var output outputFormat
+	var sock string
+	cmd := &cobra.Command{
+		Use:   "status [-o json]",
+		Short: "Show the pool as this server's mtcpd sees it",
+		Long: `Show this server's mtcpd: its role and steering mode, the connections and
+application services it serves, and each peer of the pool with its health
+(heartbeats over the authenticated control channel), load and connections.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := admin.NewClient(sock).Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if output == outputJSON {
+				return writeJSON(w, s)
+			}
+			fmt.Fprintf(w, "%s (%s, %s steering): %d connection(s), services %s\n", s.Name, s.Role, s.Steering, s.Conns, strings.Join(s.Services, " "))
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "PEER\tADDR\tHEALTH\tLOAD\tCONNS\tRTT\tNOTE")
+			for _, p := range s.Peers {
+				health := "up"
+				if !p.Healthy {
+					health = "DOWN"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.2f\t%d\t%v\t%s\n", p.Name, p.Addr, health, p.Load, p.Conns, p.RTT.Round(time.Microsecond), p.Error)
+			}
+			return tw.Flush()
+		},
+	}
+	addOutputFlag(cmd, &output)
+	addAdminFlag(cmd, &sock)
+	return cmd
+}

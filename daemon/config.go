@@ -1,0 +1,189 @@
+package daemon
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is mtcpd's configuration file (YAML). Unknown keys are errors.
+type Config struct {
+	// Name is this server's identity in the pool; it must match the name
+	// in its certificate.
+	Name string `yaml:"name"`
+	// Role is "server" (default) or "gateway" (a router in front of the
+	// pool that steers flows for the servers).
+	Role string `yaml:"role"`
+	// ServiceAddrs are this host's own addresses on the service network,
+	// one per family: restored connections get them as local address.
+	ServiceAddrs []netip.Addr `yaml:"service_addrs"`
+	// PeerListen is where the peer control channel listens (TCP, mutual
+	// TLS); the control network may differ from the service network.
+	PeerListen string `yaml:"peer_listen"`
+	// Peers are the other members of the pool.
+	Peers []PeerConfig `yaml:"peers"`
+	// TLS names the pool CA and this server's certificate and key (PEM).
+	TLS TLSConfig `yaml:"tls"`
+	// Steering is "forward" (default: the host that owns the service
+	// address forwards the flow) or "gateway" (the gateway named by
+	// Gateway steers it).
+	Steering string `yaml:"steering"`
+	// Gateway is the peer name of the gateway, with steering: gateway.
+	Gateway string `yaml:"gateway"`
+	// AdminSocket is the root-only unix socket of mtcpctl; default
+	// /run/mtcp/admin.sock.
+	AdminSocket string `yaml:"admin_socket"`
+	// AppSocket is where applications register; default
+	// /run/mtcp/app.sock.
+	AppSocket string `yaml:"app_socket"`
+	// Metrics is the Prometheus listen address; "" disables it.
+	Metrics string `yaml:"metrics"`
+	// NFQueue is the NFQUEUE number held packets wait in; default 7.
+	NFQueue uint16 `yaml:"nfqueue"`
+	// Table is the nftables table mtcp owns; default "mtcp".
+	Table string `yaml:"table"`
+}
+
+// PeerConfig is one other member of the pool.
+type PeerConfig struct {
+	Name string `yaml:"name"`
+	// Addr is the peer's control-channel address (host:port).
+	Addr string `yaml:"addr"`
+	// ServiceAddrs are the peer's addresses on the service network.
+	ServiceAddrs []netip.Addr `yaml:"service_addrs"`
+}
+
+// TLSConfig names PEM files.
+type TLSConfig struct {
+	CA   string `yaml:"ca"`
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+}
+
+// Defaults for empty fields.
+const (
+	DefaultAdminSocket = "/run/mtcp/admin.sock"
+	DefaultAppSocket   = "/run/mtcp/app.sock"
+	DefaultNFQueue     = 7
+	DefaultTable       = "mtcp"
+)
+
+// LoadConfig reads and validates a configuration file.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c, err := ParseConfig(b)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// ParseConfig parses a configuration, fills in defaults and validates it.
+// Errors carry the line number where the YAML decoder knows it.
+func ParseConfig(b []byte) (*Config, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, err
+	}
+	if c.Role == "" {
+		c.Role = "server"
+	}
+	if c.Steering == "" {
+		c.Steering = "forward"
+	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = DefaultAdminSocket
+	}
+	if c.AppSocket == "" {
+		c.AppSocket = DefaultAppSocket
+	}
+	if c.NFQueue == 0 {
+		c.NFQueue = DefaultNFQueue
+	}
+	if c.Table == "" {
+		c.Table = DefaultTable
+	}
+	return &c, c.validate()
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.Name == "" {
+		bad("name: missing (this server's identity, as in its certificate)")
+	}
+	if c.Role != "server" && c.Role != "gateway" {
+		bad("role: %q is not server or gateway", c.Role)
+	}
+	if c.Steering != "forward" && c.Steering != "gateway" {
+		bad("steering: %q is not forward or gateway", c.Steering)
+	}
+	if c.Steering == "gateway" && c.Gateway == "" {
+		bad("gateway: missing (steering: gateway needs the gateway's peer name)")
+	}
+	if c.Role == "server" && len(c.ServiceAddrs) == 0 {
+		bad("service_addrs: missing (this host's addresses on the service network)")
+	}
+	if c.PeerListen == "" {
+		bad("peer_listen: missing (host:port of the control channel)")
+	}
+	if c.TLS.CA == "" || c.TLS.Cert == "" || c.TLS.Key == "" {
+		bad("tls: ca, cert and key are all required (the control channel is mutual TLS)")
+	}
+	names := map[string]bool{c.Name: true}
+	for i, p := range c.Peers {
+		switch {
+		case p.Name == "":
+			bad("peers[%d]: name missing", i)
+		case names[p.Name]:
+			bad("peers[%d]: name %q used twice", i, p.Name)
+		}
+		names[p.Name] = true
+		if p.Addr == "" {
+			bad("peers[%d] (%s): addr missing", i, p.Name)
+		}
+	}
+	if c.Steering == "gateway" && !names[c.Gateway] {
+		bad("gateway: %q is not one of the peers", c.Gateway)
+	}
+	for _, p := range []string{c.AdminSocket, c.AppSocket} {
+		if !strings.HasPrefix(p, "/") {
+			bad("socket path %q must be absolute", p)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Peer returns the named peer's configuration.
+func (c *Config) Peer(name string) (PeerConfig, bool) {
+	for _, p := range c.Peers {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return PeerConfig{}, false
+}
+
+// ServiceAddr returns this host's service address of the family of a.
+func (c *Config) ServiceAddr(v6 bool) (netip.Addr, bool) {
+	return pickFamily(c.ServiceAddrs, v6)
+}
+
+func pickFamily(as []netip.Addr, v6 bool) (netip.Addr, bool) {
+	for _, a := range as {
+		if a.Is6() == v6 && !a.Is4In6() {
+			return a, true
+		}
+	}
+	return netip.Addr{}, false
+}
