@@ -102,6 +102,7 @@ Exit status: 0 on success, 1 when the command failed, 2 on a usage error,
 		newDrainCmd(),
 		newStatusCmd(),
 		newTestbedCmd(),
+		newCertsCmd(),
 	)
 	return root
 }

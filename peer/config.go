@@ -1,0 +1,213 @@
+package peer
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+)
+
+// Config is a pool member's identity and trust for the control channel.
+// The same Config serves both sides: its certificate is presented as a
+// server certificate to peers that dial in and as a client certificate
+// when dialling out.
+type Config struct {
+	// Name is this server's name in the pool, as its certificate names
+	// it. It appears in logs.
+	Name string
+	// Certificate is this server's certificate chain and private key,
+	// issued by the pool CA for Name.
+	Certificate tls.Certificate
+	// Roots holds the pool CA: the only issuer whose certificates are
+	// accepted, from servers dialled and from clients alike.
+	Roots *x509.CertPool
+	// HandshakeTimeout bounds the TLS handshake and the protocol hello
+	// of each connection, both when dialling and when accepting. Zero
+	// means 5 seconds.
+	HandshakeTimeout time.Duration
+	// MaxFrame is the largest frame payload this side accepts, in bytes;
+	// it bounds the memory one frame can make it allocate. A Transfer's
+	// frame carries all its items. Zero means 64 MiB.
+	MaxFrame int
+	// Log receives refused connections, protocol errors and handler
+	// panics. Nil discards them.
+	Log *slog.Logger
+}
+
+func (c *Config) name() string {
+	if c.Name != "" {
+		return c.Name
+	}
+	return "the peer"
+}
+
+func (c *Config) handshakeTimeout() time.Duration {
+	if c.HandshakeTimeout > 0 {
+		return c.HandshakeTimeout
+	}
+	return defaultHandshakeTimeout
+}
+
+func (c *Config) maxFrame() int {
+	if c.MaxFrame > 0 {
+		return min(c.MaxFrame, 1<<32-1)
+	}
+	return defaultMaxFrame
+}
+
+func (c *Config) log() *slog.Logger {
+	if c.Log != nil {
+		return c.Log
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (c *Config) check() error {
+	if c == nil {
+		return errors.New("no peer.Config")
+	}
+	if len(c.Certificate.Certificate) == 0 || c.Certificate.PrivateKey == nil {
+		return errors.New("peer.Config has no certificate and key: load them with TLSFiles.Config")
+	}
+	if c.Roots == nil {
+		return errors.New("peer.Config has no pool CA (Roots): load it with TLSFiles.Config")
+	}
+	return nil
+}
+
+// serverTLS is the TLS configuration of accepted connections: TLS 1.3
+// only, client certificate required and verified against the pool CA.
+func (c *Config) serverTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{c.Certificate},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    c.Roots,
+		NextProtos:   []string{alpn},
+		// Connections last; resumption would only add a second path
+		// to authentication.
+		SessionTicketsDisabled: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if cs.NegotiatedProtocol != alpn {
+				return fmt.Errorf("client does not speak %s (ALPN): it is not an mtcp peer", alpn)
+			}
+			if len(cs.PeerCertificates) == 0 || identity(cs.PeerCertificates[0]) == "" {
+				return errors.New("client certificate names no peer (no common name, no DNS name)")
+			}
+			return nil
+		},
+	}
+}
+
+// clientTLS is the TLS configuration for dialling peerName: the server
+// must prove it is peerName with a certificate of the pool CA.
+func (c *Config) clientTLS(peerName string) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{c.Certificate},
+		RootCAs:      c.Roots,
+		ServerName:   peerName,
+		NextProtos:   []string{alpn},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if cs.NegotiatedProtocol != alpn {
+				return fmt.Errorf("server does not speak %s (ALPN): it is not an mtcp peer", alpn)
+			}
+			return nil
+		},
+	}
+}
+
+// identity is the pool member a verified certificate names: its common
+// name, or else its first DNS name.
+func identity(cert *x509.Certificate) string {
+	if cert.Subject.CommonName != "" {
+		return cert.Subject.CommonName
+	}
+	if len(cert.DNSNames) > 0 {
+		return cert.DNSNames[0]
+	}
+	return ""
+}
+
+// TLSFiles names the PEM files of a pool member's identity.
+type TLSFiles struct {
+	CA   string // the pool CA's certificate (ca.pem); may hold several CAs during a rotation
+	Cert string // this member's certificate, optionally followed by intermediates
+	Key  string // this member's private key; must not be readable by group or others
+}
+
+// Config loads the files and checks them before any peer sees them: the
+// certificate must be issued by the pool CA, valid now, usable as both
+// client and server certificate, and issued for name. An empty name
+// takes the name from the certificate.
+func (f TLSFiles) Config(name string) (*Config, error) {
+	caPEM, err := os.ReadFile(f.CA)
+	if err != nil {
+		return nil, fmt.Errorf("pool CA certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("pool CA certificate %s holds no PEM certificate", f.CA)
+	}
+	certPEM, err := os.ReadFile(f.Cert)
+	if err != nil {
+		return nil, fmt.Errorf("certificate: %w", err)
+	}
+	st, err := os.Stat(f.Key)
+	if err != nil {
+		return nil, fmt.Errorf("private key: %w", err)
+	}
+	if m := st.Mode().Perm(); m&0o077 != 0 {
+		return nil, fmt.Errorf("private key %s is readable by group or others (mode %04o): anyone who reads it can hijack connections; chmod 600 %s", f.Key, m, f.Key)
+	}
+	keyPEM, err := os.ReadFile(f.Key)
+	if err != nil {
+		return nil, fmt.Errorf("private key: %w", err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("certificate %s and key %s: %w (they must be PEM files, the key matching the certificate)", f.Cert, f.Key, err)
+	}
+	leaf, err := verifyOwn(cert, roots)
+	if err != nil {
+		return nil, fmt.Errorf("certificate %s is not valid for the pool whose CA is %s: %w (issue a new one: mtcpctl certs issue)", f.Cert, f.CA, err)
+	}
+	if name == "" {
+		name = identity(leaf)
+	} else if err := leaf.VerifyHostname(name); err != nil {
+		return nil, fmt.Errorf("certificate %s is issued to %q, not to this server %q: peers dialling %q would refuse it (issue one for %q: mtcpctl certs issue --name %s)", f.Cert, identity(leaf), name, name, name, name)
+	}
+	return &Config{Name: name, Certificate: cert, Roots: roots}, nil
+}
+
+// verifyOwn checks that cert is valid now for the pool of roots, as both
+// server and client certificate, and returns its leaf.
+func verifyOwn(cert tls.Certificate, roots *x509.CertPool) (*x509.Certificate, error) {
+	if len(cert.Certificate) == 0 {
+		return nil, errors.New("no certificate")
+	}
+	leaf := cert.Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, err
+		}
+	}
+	inter := x509.NewCertPool()
+	for _, der := range cert.Certificate[1:] {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("intermediate certificate: %w", err)
+		}
+		inter.AddCert(c)
+	}
+	for _, use := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{use}}); err != nil {
+			return nil, err
+		}
+	}
+	return leaf, nil
+}

@@ -1,0 +1,215 @@
+package peer
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// expiredConfig is a member whose certificate, issued by ca, expired an
+// hour ago.
+func expiredConfig(t *testing.T, ca *CA, name string) *Config {
+	t.Helper()
+	now := time.Now()
+	certPEM, keyPEM, err := ca.issue(name, []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil, now.Add(-2*time.Hour), now.Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return configFromPEM(t, ca, name, certPEM, keyPEM)
+}
+
+// TestRefused: peers that cannot prove membership of the pool are refused
+// during the handshake; the handler never runs.
+func TestRefused(t *testing.T) {
+	pool := testCA(t, "test-pool")
+	evil := testCA(t, "evil-pool")
+	poolRoots := x509.NewCertPool()
+	poolRoots.AddCert(pool.Cert)
+
+	// withRoots returns cfg trusting roots instead.
+	withRoots := func(cfg *Config, ca *CA) *Config {
+		c := *cfg
+		c.Roots = x509.NewCertPool()
+		c.Roots.AddCert(ca.Cert)
+		return &c
+	}
+
+	for _, tc := range []struct {
+		name      string
+		server    *Config // default: s1 of the pool
+		client    *Config // Dial with it, dialling "s1" unless dialAs is set
+		dialAs    string
+		raw       *tls.Config // or connect with this raw TLS client
+		wantErr   []string    // in the client's error
+		serverLog []string    // in the server's log
+	}{{
+		name:      "client without certificate",
+		raw:       &tls.Config{RootCAs: poolRoots, ServerName: "s1", NextProtos: []string{alpn}, MinVersion: tls.VersionTLS13},
+		wantErr:   []string{"certificate required"},
+		serverLog: []string{"refused connection", "didn't provide a certificate"},
+	}, {
+		name:      "client certificate from another CA",
+		client:    withRoots(memberConfig(t, evil, "c1"), pool),
+		wantErr:   []string{"peer s1: TLS handshake: s1 refused this server's certificate", "this server's certificate is not valid for the pool", "certificate signed by unknown authority"},
+		serverLog: []string{"refused connection"},
+	}, {
+		// Go's client withholds a certificate the server's CA list
+		// does not match; force it through.
+		name:      "client certificate from another CA, sent anyway",
+		raw:       forceCert(poolRoots, memberConfig(t, evil, "c1").Certificate),
+		wantErr:   []string{"unknown certificate authority"},
+		serverLog: []string{"refused connection", "certificate signed by unknown authority"},
+	}, {
+		name:      "expired client certificate, sent anyway",
+		raw:       forceCert(poolRoots, expiredConfig(t, pool, "c1").Certificate),
+		wantErr:   []string{"expired certificate"},
+		serverLog: []string{"refused connection", "certificate has expired"},
+	}, {
+		name:    "server certificate from another CA",
+		server:  withRoots(memberConfig(t, evil, "s1"), pool),
+		client:  memberConfig(t, pool, "c1"),
+		wantErr: []string{"peer s1: TLS handshake: s1's certificate is not issued by the pool CA", "certificate signed by unknown authority"},
+	}, {
+		name:    "wrong server name",
+		client:  memberConfig(t, pool, "c1"),
+		dialAs:  "s2",
+		wantErr: []string{"peer s2: TLS handshake: the server at this address is not s2", "certificate is valid for s1, not s2"},
+	}, {
+		name:      "expired client certificate",
+		client:    expiredConfig(t, pool, "c1"),
+		wantErr:   []string{"peer s1: TLS handshake: s1 refused this server's certificate", "expired certificate", "certificate has expired"},
+		serverLog: []string{"refused connection", "certificate has expired"},
+	}, {
+		name:    "expired server certificate",
+		server:  expiredConfig(t, pool, "s1"),
+		client:  memberConfig(t, pool, "c1"),
+		wantErr: []string{"peer s1: TLS handshake: s1's certificate is expired", "certificate has expired"},
+	}, {
+		name: "TLS 1.2 client",
+		raw: &tls.Config{RootCAs: poolRoots, ServerName: "s1", NextProtos: []string{alpn}, MaxVersion: tls.VersionTLS12,
+			Certificates: []tls.Certificate{memberConfig(t, pool, "c1").Certificate}},
+		wantErr:   []string{"protocol version not supported"},
+		serverLog: []string{"refused connection", "unsupported versions"},
+	}, {
+		name: "client not speaking the peer protocol",
+		raw: &tls.Config{RootCAs: poolRoots, ServerName: "s1", NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13,
+			Certificates: []tls.Certificate{memberConfig(t, pool, "c1").Certificate}},
+		wantErr:   []string{"no application protocol"},
+		serverLog: []string{"refused connection"},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &testHandler{}
+			scfg := tc.server
+			if scfg == nil {
+				scfg = memberConfig(t, pool, "s1")
+			}
+			s := startServer(t, scfg, h)
+			var err error
+			if tc.raw != nil {
+				err = rawExchange(s.addr, tc.raw)
+			} else {
+				name := tc.dialAs
+				if name == "" {
+					name = "s1"
+				}
+				var c *Client
+				c, err = Dial(context.Background(), s.addr, name, tc.client)
+				if err == nil {
+					c.Close()
+				}
+			}
+			if err == nil {
+				t.Fatal("connection accepted")
+			}
+			t.Logf("client error: %v", err)
+			mustContain(t, "client error", err.Error(), tc.wantErr...)
+			var oe *OpError
+			if tc.raw == nil && (!errors.As(err, &oe) || oe.Op != "TLS handshake") {
+				t.Errorf("error %#v is not an OpError of the TLS handshake", err)
+			}
+			for _, want := range tc.serverLog {
+				waitFor(t, "server log to contain "+want, func() bool { return strings.Contains(s.log.String(), want) })
+			}
+			if n := h.calls.Load(); n != 0 {
+				t.Errorf("handler called %d times for a refused peer", n)
+			}
+			// The server keeps serving good members.
+			c, err := Dial(context.Background(), s.addr, "s1", memberConfig(t, pool, "c2"))
+			if err == nil {
+				_, err = c.Status(context.Background())
+				c.Close()
+			}
+			switch {
+			case tc.server != nil && err == nil:
+				t.Error("a good member accepted a bad server")
+			case tc.server == nil && err != nil:
+				t.Errorf("good member after the refusal: %v", err)
+			case tc.server == nil && h.calls.Load() != 1:
+				t.Errorf("handler called %d times, want once (the good member)", h.calls.Load())
+			}
+		})
+	}
+}
+
+// rawExchange connects with a raw TLS client, sends a valid hello and a
+// Status request, and returns the first error.
+func rawExchange(addr string, cfg *tls.Config) error {
+	conn, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	// A refusal may break the pipe before the alert is read: the
+	// writes' errors do not count.
+	conn.Write(encodeFrame(msgHello, 0, &hello{version: protoVersion, maxFrame: defaultMaxFrame}))
+	conn.Write(encodeRequest(msgStatus, 1, &StatusRequest{}))
+	for {
+		if _, err := readFrame(conn, defaultMaxFrame); err != nil {
+			return err
+		}
+	}
+}
+
+// encodeFrame returns the bytes of one frame.
+func encodeFrame(t msgType, id uint64, b body) []byte {
+	e := newEncoder(t, id)
+	b.encode(e)
+	segs, _, err := e.finish()
+	if err != nil {
+		panic(err)
+	}
+	var out []byte
+	for _, s := range segs {
+		out = append(out, s...)
+	}
+	return out
+}
+
+// encodeRequest returns the bytes of a request frame without deadline.
+func encodeRequest(t msgType, id uint64, b body) []byte {
+	e := newEncoder(t, id)
+	e.u64(0)
+	b.encode(e)
+	segs, _, err := e.finish()
+	if err != nil {
+		panic(err)
+	}
+	var out []byte
+	for _, s := range segs {
+		out = append(out, s...)
+	}
+	return out
+}
+
+// forceCert is a raw TLS client configuration that presents cert whatever
+// the server asks for.
+func forceCert(roots *x509.CertPool, cert tls.Certificate) *tls.Config {
+	return &tls.Config{RootCAs: roots, ServerName: "s1", NextProtos: []string{alpn}, MinVersion: tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}
+}

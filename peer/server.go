@@ -1,0 +1,343 @@
+package peer
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Handler serves the requests of authenticated peers. from is the
+// requesting peer's name, taken from its verified certificate. Each
+// context carries the caller's deadline for the phase and is cancelled
+// when the caller gives up or the connection closes. Requests run
+// concurrently, also on one connection.
+//
+// Requests own their arguments: byte slices (Item.State, Item.App) stay
+// valid after the call returns. An error is sent back as a [RemoteError]
+// with the error's text.
+type Handler interface {
+	Prepare(ctx context.Context, from string, r *PrepareRequest) (*PrepareReply, error)
+	Transfer(ctx context.Context, from string, r *TransferRequest) (*TransferReply, error)
+	Commit(ctx context.Context, from string, r *CommitRequest) (*CommitReply, error)
+	Abort(ctx context.Context, from string, r *AbortRequest) error
+	Status(ctx context.Context, from string) (*StatusReply, error)
+}
+
+// Steerer is implemented by a [Handler] whose server can hold and switch
+// flows for other members (it owns service addresses or is the gateway).
+// Steer requests to a Handler without it fail with a [RemoteError].
+type Steerer interface {
+	Steer(ctx context.Context, from string, r *SteerRequest) error
+}
+
+// Server accepts connections from pool members and serves their requests.
+type Server struct {
+	cfg *Config
+	h   Handler
+}
+
+// NewServer returns a server of h with identity and trust cfg. cfg must
+// not change afterwards.
+func NewServer(cfg *Config, h Handler) *Server {
+	return &Server{cfg: cfg, h: h}
+}
+
+// Serve accepts connections on ln until ctx is done or ln fails. Every
+// connection must complete a mutual TLS 1.3 handshake with a certificate
+// of the pool CA before anything it sends is read. On return, Serve has
+// closed ln and every connection, cancelled the contexts of running
+// handlers and waited for them. It returns nil when ctx ended it.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if err := s.cfg.check(); err != nil {
+		ln.Close()
+		return fmt.Errorf("peer server: %w", err)
+	}
+	if s.h == nil {
+		ln.Close()
+		return errors.New("peer server: no handler")
+	}
+	tlsCfg := s.cfg.serverTLS()
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		ln.Close()
+		wg.Wait()
+	}()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var backoff time.Duration
+	for {
+		raw, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if retryAccept(err) {
+				// Out of file descriptors or memory: wait rather
+				// than give up serving the pool.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.cfg.log().Warn("peer server: accept", "err", err, "retry_in", backoff)
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-ctx.Done():
+					return nil
+				}
+			}
+			return fmt.Errorf("peer server: accept: %w", err)
+		}
+		backoff = 0
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.serveConn(ctx, raw, tlsCfg)
+		}()
+	}
+}
+
+func retryAccept(err error) bool {
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// serverConn is one authenticated connection.
+type serverConn struct {
+	s        *Server
+	w        *wire
+	from     string
+	log      *slog.Logger
+	peerMax  int
+	localMax int
+
+	mu       sync.Mutex
+	inflight map[uint64]context.CancelFunc
+}
+
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, tlsCfg *tls.Config) {
+	log := s.cfg.log().With("remote", raw.RemoteAddr().String())
+	conn := tls.Server(raw, tlsCfg)
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer stop()
+
+	timeout := s.cfg.handshakeTimeout()
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	err := conn.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Warn("peer server: refused connection: TLS handshake failed", "err", err)
+		}
+		return
+	}
+	from := identity(conn.ConnectionState().PeerCertificates[0])
+	log = log.With("peer", from)
+
+	// The hello: protocol version and frame limits.
+	raw.SetDeadline(time.Now().Add(timeout))
+	w := newWire(conn)
+	localMax := s.cfg.maxFrame()
+	f, err := readFrame(conn, helloMax)
+	var h hello
+	if err == nil {
+		switch {
+		case f.typ != msgHello || f.id != 0:
+			err = fmt.Errorf("%w: expected a hello frame, got %v id %d", ErrProtocol, f.typ, f.id)
+		default:
+			if derr := decodeBody(f.payload, &h); derr != nil {
+				err = fmt.Errorf("%w: hello: %v", ErrProtocol, derr)
+			} else if h.version < protoVersion {
+				err = fmt.Errorf("%w: client speaks protocol version %d, this server only %d: run the same mtcp release on every member", ErrProtocol, h.version, protoVersion)
+			} else if h.maxFrame < helloMax {
+				err = fmt.Errorf("%w: client accepts frames of only %d bytes", ErrProtocol, h.maxFrame)
+			}
+		}
+	}
+	if err != nil {
+		if !isClosedErr(err) {
+			log.Warn("peer server: closing connection", "err", err)
+			w.sendBody(context.Background(), msgError, 0, &errorBody{err.Error()}, helloMax)
+		}
+		return
+	}
+	if err := w.sendBody(ctx, msgHello, 0, &hello{version: protoVersion, maxFrame: uint32(localMax)}, helloMax); err != nil {
+		return
+	}
+	raw.SetDeadline(time.Time{})
+	log.Debug("peer server: connection ready")
+
+	sc := &serverConn{s: s, w: w, from: from, log: log, peerMax: int(h.maxFrame), localMax: localMax,
+		inflight: map[uint64]context.CancelFunc{}}
+	sc.serve(ctx, conn)
+}
+
+// serve reads requests until the connection ends, running each in its own
+// goroutine.
+func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		sc.w.close()
+		wg.Wait()
+	}()
+	slots := make(chan struct{}, maxInflight)
+	for {
+		f, err := readFrame(conn, sc.localMax)
+		if err != nil {
+			if ctx.Err() == nil && !isClosedErr(err) {
+				sc.protocolError(err)
+			}
+			return
+		}
+		if f.typ == msgCancel {
+			if len(f.payload) != 0 {
+				sc.protocolError(fmt.Errorf("%w: cancel frame with a payload", ErrProtocol))
+				return
+			}
+			sc.mu.Lock()
+			if c := sc.inflight[f.id]; c != nil {
+				c()
+			}
+			sc.mu.Unlock()
+			continue
+		}
+		timeout, req, err := decodeRequest(f)
+		if err != nil {
+			sc.protocolError(err)
+			return
+		}
+		if f.id == 0 {
+			sc.protocolError(fmt.Errorf("%w: %v request with id 0", ErrProtocol, f.typ))
+			return
+		}
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		var rctx context.Context
+		var rcancel context.CancelFunc
+		if timeout > 0 {
+			rctx, rcancel = context.WithDeadline(ctx, f.at.Add(timeout))
+		} else {
+			rctx, rcancel = context.WithCancel(ctx)
+		}
+		sc.mu.Lock()
+		_, dup := sc.inflight[f.id]
+		if !dup {
+			sc.inflight[f.id] = rcancel
+		}
+		sc.mu.Unlock()
+		if dup {
+			rcancel()
+			sc.protocolError(fmt.Errorf("%w: request id %d reused while in flight", ErrProtocol, f.id))
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			sc.handle(rctx, f.typ, f.id, req)
+			sc.mu.Lock()
+			delete(sc.inflight, f.id)
+			sc.mu.Unlock()
+			rcancel()
+		}()
+	}
+}
+
+// protocolError tells the peer why its connection is being closed (best
+// effort) and logs it.
+func (sc *serverConn) protocolError(err error) {
+	sc.log.Warn("peer server: closing connection", "err", err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	sc.w.sendBody(ctx, msgError, 0, &errorBody{err.Error()}, sc.peerMax)
+}
+
+// handle runs one request and sends its reply, unless the caller has
+// given up on it.
+func (sc *serverConn) handle(ctx context.Context, t msgType, id uint64, req body) {
+	rep, err := sc.call(ctx, t, req)
+	if ctx.Err() != nil {
+		return // the caller no longer waits for an answer
+	}
+	if err != nil {
+		rep, t = &errorBody{err.Error()}, msgError
+	} else {
+		t |= replyBit
+	}
+	if err := sc.w.sendBody(ctx, t, id, rep, sc.peerMax); err != nil {
+		if errors.Is(err, ErrFrameTooLarge) {
+			sc.w.sendBody(ctx, msgError, id, &errorBody{err.Error()}, sc.peerMax)
+			return
+		}
+		if ctx.Err() == nil && !isClosedErr(err) {
+			sc.log.Warn("peer server: sending reply", "op", t&^replyBit, "err", err)
+		}
+	}
+}
+
+// call runs the handler for one request, turning a panic into an error:
+// a bad request must not take the daemon, and every connection it
+// serves, down.
+func (sc *serverConn) call(ctx context.Context, t msgType, req body) (rep body, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			sc.log.Error("peer server: handler panicked", "op", t, "panic", p, "stack", string(debug.Stack()))
+			rep, err = nil, fmt.Errorf("internal error in %s's %v handler (see its log)", sc.s.cfg.name(), t)
+		}
+	}()
+	h, from := sc.s.h, sc.from
+	switch r := req.(type) {
+	case *PrepareRequest:
+		rep, err := h.Prepare(ctx, from, r)
+		return orZero(rep, err)
+	case *TransferRequest:
+		rep, err := h.Transfer(ctx, from, r)
+		return orZero(rep, err)
+	case *CommitRequest:
+		rep, err := h.Commit(ctx, from, r)
+		return orZero(rep, err)
+	case *AbortRequest:
+		return &empty{}, h.Abort(ctx, from, r)
+	case *StatusRequest:
+		rep, err := h.Status(ctx, from)
+		return orZero(rep, err)
+	case *SteerRequest:
+		st, ok := h.(Steerer)
+		if !ok {
+			return nil, fmt.Errorf("%s does not steer flows for other members", sc.s.cfg.name())
+		}
+		return &empty{}, st.Steer(ctx, from, r)
+	}
+	return nil, fmt.Errorf("unhandled %v", t)
+}
+
+// orZero returns rep as a body, a zero reply if the handler returned a nil
+// one.
+func orZero[T any, P interface {
+	*T
+	body
+}](rep P, err error) (body, error) {
+	if err != nil {
+		return nil, err
+	}
+	if rep == nil {
+		rep = new(T)
+	}
+	return rep, nil
+}
