@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"sync/atomic"
+
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/internal/stream"
+)
+
+// headerLen is the client's request: seed and length, 8 bytes each,
+// big-endian.
+const headerLen = 16
+
+// state is the per-connection state, and its JSON is the snapshot.
+type state struct {
+	// Header holds the part of the request received so far.
+	Header []byte `json:"header,omitempty"`
+	// Started is set once the request is complete.
+	Started bool `json:"started,omitempty"`
+	// Seed names the pattern streamed.
+	Seed uint64 `json:"seed"`
+	// Length is how many bytes to stream; 0 means endless.
+	Length int64 `json:"length"`
+	// Sent is the stream offset: bytes written so far.
+	Sent int64 `json:"sent"`
+	// Received counts the bytes the client sent after its request.
+	Received int64 `json:"received"`
+}
+
+// bulk is the mtcp-bulk handler.
+type bulk struct{}
+
+// Serve reads the request, then streams the pattern from the offset the
+// snapshot says while a goroutine consumes and counts what the client
+// sends. The session ends when the client closes its end.
+func (bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, error) {
+	var st state
+	if snap != nil {
+		if err := json.Unmarshal(snap, &st); err != nil {
+			return nil, fmt.Errorf("mtcp-bulk: bad snapshot: %w", err)
+		}
+	}
+	for !st.Started {
+		// Read no further than the request: what follows it is counted.
+		b := make([]byte, headerLen-len(st.Header))
+		n, err := conn.Read(b)
+		st.Header = append(st.Header, b[:n]...)
+		if len(st.Header) == headerLen {
+			st.Seed = binary.BigEndian.Uint64(st.Header)
+			l := binary.BigEndian.Uint64(st.Header[8:])
+			if l > math.MaxInt64 {
+				l = 0 // longer than anyone will read: endless
+			}
+			st.Length, st.Started, st.Header = int64(l), true, nil
+		}
+		if err != nil {
+			if errors.Is(err, app.ErrMigrating) {
+				return json.Marshal(&st)
+			}
+			if errors.Is(err, io.EOF) {
+				return nil, nil
+			}
+			return nil, err
+		}
+	}
+
+	var received atomic.Int64
+	received.Store(st.Received)
+	recvDone := make(chan error, 1)
+	go func() {
+		b := make([]byte, 32<<10)
+		for {
+			n, err := conn.Read(b)
+			received.Add(int64(n))
+			if err != nil {
+				recvDone <- err
+				return
+			}
+		}
+	}()
+
+	pat := stream.Pattern(st.Seed)
+	buf := make([]byte, 64<<10)
+	var werr, rerr error
+	readerDone := false
+	for st.Length == 0 || st.Sent < st.Length {
+		select {
+		case rerr = <-recvDone:
+			readerDone = true
+		default:
+		}
+		if readerDone {
+			break
+		}
+		k := int64(len(buf))
+		if st.Length > 0 {
+			k = min(k, st.Length-st.Sent)
+		}
+		pat.Fill(buf[:k], st.Sent)
+		n, err := conn.Write(buf[:k])
+		st.Sent += int64(n) // what Write took is in the socket, even when interrupted
+		if err != nil {
+			werr = err
+			break
+		}
+	}
+	migrating := errors.Is(werr, app.ErrMigrating)
+	if werr != nil && !migrating {
+		conn.Close() // the client is gone; stop the reader too
+	}
+	if !readerDone {
+		// Stream complete, or interrupted: the reader ends when the
+		// client closes, or is interrupted alike.
+		rerr = <-recvDone
+	}
+	st.Received = received.Load()
+	switch {
+	case migrating || errors.Is(rerr, app.ErrMigrating):
+		return json.Marshal(&st)
+	case werr != nil:
+		return nil, werr
+	case errors.Is(rerr, io.EOF):
+		return nil, nil
+	default:
+		return nil, rerr
+	}
+}

@@ -1,0 +1,89 @@
+// Command mtcp-kv is a migratory key/value session server, an example
+// application of package app and the test application of mtcp's
+// end-to-end tests.
+//
+// Each connection is a session with its own key/value map. Commands, one
+// per line, each answered with one line:
+//
+//	SET key value   store value (the rest of the line) under key → OK
+//	GET key         the value, or NIL
+//	COUNT           how many commands this session has run, this one included
+//	HOST            the --name of the server the session lives on now
+//	QUIT            → BYE, and the server closes the connection
+//
+// When mtcpd migrates a session to another server, the map, the counter
+// and any unprocessed input move with it; the client sees nothing but
+// HOST's answer change.
+//
+// Exit status: 0 after SIGINT or SIGTERM, 1 if serving fails, 2 for bad
+// usage.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/mtcp-dev/mtcp/app"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+func run(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("mtcp-kv", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", ":7000", "`address` to listen on; also the service name registered with mtcpd")
+	daemon := fs.String("daemon", app.DefaultDaemonSocket, "`path` of mtcpd's application socket")
+	name := fs.String("name", "", "server identity that HOST answers (default: the hostname)")
+	verbose := fs.Bool("verbose", false, "log debug records")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: mtcp-kv [flags]
+
+A line-oriented key/value session server whose sessions mtcpd can migrate
+between servers. Commands: SET k v, GET k, COUNT, HOST, QUIT.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "mtcp-kv: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+	if *name == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			fmt.Fprintf(stderr, "mtcp-kv: no --name and no hostname: %v\n", err)
+			return 2
+		}
+		*name = h
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("app", "mtcp-kv", "name", *name)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := app.Serve(ctx, app.Config{Service: *listen, Daemon: *daemon, Handler: kv{name: *name}, Logger: log})
+	if err != nil {
+		fmt.Fprintf(stderr, "mtcp-kv: %v\n", err)
+		return 1
+	}
+	return 0
+}

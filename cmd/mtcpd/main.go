@@ -1,0 +1,54 @@
+// Command mtcpd is mtcp's daemon: one runs on every server of the pool
+// (and on the gateway, with gateway steering). See package daemon.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/mtcp-dev/mtcp/daemon"
+)
+
+func main() {
+	config := flag.String("config", "/etc/mtcp/mtcpd.yaml", "configuration file (YAML)")
+	check := flag.Bool("check", false, "check the configuration file and exit")
+	debug := flag.Bool("debug", false, "log debug messages")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), `Usage: mtcpd [-config FILE] [-check] [-debug]
+
+mtcpd is the daemon of mtcp, Migratory TCP for Linux. One runs on every
+server of a pool; together they move live TCP connections between the
+servers while the clients keep their connections. Control it with mtcpctl
+(root only, through the admin socket named in the configuration).
+
+Flags:
+`)
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	cfg, err := daemon.LoadConfig(*config)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mtcpd:", err)
+		os.Exit(2)
+	}
+	if *check {
+		fmt.Println("mtcpd: configuration OK")
+		return
+	}
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := daemon.Run(ctx, cfg, log); err != nil {
+		log.Error("mtcpd stopped", "err", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,246 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"sort"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/repair"
+)
+
+func (d *Daemon) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		s := admin.Status{Name: d.cfg.Name, Role: d.cfg.Role, Steering: d.cfg.Steering, Peers: d.peerStatus()}
+		s.Conns = len(d.localFlows())
+		if d.apps != nil {
+			s.Services = d.apps.Services()
+		}
+		admin.WriteJSON(w, http.StatusOK, s)
+	})
+	mux.HandleFunc("GET /v1/conns", func(w http.ResponseWriter, r *http.Request) {
+		admin.WriteJSON(w, http.StatusOK, d.conns(r.Context()))
+	})
+	mux.HandleFunc("POST /v1/migrate", func(w http.ResponseWriter, r *http.Request) {
+		var req admin.MigrateRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("bad request: %w", err))
+			return
+		}
+		flows, err := d.selectFlows(&req)
+		if err != nil {
+			admin.WriteError(w, http.StatusBadRequest, err)
+			return
+		}
+		rep, err := d.Migrate(r.Context(), flows, req.To)
+		if rep == nil {
+			admin.WriteError(w, http.StatusBadRequest, err)
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, rep)
+	})
+	mux.HandleFunc("POST /v1/drain", d.serveDrain)
+	return mux
+}
+
+// conns lists the connections served here, with their TCP figures.
+func (d *Daemon) conns(ctx context.Context) []admin.Conn {
+	flows := d.localFlows()
+	diag := map[netip.AddrPort]repair.Conn{}
+	if list, err := repair.List(ctx, repair.ListOptions{}); err == nil {
+		for _, c := range list {
+			diag[c.Remote] = c
+		}
+	}
+	out := make([]admin.Conn, 0, len(flows))
+	for _, lf := range flows {
+		c := admin.Conn{Client: lf.Flow.Client.String(), Service: lf.Flow.Service.String(), Local: lf.Tuple.Local.String(), App: lf.App}
+		if dc, ok := diag[lf.Flow.Client]; ok && dc.Local == lf.Tuple.Local {
+			c.State, c.RTT, c.Retrans = dc.State.String(), dc.Info.RTT, dc.Info.TotalRetrans
+			if err := dc.Migratable(); err != nil {
+				c.Migratable = err.Error()
+			}
+		}
+		out = append(out, c)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Client < out[j].Client })
+	return out
+}
+
+// selectFlows resolves a migrate request's selection to flows served here.
+func (d *Daemon) selectFlows(req *admin.MigrateRequest) ([]migrate.Flow, error) {
+	n := 0
+	for _, set := range []bool{len(req.Flows) > 0, req.Service != "", req.All} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return nil, errors.New("give exactly one of flows, service and all")
+	}
+	local := d.localFlows()
+	var out []migrate.Flow
+	switch {
+	case req.All:
+		for _, lf := range local {
+			out = append(out, lf.Flow)
+		}
+	case req.Service != "":
+		port := servicePort(req.Service)
+		for _, lf := range local {
+			if lf.Flow.Service.Port() == port {
+				out = append(out, lf.Flow)
+			}
+		}
+	default:
+		byClient := map[netip.AddrPort]migrate.Flow{}
+		for _, lf := range local {
+			byClient[lf.Flow.Client] = lf.Flow
+		}
+		for _, s := range req.Flows {
+			ap, err := netip.ParseAddrPort(s)
+			if err != nil {
+				return nil, fmt.Errorf("flow %q: want the client's IP:PORT: %w", s, err)
+			}
+			f, ok := byClient[unmapAP(ap)]
+			if !ok {
+				return nil, fmt.Errorf("no connection from %v is served here (see mtcpctl conns)", ap)
+			}
+			out = append(out, f)
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no connection matches")
+	}
+	return out, nil
+}
+
+// Migrate moves flows served here to the peer named to and reports what
+// happened. The report is nil only when the request itself is invalid.
+func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (*admin.Report, error) {
+	if to == d.cfg.Name {
+		return nil, fmt.Errorf("the connections are already on %s", to)
+	}
+	cfg, ok := d.cfg.Peer(to)
+	if !ok {
+		return nil, fmt.Errorf("%q is not a peer of %s", to, d.cfg.Name)
+	}
+	rep := &admin.Report{To: to, Moved: []string{}, Failed: map[string]string{}, Timings: map[string]time.Duration{}}
+	c, err := d.peer(ctx, to)
+	if err != nil {
+		for _, f := range flows {
+			rep.Failed[f.Client.String()] = err.Error()
+		}
+		rep.Aborted = true
+		return rep, err
+	}
+	// One transaction per application service: the target checks it has
+	// the application before anything is frozen.
+	byApp := map[string][]migrate.Flow{}
+	for _, f := range flows {
+		_, svc, err := d.locate(f)
+		if err != nil {
+			rep.Failed[f.Client.String()] = err.Error()
+			continue
+		}
+		byApp[svc] = append(byApp[svc], f)
+	}
+	var errs []error
+	for svc, fs := range byApp {
+		tgt := &remoteTarget{d: d, name: to, cfg: cfg, c: c, tx: d.nextTx(), app: svc}
+		start := time.Now()
+		mr, err := migrate.Run(ctx, fs, source{d}, steering{d}, tgt, migrate.Deadlines{})
+		observe(mr, err, time.Since(start))
+		errs = append(errs, err)
+		for _, f := range mr.Moved {
+			rep.Moved = append(rep.Moved, f.Client.String())
+		}
+		for f, e := range mr.Failed {
+			rep.Failed[f.Client.String()] = e.Error()
+		}
+		for p, t := range mr.Timings {
+			rep.Timings[string(p)] += t
+		}
+		rep.Aborted = rep.Aborted || mr.Aborted
+		d.log.Info("migration", "to", to, "app", svc, "moved", len(mr.Moved), "failed", len(mr.Failed), "aborted", mr.Aborted, "err", err)
+	}
+	return rep, errors.Join(errs...)
+}
+
+// serveDrain moves everything away in batches, streaming progress lines.
+func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
+	var req admin.DrainRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("bad request: %w", err))
+		return
+	}
+	var targets []string
+	switch {
+	case req.To != "" && req.Spread:
+		admin.WriteError(w, http.StatusBadRequest, errors.New("give either to or spread"))
+		return
+	case req.To != "":
+		if _, ok := d.cfg.Peer(req.To); !ok {
+			admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("%q is not a peer of %s", req.To, d.cfg.Name))
+			return
+		}
+		targets = []string{req.To}
+	default:
+		for _, p := range d.peerStatus() {
+			if p.Healthy && p.Name != d.cfg.Gateway {
+				targets = append(targets, p.Name)
+			}
+		}
+		if len(targets) == 0 {
+			admin.WriteError(w, http.StatusServiceUnavailable, errors.New("no healthy peer to drain to"))
+			return
+		}
+	}
+	batch := req.Batch
+	if batch <= 0 {
+		batch = 1000
+	}
+	var flows []migrate.Flow
+	for _, lf := range d.localFlows() {
+		flows = append(flows, lf.Flow)
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	flush := func() {
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+	p := admin.Progress{Total: len(flows)}
+	enc.Encode(p)
+	flush()
+	var errs []error
+	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
+		part := flows[i:min(i+batch, len(flows))]
+		rep, err := d.Migrate(r.Context(), part, targets[t%len(targets)])
+		if rep == nil {
+			errs = append(errs, err)
+			p.Failed += len(part)
+			continue
+		}
+		p.Done += len(rep.Moved)
+		p.Failed += len(rep.Failed)
+		p.Reports = append(p.Reports, *rep)
+		enc.Encode(admin.Progress{Total: p.Total, Done: p.Done, Failed: p.Failed})
+		flush()
+	}
+	p.Final = true
+	if err := errors.Join(errs...); err != nil {
+		p.Error = err.Error()
+	}
+	enc.Encode(p)
+	flush()
+}

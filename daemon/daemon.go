@@ -1,0 +1,209 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
+)
+
+// Daemon is one running mtcpd.
+type Daemon struct {
+	cfg  *Config
+	log  *slog.Logger
+	tls  *peer.Config
+	nat  *nat.Table
+	q    *nat.Queue
+	apps *app.Registry
+
+	peersMu sync.Mutex
+	peers   map[string]*peerConn
+
+	mu sync.Mutex
+	// moved are the flows migrated in and living here, by local tuple:
+	// their Flow keeps the address the client dialled.
+	moved map[app.Tuple]migrate.Flow
+	// restoring are transfers restored here, waiting for commit or abort.
+	restoring map[uint64]*incoming
+	// blanks are sockets made ahead of restores, by family.
+	blanks map[bool][]*repair.Blank
+	// frozen are flows captured here, waiting for the verdict.
+	frozen map[migrate.Flow]*outgoing
+	txSeq  uint64
+}
+
+// Run starts the daemon and serves until ctx is done.
+func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
+		moved: map[app.Tuple]migrate.Flow{}, restoring: map[uint64]*incoming{},
+		blanks: map[bool][]*repair.Blank{}, frozen: map[migrate.Flow]*outgoing{}}
+	var err error
+	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
+		return fmt.Errorf("mtcpd: nftables: %w", err)
+	}
+	defer d.nat.Close()
+	if err := d.reconcile(); err != nil {
+		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
+	}
+	if d.q, err = nat.OpenQueue(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
+		return fmt.Errorf("mtcpd: nfqueue: %w", err)
+	}
+	defer d.q.Close()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 4)
+	serve := func(name string, fn func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("%s: %w", name, err)
+				cancel()
+			}
+		}()
+	}
+
+	pln, err := net.Listen("tcp", cfg.PeerListen)
+	if err != nil {
+		return fmt.Errorf("mtcpd: peer listener: %w", err)
+	}
+	serve("peer server", func() error { return peer.NewServer(d.tls, d).Serve(ctx, pln) })
+
+	if cfg.Role == "server" {
+		d.apps = app.NewRegistry(log.With("part", "apps"))
+		if err := os.MkdirAll(filepath.Dir(cfg.AppSocket), 0o755); err != nil {
+			return fmt.Errorf("mtcpd: app socket: %w", err)
+		}
+		os.Remove(cfg.AppSocket)
+		aln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.AppSocket, Net: "unix"})
+		if err != nil {
+			return fmt.Errorf("mtcpd: app socket: %w", err)
+		}
+		serve("app registry", func() error { return d.apps.Serve(ctx, aln) })
+	}
+
+	adm, err := admin.Listen(cfg.AdminSocket)
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	hs := &http.Server{Handler: d.adminHandler(), BaseContext: func(net.Listener) context.Context { return ctx }}
+	serve("admin", func() error { return hs.Serve(adm) })
+	if cfg.Metrics != "" {
+		mln, err := net.Listen("tcp", cfg.Metrics)
+		if err != nil {
+			return fmt.Errorf("mtcpd: metrics listener: %w", err)
+		}
+		ms := &http.Server{Handler: metricsHandler()}
+		serve("metrics", func() error { return ms.Serve(mln) })
+		go func() { <-ctx.Done(); ms.Close() }()
+	}
+	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
+	log.Info("mtcpd running", "name", cfg.Name, "role", cfg.Role, "steering", cfg.Steering, "peer_listen", cfg.PeerListen, "admin", cfg.AdminSocket)
+
+	<-ctx.Done()
+	hs.Close()
+	wg.Wait()
+	d.closePeers()
+	d.mu.Lock()
+	for _, bs := range d.blanks {
+		for _, b := range bs {
+			b.Close()
+		}
+	}
+	d.mu.Unlock()
+	os.Remove(cfg.AdminSocket)
+	if cfg.Role == "server" {
+		os.Remove(cfg.AppSocket)
+	}
+	close(errc)
+	var errs []error
+	for err := range errc {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// reconcile clears what a previous run may have left: holds (nothing is
+// migrating at start; a hold left in place would black-hole its flow) and
+// reply rewrites of sockets that no longer exist here. Forward entries stay:
+// connections living on other servers still need them (their idle timeout
+// removes the dead ones).
+func (d *Daemon) reconcile() error {
+	conns, err := repair.List(context.Background(), repair.ListOptions{})
+	if err != nil {
+		return err
+	}
+	live := map[netip.AddrPort]bool{}
+	for _, c := range conns {
+		live[c.Local] = true
+	}
+	return d.nat.Reconcile(func(e nat.Entry) bool {
+		switch e.Kind {
+		case nat.KindHold:
+			return false
+		case nat.KindReplyFrom:
+			return live[netip.AddrPortFrom(e.Addr, e.Flow.Service.Port())]
+		}
+		return true
+	})
+}
+
+// ownAddr returns this host's service address of f's family.
+func (d *Daemon) ownAddr(v6 bool) (netip.Addr, error) {
+	a, ok := d.cfg.ServiceAddr(v6)
+	if !ok {
+		fam := "IPv4"
+		if v6 {
+			fam = "IPv6"
+		}
+		return a, fmt.Errorf("%s has no %s service address (service_addrs)", d.cfg.Name, fam)
+	}
+	return a, nil
+}
+
+// owner returns the peer whose service addresses include a ("" for this
+// host).
+func (d *Daemon) owner(a netip.Addr) (string, bool) {
+	for _, o := range d.cfg.ServiceAddrs {
+		if o == a {
+			return "", true
+		}
+	}
+	for _, p := range d.cfg.Peers {
+		for _, o := range p.ServiceAddrs {
+			if o == a {
+				return p.Name, true
+			}
+		}
+	}
+	return "", false
+}
+
+func (d *Daemon) nextTx() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.txSeq++
+	return uint64(time.Now().UnixNano())<<8 | d.txSeq&0xff
+}

@@ -1,0 +1,248 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/peer"
+)
+
+// peerConn is the control channel to one peer and what its heartbeats
+// said last.
+type peerConn struct {
+	cfg PeerConfig
+
+	mu       sync.Mutex
+	client   *peer.Client
+	status   *peer.StatusReply
+	err      error
+	lastSeen time.Time
+	rtt      time.Duration
+}
+
+// HeartbeatInterval is how often the daemon asks each peer for its status.
+const HeartbeatInterval = time.Second
+
+// peer returns a connected client for the named peer, dialling it if
+// needed.
+func (d *Daemon) peer(ctx context.Context, name string) (*peer.Client, error) {
+	d.peersMu.Lock()
+	pc, ok := d.peers[name]
+	if !ok {
+		cfg, known := d.cfg.Peer(name)
+		if !known {
+			d.peersMu.Unlock()
+			return nil, fmt.Errorf("%q is not a peer of %s (see peers: in its configuration)", name, d.cfg.Name)
+		}
+		pc = &peerConn{cfg: cfg}
+		d.peers[name] = pc
+	}
+	d.peersMu.Unlock()
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.client != nil {
+		return pc.client, nil
+	}
+	c, err := peer.Dial(ctx, pc.cfg.Addr, name, d.tls)
+	if err != nil {
+		pc.err = err
+		return nil, err
+	}
+	pc.client = c
+	return c, nil
+}
+
+// dropPeer closes a peer's connection after an error, so that the next
+// call dials again.
+func (d *Daemon) dropPeer(name string, err error) {
+	d.peersMu.Lock()
+	pc := d.peers[name]
+	d.peersMu.Unlock()
+	if pc == nil {
+		return
+	}
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.client != nil {
+		pc.client.Close()
+		pc.client = nil
+	}
+	pc.err = err
+}
+
+func (d *Daemon) closePeers() {
+	d.peersMu.Lock()
+	defer d.peersMu.Unlock()
+	for _, pc := range d.peers {
+		pc.mu.Lock()
+		if pc.client != nil {
+			pc.client.Close()
+			pc.client = nil
+		}
+		pc.mu.Unlock()
+	}
+}
+
+// heartbeats asks every peer for its status each HeartbeatInterval.
+func (d *Daemon) heartbeats(ctx context.Context) {
+	t := time.NewTicker(HeartbeatInterval)
+	defer t.Stop()
+	for {
+		var wg sync.WaitGroup
+		for _, p := range d.cfg.Peers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d.heartbeat(ctx, p.Name)
+			}()
+		}
+		wg.Wait()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (d *Daemon) heartbeat(ctx context.Context, name string) {
+	hctx, cancel := context.WithTimeout(ctx, HeartbeatInterval)
+	defer cancel()
+	start := time.Now()
+	c, err := d.peer(hctx, name)
+	var st *peer.StatusReply
+	if err == nil {
+		st, err = c.Status(hctx)
+		if err != nil {
+			d.dropPeer(name, err)
+		}
+	}
+	d.peersMu.Lock()
+	pc := d.peers[name]
+	d.peersMu.Unlock()
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	pc.err = err
+	if err == nil {
+		pc.status, pc.lastSeen, pc.rtt = st, time.Now(), time.Since(start)
+	}
+}
+
+func (d *Daemon) peerStatus() []admin.PeerStatus {
+	var out []admin.PeerStatus
+	for _, p := range d.cfg.Peers {
+		ps := admin.PeerStatus{Name: p.Name, Addr: p.Addr}
+		d.peersMu.Lock()
+		pc := d.peers[p.Name]
+		d.peersMu.Unlock()
+		if pc != nil {
+			pc.mu.Lock()
+			ps.LastSeen, ps.RTT = pc.lastSeen, pc.rtt
+			ps.Healthy = pc.err == nil && !pc.lastSeen.IsZero() && time.Since(pc.lastSeen) < 3*HeartbeatInterval
+			if pc.err != nil {
+				ps.Error = pc.err.Error()
+			}
+			if pc.status != nil {
+				ps.Load, ps.Conns = pc.status.Load, pc.status.Conns
+			}
+			pc.mu.Unlock()
+		}
+		out = append(out, ps)
+	}
+	return out
+}
+
+// Status answers a peer's heartbeat.
+func (d *Daemon) Status(ctx context.Context, from string) (*peer.StatusReply, error) {
+	r := &peer.StatusReply{Name: d.cfg.Name, Load: loadAverage(), Time: time.Now()}
+	r.Conns = len(d.localFlows())
+	if d.apps != nil {
+		r.Services = d.apps.Services()
+	}
+	return r, nil
+}
+
+// loadAverage is the one-minute load average (0 if unknown).
+func loadAverage() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f, _ := strconv.ParseFloat(strings.Fields(string(b))[0], 64)
+	return f
+}
+
+// remoteTarget is a peer as the migrate.Target of a transaction.
+type remoteTarget struct {
+	d    *Daemon
+	name string
+	cfg  PeerConfig
+	c    *peer.Client
+	tx   uint64
+	app  string
+}
+
+func (t *remoteTarget) Name() string { return t.name }
+
+func (t *remoteTarget) Addr(family int) netip.Addr {
+	a, _ := pickFamily(t.cfg.ServiceAddrs, family == 6)
+	return a
+}
+
+func (t *remoteTarget) Prepare(ctx context.Context, n int) error {
+	r, err := t.c.Prepare(ctx, &peer.PrepareRequest{TxID: t.tx, Service: t.app, Count: n})
+	if err != nil {
+		return err
+	}
+	if !r.OK {
+		return fmt.Errorf("%s refused: %s", t.name, r.Reason)
+	}
+	return nil
+}
+
+func (t *remoteTarget) Transfer(ctx context.Context, items []migrate.Item) ([]error, error) {
+	req := &peer.TransferRequest{TxID: t.tx, Items: make([]peer.Item, len(items))}
+	for i, it := range items {
+		req.Items[i] = peer.Item{Flow: peer.FlowID{Client: it.Flow.Client, Service: it.Flow.Service},
+			Service: it.App, State: it.State, App: it.Snapshot}
+	}
+	r, err := t.c.Transfer(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return resultErrors(r.Results, len(items)), nil
+}
+
+func resultErrors(rs []peer.ItemResult, n int) []error {
+	errs := make([]error, n)
+	for i := range errs {
+		switch {
+		case i >= len(rs):
+			errs[i] = errors.New("no result from the target")
+		case !rs[i].OK:
+			errs[i] = errors.New(rs[i].Error)
+		}
+	}
+	return errs
+}
+
+func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
+	r, err := t.c.Commit(ctx, &peer.CommitRequest{TxID: t.tx})
+	if err != nil {
+		return err
+	}
+	return errors.Join(resultErrors(r.Results, len(r.Results))...)
+}
+
+func (t *remoteTarget) Abort(ctx context.Context, flows []migrate.Flow) error {
+	return t.c.Abort(ctx, &peer.AbortRequest{TxID: t.tx, Reason: "source aborted"})
+}

@@ -1,0 +1,212 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/repair"
+)
+
+// outgoing is a flow captured here and waiting for the transaction's
+// verdict.
+type outgoing struct {
+	flow   migrate.Flow
+	tuple  app.Tuple
+	exp    *app.Exported
+	frozen *repair.Frozen
+}
+
+// source is this daemon as the migrate.Source of a transaction.
+type source struct{ d *Daemon }
+
+// locate finds the local socket of flow f and the application serving it.
+func (d *Daemon) locate(f migrate.Flow) (app.Tuple, string, error) {
+	t := app.Tuple{Local: f.Service, Remote: f.Client}
+	d.mu.Lock()
+	for lt, mf := range d.moved {
+		if mf == f {
+			t = lt
+			break
+		}
+	}
+	d.mu.Unlock()
+	svc, ok := d.appFor(t.Local.Port())
+	if !ok {
+		return t, "", fmt.Errorf("no application registered here serves port %d", t.Local.Port())
+	}
+	return t, svc, nil
+}
+
+// appFor returns the registered application service listening on port.
+func (d *Daemon) appFor(port uint16) (string, bool) {
+	if d.apps == nil {
+		return "", false
+	}
+	for _, s := range d.apps.Services() {
+		if servicePort(s) == port {
+			return s, true
+		}
+	}
+	return "", false
+}
+
+// servicePort extracts the port of an application service such as ":7000"
+// or "10.77.2.11:7000".
+func servicePort(s string) uint16 {
+	i := strings.LastIndexByte(s, ':')
+	if i < 0 {
+		return 0
+	}
+	p, _ := strconv.ParseUint(s[i+1:], 10, 16)
+	return uint16(p)
+}
+
+func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.Item, []error, error) {
+	d := s.d
+	items := make([]migrate.Item, 0, len(flows))
+	errs := make([]error, len(flows))
+	for i, f := range flows {
+		item, err := d.captureOne(ctx, f)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		items = append(items, item)
+	}
+	return items, errs, nil
+}
+
+// captureOne takes f from its application (with the application's
+// snapshot), freezes the socket and captures it. On error the flow is left
+// as it was.
+func (d *Daemon) captureOne(ctx context.Context, f migrate.Flow) (migrate.Item, error) {
+	t, svc, err := d.locate(f)
+	if err != nil {
+		return migrate.Item{}, err
+	}
+	exp, err := d.apps.Export(ctx, svc, t)
+	if err != nil {
+		return migrate.Item{}, err
+	}
+	undo := func(err error) (migrate.Item, error) {
+		exp.Socket.Close()
+		return migrate.Item{}, errors.Join(err, exp.Finish(context.WithoutCancel(ctx), false))
+	}
+	fr, err := repair.Freeze(exp.Socket)
+	if err != nil {
+		return undo(err)
+	}
+	st, err := fr.Capture()
+	if err == nil && (st.Local != t.Local || st.Remote != t.Remote) {
+		err = fmt.Errorf("the application gave socket %v->%v for flow %v", st.Local, st.Remote, f)
+	}
+	var blob []byte
+	if err == nil {
+		blob, err = st.MarshalBinary()
+	}
+	if err != nil {
+		return undo(errors.Join(err, fr.Thaw()))
+	}
+	d.mu.Lock()
+	d.frozen[f] = &outgoing{flow: f, tuple: t, exp: exp, frozen: fr}
+	d.mu.Unlock()
+	return migrate.Item{Flow: f, App: svc, State: blob, Snapshot: exp.Snapshot}, nil
+}
+
+func (d *Daemon) takeFrozen(flows []migrate.Flow) []*outgoing {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []*outgoing
+	for _, f := range flows {
+		if o, ok := d.frozen[f]; ok {
+			out = append(out, o)
+			delete(d.frozen, f)
+		}
+	}
+	return out
+}
+
+// Thaw lets the flows carry on here: the sockets leave repair mode and go
+// back to their application.
+func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
+	var errs []error
+	for _, o := range s.d.takeFrozen(flows) {
+		errs = append(errs, o.frozen.Thaw(), o.exp.Finish(ctx, false), o.exp.Socket.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Discard drops the frozen sockets of flows the target owns now: the
+// application closes its descriptor, and ours is the last one, closed in
+// repair mode so that nothing reaches the client. The reply rewrite of a
+// flow that had migrated in goes too.
+func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
+	d := s.d
+	var errs []error
+	var b nat.Batch
+	rules := 0
+	for _, o := range d.takeFrozen(flows) {
+		errs = append(errs, o.exp.Finish(ctx, true), o.frozen.Discard())
+		d.mu.Lock()
+		_, movedIn := d.moved[o.tuple]
+		delete(d.moved, o.tuple)
+		d.mu.Unlock()
+		if movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr() && d.cfg.Steering == "forward" {
+			b.Remove(natFlow(o.flow))
+			rules++
+		}
+	}
+	if rules > 0 {
+		errs = append(errs, d.nat.Apply(&b))
+	}
+	return errors.Join(errs...)
+}
+
+func natFlow(f migrate.Flow) nat.Flow { return nat.Flow{Client: f.Client, Service: f.Service} }
+
+func natFlows(fs []migrate.Flow) []nat.Flow {
+	out := make([]nat.Flow, len(fs))
+	for i, f := range fs {
+		out[i] = natFlow(f)
+	}
+	return out
+}
+
+// localFlows returns the flows served here, for migrate requests and the
+// connection list: every connection the applications report, with the
+// address the client dialled.
+func (d *Daemon) localFlows() []localFlow {
+	if d.apps == nil {
+		return nil
+	}
+	var out []localFlow
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, svc := range d.apps.Services() {
+		for _, t := range d.apps.Conns(svc) {
+			f, ok := d.moved[t]
+			if !ok {
+				f = migrate.Flow{Client: t.Remote, Service: t.Local}
+			}
+			out = append(out, localFlow{Flow: f, Tuple: t, App: svc})
+		}
+	}
+	return out
+}
+
+type localFlow struct {
+	Flow  migrate.Flow
+	Tuple app.Tuple
+	App   string
+}
+
+func unmapAP(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

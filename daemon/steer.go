@@ -1,0 +1,125 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+)
+
+// steering is the migrate.Steering of a transaction: it sends each flow's
+// hold and switch to the flow's steering point — this host, the host that
+// owns the service address, or the gateway.
+type steering struct{ d *Daemon }
+
+// point returns the peer that steers f ("" for this host).
+func (d *Daemon) point(f migrate.Flow) (string, error) {
+	if d.cfg.Steering == "gateway" {
+		return d.cfg.Gateway, nil
+	}
+	p, ok := d.owner(f.Service.Addr())
+	if !ok {
+		return "", fmt.Errorf("no member of the pool owns service address %v (check service_addrs)", f.Service.Addr())
+	}
+	return p, nil
+}
+
+func (s steering) each(ctx context.Context, flows []migrate.Flow, op string, to netip.Addr) error {
+	groups := map[string][]migrate.Flow{}
+	for _, f := range flows {
+		p, err := s.d.point(f)
+		if err != nil {
+			return err
+		}
+		groups[p] = append(groups[p], f)
+	}
+	var errs []error
+	for p, fs := range groups {
+		if p == "" {
+			errs = append(errs, s.d.steerLocal(op, fs, to))
+			continue
+		}
+		pc, err := s.d.peer(ctx, p)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ids := make([]peer.FlowID, len(fs))
+		for i, f := range fs {
+			ids[i] = peer.FlowID{Client: f.Client, Service: f.Service}
+		}
+		errs = append(errs, pc.Steer(ctx, &peer.SteerRequest{Op: op, Flows: ids, To: to}))
+	}
+	return errors.Join(errs...)
+}
+
+// Hold queues the flows' client packets at their steering points.
+func (s steering) Hold(ctx context.Context, flows []migrate.Flow) error {
+	return s.each(ctx, flows, peer.SteerHold, netip.Addr{})
+}
+
+// Switch sends the flows to the target.
+func (s steering) Switch(ctx context.Context, flows []migrate.Flow, to netip.Addr) error {
+	return s.each(ctx, flows, peer.SteerSwitch, to)
+}
+
+// Unhold lets the flows' packets go where they went before.
+func (s steering) Unhold(ctx context.Context, flows []migrate.Flow) error {
+	return s.each(ctx, flows, peer.SteerUnhold, netip.Addr{})
+}
+
+// Steer is the peer request behind remote holds and switches.
+func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) error {
+	fs := make([]migrate.Flow, len(r.Flows))
+	for i, id := range r.Flows {
+		fs[i] = migrate.Flow{Client: id.Client, Service: id.Service}
+		if p, err := d.point(fs[i]); err != nil || p != "" {
+			return fmt.Errorf("%s is not the steering point of %v", d.cfg.Name, fs[i])
+		}
+	}
+	return d.steerLocal(r.Op, fs, r.To)
+}
+
+// steerLocal changes this host's rules for flows it steers, in one
+// nftables transaction, then re-delivers the packets the hold had queued
+// so that they meet the new rules.
+func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) error {
+	var b nat.Batch
+	for _, mf := range flows {
+		f := natFlow(mf)
+		switch op {
+		case peer.SteerHold:
+			b.Hold(f)
+		case peer.SteerUnhold:
+			b.Unhold(f)
+		case peer.SteerSwitch:
+			// Remove drops the hold and the old destination together; the
+			// new destination goes in the same transaction.
+			b.Remove(f)
+			home := to == f.Service.Addr()
+			switch {
+			case d.cfg.Role == "gateway":
+				if !home {
+					b.Forward(f, to)
+					b.GatewayReply(f, to)
+				}
+			case !home:
+				b.Forward(f, to)
+			}
+		default:
+			return fmt.Errorf("unknown steering operation %q", op)
+		}
+	}
+	if err := d.nat.Apply(&b); err != nil {
+		return err
+	}
+	if op == peer.SteerHold {
+		return nil
+	}
+	_, err := d.q.Release(natFlows(flows)...)
+	return err
+}

@@ -1,0 +1,212 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
+)
+
+// incoming is a transfer restored here, waiting for commit or abort.
+type incoming struct {
+	from  string
+	items []*inItem
+}
+
+type inItem struct {
+	flow   migrate.Flow
+	app    string
+	snap   []byte
+	local  netip.AddrPort
+	r      *repair.Restored
+	rewrit bool // a reply-source rewrite was installed for it
+}
+
+// maxBlanks bounds the blank sockets kept ready per family.
+const maxBlanks = 2048
+
+// Prepare answers whether this server can take r.Count connections, and
+// makes blank sockets for them so that restoring stays off the frozen
+// window.
+func (d *Daemon) Prepare(ctx context.Context, from string, r *peer.PrepareRequest) (*peer.PrepareReply, error) {
+	if d.apps == nil {
+		return &peer.PrepareReply{OK: false, Reason: d.cfg.Name + " is a gateway, not a server"}, nil
+	}
+	if r.Service != "" {
+		if _, ok := d.appFor(servicePort(r.Service)); !ok {
+			return &peer.PrepareReply{OK: false, Reason: fmt.Sprintf("no application registered on %s for service %s", d.cfg.Name, r.Service)}, nil
+		}
+	}
+	for _, v6 := range []bool{false, true} {
+		if _, ok := d.cfg.ServiceAddr(v6); !ok {
+			continue
+		}
+		d.mu.Lock()
+		need := min(r.Count, maxBlanks) - len(d.blanks[v6])
+		d.mu.Unlock()
+		for range max(need, 0) {
+			b, err := repair.NewBlank(v6)
+			if err != nil {
+				return nil, err
+			}
+			d.mu.Lock()
+			d.blanks[v6] = append(d.blanks[v6], b)
+			d.mu.Unlock()
+		}
+	}
+	return &peer.PrepareReply{OK: true}, nil
+}
+
+func (d *Daemon) takeBlank(v6 bool) *repair.Blank {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	bs := d.blanks[v6]
+	if len(bs) == 0 {
+		return nil
+	}
+	b := bs[len(bs)-1]
+	d.blanks[v6] = bs[:len(bs)-1]
+	return b
+}
+
+// Transfer restores the items in repair mode, on this host's own service
+// address, and installs the rewrite that gives their replies the address
+// the client dialled (forward steering; in gateway steering the gateway
+// rewrites).
+func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequest) (*peer.TransferReply, error) {
+	if d.apps == nil {
+		return nil, fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
+	}
+	in := &incoming{from: from}
+	results := make([]peer.ItemResult, len(r.Items))
+	var b nat.Batch
+	rules := 0
+	for i, it := range r.Items {
+		item, err := d.restoreOne(it)
+		if err != nil {
+			results[i] = peer.ItemResult{Error: err.Error()}
+			continue
+		}
+		results[i] = peer.ItemResult{OK: true}
+		in.items = append(in.items, item)
+		if item.local != item.flow.Service && d.cfg.Steering == "forward" {
+			b.ReplyFrom(natFlow(item.flow), item.local)
+			item.rewrit = true
+			rules++
+		}
+	}
+	if rules > 0 {
+		if err := d.nat.Apply(&b); err != nil {
+			for _, item := range in.items {
+				item.r.Abort()
+			}
+			return nil, fmt.Errorf("installing reply rewrites: %w", err)
+		}
+	}
+	d.mu.Lock()
+	d.restoring[r.TxID] = in
+	d.mu.Unlock()
+	return &peer.TransferReply{Results: results}, nil
+}
+
+func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
+	f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
+	if _, ok := d.appFor(servicePort(it.Service)); !ok {
+		return nil, fmt.Errorf("no application registered on %s for service %s", d.cfg.Name, it.Service)
+	}
+	st, err := repair.Decode(it.State)
+	if err != nil {
+		return nil, err
+	}
+	if unmapAP(st.Remote) != f.Client {
+		return nil, fmt.Errorf("state is for client %v, not %v", st.Remote, f.Client)
+	}
+	v6 := f.Client.Addr().Is6()
+	own, err := d.ownAddr(v6)
+	if err != nil {
+		return nil, err
+	}
+	local := netip.AddrPortFrom(own, f.Service.Port())
+	r, err := repair.Restore(st, repair.RestoreOptions{Local: local, Remote: f.Client, Blank: d.takeBlank(v6)})
+	if err != nil {
+		return nil, err
+	}
+	return &inItem{flow: f, app: it.Service, snap: it.App, local: local, r: r}, nil
+}
+
+// Commit brings the transfer's connections to life and hands them to
+// their application.
+func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest) (*peer.CommitReply, error) {
+	d.mu.Lock()
+	in, ok := d.restoring[r.TxID]
+	delete(d.restoring, r.TxID)
+	d.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("no transfer %d waiting on %s", r.TxID, d.cfg.Name)
+	}
+	results := make([]peer.ItemResult, len(in.items))
+	for i, item := range in.items {
+		if err := d.commitOne(ctx, item); err != nil {
+			results[i] = peer.ItemResult{Error: err.Error()}
+			d.log.Error("commit failed", "flow", item.flow, "err", err)
+			continue
+		}
+		results[i] = peer.ItemResult{OK: true}
+	}
+	return &peer.CommitReply{Results: results}, nil
+}
+
+func (d *Daemon) commitOne(ctx context.Context, item *inItem) error {
+	if err := item.r.Commit(); err != nil {
+		return err
+	}
+	f, err := item.r.File()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	t := app.Tuple{Local: item.local, Remote: item.flow.Client}
+	d.mu.Lock()
+	d.moved[t] = item.flow
+	d.mu.Unlock()
+	if err := d.apps.Import(ctx, item.app, f, item.snap); err != nil {
+		d.mu.Lock()
+		delete(d.moved, t)
+		d.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// Abort throws a transfer's restored sockets away; they are still in
+// repair mode, so the client sees nothing.
+func (d *Daemon) Abort(ctx context.Context, from string, r *peer.AbortRequest) error {
+	d.mu.Lock()
+	in, ok := d.restoring[r.TxID]
+	delete(d.restoring, r.TxID)
+	d.mu.Unlock()
+	if !ok {
+		return nil // nothing was restored, or it was already aborted
+	}
+	var errs []error
+	var b nat.Batch
+	rules := 0
+	for _, item := range in.items {
+		errs = append(errs, item.r.Abort())
+		if item.rewrit {
+			b.Remove(natFlow(item.flow))
+			rules++
+		}
+	}
+	if rules > 0 {
+		errs = append(errs, d.nat.Apply(&b))
+	}
+	d.log.Info("transfer aborted", "from", from, "tx", r.TxID, "reason", r.Reason, "flows", len(in.items))
+	return errors.Join(errs...)
+}

@@ -1,0 +1,117 @@
+//go:build linux
+
+package nat
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// loopConn connects 127.0.0.1:cport to a listener on 127.0.0.1:sport in
+// namespace ns; mark, if not 0, is set as SO_MARK on the client socket.
+func loopConn(t *testing.T, ns string, cport, sport uint16, mark int) (c, s *net.TCPConn) {
+	t.Helper()
+	lc := net.ListenConfig{}
+	lc.SetMultipathTCP(false)
+	var ln net.Listener
+	in(t, ns, func() (err error) {
+		ln, err = lc.Listen(context.Background(), "tcp", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), sport).String())
+		return err
+	})
+	defer ln.Close()
+	d := net.Dialer{
+		Timeout:   5 * time.Second,
+		LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cport)),
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			if mark == 0 {
+				return nil
+			}
+			var serr error
+			err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark) })
+			return errors.Join(err, serr)
+		},
+	}
+	var cc net.Conn
+	in(t, ns, func() (err error) { cc, err = d.Dial("tcp", ln.Addr().String()); return err })
+	ln.(*net.TCPListener).SetDeadline(time.Now().Add(5 * time.Second))
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close(); sc.Close() })
+	return cc.(*net.TCPConn), sc.(*net.TCPConn)
+}
+
+func flowOf(c *net.TCPConn) Flow {
+	return Flow{Client: c.LocalAddr().(*net.TCPAddr).AddrPort(), Service: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
+}
+
+// TestHoldSkipsInjectMark: a held flow's packets marked InjectMark (as
+// repair's injected segments are) pass; unmarked ones are queued. Close
+// then re-injects what was held, so nothing is lost.
+func TestHoldSkipsInjectMark(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "mark")
+	tb := openIn(t, ns, Options{})
+	var q *Queue
+	in(t, ns, func() (err error) { q, err = OpenQueue(Options{}); return err })
+	defer q.Close()
+
+	marked, ms := loopConn(t, ns, 40001, 7001, int(InjectMark))
+	plain, ps := loopConn(t, ns, 40002, 7002, 0)
+	var b Batch
+	b.Hold(flowOf(marked))
+	b.Hold(flowOf(plain))
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*net.TCPConn{marked, plain} {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	readExactly(t, ms, "x")
+	eventually(t, 5*time.Second, "the unmarked packet to be held", func() bool { return q.Held() == 1 })
+	nothingToRead(t, ps)
+
+	b.Reset()
+	b.Unhold(flowOf(plain))
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, ps, "x")
+	if _, err := q.Release(flowOf(plain)); !errors.Is(err, ErrClosed) {
+		t.Errorf("Release after Close: %v; want ErrClosed", err)
+	}
+}
+
+// TestQueueBusy: a queue number can be bound once per namespace.
+func TestQueueBusy(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "busy")
+	var q1 *Queue
+	in(t, ns, func() (err error) { q1, err = OpenQueue(Options{Queue: 9}); return err })
+	defer q1.Close()
+	err := netnsDo(ns, func() error {
+		q2, err := OpenQueue(Options{Queue: 9})
+		if err == nil {
+			q2.Close()
+		}
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "already read by another socket") {
+		t.Fatalf("second OpenQueue: %v; want an error naming the cause", err)
+	}
+	t.Logf("error: %v", err)
+}

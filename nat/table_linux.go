@@ -1,0 +1,220 @@
+//go:build linux
+
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Table is mtcp's nftables table in one network namespace: fixed chains,
+// sets and maps installed by [Open], per-flow elements changed by
+// [Table.Apply]. Its methods are safe for concurrent use.
+//
+// A Table keeps an index of the ReplyFrom and GatewayReply elements it
+// installed or found (their keys hold addresses that the Flow alone does
+// not give), which [Batch.Remove] and replacing ReplyFrom/GatewayReply
+// rely on. It is loaded at Open and rebuilt by Flows and Reconcile: if
+// another process edits the same table, call Flows before Remove.
+type Table struct {
+	opts Options
+	hold holdVerdict
+
+	mu  sync.Mutex
+	nft *nftConn // nil once closed
+	idx *index
+}
+
+// Open creates mtcp's table in the calling thread's network namespace, or
+// adopts it if it exists: one transaction creates what is missing, keeps
+// the sets and maps and their elements, and replaces the chains' rules, so
+// opening twice installs nothing twice and traffic never sees a partial
+// layout. The netlink sockets are bound to the namespace at Open: the
+// Table may then be used from any goroutine. Open needs CAP_NET_ADMIN in
+// the namespace.
+//
+// Re-opening with another Options.Queue or Options.Idle replaces the rules
+// and keeps the elements. A table of the same name whose sets are defined
+// differently (another version of mtcp) makes Open fail with an error
+// wrapping EEXIST: Destroy it, or choose another Options.Table.
+func Open(o Options) (*Table, error) {
+	o, err := o.withDefaults()
+	if err != nil {
+		return nil, &OpError{Op: "open", Table: "inet " + o.Table, Err: err}
+	}
+	name := "inet " + o.Table
+	n, err := dialNFT(o.Table)
+	if err != nil {
+		return nil, &OpError{Op: "open", Table: name, Err: err}
+	}
+	t := &Table{opts: o, nft: n, idx: newIndex()}
+	err = n.commit(n.layout(o, holdNative))
+	var te *txError
+	if errors.As(err, &te) && isErrno(err, syscall.ENOENT) && strings.HasPrefix(te.what, "add rule hold") {
+		// No nft_queue expression in this kernel: queue through the
+		// xtables NFQUEUE target instead.
+		t.hold = holdXT
+		err = n.commit(n.layout(o, holdXT))
+	}
+	if err != nil {
+		n.close()
+		switch {
+		case isErrno(err, syscall.EPERM):
+			err = fmt.Errorf("%w: needs CAP_NET_ADMIN in the network namespace", err)
+		case isErrno(err, syscall.EEXIST):
+			err = fmt.Errorf("%w: the table exists with a different layout (another mtcp version?); remove it with Destroy or `nft delete table %s`, or use another Options.Table", err, name)
+		}
+		return nil, &OpError{Op: "open", Table: name, Err: err}
+	}
+	if _, err := t.flowsLocked(); err != nil {
+		n.close()
+		return nil, &OpError{Op: "open", Table: name, Err: err}
+	}
+	return t, nil
+}
+
+func (t *Table) name() string { return "inet " + t.opts.Table }
+
+// Options returns the options the Table was opened with, defaults filled
+// in.
+func (t *Table) Options() Options { return t.opts }
+
+// Apply applies b as one nftables transaction (a single netlink batch): all
+// of it takes effect at once, or none. A steering switch (Unhold plus
+// Forward, or one Forward replacing another) is therefore atomic for
+// packets. b is left unchanged; Apply refuses the whole batch, changing
+// nothing, if any change in it is malformed (error wrapping ErrInvalid).
+// An empty batch does nothing.
+func (t *Table) Apply(b *Batch) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return &OpError{Op: "apply", Table: t.name(), Err: ErrClosed}
+	}
+	if err := t.applyLocked(b.ops); err != nil {
+		return &OpError{Op: "apply", Table: t.name(), Err: err}
+	}
+	return nil
+}
+
+func (t *Table) applyLocked(ops []op) error {
+	if len(ops) == 0 {
+		return nil
+	}
+	p, err := makePlan(ops, t.idx)
+	if err != nil {
+		return err
+	}
+	reqs := t.nft.elemReqs(p.bySet(t.opts.Idle))
+	if len(reqs) == 0 {
+		return nil
+	}
+	if err := t.nft.commit(reqs); err != nil {
+		if isErrno(err, syscall.ENOENT) {
+			err = fmt.Errorf("%w: the table or one of its sets is missing (deleted by someone else?); Open it again", err)
+		}
+		return err
+	}
+	p.commit()
+	return nil
+}
+
+// Flows lists every element of the table (all kinds, both families) and
+// rebuilds the Table's index from them.
+func (t *Table) Flows() ([]Entry, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return nil, &OpError{Op: "flows", Table: t.name(), Err: ErrClosed}
+	}
+	es, err := t.flowsLocked()
+	if err != nil {
+		return nil, &OpError{Op: "flows", Table: t.name(), Err: err}
+	}
+	return es, nil
+}
+
+func (t *Table) flowsLocked() ([]Entry, error) {
+	var out []Entry
+	idx := newIndex()
+	for id := range numSets {
+		els, err := t.nft.elements(id)
+		if err != nil {
+			return nil, err
+		}
+		for _, el := range els {
+			e, err := decodeEntry(id, el.key, el.data)
+			if err != nil {
+				return nil, err
+			}
+			e.Expires = el.expires
+			idx.add(e)
+			out = append(out, e)
+		}
+	}
+	t.idx = idx
+	return out, nil
+}
+
+// Reconcile deletes, in one transaction, every element for which keep
+// returns false, and keeps the others. A daemon calls it at start with
+// the flows it knows of, so that nothing is left steered after a crash.
+func (t *Table) Reconcile(keep func(Entry) bool) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return &OpError{Op: "reconcile", Table: t.name(), Err: ErrClosed}
+	}
+	es, err := t.flowsLocked()
+	if err != nil {
+		return &OpError{Op: "reconcile", Table: t.name(), Err: err}
+	}
+	var b Batch
+	for _, e := range es {
+		if !keep(e) {
+			b.deleteEntry(e)
+		}
+	}
+	if err := t.applyLocked(b.ops); err != nil {
+		return &OpError{Op: "reconcile", Table: t.name(), Err: err}
+	}
+	return nil
+}
+
+// Close closes the Table's netlink sockets. The table and its elements
+// stay in the kernel (and keep steering traffic); Open adopts them again.
+// Close is idempotent.
+func (t *Table) Close() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return nil
+	}
+	err := t.nft.close()
+	t.nft = nil
+	if err != nil {
+		return &OpError{Op: "close", Table: t.name(), Err: err}
+	}
+	return nil
+}
+
+// Destroy deletes the whole table (rules, sets, every flow's elements)
+// from the namespace, then closes the Table. A table already gone is not
+// an error.
+func (t *Table) Destroy() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return &OpError{Op: "destroy", Table: t.name(), Err: ErrClosed}
+	}
+	err := t.nft.commit([]nftReq{t.nft.destroyTableReq()})
+	err = errors.Join(err, t.nft.close())
+	t.nft = nil
+	if err != nil {
+		return &OpError{Op: "destroy", Table: t.name(), Err: err}
+	}
+	return nil
+}

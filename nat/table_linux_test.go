@@ -1,0 +1,305 @@
+//go:build linux
+
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestOpenIdempotent opens the table twice in a fresh namespace and checks
+// with `nft list ruleset` that the second Open installs nothing twice and
+// keeps the elements; that Destroy removes everything; and that the root
+// namespace's ruleset is untouched throughout.
+func TestOpenIdempotent(t *testing.T) {
+	skipUnlessRoot(t)
+	rootBefore := ruleset(t, "")
+	ns := newNamespace(t, "idem")
+
+	t1 := openIn(t, ns, Options{})
+	first := ruleset(t, ns)
+	for _, want := range []string{
+		"table inet mtcp", "chain prerouting", "priority raw", "chain postrouting", "priority srcnat",
+		"set hold4", "set hold6", "map fwd4", "map fwd6", "map reply4", "map reply6", "map gwreply4", "map gwreply6",
+		"meta mark != 0x6d746370",
+	} {
+		if !strings.Contains(first, want) {
+			t.Errorf("ruleset after Open lacks %q:\n%s", want, first)
+		}
+	}
+	if n := strings.Count(first, "\n\t\tmeta "); n != 8 {
+		t.Errorf("ruleset after Open has %d rules; want 8:\n%s", n, first)
+	}
+
+	var b Batch
+	b.Forward(f4, netip.MustParseAddr("10.77.2.12"))
+	if err := t1.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	withElem := stripVolatile(ruleset(t, ns))
+
+	t2 := openIn(t, ns, Options{})
+	if got := stripVolatile(ruleset(t, ns)); got != withElem {
+		t.Errorf("second Open changed the ruleset:\nbefore:\n%s\nafter:\n%s", withElem, got)
+	}
+	es, err := t2.Flows()
+	if err != nil || len(es) != 1 || es[0].Kind != KindForward || es[0].Flow != f4 {
+		t.Errorf("Flows after the second Open = %v, %v; want the forward of %v", es, err, f4)
+	}
+
+	if err := t2.Destroy(); err != nil {
+		t.Fatal(err)
+	}
+	if got := ruleset(t, ns); strings.TrimSpace(got) != "" {
+		t.Errorf("ruleset after Destroy:\n%s\nwant empty", got)
+	}
+	if err := t2.Apply(&b); !errors.Is(err, ErrClosed) {
+		t.Errorf("Apply after Destroy: %v; want ErrClosed", err)
+	}
+	// t1's socket is still open: its table is gone.
+	if err := t1.Apply(&b); err == nil || !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("Apply on a destroyed table: %v; want ENOENT", err)
+	}
+	if err := t1.Destroy(); err != nil {
+		t.Errorf("Destroy of an absent table: %v; want nil", err)
+	}
+	if got := ruleset(t, ""); got != rootBefore {
+		t.Errorf("root namespace ruleset changed:\nbefore:\n%s\nafter:\n%s", rootBefore, got)
+	}
+}
+
+// stripVolatile removes what changes by itself: element expiry times.
+func stripVolatile(s string) string {
+	return regexp.MustCompile(`expires [0-9hms]+`).ReplaceAllString(s, "expires X")
+}
+
+// TestApplyMalformed checks that a malformed flow makes Apply fail with a
+// clear error and change nothing, even if other changes of the batch are
+// fine.
+func TestApplyMalformed(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "bad")
+	tb := openIn(t, ns, Options{})
+	var good Batch
+	good.Hold(f4)
+	if err := tb.Apply(&good); err != nil {
+		t.Fatal(err)
+	}
+	before := stripVolatile(ruleset(t, ns))
+	target := netip.MustParseAddr("10.77.2.12")
+	for _, tc := range []struct {
+		name  string
+		build func(b *Batch)
+		want  string
+	}{
+		{"mixed families", func(b *Batch) { b.Hold(Flow{Client: f4.Client, Service: f6.Service}) }, "different families"},
+		{"zero port", func(b *Batch) {
+			b.Forward(Flow{Client: netip.AddrPortFrom(f4.Client.Addr(), 0), Service: f4.Service}, target)
+		}, "port 0"},
+		{"forward to other family", func(b *Batch) { b.Forward(f4, netip.MustParseAddr("fd77:2::12")) }, "not of the flow's family"},
+		{"zero target", func(b *Batch) { b.GatewayReply(f4, netip.Addr{}) }, "no target address"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b Batch
+			b.Unhold(f4) // a valid change that must not happen either
+			b.Forward(f6, netip.MustParseAddr("fd77:2::12"))
+			tc.build(&b)
+			err := tb.Apply(&b)
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Apply = %v; want ErrInvalid saying %q", err, tc.want)
+			}
+			t.Logf("error: %v", err)
+			if got := stripVolatile(ruleset(t, ns)); got != before {
+				t.Fatalf("ruleset changed:\nbefore:\n%s\nafter:\n%s", before, got)
+			}
+		})
+	}
+}
+
+// TestReconcile installs elements of every kind, keeps some, and checks
+// that Reconcile deleted exactly the others.
+func TestReconcile(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "reconcile")
+	tb := openIn(t, ns, Options{})
+	var b Batch
+	var all []Flow
+	for i := range 4 {
+		f := Flow{Client: netip.AddrPortFrom(f4.Client.Addr(), uint16(40000+i)), Service: f4.Service}
+		g := Flow{Client: netip.AddrPortFrom(f6.Client.Addr(), uint16(40000+i)), Service: f6.Service}
+		all = append(all, f, g)
+		for _, fl := range []Flow{f, g} {
+			tgt := netip.MustParseAddr("10.77.2.12")
+			if fl.Is6() {
+				tgt = netip.MustParseAddr("fd77:2::12")
+			}
+			b.Hold(fl)
+			b.Forward(fl, tgt)
+			b.ReplyFrom(fl, netip.AddrPortFrom(tgt, fl.Service.Port()))
+			b.GatewayReply(fl, tgt)
+		}
+	}
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	keep := func(e Entry) bool { return e.Flow.Client.Port()%2 == 0 || e.Kind == KindHold }
+	if err := tb.Reconcile(keep); err != nil {
+		t.Fatal(err)
+	}
+	es, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, e := range es {
+		if !keep(e) {
+			t.Errorf("Reconcile kept %v", e)
+		}
+		got[fmt.Sprint(e.Kind, e.Flow)] = true
+	}
+	for _, f := range all {
+		for _, k := range []Kind{KindHold, KindForward, KindReplyFrom, KindGatewayReply} {
+			if keep(Entry{Flow: f, Kind: k}) && !got[fmt.Sprint(k, f)] {
+				t.Errorf("Reconcile deleted %v %v", k, f)
+			}
+		}
+	}
+	// Removing the kept flows leaves the holds of the odd ones only.
+	b.Reset()
+	for _, f := range all {
+		if f.Client.Port()%2 == 0 {
+			b.Remove(f)
+		}
+	}
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	es, _ = tb.Flows()
+	for _, e := range es {
+		if e.Kind != KindHold || e.Flow.Client.Port()%2 == 0 {
+			t.Errorf("after Remove: %v left", e)
+		}
+	}
+	if len(es) != len(all)/2 {
+		t.Errorf("after Remove: %d elements; want %d holds", len(es), len(all)/2)
+	}
+}
+
+// TestRemoveAfterExpiry checks that Unhold and Remove of elements the
+// kernel has already timed out do not fail the batch.
+func TestRemoveAfterExpiry(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "expiry")
+	tb := openIn(t, ns, Options{Idle: 50 * time.Millisecond})
+	var b Batch
+	b.Hold(f4)
+	b.ReplyFrom(f6, netip.MustParseAddrPort("[fd77:2::12]:7001"))
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out := ruleset(t, ns)
+		if !strings.Contains(out, "elements") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("elements did not time out:\n%s", out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	b.Reset()
+	b.Unhold(f4)
+	b.Remove(f6)
+	b.Remove(f4)
+	if err := tb.Apply(&b); err != nil {
+		t.Fatalf("removing expired elements: %v", err)
+	}
+}
+
+// TestApply10k applies 10,000 Forward elements in one batch, lists them and
+// removes them in one batch.
+func TestApply10k(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "10k")
+	tb := openIn(t, ns, Options{})
+	flows := manyFlows(10000)
+	var b Batch
+	for _, f := range flows {
+		b.Forward(f, netip.MustParseAddr("10.77.2.12"))
+	}
+	start := time.Now()
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Apply of 10,000 Forwards: %v", time.Since(start))
+	start = time.Now()
+	es, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Flows of 10,000 elements: %v", time.Since(start))
+	got := make([]Flow, 0, len(es))
+	for _, e := range es {
+		got = append(got, e.Flow)
+	}
+	if len(got) != len(flows) {
+		t.Fatalf("Flows returned %d elements; want %d", len(got), len(flows))
+	}
+	cmp := func(a, b Flow) int { return strings.Compare(a.String(), b.String()) }
+	slices.SortFunc(got, cmp)
+	want := slices.Clone(flows)
+	slices.SortFunc(want, cmp)
+	if !slices.Equal(got, want) {
+		uniq := len(slices.CompactFunc(slices.Clone(got), func(a, b Flow) bool { return a == b }))
+		es2, _ := tb.Flows()
+		t.Fatalf("Flows returned other flows than the batch installed: %d unique of %d; a second Flows returned %d", uniq, len(got), len(es2))
+	}
+	b.Reset()
+	for _, f := range flows {
+		b.Remove(f)
+	}
+	start = time.Now()
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Remove of 10,000 flows: %v", time.Since(start))
+	if es, err := tb.Flows(); err != nil || len(es) != 0 {
+		t.Fatalf("after Remove: %d elements, %v", len(es), err)
+	}
+}
+
+// manyFlows returns n distinct IPv4 flows to one service.
+func manyFlows(n int) []Flow {
+	out := make([]Flow, n)
+	for i := range out {
+		c := netip.AddrFrom4([4]byte{10, 77, byte(1 + i/60000), 2})
+		out[i] = Flow{Client: netip.AddrPortFrom(c, uint16(1024+i%60000)), Service: f4.Service}
+	}
+	return out
+}
+
+// BenchmarkApply10k measures one Apply of 10,000 Forward elements, each
+// replacing the same element of the previous iteration (so every element
+// is a destroy plus an add in the transaction).
+func BenchmarkApply10k(b *testing.B) {
+	skipUnlessRoot(b)
+	ns := newNamespace(b, "bench")
+	tb := openIn(b, ns, Options{})
+	var batch Batch
+	for _, f := range manyFlows(10000) {
+		batch.Forward(f, netip.MustParseAddr("10.77.2.12"))
+	}
+	for b.Loop() {
+		if err := tb.Apply(&batch); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,62 @@
+package tests
+
+import (
+	"bufio"
+	"net"
+	"strconv"
+	"testing"
+
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// TestSessionMoves: a client's session with the key-value service moves
+// s1 -> s2 -> s3 -> s1 through the daemons (mtcpctl's admin API); the
+// client keeps its one connection to s1's address, and the session's state
+// (keys, command count) arrives intact on each server.
+func TestSessionMoves(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := startPool(t, bed, poolOpts{})
+	for _, v6 := range []bool{false, true} {
+		c := p.dialService(bed.S1, v6)
+		s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		if got := s.do("SET colour blue"); got != "OK" {
+			t.Fatalf("SET: %q", got)
+		}
+		if got := s.do("HOST"); got != "s1" {
+			t.Fatalf("HOST before any move: %q", got)
+		}
+		count := func() int {
+			n, err := strconv.Atoi(s.do("COUNT"))
+			if err != nil {
+				t.Fatalf("COUNT: %v", err)
+			}
+			return n
+		}
+		before := count()
+		for i, hop := range [][2]*testbed.Host{{bed.S1, bed.S2}, {bed.S2, bed.S3}, {bed.S3, bed.S1}} {
+			p.migrate(hop[0], hop[1], c)
+			if got := s.do("HOST"); got != hop[1].Name {
+				t.Fatalf("hop %d: HOST = %q, want %s", i, got, hop[1].Name)
+			}
+			if got := s.do("GET colour"); got != "blue" {
+				t.Fatalf("hop %d: GET colour = %q: the session's state was lost", i, got)
+			}
+			s.do("SET hop" + strconv.Itoa(i) + " " + hop[1].Name)
+			// Three commands since the last COUNT, and this COUNT.
+			if after := count(); after-before != 4 {
+				t.Fatalf("hop %d: COUNT went from %d to %d, want +4: the session's counter was lost", i, before, after)
+			}
+			before += 4
+		}
+		if got := s.do("GET hop1"); got != "s3" {
+			t.Fatalf("GET hop1 = %q", got)
+		}
+		if ra := unmapAP(c.RemoteAddr().(*net.TCPAddr).AddrPort()); ra.Addr() != addr(bed.S1, v6) {
+			t.Fatalf("the client talks to %v, not s1", ra)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
