@@ -38,6 +38,9 @@ func (d *Daemon) Prepare(ctx context.Context, from string, r *peer.PrepareReques
 	if d.apps == nil {
 		return &peer.PrepareReply{OK: false, Reason: d.cfg.Name + " is a gateway, not a server"}, nil
 	}
+	if err := fault(ctx, "prepare"); err != nil {
+		return &peer.PrepareReply{OK: false, Reason: err.Error()}, nil
+	}
 	if r.Service != "" {
 		if _, ok := d.appFor(servicePort(r.Service)); !ok {
 			return &peer.PrepareReply{OK: false, Reason: fmt.Sprintf("no application registered on %s for service %s", d.cfg.Name, r.Service)}, nil
@@ -82,6 +85,9 @@ func (d *Daemon) takeBlank(v6 bool) *repair.Blank {
 func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequest) (*peer.TransferReply, error) {
 	if d.apps == nil {
 		return nil, fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
+	}
+	if err := fault(ctx, "transfer"); err != nil {
+		return nil, err
 	}
 	in := &incoming{from: from}
 	results := make([]peer.ItemResult, len(r.Items))

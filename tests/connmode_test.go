@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"testing"
 
+	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
 
@@ -16,9 +17,9 @@ import (
 func TestSessionMoves(t *testing.T) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := startPool(t, bed, poolOpts{})
+	p := pool.Start(t, bed, pool.Options{})
 	for _, v6 := range []bool{false, true} {
-		c := p.dialService(bed.S1, v6)
+		c := p.Dial(bed.S1, v6)
 		s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
 		if got := s.do("SET colour blue"); got != "OK" {
 			t.Fatalf("SET: %q", got)
@@ -35,7 +36,7 @@ func TestSessionMoves(t *testing.T) {
 		}
 		before := count()
 		for i, hop := range [][2]*testbed.Host{{bed.S1, bed.S2}, {bed.S2, bed.S3}, {bed.S3, bed.S1}} {
-			p.migrate(hop[0], hop[1], c)
+			p.Migrate(hop[0], hop[1], c)
 			if got := s.do("HOST"); got != hop[1].Name {
 				t.Fatalf("hop %d: HOST = %q, want %s", i, got, hop[1].Name)
 			}

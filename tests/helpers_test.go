@@ -14,6 +14,7 @@ import (
 
 	"github.com/mtcp-dev/mtcp/nat/netns"
 	"github.com/mtcp-dev/mtcp/repair"
+	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
 
@@ -36,12 +37,7 @@ func nft(t testing.TB, h *testbed.Host, script string) {
 }
 
 // addr returns h's service address of the family of v6.
-func addr(h *testbed.Host, v6 bool) netip.Addr {
-	if v6 {
-		return h.LAN6
-	}
-	return h.LAN4
-}
+var addr = pool.Addr
 
 // l3 is the nftables protocol keyword for an address family.
 func l3(a netip.Addr) string {
@@ -110,17 +106,7 @@ func sockState(t testing.TB, h *testbed.Host, port uint16) (st repair.TCPState, 
 // eventually polls cond until it holds or the deadline passes.
 func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, now := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s (now: %s)", what, now)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	pool.Eventually(t, timeout, what, cond)
 }
 
 // watchRSTs counts the TCP resets the client host sends and receives.

@@ -1,0 +1,310 @@
+// Package pool runs a whole mtcp pool on a testbed: certificates from a
+// throwaway CA, mtcpd on every server (and on the gateway with gateway
+// steering), and an application on every server. The end-to-end tests and
+// the demo (cmd/mtcp-demo) share it. It needs root, like the testbed.
+package pool
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/nat/netns"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// TB is what the pool needs of a test (testing.TB satisfies it); the demo
+// provides its own.
+type TB interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Logf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
+}
+
+// The binaries under test, built once per process.
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// Binaries builds mtcpd, mtcpctl, mtcp-kv and mtcp-bulk once per process
+// and returns the directory holding them.
+func Binaries(t TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "mtcp-bin-")
+		if buildErr != nil {
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Dir(filepath.Dir(filepath.Dir(file)))
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/mtcpd", "./cmd/mtcpctl", "./cmd/mtcp-kv", "./cmd/mtcp-bulk")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("%v", buildErr)
+	}
+	return binDir
+}
+
+// Pool is a running pool on a testbed: mtcpd on s1, s2, s3 (and the
+// gateway with gateway steering) and an application on each server.
+type Pool struct {
+	t     TB
+	Bed   *testbed.Bed
+	dir   string
+	procs map[string]*exec.Cmd
+	ca    *peer.CA
+	opts  Options
+}
+
+// Options shape a pool; zero values give the defaults.
+type Options struct {
+	// Steering is "forward" (default) or "gateway".
+	Steering string
+	// App is the application every server runs: "mtcp-kv" (default) or
+	// "mtcp-bulk".
+	App string
+	// Port is the application's port; default 7000.
+	Port uint16
+	// Env adds environment variables to the named process ("mtcpd-s2",
+	// "app-s1", ...), for fault injection.
+	Env map[string][]string
+	// Quiet keeps the processes' output out of the test log.
+	Quiet bool
+}
+
+const peerPort = 7700
+
+// Start brings up the pool on bed; everything stops at the test's cleanup.
+func Start(t TB, bed *testbed.Bed, o Options) *Pool {
+	t.Helper()
+	if o.Steering == "" {
+		o.Steering = "forward"
+	}
+	if o.App == "" {
+		o.App = "mtcp-kv"
+	}
+	if o.Port == 0 {
+		o.Port = 7000
+	}
+	Binaries(t)
+	p := &Pool{t: t, Bed: bed, dir: t.TempDir(), procs: map[string]*exec.Cmd{}, opts: o}
+	var err error
+	if p.ca, err = peer.NewCA("mtcp-test-pool", time.Hour); err != nil {
+		t.Fatalf("%v", err)
+	}
+	caPEM, _ := p.ca.PEM()
+	os.WriteFile(filepath.Join(p.dir, "ca.pem"), caPEM, 0o600)
+	members := bed.Servers()
+	if o.Steering == "gateway" {
+		members = append(members, bed.Gateway)
+	}
+	for _, h := range members {
+		p.startDaemon(h, members)
+	}
+	for _, h := range bed.Servers() {
+		p.startApp(h)
+	}
+	for _, h := range bed.Servers() {
+		Eventually(t, 15*time.Second, h.Name+"'s application to register", func() (bool, string) {
+			st, err := p.Admin(h).Status(context.Background())
+			if err != nil {
+				return false, err.Error()
+			}
+			return slices.Contains(st.Services, fmt.Sprintf(":%d", o.Port)), strings.Join(st.Services, ",")
+		})
+	}
+	return p
+}
+
+// ctlAddr is the host's control-network address (the gateway has none:
+// it uses its LAN address).
+func ctlAddr(h *testbed.Host) netip.Addr {
+	if h.Ctl4.IsValid() {
+		return h.Ctl4
+	}
+	return h.LAN4
+}
+
+func (p *Pool) hostDir(h *testbed.Host) string { return filepath.Join(p.dir, h.Name) }
+
+// Admin returns a client of h's mtcpd admin socket.
+func (p *Pool) Admin(h *testbed.Host) *admin.Client {
+	return admin.NewClient(filepath.Join(p.hostDir(h), "admin.sock"))
+}
+
+func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
+	t := p.t
+	dir := p.hostDir(h)
+	os.MkdirAll(dir, 0o700)
+	cert, key, err := p.ca.Issue(h.Name, []netip.Addr{ctlAddr(h)}, nil, time.Hour)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "cert.pem"), cert, 0o600)
+	os.WriteFile(filepath.Join(dir, "key.pem"), key, 0o600)
+	var b strings.Builder
+	role := "server"
+	if h == p.Bed.Gateway {
+		role = "gateway"
+	}
+	fmt.Fprintf(&b, "name: %s\nrole: %s\nsteering: %s\n", h.Name, role, p.opts.Steering)
+	if p.opts.Steering == "gateway" {
+		fmt.Fprintf(&b, "gateway: %s\n", p.Bed.Gateway.Name)
+	}
+	if role == "server" {
+		fmt.Fprintf(&b, "service_addrs: [%s, %q]\n", h.LAN4, h.LAN6.String())
+	}
+	fmt.Fprintf(&b, "peer_listen: %s\n", netip.AddrPortFrom(ctlAddr(h), peerPort))
+	fmt.Fprintf(&b, "tls: {ca: %s, cert: %s, key: %s}\n", filepath.Join(p.dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+	fmt.Fprintf(&b, "admin_socket: %s\napp_socket: %s\n", filepath.Join(dir, "admin.sock"), filepath.Join(dir, "app.sock"))
+	b.WriteString("peers:\n")
+	for _, m := range members {
+		if m == h {
+			continue
+		}
+		fmt.Fprintf(&b, "  - name: %s\n    addr: %s\n", m.Name, netip.AddrPortFrom(ctlAddr(m), peerPort))
+		if m != p.Bed.Gateway {
+			fmt.Fprintf(&b, "    service_addrs: [%s, %q]\n", m.LAN4, m.LAN6.String())
+		}
+	}
+	cfg := filepath.Join(dir, "mtcpd.yaml")
+	os.WriteFile(cfg, []byte(b.String()), 0o600)
+	p.Spawn(h, "mtcpd-"+h.Name, filepath.Join(Binaries(t), "mtcpd"), "-config", cfg)
+	Eventually(t, 15*time.Second, h.Name+"'s mtcpd to answer", func() (bool, string) {
+		_, err := p.Admin(h).Status(context.Background())
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+func (p *Pool) startApp(h *testbed.Host) {
+	p.Spawn(h, "app-"+h.Name, filepath.Join(Binaries(p.t), p.opts.App),
+		"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name)
+}
+
+// Spawn starts a process in h's network namespace only (nsenter --net),
+// logging its output to the test, and kills it at cleanup.
+func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.Cmd {
+	t := p.t
+	cmd := h.Command(context.Background(), path, args...)
+	cmd.Env = append(os.Environ(), p.opts.Env[name]...)
+	out, _ := cmd.StdoutPipe()
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if !p.opts.Quiet {
+				t.Logf("%s: %s", name, sc.Text())
+			}
+		}
+	}()
+	p.procs[name] = cmd
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		waited := make(chan error, 1)
+		go func() { waited <- cmd.Wait() }()
+		select {
+		case <-waited:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-waited
+		}
+		<-done
+	})
+	return cmd
+}
+
+// Dial connects from the client host to server s's application.
+func (p *Pool) Dial(s *testbed.Host, v6 bool) *net.TCPConn {
+	t := p.t
+	var c net.Conn
+	ap := netip.AddrPortFrom(Addr(s, v6), p.opts.Port)
+	err := netns.Do(p.Bed.Client.NetNSPath(), func() (err error) {
+		c, err = net.DialTimeout("tcp", ap.String(), 10*time.Second)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("dial %v: %v", ap, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// Migrate moves the flow of client connection c from host from to host
+// to, failing the test unless it moved.
+func (p *Pool) Migrate(from, to *testbed.Host, c *net.TCPConn) *admin.Report {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rep, err := p.Admin(from).Migrate(ctx, &admin.MigrateRequest{Flows: []string{Unmap(c.LocalAddr().(*net.TCPAddr).AddrPort()).String()}, To: to.Name})
+	if err != nil {
+		p.t.Fatalf("migrate %s -> %s: %v (report %+v)", from.Name, to.Name, err, rep)
+	}
+	if len(rep.Moved) != 1 {
+		p.t.Fatalf("migrate %s -> %s: %+v", from.Name, to.Name, rep)
+	}
+	return rep
+}
+
+// Unmap turns a v4-mapped address into IPv4.
+func Unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// Addr returns h's service address of the family of v6.
+func Addr(h *testbed.Host, v6 bool) netip.Addr {
+	if v6 {
+		return h.LAN6
+	}
+	return h.LAN4
+}
+
+// Eventually polls cond until it holds or the timeout passes.
+func Eventually(t TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, now := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s (now: %s)", what, now)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// Signal sends sig to the named process ("mtcpd-s2", "app-s1", ...).
+func (p *Pool) Signal(name string, sig os.Signal) error {
+	cmd, ok := p.procs[name]
+	if !ok {
+		return fmt.Errorf("no process %s", name)
+	}
+	return cmd.Process.Signal(sig)
+}
