@@ -300,6 +300,9 @@ func Eventually(t TB, timeout time.Duration, what string, cond func() (bool, str
 	}
 }
 
+// CA is the pool's certificate authority, for tests that play a peer.
+func (p *Pool) CA() *peer.CA { return p.ca }
+
 // Signal sends sig to the named process ("mtcpd-s2", "app-s1", ...).
 func (p *Pool) Signal(name string, sig os.Signal) error {
 	cmd, ok := p.procs[name]
