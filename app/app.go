@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/mtcp-dev/mtcp/repair"
 	"log/slog"
 	"net"
 	"os"
@@ -69,7 +70,19 @@ type Config struct {
 
 	// Logger receives the library's log records. Nil discards them.
 	Logger *slog.Logger
+
+	// UnsentLimit caps the bytes an accepted connection keeps queued but
+	// not yet sent (TCP_NOTSENT_LOWAT): writes wait until the backlog is
+	// below it. Everything queued moves with the connection, so a small
+	// backlog keeps migrations short; the kernel's default lets a bulk
+	// sender queue megabytes. 0 means DefaultUnsentLimit; a negative value
+	// leaves the kernel's default. Migrated connections keep their setting.
+	UnsentLimit int
 }
+
+// DefaultUnsentLimit is Config.UnsentLimit's default: enough to keep a
+// fast link busy, small enough to move in well under a millisecond.
+const DefaultUnsentLimit = 128 << 10
 
 // Serve listens on cfg.Service (plain TCP, never Multipath TCP, which
 // TCP_REPAIR cannot migrate), registers the service with mtcpd at
@@ -452,6 +465,14 @@ func (s *server) accept(ln net.Listener) error {
 			continue
 		}
 		wait = 0
+		if lim := s.cfg.UnsentLimit; lim >= 0 {
+			if lim == 0 {
+				lim = DefaultUnsentLimit
+			}
+			if err := repair.LimitUnsent(nc.(*net.TCPConn), lim); err != nil {
+				s.log.Warn("cannot limit the unsent backlog", "err", err)
+			}
+		}
 		if err := s.adopt(nc.(*net.TCPConn), nil); err != nil {
 			nc.Close()
 			s.log.Warn("dropped accepted connection", "err", err)

@@ -58,6 +58,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
+	// One connection's state can reach 2 × repair.MaxQueueLen: a frame
+	// must hold at least that. Batches are split to fit (remoteTarget).
+	d.tls.MaxFrame = 2*repair.MaxQueueLen + 1<<20
 	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}

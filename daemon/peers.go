@@ -209,17 +209,39 @@ func (t *remoteTarget) Prepare(ctx context.Context, n int) error {
 	return nil
 }
 
+// Transfer sends the items in as few requests as the peer's frame limit
+// allows; the target collects them under the transaction's id.
 func (t *remoteTarget) Transfer(ctx context.Context, items []migrate.Item) ([]error, error) {
-	req := &peer.TransferRequest{TxID: t.tx, Items: make([]peer.Item, len(items))}
-	for i, it := range items {
-		req.Items[i] = peer.Item{Flow: peer.FlowID{Client: it.Flow.Client, Service: it.Flow.Service},
-			Service: it.App, State: it.State, App: it.Snapshot}
+	errs := make([]error, 0, len(items))
+	req := &peer.TransferRequest{TxID: t.tx}
+	send := func() error {
+		if len(req.Items) == 0 {
+			return nil
+		}
+		r, err := t.c.Transfer(ctx, req)
+		if err != nil {
+			return err
+		}
+		errs = append(errs, resultErrors(r.Results, len(req.Items))...)
+		req = &peer.TransferRequest{TxID: t.tx}
+		return nil
 	}
-	r, err := t.c.Transfer(ctx, req)
-	if err != nil {
+	for _, it := range items {
+		req.Items = append(req.Items, peer.Item{Flow: peer.FlowID{Client: it.Flow.Client, Service: it.Flow.Service},
+			Service: it.App, State: it.State, App: it.Snapshot})
+		if len(req.Items) > 1 && req.WireSize() > t.c.MaxFrame() {
+			last := req.Items[len(req.Items)-1]
+			req.Items = req.Items[:len(req.Items)-1]
+			if err := send(); err != nil {
+				return nil, err
+			}
+			req.Items = append(req.Items, last)
+		}
+	}
+	if err := send(); err != nil {
 		return nil, err
 	}
-	return resultErrors(r.Results, len(items)), nil
+	return errs, nil
 }
 
 func resultErrors(rs []peer.ItemResult, n int) []error {

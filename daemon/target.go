@@ -116,7 +116,12 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 		}
 	}
 	d.mu.Lock()
-	d.restoring[r.TxID] = in
+	if prev, ok := d.restoring[r.TxID]; ok && prev.from == from {
+		// A batch too large for one frame arrives in several requests.
+		prev.items = append(prev.items, in.items...)
+	} else {
+		d.restoring[r.TxID] = in
+	}
 	d.mu.Unlock()
 	return &peer.TransferReply{Results: results}, nil
 }

@@ -200,6 +200,7 @@ type Restored struct {
 	fd        int
 	raw       int // raw socket for injecting the peer's FIN, or -1
 	committed bool
+	bufs      [][2]int // buffer sizes to set back after commit
 	st        *State
 	local     netip.AddrPort
 	remote    netip.AddrPort
@@ -298,7 +299,8 @@ func (b *Blank) Close() error {
 // queue, then the window, which the kernel checks against rcv_nxt.
 func (r *Restored) build() error {
 	fd, st := r.fd, r.st
-	if err := sizeBuffers(fd, st); err != nil {
+	bufs, err := sizeBuffers(fd, st)
+	if err != nil {
 		return err
 	}
 	if err := setQueueSeq(fd, queueRecv, st.RecvSeq); err != nil {
@@ -339,6 +341,7 @@ func (r *Restored) build() error {
 	if err := setWindow(fd, win); err != nil {
 		return err
 	}
+	r.bufs = bufs
 	return setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts)
 }
 
@@ -379,6 +382,11 @@ func (r *Restored) commit() error {
 		if err := writeQueue(fd, queueNone, st.SendQueue[len(st.SendQueue)-int(st.Unsent):]); err != nil {
 			return err
 		}
+	}
+	// Only now that the unsent tail is queued: set back earlier, the
+	// smaller buffer would make that (blocking) write wait for the peer.
+	if err := restoreBuffers(fd, r.bufs); err != nil {
+		return err
 	}
 	shutdown := func() error {
 		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
@@ -542,4 +550,17 @@ func readSendQueue(fd int, fin bool) (writeSeq uint32, data []byte, unsent uint3
 		return 0, nil, 0, fmt.Errorf("send queue holds %d bytes but %d are unsent", len(data), notsent)
 	}
 	return writeSeq, data, uint32(notsent), nil
+}
+
+// LimitUnsent sets TCP_NOTSENT_LOWAT on c: the application's writes wait
+// while more than bytes are queued but unsent. Whatever is queued moves
+// with a connection, so a small backlog keeps its migration short.
+func LimitUnsent(c syscall.Conn, bytes int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return opErr("limit unsent", err)
+	}
+	return opErr("limit unsent", control(rc, func(fd int) error {
+		return setInt(fd, unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, bytes)
+	}))
 }

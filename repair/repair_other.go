@@ -61,3 +61,6 @@ func (r *Restored) Abort() error { return opErr("abort", ErrUnsupported) }
 
 // InjectMark is the SO_MARK of segments the Linux implementation injects.
 const InjectMark = 0x6d746370
+
+// LimitUnsent reports ErrUnsupported.
+func LimitUnsent(c syscall.Conn, bytes int) error { return opErr("limit unsent", ErrUnsupported) }

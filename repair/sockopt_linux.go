@@ -422,16 +422,15 @@ func undoGoDefaults(fd int, o *Sockopts) error {
 }
 
 // sizeBuffers makes the buffers large enough for the queues about to be
-// injected (the kernel refuses queue data beyond them) and at least as large
-// as they were on the source, so the restored window fits. Setting a size
-// pins it, like setsockopt(SO_RCVBUF) does, and turns the kernel's buffer
-// autotuning off, so it is only done for connections with queued data; an
-// idle connection keeps autotuning. The FORCE variants ignore
-// net.core.[rw]mem_max (CAP_NET_ADMIN).
-func sizeBuffers(fd int, st *State) error {
-	if len(st.RecvQueue) == 0 && len(st.SendQueue) == 0 {
-		return nil
-	}
+// injected: the kernel refuses queue data beyond them. The source socket
+// held the same bytes within its buffers, but injected segments are cut
+// differently and may cost a little more, hence the margin. It returns the
+// options to set back once the queues are in (see restoreBuffers), so that
+// the margin does not compound from one migration to the next. Setting a
+// size pins it (like setsockopt(SO_RCVBUF)) and turns the kernel's
+// autotuning off, so nothing is done for an idle connection. The FORCE
+// variants ignore net.core.[rw]mem_max (CAP_NET_ADMIN).
+func sizeBuffers(fd int, st *State) (restore [][2]int, err error) {
 	const slack = 256 << 10
 	for _, b := range [...]struct {
 		get, force int
@@ -441,21 +440,36 @@ func sizeBuffers(fd int, st *State) error {
 		{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE, st.Sockopts.RcvBuf, len(st.RecvQueue)},
 		{unix.SO_SNDBUF, unix.SO_SNDBUFFORCE, st.Sockopts.SndBuf, len(st.SendQueue)},
 	} {
-		cur, err := getInt(fd, unix.SOL_SOCKET, b.get)
-		if err != nil {
-			return fmt.Errorf("getsockopt %d: %w", b.get, err)
-		}
-		// The kernel doubles what setsockopt asks for and reports the
-		// doubled value; queued data costs about twice its size.
 		if b.queued == 0 {
 			continue
 		}
-		need := max(int64(b.want), 2*int64(b.queued)+slack)
+		cur, err := getInt(fd, unix.SOL_SOCKET, b.get)
+		if err != nil {
+			return nil, fmt.Errorf("getsockopt %d: %w", b.get, err)
+		}
+		// The kernel doubles what setsockopt asks for and reports the
+		// doubled value.
+		need := max(int64(b.want), int64(b.queued)*5/4+slack)
 		if need <= int64(cur) {
 			continue
 		}
 		if err := setInt(fd, unix.SOL_SOCKET, b.force, int(min(need/2+1, 1<<30))); err != nil {
-			return fmt.Errorf("setsockopt %d=%d: %w", b.force, need/2, err)
+			return nil, fmt.Errorf("setsockopt %d=%d: %w", b.force, need/2, err)
+		}
+		if b.want > 0 && int64(b.want) < need {
+			restore = append(restore, [2]int{b.force, int(b.want/2 + 1)})
+		}
+	}
+	return restore, nil
+}
+
+// restoreBuffers sets the buffer sizes back to the source's once the
+// queues are in: queued data stays, and new writes wait until it drains
+// below the limit, as they did on the source.
+func restoreBuffers(fd int, restore [][2]int) error {
+	for _, r := range restore {
+		if err := setInt(fd, unix.SOL_SOCKET, r[0], r[1]); err != nil {
+			return fmt.Errorf("setsockopt %d=%d: %w", r[0], r[1], err)
 		}
 	}
 	return nil
