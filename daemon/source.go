@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -70,17 +71,45 @@ func servicePort(s string) uint16 {
 
 func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.Item, []error, error) {
 	d := s.d
-	items := make([]migrate.Item, 0, len(flows))
+	got := make([]migrate.Item, len(flows))
 	errs := make([]error, len(flows))
-	for i, f := range flows {
-		item, err := d.captureOne(ctx, f)
-		if err != nil {
-			errs[i] = err
-			continue
+	// Each capture waits for its application to stop serving the
+	// connection: overlap those round trips.
+	parallel(len(flows), func(i int) { got[i], errs[i] = d.captureOne(ctx, flows[i]) })
+	items := make([]migrate.Item, 0, len(flows))
+	for i := range got {
+		if errs[i] == nil {
+			items = append(items, got[i])
 		}
-		items = append(items, item)
 	}
 	return items, errs, nil
+}
+
+// workers bounds the concurrent application round trips of a batch.
+const workers = 32
+
+// parallel calls fn(0) ... fn(n-1) on up to workers goroutines.
+func parallel(n int, fn func(i int)) {
+	if n == 1 {
+		fn(0)
+		return
+	}
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(n, workers) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				fn(i)
+			}
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
 }
 
 // captureOne takes f from its application (with the application's
@@ -136,10 +165,12 @@ func (d *Daemon) takeFrozen(flows []migrate.Flow) []*outgoing {
 // Thaw lets the flows carry on here: the sockets leave repair mode and go
 // back to their application.
 func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
-	var errs []error
-	for _, o := range s.d.takeFrozen(flows) {
-		errs = append(errs, o.frozen.Thaw(), o.exp.Finish(ctx, false), o.exp.Socket.Close())
-	}
+	outs := s.d.takeFrozen(flows)
+	errs := make([]error, len(outs))
+	parallel(len(outs), func(i int) {
+		o := outs[i]
+		errs[i] = errors.Join(o.frozen.Thaw(), o.exp.Finish(ctx, false), o.exp.Socket.Close())
+	})
 	return errors.Join(errs...)
 }
 
@@ -149,11 +180,14 @@ func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 // flow that had migrated in goes too.
 func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
-	var errs []error
+	outs := d.takeFrozen(flows)
+	errs := make([]error, 2*len(outs))
+	parallel(len(outs), func(i int) {
+		errs[2*i], errs[2*i+1] = outs[i].exp.Finish(ctx, true), outs[i].frozen.Discard()
+	})
 	var b nat.Batch
 	rules := 0
-	for _, o := range d.takeFrozen(flows) {
-		errs = append(errs, o.exp.Finish(ctx, true), o.frozen.Discard())
+	for _, o := range outs {
 		d.mu.Lock()
 		_, movedIn := d.moved[o.tuple]
 		delete(d.moved, o.tuple)

@@ -162,14 +162,15 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		return nil, fmt.Errorf("no transfer %d waiting on %s", r.TxID, d.cfg.Name)
 	}
 	results := make([]peer.ItemResult, len(in.items))
-	for i, item := range in.items {
+	parallel(len(in.items), func(i int) {
+		item := in.items[i]
 		if err := d.commitOne(ctx, item); err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
 			d.log.Error("commit failed", "flow", item.flow, "err", err)
-			continue
+			return
 		}
 		results[i] = peer.ItemResult{OK: true}
-	}
+	})
 	return &peer.CommitReply{Results: results}, nil
 }
 

@@ -189,6 +189,9 @@ func BenchmarkDrain10k(b *testing.B) {
 			b.Fatalf("drain: %v (%+v)", err, prog)
 		}
 		rate = n / took.Seconds()
+		for _, r := range prog.Reports {
+			b.Logf("batch of %d: %v", len(r.Moved), r.Timings)
+		}
 		b.StopTimer()
 		for i, c := range conns {
 			c.SetDeadline(time.Now().Add(10 * time.Second))
