@@ -61,6 +61,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// One connection's state can reach 2 × repair.MaxQueueLen: a frame
 	// must hold at least that. Batches are split to fit (remoteTarget).
 	d.tls.MaxFrame = 2*repair.MaxQueueLen + 1<<20
+	d.tls.Log = log.With("part", "peer")
 	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}

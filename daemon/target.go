@@ -115,11 +115,25 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 			return nil, fmt.Errorf("installing reply rewrites: %w", err)
 		}
 	}
+	if err := ctx.Err(); err != nil {
+		// The source gave up on this transfer (and may have sent its
+		// Abort already): nothing restored may stay behind.
+		return nil, errors.Join(err, d.discardIncoming(in))
+	}
 	d.mu.Lock()
-	if prev, ok := d.restoring[r.TxID]; ok && prev.from == from {
+	prev, ok := d.restoring[r.TxID]
+	switch {
+	case ok && prev.from != from:
+		d.mu.Unlock()
+		d.discardIncoming(in)
+		return nil, fmt.Errorf("transaction %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, prev.from, from)
+	case ok:
 		// A batch too large for one frame arrives in several requests.
 		prev.items = append(prev.items, in.items...)
-	} else {
+	case len(in.items) > 0:
+		// Nothing restored, nothing to wait for: a Commit of this
+		// transaction is refused, and no entry is left behind (the
+		// source sends no Abort when the target restored nothing).
 		d.restoring[r.TxID] = in
 	}
 	d.mu.Unlock()
@@ -156,6 +170,10 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest) (*peer.CommitReply, error) {
 	d.mu.Lock()
 	in, ok := d.restoring[r.TxID]
+	if ok && in.from != from {
+		d.mu.Unlock()
+		return nil, fmt.Errorf("transaction %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
+	}
 	delete(d.restoring, r.TxID)
 	d.mu.Unlock()
 	if !ok {
@@ -201,11 +219,23 @@ func (d *Daemon) commitOne(ctx context.Context, item *inItem) error {
 func (d *Daemon) Abort(ctx context.Context, from string, r *peer.AbortRequest) error {
 	d.mu.Lock()
 	in, ok := d.restoring[r.TxID]
+	if ok && in.from != from {
+		d.mu.Unlock()
+		return fmt.Errorf("transaction %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
+	}
 	delete(d.restoring, r.TxID)
 	d.mu.Unlock()
 	if !ok {
 		return nil // nothing was restored, or it was already aborted
 	}
+	err := d.discardIncoming(in)
+	d.log.Info("transfer aborted", "from", from, "tx", r.TxID, "reason", r.Reason, "flows", len(in.items))
+	return err
+}
+
+// discardIncoming aborts restored sockets (still in repair mode: silent)
+// and removes their reply rewrites.
+func (d *Daemon) discardIncoming(in *incoming) error {
 	var errs []error
 	var b nat.Batch
 	rules := 0
@@ -219,6 +249,5 @@ func (d *Daemon) Abort(ctx context.Context, from string, r *peer.AbortRequest) e
 	if rules > 0 {
 		errs = append(errs, d.nat.Apply(&b))
 	}
-	d.log.Info("transfer aborted", "from", from, "tx", r.TxID, "reason", r.Reason, "flows", len(in.items))
 	return errors.Join(errs...)
 }

@@ -1,0 +1,803 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
+	"github.com/mtcp-dev/mtcp/tests/pool"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// The abort paths of the migration transaction and the control channel's
+// refusals, end to end. In every test a kv session lives on s1 and must
+// come out of the failed attempt as if nothing had happened: still served
+// by s1, with its keys and its command count, no RST seen or sent by the
+// client, and nothing left behind for the flow — no element in table
+// inet mtcp on s1 or s2 (hold, forward, reply rewrite), no socket for it on
+// s2, no entry in s2's connection list.
+
+// abortPeerPort is the port mtcpd's peer server listens on in the pool
+// harness (tests/pool: peerPort).
+const abortPeerPort = 7700
+
+// abortSession is a kv session with s1 whose every command is counted, so
+// that COUNT can be checked exactly (it counts itself).
+type abortSession struct {
+	kv
+	client, service  netip.AddrPort // the flow as its client sees it
+	colour           string         // value of key colour, set at the start
+	sent             int            // commands sent so far, answered or not
+	pendingReplyWant []string       // replies owed for commands sent with send
+}
+
+func newAbortSession(t *testing.T, p *pool.Pool, bed *testbed.Bed, v6 bool) *abortSession {
+	t.Helper()
+	c := p.Dial(bed.S1, v6)
+	s := &abortSession{kv: kv{t: t, c: c, rd: bufio.NewReader(c)},
+		client:  unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()),
+		service: unmapAP(c.RemoteAddr().(*net.TCPAddr).AddrPort()),
+		colour:  fmt.Sprintf("blue-%d", time.Now().UnixNano()%1000)}
+	s.expect("SET colour "+s.colour, "OK")
+	s.expect("HOST", "s1")
+	s.expect("COUNT", "3")
+	return s
+}
+
+func (s *abortSession) String() string {
+	return fmt.Sprintf("session %v->%v", s.client, s.service)
+}
+
+// expect runs cmd and checks its reply.
+func (s *abortSession) expect(cmd, want string) {
+	s.t.Helper()
+	s.sent++
+	if got := s.do(cmd); got != want {
+		s.t.Fatalf("%s: %s = %q, want %q", s, cmd, got, want)
+	}
+}
+
+// send writes cmd without waiting for its reply (which must be want).
+func (s *abortSession) send(cmd, want string) {
+	s.t.Helper()
+	s.sent++
+	s.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(s.c, cmd+"\n"); err != nil {
+		s.t.Fatalf("%s: %s: %v", s, cmd, err)
+	}
+	s.pendingReplyWant = append(s.pendingReplyWant, want)
+}
+
+// awaitReplies reads the replies owed for commands sent with send and
+// returns when the last one arrived. From now on failures are t's (a
+// subtest's, say).
+func (s *abortSession) awaitReplies(t *testing.T) time.Time {
+	t.Helper()
+	s.t = t
+	for _, want := range s.pendingReplyWant {
+		s.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		line, err := s.rd.ReadString('\n')
+		if err != nil {
+			t.Fatalf("%s: reply to a command sent during the attempt: %v", s, err)
+		}
+		if got := strings.TrimSpace(line); got != want {
+			t.Fatalf("%s: reply to a command sent during the attempt = %q, want %q", s, got, want)
+		}
+	}
+	s.pendingReplyWant = nil
+	return time.Now()
+}
+
+// check asserts that the session is alive on s1 with its state intact:
+// the replies owed come first, then HOST, the key set at the start, and
+// the command count.
+func (s *abortSession) check(t *testing.T) {
+	t.Helper()
+	s.awaitReplies(t)
+	s.expect("HOST", "s1")
+	s.expect("GET colour", s.colour)
+	s.sent++
+	if got := s.do("COUNT"); got != strconv.Itoa(s.sent) {
+		t.Fatalf("%s: COUNT = %q, want %d: the session lost or repeated commands", s, got, s.sent)
+	}
+	if ra := unmapAP(s.c.RemoteAddr().(*net.TCPAddr).AddrPort()); ra != s.service {
+		t.Fatalf("%s: the client now talks to %v", s, ra)
+	}
+}
+
+// abortCtx is a context for one command or request of a test.
+func abortCtx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// nftElem is one element of a set or map of table inet mtcp, as
+// `nft -j list ruleset` shows it.
+type nftElem struct {
+	Set  string
+	JSON string // the element, for messages
+	keys [][]any
+}
+
+// mtcpElems returns every set and map element of table inet mtcp on h.
+func mtcpElems(t *testing.T, h *testbed.Host) []nftElem {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "nft", "-j", "list", "ruleset")
+	if err != nil {
+		t.Fatalf("%s: %v", h.Name, err)
+	}
+	var doc struct {
+		Nftables []map[string]json.RawMessage `json:"nftables"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		t.Fatalf("%s: nft -j list ruleset: %v\n%s", h.Name, err, out)
+	}
+	var elems []nftElem
+	for _, obj := range doc.Nftables {
+		for _, kind := range []string{"set", "map"} {
+			raw, ok := obj[kind]
+			if !ok {
+				continue
+			}
+			var s struct {
+				Family, Table, Name string
+				Elem                []json.RawMessage
+			}
+			if err := json.Unmarshal(raw, &s); err != nil {
+				t.Fatalf("%s: nft %s: %v", h.Name, kind, err)
+			}
+			if s.Family != "inet" || s.Table != "mtcp" {
+				continue
+			}
+			for _, e := range s.Elem {
+				var v any
+				if err := json.Unmarshal(e, &v); err != nil {
+					t.Fatalf("%s: nft element of %s: %v", h.Name, s.Name, err)
+				}
+				elems = append(elems, nftElem{Set: s.Name, JSON: string(e), keys: concats(v)})
+			}
+		}
+	}
+	return elems
+}
+
+// concats collects the "concat" lists (keys and values) inside v.
+func concats(v any) [][]any {
+	var out [][]any
+	switch v := v.(type) {
+	case map[string]any:
+		for k, x := range v {
+			if l, ok := x.([]any); ok && k == "concat" {
+				out = append(out, l)
+				continue
+			}
+			out = append(out, concats(x)...)
+		}
+	case []any:
+		for _, x := range v {
+			out = append(out, concats(x)...)
+		}
+	}
+	return out
+}
+
+// about reports whether e belongs to the flow of client: every element
+// kind's key holds the client's address followed by its port.
+func (e nftElem) about(client netip.AddrPort) bool {
+	for _, k := range e.keys {
+		for i := 0; i+1 < len(k); i++ {
+			a, _ := k[i].(string)
+			p, _ := k[i+1].(float64)
+			if a == client.Addr().String() && p == float64(client.Port()) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// flowElems returns h's elements of table inet mtcp for the flow of
+// client, in sets whose name starts with prefix ("" for all).
+func flowElems(t *testing.T, h *testbed.Host, client netip.AddrPort, prefix string) []nftElem {
+	t.Helper()
+	var out []nftElem
+	for _, e := range mtcpElems(t, h) {
+		if e.about(client) && strings.HasPrefix(e.Set, prefix) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// socketsOf returns the lines of `ss -tan` on h whose peer is client.
+func socketsOf(t *testing.T, h *testbed.Host, client netip.AddrPort) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "ss", "-tanH")
+	if err != nil {
+		t.Fatalf("%s: %v", h.Name, err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 5 {
+			continue
+		}
+		if ap, err := netip.ParseAddrPort(f[4]); err == nil && unmapAP(ap) == client {
+			lines = append(lines, strings.Join(f, " "))
+		}
+	}
+	return lines
+}
+
+// assertNoTrace checks that nothing is installed for the sessions' flows
+// on s1 and s2 and that s1 still serves them from its own socket. With
+// s2Dead, s2's daemon is gone and its admin socket is not asked.
+func assertNoTrace(t *testing.T, p *pool.Pool, bed *testbed.Bed, s2Dead bool, sessions ...*abortSession) {
+	t.Helper()
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		for _, s := range sessions {
+			for _, e := range flowElems(t, h, s.client, "") {
+				t.Errorf("%s: table inet mtcp still holds an element of %s's flow in %s: %s", h.Name, s, e.Set, e.JSON)
+			}
+		}
+	}
+	for _, s := range sessions {
+		if l := socketsOf(t, bed.S2, s.client); len(l) > 0 {
+			t.Errorf("s2 has a socket for %s's client: %q", s, l)
+		}
+		if l := socketsOf(t, bed.S1, s.client); len(l) != 1 || !strings.Contains(l[0], "ESTAB") {
+			t.Errorf("s1 should have exactly one established socket for %s's client, has %q", s, l)
+		}
+	}
+	s1conns, err := p.Admin(bed.S1).Conns(abortCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("s1 conns: %v", err)
+	}
+	for _, s := range sessions {
+		i := slices.IndexFunc(s1conns, func(c admin.Conn) bool { return c.Client == s.client.String() })
+		switch {
+		case i < 0:
+			t.Errorf("s1's conns do not list %s: %+v", s, s1conns)
+		case s1conns[i].Local != s.service.String() || s1conns[i].State != "ESTABLISHED":
+			t.Errorf("s1 lists %s as %+v, want local %v, ESTABLISHED", s, s1conns[i], s.service)
+		}
+	}
+	if s2Dead {
+		return
+	}
+	s2conns, err := p.Admin(bed.S2).Conns(abortCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("s2 conns: %v", err)
+	}
+	for _, c := range s2conns {
+		for _, s := range sessions {
+			if c.Client == s.client.String() {
+				t.Errorf("s2's conns list %s: %+v", s, c)
+			}
+		}
+	}
+}
+
+// TestAbortTargetFaults: a migration s1 -> s2 fails on s2's side —
+// Prepare refused, s2's daemon dying when the Transfer arrives, the
+// Transfer never answered — and the transaction aborts before the switch:
+// an IPv4 and an IPv6 session, moved in one request, carry on at s1 with
+// their state, and neither s1 nor s2 keeps anything for them.
+func TestAbortTargetFaults(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault string // MTCP_FAULT of mtcpd on s2
+		// wantFailed are in every failed flow's reason.
+		wantFailed []string
+		// s2Dies: s2's daemon exits.
+		s2Dies bool
+		// duringHold: send a command on each session while its flow is
+		// held at s1; the answer must come once the hold is lifted.
+		duringHold bool
+		// minTook, maxTook bound how long the migrate request took.
+		minTook, maxTook time.Duration
+	}{{
+		name:       "target refuses",
+		fault:      "prepare-refuse",
+		wantFailed: []string{"s2 refused", "fault injected (MTCP_FAULT=prepare-refuse)"},
+		maxTook:    5 * time.Second,
+	}, {
+		name:       "target dies mid-transfer",
+		fault:      "transfer-crash",
+		wantFailed: []string{"peer s2: Transfer", "peer connection closed"},
+		s2Dies:     true,
+		maxTook:    5 * time.Second,
+	}, {
+		name:       "transfer times out",
+		fault:      "transfer-hang",
+		wantFailed: []string{"peer s2: Transfer", "deadline"},
+		duringHold: true,
+		minTook:    9 * time.Second, // migrate.DefaultDeadlines.Transfer, 10 s
+		maxTook:    15 * time.Second,
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			bed := testbed.ForTest(t)
+			rsts := watchRSTs(t, bed.Client)
+			p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s2": {"MTCP_FAULT=" + tc.fault}}})
+			sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+			req := &admin.MigrateRequest{To: "s2"}
+			for _, s := range sessions {
+				req.Flows = append(req.Flows, s.client.String())
+			}
+
+			type result struct {
+				rep  *admin.Report
+				err  error
+				took time.Duration
+			}
+			done := make(chan result, 1)
+			mctx := abortCtx(t, 30*time.Second)
+			go func() {
+				start := time.Now()
+				rep, err := p.Admin(bed.S1).Migrate(mctx, req)
+				done <- result{rep, err, time.Since(start)}
+			}()
+			if tc.duringHold {
+				// The hold is up for the whole Transfer phase: see it
+				// (which also shows that the oracle sees holds), then
+				// send a command into it.
+				for _, s := range sessions {
+					eventually(t, 5*time.Second, "s1 to hold "+s.String(), func() (bool, string) {
+						e := flowElems(t, bed.S1, s.client, "hold")
+						return len(e) == 1, fmt.Sprint(e)
+					})
+					s.send("SET during-hold "+s.client.String(), "OK")
+				}
+			}
+			r := <-done
+			returned := time.Now()
+			t.Logf("migrate took %v: err=%v report=%+v", r.took, r.err, r.rep)
+			if tc.duringHold {
+				// The abort re-delivers what the hold queued: the
+				// answer comes at once, not after the client's next
+				// retransmission (seconds away after 10 s of backoff).
+				for _, s := range sessions {
+					if late := s.awaitReplies(t).Sub(returned); late > time.Second {
+						t.Errorf("%s: the command sent during the hold was answered %v after the abort: it was dropped, not queued", s, late)
+					}
+				}
+			}
+
+			// What the operator sees: no flow moved, each failed with why.
+			if r.err == nil && r.rep == nil {
+				t.Fatal("migrate returned neither a report nor an error")
+			}
+			if r.rep != nil {
+				if len(r.rep.Moved) != 0 {
+					t.Errorf("report says %v moved", r.rep.Moved)
+				}
+				if !r.rep.Aborted {
+					t.Errorf("report does not say the transaction aborted: %+v", r.rep)
+				}
+				for _, s := range sessions {
+					why, ok := r.rep.Failed[s.client.String()]
+					if !ok {
+						t.Errorf("report has no failure for %s: %+v", s, r.rep)
+						continue
+					}
+					for _, w := range tc.wantFailed {
+						if !strings.Contains(why, w) {
+							t.Errorf("failure of %s is %q, want it to mention %q", s, why, w)
+						}
+					}
+				}
+			} else {
+				for _, w := range tc.wantFailed {
+					if !strings.Contains(r.err.Error(), w) {
+						t.Errorf("migrate error %q does not mention %q", r.err, w)
+					}
+				}
+			}
+			if r.took < tc.minTook || r.took > tc.maxTook {
+				t.Errorf("migrate took %v, want between %v and %v", r.took, tc.minTook, tc.maxTook)
+			}
+
+			if tc.s2Dies {
+				// Check that the fault did what it says: s2's daemon is
+				// gone (nothing restarts it), s1's keeps serving.
+				_, err := p.Admin(bed.S2).Status(abortCtx(t, 5*time.Second))
+				if !errors.Is(err, admin.ErrNoDaemon) {
+					t.Errorf("s2's daemon still answers after transfer-crash: %v", err)
+				}
+			}
+			for _, s := range sessions {
+				s.check(t)
+			}
+			assertNoTrace(t, p, bed, tc.s2Dies, sessions...)
+			if st, err := p.Admin(bed.S1).Status(abortCtx(t, 5*time.Second)); err != nil || st.Conns != len(sessions) {
+				t.Errorf("s1 status after the abort: %+v, %v; want %d conns", st, err, len(sessions))
+			}
+			// And the sessions keep going.
+			for _, s := range sessions {
+				s.expect("SET after abort", "OK")
+				s.check(t)
+			}
+			if in, out := rsts(); in != 0 || out != 0 {
+				t.Errorf("the client saw %d RSTs and sent %d", in, out)
+			}
+		})
+	}
+}
+
+// poolTrust returns the pool CA's certificates (to verify the daemons)
+// and a peer identity named name, issued by the pool CA: a member's
+// credentials as far as the daemons can tell.
+func poolTrust(t *testing.T, p *pool.Pool, name string, ip netip.Addr) (*x509.CertPool, *peer.Config) {
+	t.Helper()
+	ca := p.CA()
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	certPEM, keyPEM, err := ca.Issue(name, []netip.Addr{ip}, nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return roots, &peer.Config{Name: name, Certificate: cert, Roots: roots}
+}
+
+// sampleState is a well-formed encoded state for the flow of s, as a
+// member that captured it would send: valid for repair.Decode, made up
+// rather than captured (the real socket stays untouched on s1).
+func sampleState(t *testing.T, s *abortSession) []byte {
+	t.Helper()
+	st := &repair.State{
+		Local: s.service, Remote: s.client, TCPState: repair.StateEstablished,
+		SendSeq: 0x10000, RecvSeq: 0x20000, MSS: 1448,
+		Options:   repair.OptTimestamps | repair.OptSACK | repair.OptWindowScale,
+		SndWScale: 7, RcvWScale: 7, Timestamp: 0x1234,
+		Window:    repair.Window{SndWL1: 0x20000, SndWnd: 64256, MaxWindow: 64256, RcvWnd: 64256, RcvWup: 0x20000},
+		Sockopts:  repair.Sockopts{NoDelay: true, Congestion: "cubic"},
+		SendQueue: []byte("OK\n"), RecvQueue: []byte("GET colour\n"),
+	}
+	b, err := st.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := repair.Decode(b); err != nil {
+		t.Fatalf("sample state does not decode: %v", err)
+	}
+	return b
+}
+
+// rawFrame is one frame of the peer protocol (peer/wire.go): payload
+// length, type, id, payload.
+func rawFrame(typ byte, id uint64, payload []byte) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(payload)))
+	b = append(b, typ)
+	b = binary.BigEndian.AppendUint64(b, id)
+	return append(b, payload...)
+}
+
+// rawHelloAndTransfer is what an impostor sends on the peer channel: the
+// protocol hello and a Transfer of state for flow (client, service), as
+// peer/wire.go encodes them.
+func rawHelloAndTransfer(client, service netip.AddrPort, state []byte) []byte {
+	hello := binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint16([]byte("MTCP"), 1), 64<<20)
+	ap := func(b []byte, a netip.AddrPort) []byte {
+		raw := a.Addr().AsSlice()
+		b = append(b, byte(len(raw)))
+		b = append(b, raw...)
+		return binary.BigEndian.AppendUint16(b, a.Port())
+	}
+	blob := func(b, v []byte) []byte { return append(binary.BigEndian.AppendUint32(b, uint32(len(v))), v...) }
+	tr := binary.BigEndian.AppendUint64(nil, 0)        // no deadline
+	tr = binary.BigEndian.AppendUint64(tr, 0xbad)      // TxID
+	tr = binary.BigEndian.AppendUint32(tr, 1)          // one item
+	tr = ap(ap(tr, client), service)                   // its flow
+	tr = blob(tr, []byte(":7000"))                     // service
+	tr = blob(tr, state)                               // state
+	tr = blob(tr, []byte(`{"data":{"colour":"red"}}`)) // app snapshot
+	return append(rawFrame(0x01, 0, hello), rawFrame(0x11, 1, tr)...)
+}
+
+// readAnswer reads what the server sends back until it closes the
+// connection, and returns it with the error that ended the reading
+// (io.EOF for a clean close).
+func readAnswer(c net.Conn) ([]byte, error) {
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(c)
+	if err == nil {
+		err = io.EOF
+	}
+	return got, err
+}
+
+// TestRefuseUnauthenticatedPeer: clients that cannot prove membership of
+// the pool try to Transfer state for a live flow to s1 over the control
+// network, from s2's namespace: a plain TCP client, a TLS client with no
+// certificate, one with a certificate of another CA (as peer.Dial sends
+// it, and forced through). Each is refused during the handshake with an
+// error that says so; s1 installs nothing; the session goes on.
+func TestRefuseUnauthenticatedPeer(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	s := newAbortSession(t, p, bed, false)
+	state := sampleState(t, s)
+	frames := rawHelloAndTransfer(s.client, s.service, state)
+	roots, _ := poolTrust(t, p, "unused", bed.S2.Ctl4)
+	s1peer := netip.AddrPortFrom(bed.S1.Ctl4, abortPeerPort).String()
+
+	// Another pool's member, claiming to be s2.
+	evil, err := peer.NewCA("evil-pool", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evilPEM, evilKey, err := evil.Issue("s2", []netip.Addr{bed.S2.Ctl4}, nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evilCert, err := tls.X509KeyPair(evilPEM, evilKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// rawTLS connects with cfg, sends the hello and the Transfer, and
+	// returns what came back and the error that ended the exchange.
+	rawTLS := func(cfg *tls.Config) ([]byte, error) {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		c, err := tls.DialWithDialer(&d, "tcp", s1peer, cfg)
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		// In TLS 1.3 the server judges the client's certificate after
+		// the client's side of the handshake is done: the refusal
+		// arrives as an alert on the first read. The writes may fail
+		// once it has closed.
+		c.Write(frames)
+		return readAnswer(c)
+	}
+	base := func() *tls.Config {
+		return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, ServerName: "s1", NextProtos: []string{"mtcp-peer"}}
+	}
+
+	for _, tc := range []struct {
+		name string
+		// try returns the bytes s1 answered with (decrypted, for TLS)
+		// and the error that ended the exchange.
+		try  func() ([]byte, error)
+		want []string // in the error, any of
+	}{{
+		name: "plain TCP client sending frames",
+		try: func() ([]byte, error) {
+			c, err := net.DialTimeout("tcp", s1peer, 5*time.Second)
+			if err != nil {
+				return nil, err
+			}
+			defer c.Close()
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			c.Write(frames)
+			got, err := readAnswer(c)
+			// A TLS server meeting no TLS record closes the
+			// connection; all it may send is a TLS alert record
+			// (content type 21), never an mtcp frame.
+			if len(got) > 0 && got[0] == 21 {
+				got = nil
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+				err = fmt.Errorf("s1 closed the connection of a client that did not start a TLS handshake: %w", err)
+			}
+			return got, err
+		},
+		want: []string{"did not start a TLS handshake"},
+	}, {
+		name: "TLS client without a certificate",
+		try:  func() ([]byte, error) { return rawTLS(base()) },
+		want: []string{"certificate required"},
+	}, {
+		name: "peer.Dial with another CA's certificate",
+		try: func() ([]byte, error) {
+			cfg := &peer.Config{Name: "s2", Certificate: evilCert, Roots: roots}
+			c, err := peer.Dial(abortCtx(t, 10*time.Second), s1peer, "s1", cfg)
+			if err != nil {
+				return nil, err
+			}
+			defer c.Close()
+			rep, err := c.Transfer(abortCtx(t, 10*time.Second), &peer.TransferRequest{TxID: 0xbad, Items: []peer.Item{{
+				Flow: peer.FlowID{Client: s.client, Service: s.service}, Service: ":7000", State: state}}})
+			return []byte(fmt.Sprint(rep)), fmt.Errorf("s1 accepted the connection; Transfer: %v", err)
+		},
+		// Go's client does not send a certificate the server's CA
+		// list rules out: s1 sees none.
+		want: []string{"TLS handshake: s1 refused this server's certificate", "certificate required", "certificate signed by unknown authority"},
+	}, {
+		name: "TLS client forcing another CA's certificate",
+		try: func() ([]byte, error) {
+			cfg := base()
+			cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &evilCert, nil }
+			return rawTLS(cfg)
+		},
+		want: []string{"unknown certificate authority", "bad certificate"},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []byte
+			var err error
+			in(t, bed.S2, func() error { got, err = tc.try(); return nil })
+			t.Logf("error: %v", err)
+			if len(got) > 0 {
+				t.Errorf("s1 answered an unauthenticated client with %d bytes: %q", len(got), got[:min(len(got), 64)])
+			}
+			if err == nil {
+				t.Fatal("the exchange ended without an error")
+			}
+			if !slices.ContainsFunc(tc.want, func(w string) bool { return strings.Contains(err.Error(), w) }) {
+				t.Errorf("error %q mentions none of %q", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), "certificate") && !strings.Contains(err.Error(), "handshake") {
+				t.Errorf("error %q mentions neither the certificate nor the handshake", err)
+			}
+			s.check(t)
+			assertNoTrace(t, p, bed, false, s)
+		})
+	}
+	// s1's peer server still serves the pool's members.
+	eventually(t, 5*time.Second, "s2 to see s1 healthy", func() (bool, string) {
+		st, err := p.Admin(bed.S2).Status(abortCtx(t, 5*time.Second))
+		if err != nil {
+			return false, err.Error()
+		}
+		i := slices.IndexFunc(st.Peers, func(ps admin.PeerStatus) bool { return ps.Name == "s1" })
+		return i >= 0 && st.Peers[i].Healthy, fmt.Sprintf("%+v", st.Peers)
+	})
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestRefuseGarbledState: a member of the pool (a valid certificate of the
+// pool CA) sends s2 a Prepare and a Transfer for the live flow whose state
+// is garbage — random bytes, a truncated encoding, an encoding with one
+// byte changed. Every item is refused with an error naming the malformed
+// state, a Commit of the transaction is refused, and s2 installs nothing:
+// no reply rewrite, no socket. The session on s1 never notices.
+//
+// A control case sends the well-formed state: s2 restores it (in repair
+// mode: silent) and installs its reply rewrite, which shows that the
+// checks below see what a restore leaves; its Abort removes both.
+func TestRefuseGarbledState(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	s := newAbortSession(t, p, bed, false)
+	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	var c *peer.Client
+	in(t, bed.S3, func() (err error) {
+		c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S2.Ctl4, abortPeerPort).String(), "s2", cfg)
+		return err
+	})
+	defer c.Close()
+
+	valid := sampleState(t, s)
+	random := make([]byte, len(valid))
+	rand.Read(random)
+	withMagic := slices.Concat(valid[:12], random[12:]) // a plausible header, then noise
+	flipped := slices.Clone(valid)
+	flipped[len(flipped)/2] ^= 0x01
+	flippedSeq := slices.Clone(valid)
+	flippedSeq[12+1+6+6+1] ^= 0x80 // the high byte of SendSeq (IPv4)
+	flippedCRC := slices.Clone(valid)
+	flippedCRC[len(flippedCRC)-1] ^= 0xff
+
+	item := func(state []byte) peer.Item {
+		return peer.Item{Flow: peer.FlowID{Client: s.client, Service: s.service}, Service: ":7000",
+			State: state, App: []byte(`{"data":{"colour":"red"},"count":1}`)}
+	}
+	tx := uint64(0x7e57_0000_0000_0000) + uint64(time.Now().UnixNano()&0xffff)<<16
+	for _, tc := range []struct {
+		name   string
+		states [][]byte
+	}{
+		{"random bytes", [][]byte{random}},
+		{"magic and header, then random bytes", [][]byte{withMagic}},
+		{"empty", [][]byte{{}}},
+		{"truncated to its header", [][]byte{valid[:12]}},
+		{"truncated by half", [][]byte{valid[:len(valid)/2]}},
+		{"truncated by one byte", [][]byte{valid[:len(valid)-1]}},
+		{"one byte appended", [][]byte{append(slices.Clone(valid), 0)}},
+		{"one bit flipped mid-body", [][]byte{flipped}},
+		{"sequence number changed", [][]byte{flippedSeq}},
+		{"checksum changed", [][]byte{flippedCRC}},
+		{"all of them in one request", [][]byte{random, withMagic, valid[:len(valid)/2], flipped, flippedSeq, flippedCRC}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tx++
+			rep, err := c.Prepare(abortCtx(t, 5*time.Second), &peer.PrepareRequest{TxID: tx, Service: ":7000", Count: len(tc.states)})
+			if err != nil || !rep.OK {
+				t.Fatalf("Prepare: %+v, %v", rep, err)
+			}
+			req := &peer.TransferRequest{TxID: tx}
+			for _, st := range tc.states {
+				req.Items = append(req.Items, item(st))
+			}
+			tr, err := c.Transfer(abortCtx(t, 10*time.Second), req)
+			if err != nil {
+				t.Fatalf("Transfer: %v", err)
+			}
+			if len(tr.Results) != len(req.Items) {
+				t.Fatalf("Transfer: %d results for %d items: %+v", len(tr.Results), len(req.Items), tr.Results)
+			}
+			for i, r := range tr.Results {
+				t.Logf("item %d: %+v", i, r)
+				if r.OK || !strings.Contains(r.Error, repair.ErrMalformed.Error()) {
+					t.Errorf("item %d: result %+v, want an error naming the %q", i, r, repair.ErrMalformed)
+				}
+			}
+			crep, err := c.Commit(abortCtx(t, 5*time.Second), &peer.CommitRequest{TxID: tx})
+			var re *peer.RemoteError
+			if !errors.As(err, &re) {
+				t.Errorf("Commit of transaction %#x, whose every item was refused: %+v, %v; want it refused", tx, crep, err)
+			}
+			if e := flowElems(t, bed.S2, s.client, "reply"); len(e) > 0 {
+				t.Errorf("s2 installed a reply rewrite for the flow: %v", e)
+			}
+			s.check(t)
+			assertNoTrace(t, p, bed, false, s)
+		})
+	}
+
+	t.Run("control: well-formed state, then Abort", func(t *testing.T) {
+		tx++
+		if rep, err := c.Prepare(abortCtx(t, 5*time.Second), &peer.PrepareRequest{TxID: tx, Service: ":7000", Count: 1}); err != nil || !rep.OK {
+			t.Fatalf("Prepare: %+v, %v", rep, err)
+		}
+		tr, err := c.Transfer(abortCtx(t, 10*time.Second), &peer.TransferRequest{TxID: tx, Items: []peer.Item{item(valid)}})
+		if err != nil || len(tr.Results) != 1 || !tr.Results[0].OK {
+			t.Fatalf("Transfer of a well-formed state: %+v, %v", tr, err)
+		}
+		aborted := false
+		defer func() {
+			if !aborted {
+				c.Abort(abortCtx(t, 5*time.Second), &peer.AbortRequest{TxID: tx, Reason: "test cleanup"})
+			}
+		}()
+		if e := flowElems(t, bed.S2, s.client, "reply"); len(e) != 1 {
+			t.Errorf("s2's reply rewrites for the flow after a restore: %v, want one", e)
+		}
+		if l := socketsOf(t, bed.S2, s.client); len(l) != 1 {
+			t.Errorf("s2's sockets for the client after a restore: %q, want one", l)
+		}
+		s.check(t) // the restored socket is in repair mode: silent
+		aborted = true
+		if err := c.Abort(abortCtx(t, 5*time.Second), &peer.AbortRequest{TxID: tx, Reason: "test"}); err != nil {
+			t.Fatalf("Abort: %v", err)
+		}
+		s.check(t)
+		assertNoTrace(t, p, bed, false, s)
+	})
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
