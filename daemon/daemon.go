@@ -124,6 +124,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		go func() { <-ctx.Done(); ms.Close() }()
 	}
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
+	if d.apps != nil {
+		serve("reaper", func() error { d.reap(ctx); return nil })
+	}
 	log.Info("mtcpd running", "name", cfg.Name, "role", cfg.Role, "steering", cfg.Steering, "peer_listen", cfg.PeerListen, "admin", cfg.AdminSocket)
 
 	<-ctx.Done()

@@ -2,9 +2,11 @@ package tests
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
@@ -60,4 +62,26 @@ func TestSessionMoves(t *testing.T) {
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
+}
+
+// TestEndedFlowRulesGo: once a migrated session ends (the client quits),
+// its rules go: the forward entry at s1 and the reply rewrite at s2.
+func TestEndedFlowRulesGo(t *testing.T) {
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{})
+	c := p.Dial(bed.S1, false)
+	s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+	s.do("SET k v")
+	p.Migrate(bed.S1, bed.S2, c)
+	client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort())
+	if len(flowElems(t, bed.S1, client, "")) == 0 || len(flowElems(t, bed.S2, client, "")) == 0 {
+		t.Fatalf("after the move: s1 has %v, s2 has %v; want the forward and the reply rewrite", flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, ""))
+	}
+	if got := s.do("QUIT"); got != "BYE" {
+		t.Fatalf("QUIT: %q", got)
+	}
+	eventually(t, 15*time.Second, "the flow's rules to go", func() (bool, string) {
+		e1, e2 := flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")
+		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
+	})
 }

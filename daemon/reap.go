@@ -1,0 +1,76 @@
+package daemon
+
+import (
+	"context"
+	"net/netip"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+)
+
+// ReapInterval is how often the daemon looks for migrated connections that
+// have ended.
+const ReapInterval = 2 * time.Second
+
+// reap removes the rules of migrated connections that have ended here (the
+// application closed them after a FIN or RST): this host's reply rewrite,
+// and the flow's steering at its steering point. The nftables idle timeout
+// is the safety net for what this misses (a daemon restart, a dead peer).
+func (d *Daemon) reap(ctx context.Context) {
+	t := time.NewTicker(ReapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		live := map[app.Tuple]bool{}
+		for _, svc := range d.apps.Services() {
+			for _, tu := range d.apps.Conns(svc) {
+				live[tu] = true
+			}
+		}
+		var ended []migrate.Flow
+		var b nat.Batch
+		d.mu.Lock()
+		for tu, f := range d.moved {
+			if live[tu] {
+				continue
+			}
+			if _, frozen := d.frozen[f]; frozen {
+				continue // being migrated away right now
+			}
+			delete(d.moved, tu)
+			ended = append(ended, f)
+			if tu.Local != f.Service {
+				b.Remove(natFlow(f))
+			}
+		}
+		d.mu.Unlock()
+		if len(ended) == 0 {
+			continue
+		}
+		if b.Len() > 0 {
+			if err := d.nat.Apply(&b); err != nil {
+				d.log.Warn("removing rules of ended connections", "err", err)
+			}
+		}
+		// Switching a flow "home", to the address it was dialled at,
+		// removes its steering.
+		home := map[netip.Addr][]migrate.Flow{}
+		for _, f := range ended {
+			home[f.Service.Addr()] = append(home[f.Service.Addr()], f)
+		}
+		for addr, fs := range home {
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := (steering{d}).Switch(sctx, fs, addr); err != nil {
+				d.log.Warn("removing the steering of ended connections", "flows", len(fs), "err", err)
+			}
+			cancel()
+		}
+		d.log.Info("connections ended", "flows", len(ended))
+	}
+}
