@@ -19,6 +19,9 @@ type steering struct{ d *Daemon }
 // point returns the peer that steers f ("" for this host).
 func (d *Daemon) point(f migrate.Flow) (string, error) {
 	if d.cfg.Steering == "gateway" {
+		if d.cfg.Gateway == d.cfg.Name {
+			return "", nil // this daemon is the gateway
+		}
 		return d.cfg.Gateway, nil
 	}
 	p, ok := d.owner(f.Service.Addr())
