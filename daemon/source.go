@@ -77,12 +77,41 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 	// connection: overlap those round trips.
 	parallel(len(flows), func(i int) { got[i], errs[i] = d.captureOne(ctx, flows[i]) })
 	items := make([]migrate.Item, 0, len(flows))
+	var b nat.Batch
 	for i := range got {
 		if errs[i] == nil {
 			items = append(items, got[i])
+			if t := d.frozenTuple(flows[i]); t.Local != flows[i].Service {
+				b.ReplyFrom(natFlow(flows[i]), t.Local)
+			}
+		}
+	}
+	// With gateway steering the switch moves the gateway's reply rewrite
+	// to the target at once, but the frozen socket here may still emit an
+	// ACK or a retransmission until it is discarded: give those the
+	// service address too, or the client would answer them with a RST.
+	// (With forward steering this host's own rewrite, if any, stays until
+	// Discard; a connection still on its first server needs none.)
+	if d.cfg.Steering == "gateway" && b.Len() > 0 {
+		if err := d.nat.Apply(&b); err != nil {
+			return nil, nil, errors.Join(err, s.Thaw(ctx, itemFlows(items)))
 		}
 	}
 	return items, errs, nil
+}
+
+func itemFlows(items []migrate.Item) []migrate.Flow {
+	fs := make([]migrate.Flow, len(items))
+	for i, it := range items {
+		fs[i] = it.Flow
+	}
+	return fs
+}
+
+func (d *Daemon) frozenTuple(f migrate.Flow) app.Tuple {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.frozen[f].tuple
 }
 
 // workers bounds the concurrent application round trips of a batch.
@@ -165,12 +194,22 @@ func (d *Daemon) takeFrozen(flows []migrate.Flow) []*outgoing {
 // Thaw lets the flows carry on here: the sockets leave repair mode and go
 // back to their application.
 func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
-	outs := s.d.takeFrozen(flows)
+	d := s.d
+	outs := d.takeFrozen(flows)
 	errs := make([]error, len(outs))
 	parallel(len(outs), func(i int) {
 		o := outs[i]
 		errs[i] = errors.Join(o.frozen.Thaw(), o.exp.Finish(ctx, false), o.exp.Socket.Close())
 	})
+	if d.cfg.Steering == "gateway" && len(outs) > 0 {
+		// The switch did not happen: the gateway still rewrites the
+		// flow's replies, and the rewrite Capture added here goes.
+		var b nat.Batch
+		for _, o := range outs {
+			b.Remove(natFlow(o.flow))
+		}
+		errs = append(errs, d.nat.Apply(&b))
+	}
 	return errors.Join(errs...)
 }
 
@@ -192,7 +231,7 @@ func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 		_, movedIn := d.moved[o.tuple]
 		delete(d.moved, o.tuple)
 		d.mu.Unlock()
-		if movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr() && d.cfg.Steering == "forward" {
+		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
 			b.Remove(natFlow(o.flow))
 			rules++
 		}
