@@ -11,8 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # nftables: flow holds and address rewriting; iproute2: namespaces and
-# veths of the testbed; util-linux: nsenter; procps: sysctl.
-pkgs=(nftables iproute2 util-linux procps)
+# veths of the testbed; util-linux: nsenter; procps: sysctl; ethtool:
+# checksum offload off on the testbed's veths, so that checksums are
+# verified (the testbed refuses to come up without it).
+pkgs=(nftables iproute2 util-linux procps ethtool)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

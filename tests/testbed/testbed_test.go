@@ -635,3 +635,209 @@ func TestUpInterruptedCleansUp(t *testing.T) {
 		t.Log("every Up finished before its deadline: the cleanup path was not exercised")
 	}
 }
+
+// vethEnds returns the veth interfaces of every namespace of the bed, as
+// "host/ifname".
+func vethEnds(t *testing.T, ctx context.Context, b *testbed.Bed) map[*testbed.Host][]string {
+	t.Helper()
+	ends := map[*testbed.Host][]string{}
+	for _, h := range b.Hosts() {
+		out, err := h.Run(ctx, "ip", "-d", "-j", "link", "show")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var links []struct {
+			IfName   string `json:"ifname"`
+			LinkInfo struct {
+				InfoKind string `json:"info_kind"`
+			} `json:"linkinfo"`
+		}
+		if err := json.Unmarshal(out, &links); err != nil {
+			t.Fatalf("%s: ip -d -j link show: %v", h.Name, err)
+		}
+		for _, l := range links {
+			if l.LinkInfo.InfoKind == "veth" {
+				ends[h] = append(ends[h], l.IfName)
+			}
+		}
+	}
+	return ends
+}
+
+// offloadState returns the features of `ethtool -k IFC` in h that decide
+// whether checksums are computed and verified, by name.
+func offloadState(t *testing.T, ctx context.Context, h *testbed.Host, ifc string) map[string]string {
+	t.Helper()
+	out, err := h.Run(ctx, "ethtool", "-k", ifc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(string(out), "\n") {
+		name, val, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok {
+			continue
+		}
+		switch name {
+		case "tx-checksumming", "tx-checksum-ip-generic", "tcp-segmentation-offload", "generic-receive-offload":
+			got[name] = strings.TrimSpace(val)
+		}
+	}
+	return got
+}
+
+// checkOffloadOff fails the test unless checksum offload, TSO and GRO are
+// off on all 16 veth ends of the bed (8 pairs: client-gateway,
+// gateway-switch and two per server).
+func checkOffloadOff(t *testing.T, ctx context.Context, b *testbed.Bed) {
+	t.Helper()
+	n := 0
+	for h, ifcs := range vethEnds(t, ctx, b) {
+		for _, ifc := range ifcs {
+			n++
+			got := offloadState(t, ctx, h, ifc)
+			for _, f := range []string{"tx-checksumming", "tx-checksum-ip-generic", "tcp-segmentation-offload", "generic-receive-offload"} {
+				if got[f] != "off" {
+					t.Errorf("%s %s: ethtool -k says %s: %q, want off", h.Name, ifc, f, got[f])
+				}
+			}
+		}
+	}
+	if n != 16 {
+		t.Errorf("found %d veth ends in the bed, want 16", n)
+	}
+}
+
+// tcpCsumErrors reads the Tcp InCsumErrors counter of h's namespace (IPv4
+// and IPv6 segments alike) from /proc/net/snmp.
+func tcpCsumErrors(t *testing.T, ctx context.Context, h *testbed.Host) int {
+	t.Helper()
+	out, err := h.Run(ctx, "cat", "/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var head []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if head == nil {
+			head = f
+			continue
+		}
+		if i := slices.Index(head, "InCsumErrors"); i >= 0 && i < len(f) {
+			var n int
+			if _, err := fmt.Sscan(f[i], &n); err == nil {
+				return n
+			}
+		}
+	}
+	t.Fatalf("%s: no Tcp InCsumErrors in /proc/net/snmp:\n%s", h.Name, out)
+	return 0
+}
+
+// corruptChecksums makes h's postrouting overwrite the TCP checksum field of
+// every segment to port 7000 with zero, without any fix-up: the stand-in
+// for an address rewrite with a wrong checksum fix-up.
+func corruptChecksums(t *testing.T, ctx context.Context, h *testbed.Host) {
+	t.Helper()
+	// @th,128,16 is the TCP header's checksum field (bytes 16-17).
+	if err := h.Nft(ctx, "table inet mtcpcsum {\n chain post {\n  type filter hook postrouting priority 0\n  tcp dport 7000 @th,128,16 set 0\n }\n}\n"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dialCorrupted dials dst:7000 from h's namespace with a corrupted
+// checksum on every segment h sends, and reports whether the connection
+// was answered. It returns as soon as either the dial answers or the
+// receiver to counts a checksum error; a dial that is neither answered
+// nor counted within ctx fails the test.
+func dialCorrupted(t *testing.T, ctx context.Context, h, to *testbed.Host, dst netip.Addr) (answered bool) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := tcpCsumErrors(t, ctx, to)
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cmd := h.Command(dctx, exe, helperArg, "dial", netip.AddrPortFrom(dst, 7000).String())
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	for d := time.Millisecond; ; d = min(2*d, 50*time.Millisecond) {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("%s -> %s: the dial failed without a checksum error counted at %s: %v", h.Name, dst, to.Name, err)
+			}
+			if got := strings.Fields(out.String()); len(got) != 2 || got[0] != to.Name {
+				t.Fatalf("%s -> %s: answered %q, want %s", h.Name, dst, out.String(), to.Name)
+			}
+			if n := tcpCsumErrors(t, ctx, to); n != before {
+				t.Fatalf("%s -> %s: answered, yet %s counted %d checksum errors", h.Name, dst, to.Name, n-before)
+			}
+			return true
+		case <-ctx.Done():
+			t.Fatalf("%s -> %s: neither answered nor counted as a checksum error at %s", h.Name, dst, to.Name)
+		case <-time.After(d):
+		}
+		if tcpCsumErrors(t, ctx, to) > before {
+			cancel()
+			<-done
+			return false
+		}
+	}
+}
+
+// TestChecksumOffloadOff checks that Up turns checksum offload off on every
+// veth end, and that this is what makes the receiver verify checksums: a
+// segment whose TCP checksum an nftables rule broke is dropped (and
+// counted) by its receiver with the bed as Up leaves it, and accepted
+// unverified once TX checksum offload is back on along its path (the veth
+// default), which is the hole the setting closes. Up puts it right again.
+func TestChecksumOffloadOff(t *testing.T) {
+	b := testbed.ForTest(t)
+	ctx := testContext(t)
+	checkOffloadOff(t, ctx, b)
+
+	listen(t, b.S2)
+	// s1 -> s2 crosses the switch: s1 eth0, sw s1-lan, bridge, sw
+	// s2-lan, s2 eth0.
+	dial(t, ctx, b.S1, b.S2.LAN4, "s2", b.S1.LAN4)
+	corruptChecksums(t, ctx, b.S1)
+	for _, dst := range []netip.Addr{b.S2.LAN4, b.S2.LAN6} {
+		if dialCorrupted(t, ctx, b.S1, b.S2, dst) {
+			t.Errorf("s1 -> %s: segments with a broken checksum were accepted", dst)
+		}
+	}
+
+	// The control: with TX offload on at the two transmitting ends of the
+	// path, the broken checksum is never computed nor verified.
+	for _, end := range []struct {
+		h   *testbed.Host
+		ifc string
+	}{{b.S1, testbed.IfLAN}, {b.Switch, "s2-lan"}} {
+		if _, err := end.h.Run(ctx, "ethtool", "-K", end.ifc, "tx", "on"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, dst := range []netip.Addr{b.S2.LAN4, b.S2.LAN6} {
+		if !dialCorrupted(t, ctx, b.S1, b.S2, dst) {
+			t.Errorf("s1 -> %s with TX checksum offload on: the broken checksum was caught; the control shows nothing", dst)
+		}
+	}
+
+	if _, err := testbed.Up(ctx, testbed.Options{Prefix: b.Prefix}); err != nil {
+		t.Fatalf("Up to repair %s: %v", b.Prefix, err)
+	}
+	checkOffloadOff(t, ctx, b)
+	if dialCorrupted(t, ctx, b.S1, b.S2, b.S2.LAN4) {
+		t.Error("after Up repaired the offload settings: segments with a broken checksum were accepted")
+	}
+}

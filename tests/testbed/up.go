@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -21,9 +22,13 @@ const settleTimeout = 20 * time.Second
 // Up creates the bed named by o.Prefix and waits until every link is up and
 // every address is usable (no IPv6 address tentative). If the bed exists
 // already, Up checks it and repairs what is missing or wrong (namespaces,
-// links, bridge ports, addresses, routes, sysctls); addresses or rules that
-// tests added are left alone. Concurrent Up calls on one prefix are not
-// supported.
+// links, bridge ports, addresses, routes, sysctls, offload settings);
+// addresses or rules that tests added are left alone. Concurrent Up calls
+// on one prefix are not supported.
+//
+// Up turns checksum offload off on every veth end with ethtool(8) (see
+// offloadFeatures) and fails, before creating anything, if ethtool is not
+// installed.
 //
 // Without a deadline on ctx, Up gives up after two minutes. On error, Up
 // deletes the namespaces it created (all of them for a new bed) and returns
@@ -40,6 +45,11 @@ func Up(ctx context.Context, o Options) (*Bed, error) {
 	}
 	if err := ValidatePrefix(prefix); err != nil {
 		return nil, err
+	}
+	// Checked before anything is made: a bed whose checksums nobody
+	// verifies would let broken rewrites pass the tests.
+	if _, err := exec.LookPath("ethtool"); err != nil {
+		return nil, fmt.Errorf("testbed: ethtool is required to turn off checksum offload on the bed's veths, so that every TCP checksum is really computed and verified (install the Debian package ethtool, or run tests/setup.sh): %w", err)
 	}
 	b := Describe(prefix)
 	var created []string
@@ -81,6 +91,9 @@ func up(ctx context.Context, b *Bed, created *[]string) error {
 		}
 	}
 	if err := ensureVeths(ctx, b); err != nil {
+		return wrap(err)
+	}
+	if err := offloadOff(ctx, b); err != nil {
 		return wrap(err)
 	}
 	if err := batch(ctx, b.Switch, switchBatch(ctx, b)); err != nil {
@@ -254,6 +267,41 @@ func ensureVeths(ctx context.Context, b *Bed) error {
 		// in the root namespace, even for a moment.
 		if _, err := run(ctx, nil, "ip", "-n", v.a.NetNS, "link", "add", v.aIf, "type", "veth", "peer", "name", v.bIf, "netns", v.b.NetNS); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// offloadFeatures are the ethtool features turned off on every veth end,
+// so that checksums are computed and verified as on a real wire.
+//
+// With TX checksum offload on (the veth default), the kernel hands a
+// locally made segment to the peer as CHECKSUM_PARTIAL, with only the
+// pseudo-header sum in its checksum field, and the receiving namespace
+// trusts it without verifying: an nftables address rewrite with a wrong
+// checksum fix-up would go unnoticed. With it off, the sending veth
+// completes the checksum in software and the receiver verifies it
+// (since Linux 4.4 veth no longer marks such packets as verified).
+// Turning "tx" off also takes TSO off with it (TSO needs checksum
+// offload); "tso off" says so explicitly, so ethtool reports no feature
+// as "requested on". GRO is off by default on veths; it is pinned off
+// because a forwarding host would merge segments into a CHECKSUM_PARTIAL
+// packet, whose rewrite then needs only the pseudo-header part of the
+// fix-up. GSO stays on: it is software segmentation at transmit, which
+// computes each segment's full checksum itself once the device cannot.
+var offloadFeatures = []string{"tx", "off", "tso", "off", "gro", "off"}
+
+// offloadOff applies offloadFeatures to both ends of every veth.
+// `ethtool -K` is idempotent, so Up repairs ends turned back on.
+func offloadOff(ctx context.Context, b *Bed) error {
+	for _, v := range veths(b) {
+		for _, end := range []struct {
+			h   *Host
+			ifc string
+		}{{v.a, v.aIf}, {v.b, v.bIf}} {
+			if _, err := end.h.Run(ctx, "ethtool", append([]string{"-K", end.ifc}, offloadFeatures...)...); err != nil {
+				return fmt.Errorf("turning checksum offload off: %w", err)
+			}
 		}
 	}
 	return nil
