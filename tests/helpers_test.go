@@ -112,24 +112,36 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 // watchRSTs counts the TCP resets the client host sends and receives.
 // It returns a function reading both counters.
 func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
+	return watchRSTsMatching(t, client, "mtcpwatch", "", "")
+}
+
+// watchPortRSTs counts only the resets of connections to the server port
+// port, so that a test case is not charged with what the teardown of an
+// earlier case sends late.
+func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, out int) {
+	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatch%d", port),
+		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port))
+}
+
+func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch string) func() (in, out int) {
 	t.Helper()
-	nft(t, client, `table inet mtcpwatch {
+	nft(t, client, fmt.Sprintf(`table inet %s {
 	counter rst_in {}
 	counter rst_out {}
 	chain in {
 		type filter hook input priority 0
-		tcp flags & rst == rst counter name rst_in
+		%stcp flags & rst == rst counter name rst_in
 	}
 	chain out {
 		type filter hook output priority 0
-		tcp flags & rst == rst counter name rst_out
+		%stcp flags & rst == rst counter name rst_out
 	}
 }
-`)
+`, table, inMatch, outMatch))
 	read := func(name string) int {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		out, err := client.Run(ctx, "nft", "list", "counter", "inet", "mtcpwatch", name)
+		out, err := client.Run(ctx, "nft", "list", "counter", "inet", table, name)
 		if err != nil {
 			t.Fatalf("reading counter %s: %v", name, err)
 		}

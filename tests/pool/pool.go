@@ -95,6 +95,14 @@ type Options struct {
 
 const peerPort = 7700
 
+// RemoveBinaries deletes what Binaries built; call it when the process is
+// done with every pool (TestMain).
+func RemoveBinaries() {
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+}
+
 // Start brings up the pool on bed; everything stops at the test's cleanup.
 func Start(t TB, bed *testbed.Bed, o Options) *Pool {
 	t.Helper()
