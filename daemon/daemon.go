@@ -37,6 +37,9 @@ type Daemon struct {
 	// moved are the flows migrated in and living here, by local tuple:
 	// their Flow keeps the address the client dialled.
 	moved map[app.Tuple]migrate.Flow
+	// adopted are the moved flows their application has taken: once it
+	// stops reporting one, the connection has ended.
+	adopted map[app.Tuple]bool
 	// restoring are transfers restored here, waiting for commit or abort.
 	restoring map[uint64]*incoming
 	// blanks are sockets made ahead of restores, by family.
@@ -52,7 +55,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, restoring: map[uint64]*incoming{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, restoring: map[uint64]*incoming{},
 		blanks: map[bool][]*repair.Blank{}, frozen: map[migrate.Flow]*outgoing{}}
 	var err error
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {

@@ -37,13 +37,16 @@ func (d *Daemon) reap(ctx context.Context) {
 		var b nat.Batch
 		d.mu.Lock()
 		for tu, f := range d.moved {
-			if live[tu] {
+			// A connection being imported is in moved before its
+			// application reports it: only one it has taken can end.
+			if live[tu] || !d.adopted[tu] {
 				continue
 			}
 			if _, frozen := d.frozen[f]; frozen {
 				continue // being migrated away right now
 			}
 			delete(d.moved, tu)
+			delete(d.adopted, tu)
 			ended = append(ended, f)
 			if tu.Local != f.Service {
 				b.Remove(natFlow(f))

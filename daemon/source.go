@@ -230,6 +230,7 @@ func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 		d.mu.Lock()
 		_, movedIn := d.moved[o.tuple]
 		delete(d.moved, o.tuple)
+		delete(d.adopted, o.tuple)
 		d.mu.Unlock()
 		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
 			b.Remove(natFlow(o.flow))

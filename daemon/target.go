@@ -211,6 +211,11 @@ func (d *Daemon) commitOne(ctx context.Context, item *inItem) error {
 		d.mu.Unlock()
 		return err
 	}
+	// The application reported the connection before acknowledging the
+	// import, so from now on its absence from apps.Conns means it ended.
+	d.mu.Lock()
+	d.adopted[t] = true
+	d.mu.Unlock()
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -171,7 +172,7 @@ func BenchmarkMigrationPause(b *testing.B) {
 func BenchmarkDrain10k(b *testing.B) {
 	const n = 10000
 	bed := testbed.ForTest(b)
-	p := pool.Start(b, bed, pool.Options{Quiet: true})
+	p := pool.Start(b, bed, pool.Options{Quiet: os.Getenv("MTCP_VERBOSE") == ""})
 	conns := make([]*net.TCPConn, 0, n)
 	for range n {
 		conns = append(conns, p.Dial(bed.S1, false))
