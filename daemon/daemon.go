@@ -40,6 +40,8 @@ type Daemon struct {
 	// adopted are the moved flows their application has taken: once it
 	// stops reporting one, the connection has ended.
 	adopted map[app.Tuple]bool
+	// missing counts the reaper's sweeps that did not see a moved flow.
+	missing map[app.Tuple]int
 	// restoring are transfers restored here, waiting for commit or abort.
 	restoring map[uint64]*incoming
 	// blanks are sockets made ahead of restores, by family.
@@ -55,7 +57,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, restoring: map[uint64]*incoming{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{},
 		blanks: map[bool][]*repair.Blank{}, frozen: map[migrate.Flow]*outgoing{}}
 	var err error
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {

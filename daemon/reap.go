@@ -38,10 +38,18 @@ func (d *Daemon) reap(ctx context.Context) {
 		d.mu.Lock()
 		for tu, f := range d.moved {
 			// A connection being imported is in moved before its
-			// application reports it: only one it has taken can end.
+			// application reports it, and the report of a connection can
+			// trail the acknowledgement of its import: only a connection
+			// the application has taken and has not reported for two
+			// sweeps in a row has ended.
 			if live[tu] || !d.adopted[tu] {
+				delete(d.missing, tu)
 				continue
 			}
+			if d.missing[tu]++; d.missing[tu] < 2 {
+				continue
+			}
+			delete(d.missing, tu)
 			if _, frozen := d.frozen[f]; frozen {
 				continue // being migrated away right now
 			}
