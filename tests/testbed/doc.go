@@ -19,7 +19,7 @@
 // nothing routes to the machine's real network. Addresses are listed in
 // [Host] and the package-level prefixes ([ClientNet4], [LANNet4], ...).
 //
-// The package only shells out to ip(8), nft(8) and sysctl(8) (through
+// The package only shells out to ip(8), nft(8), sysctl(8) and ethtool(8) (through
 // `ip netns exec`); it does not import mtcp's kernel-facing packages, so the
 // CLI can use it and so can tests of those packages.
 //

@@ -55,7 +55,7 @@ mtcp-NAME-sw (the L2 switch). Testbeds stay until 'mtcpctl testbed down'.
 Testbeds made by tests (namespaces mtt<pid>x<hex>-*) show up in 'status' too;
 they disappear with their test, or at the next test run if it was killed.
 
-'up' and 'down' need root, ip (iproute2), nft, sysctl and nsenter.`,
+'up' and 'down' need root, ip (iproute2), nft, sysctl, nsenter and ethtool.`,
 		Args: subcommandArgs,
 		RunE: missingSubcommand,
 	}
