@@ -8,7 +8,13 @@ import (
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/repair"
 )
+
+// allStates are the TCP states in which a socket is still exchanging
+// segments of its connection.
+var allStates = []repair.TCPState{repair.StateEstablished, repair.StateFinWait1, repair.StateFinWait2,
+	repair.StateCloseWait, repair.StateLastAck, repair.StateClosing}
 
 // ReapInterval is how often the daemon looks for migrated connections that
 // have ended.
@@ -32,6 +38,18 @@ func (d *Daemon) reap(ctx context.Context) {
 			for _, tu := range d.apps.Conns(svc) {
 				live[tu] = true
 			}
+		}
+		// A socket the application closed may still exchange its last
+		// segments (FIN_WAIT, CLOSING, LAST_ACK): its rules stay until
+		// the kernel is done with it. TIME_WAIT is not waited for (60 s):
+		// only a lost last ACK would make the peer repeat its FIN then.
+		kernel, err := repair.List(ctx, repair.ListOptions{States: allStates})
+		if err != nil {
+			d.log.Warn("listing sockets", "err", err)
+			continue
+		}
+		for _, c := range kernel {
+			live[app.Tuple{Local: c.Local, Remote: c.Remote}] = true
 		}
 		var ended []migrate.Flow
 		var b nat.Batch
