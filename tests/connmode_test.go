@@ -80,6 +80,9 @@ func TestEndedFlowRulesGo(t *testing.T) {
 	if got := s.do("QUIT"); got != "BYE" {
 		t.Fatalf("QUIT: %q", got)
 	}
+	// The rules stay while either socket still exchanges its last
+	// segments: close the client's side too.
+	c.Close()
 	eventually(t, 15*time.Second, "the flow's rules to go", func() (bool, string) {
 		e1, e2 := flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")
 		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
