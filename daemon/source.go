@@ -94,18 +94,10 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 	// Discard; a connection still on its first server needs none.)
 	if d.cfg.Steering == "gateway" && b.Len() > 0 {
 		if err := d.nat.Apply(&b); err != nil {
-			return nil, nil, errors.Join(err, s.Thaw(ctx, itemFlows(items)))
+			return nil, nil, errors.Join(err, s.Thaw(ctx, migrate.FlowsOf(items)))
 		}
 	}
 	return items, errs, nil
-}
-
-func itemFlows(items []migrate.Item) []migrate.Flow {
-	fs := make([]migrate.Flow, len(items))
-	for i, it := range items {
-		fs[i] = it.Flow
-	}
-	return fs
 }
 
 func (d *Daemon) frozenTuple(f migrate.Flow) app.Tuple {

@@ -220,7 +220,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		fail(flows, err)
 		rep.Aborted = true
 		var thawErr error
-		if captured := itemFlows(items); len(captured) > 0 {
+		if captured := FlowsOf(items); len(captured) > 0 {
 			thawErr = cleanup(func(ctx context.Context) error { return src.Thaw(ctx, captured) })
 		}
 		return rep, errors.Join(err, thawErr,
@@ -248,7 +248,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		restoreErrs, err = tgt.Transfer(ctx, items)
 		return err
 	}); err != nil {
-		moving := itemFlows(items)
+		moving := FlowsOf(items)
 		fail(moving, err)
 		rep.Aborted = true
 		return rep, errors.Join(err, cleanupErr,
@@ -307,7 +307,8 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	return rep, errors.Join(err, cleanupErr)
 }
 
-func itemFlows(items []Item) []Flow {
+// FlowsOf returns the flows of items, in order.
+func FlowsOf(items []Item) []Flow {
 	fs := make([]Flow, len(items))
 	for i, it := range items {
 		fs[i] = it.Flow

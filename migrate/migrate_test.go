@@ -75,7 +75,7 @@ func (t fakeTarget) Prepare(ctx context.Context, n int) error {
 }
 
 func (t fakeTarget) Transfer(ctx context.Context, items []Item) ([]error, error) {
-	if err := t.call(ctx, "tgt.Transfer", itemFlows(items)); err != nil {
+	if err := t.call(ctx, "tgt.Transfer", FlowsOf(items)); err != nil {
 		return nil, err
 	}
 	errs := make([]error, len(items))
