@@ -39,6 +39,23 @@ func (d *Daemon) reap(ctx context.Context) {
 				live[tu] = true
 			}
 		}
+		// Most sweeps find every moved connection still served: skip the
+		// kernel's socket dump then (it costs seconds with 100k sockets).
+		d.mu.Lock()
+		candidates := false
+		for tu := range d.moved {
+			if !live[tu] && d.adopted[tu] {
+				candidates = true
+				break
+			}
+		}
+		if !candidates {
+			clear(d.missing) // every one was seen: no sweep in a row
+		}
+		d.mu.Unlock()
+		if !candidates {
+			continue
+		}
 		// A socket the application closed may still exchange its last
 		// segments (FIN_WAIT, CLOSING, LAST_ACK): its rules stay until
 		// the kernel is done with it. TIME_WAIT is not waited for (60 s):
