@@ -47,6 +47,7 @@ func (d *Daemon) adminHandler() http.Handler {
 		admin.WriteJSON(w, http.StatusOK, rep)
 	})
 	mux.HandleFunc("POST /v1/drain", d.serveDrain)
+	mux.HandleFunc("POST /v1/process", d.serveProcess)
 	return mux
 }
 

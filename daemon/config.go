@@ -47,6 +47,11 @@ type Config struct {
 	NFQueue uint16 `yaml:"nfqueue"`
 	// Table is the nftables table mtcp owns; default "mtcp".
 	Table string `yaml:"table"`
+	// Policy is the policy file (see package policy) the daemon runs;
+	// "" runs none. It is reloaded on SIGHUP and when it changes.
+	Policy string `yaml:"policy"`
+	// Load says how this server's load is measured (load.go).
+	Load LoadOptions `yaml:"load"`
 }
 
 // PeerConfig is one other member of the pool.
@@ -155,6 +160,12 @@ func (c *Config) validate() error {
 	}
 	if c.Steering == "gateway" && !names[c.Gateway] {
 		bad("gateway: %q is not one of the peers", c.Gateway)
+	}
+	if err := c.Load.check(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Policy != "" && c.Role != "server" {
+		bad("policy: only a server runs a policy (role is %s)", c.Role)
 	}
 	for _, p := range []string{c.AdminSocket, c.AppSocket} {
 		if !strings.HasPrefix(p, "/") {

@@ -49,6 +49,12 @@ type Daemon struct {
 	// frozen are flows captured here, waiting for the verdict.
 	frozen map[migrate.Flow]*outgoing
 	txSeq  uint64
+
+	// proc is process mode's state (process.go).
+	proc *procMode
+
+	// pol is the policy engine and the load measurements (policy.go).
+	pol *policyState
 }
 
 // Run starts the daemon and serves until ctx is done.
@@ -59,6 +65,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
 		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{},
 		blanks: map[bool][]*repair.Blank{}, frozen: map[migrate.Flow]*outgoing{}}
+	d.proc = newProcMode()
 	var err error
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
@@ -67,6 +74,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// must hold at least that. Batches are split to fit (remoteTarget).
 	d.tls.MaxFrame = 2*repair.MaxQueueLen + 1<<20
 	d.tls.Log = log.With("part", "peer")
+	if d.pol, err = newPolicyState(cfg, log); err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
 	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}
@@ -129,8 +139,10 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		go func() { <-ctx.Done(); ms.Close() }()
 	}
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
+	serve("policy", func() error { d.runPolicy(ctx); return nil })
 	if d.apps != nil {
 		serve("reaper", func() error { d.reap(ctx); return nil })
+		go d.checkCRIU(ctx)
 	}
 	log.Info("mtcpd running", "name", cfg.Name, "role", cfg.Role, "steering", cfg.Steering, "peer_listen", cfg.PeerListen, "admin", cfg.AdminSocket)
 

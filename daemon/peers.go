@@ -163,7 +163,7 @@ func (d *Daemon) peerStatus() []admin.PeerStatus {
 
 // Status answers a peer's heartbeat.
 func (d *Daemon) Status(ctx context.Context, from string) (*peer.StatusReply, error) {
-	r := &peer.StatusReply{Name: d.cfg.Name, Load: loadAverage(), Time: time.Now()}
+	r := &peer.StatusReply{Name: d.cfg.Name, Load: loadAverage(), Time: time.Now(), Figures: d.figures()}
 	r.Conns = len(d.localFlows())
 	if d.apps != nil {
 		r.Services = d.apps.Services()

@@ -97,6 +97,12 @@ type StatusReply struct {
 	Conns    int       // connections it serves
 	Services []string  // applications that can receive connections, e.g. ":7000"
 	Time     time.Time // its clock, when it answered
+	// Figures are its measured load and path costs by name, for the
+	// policy engine: "cpu", "run_queue", "memory", "memory_pressure"
+	// (see package policy's Load) and "rtt:<client network>" (the median
+	// RTT, in seconds, of its connections from that network). Nil from
+	// members that report none.
+	Figures map[string]float64
 }
 
 // Steering operations of a [SteerRequest].

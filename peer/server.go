@@ -214,6 +214,14 @@ func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
 			sc.mu.Unlock()
 			continue
 		}
+		if f.typ == msgProcPages {
+			// The connection becomes a raw pages stream; it ends with
+			// the handler.
+			if err := sc.servePages(ctx, f, conn); err != nil && ctx.Err() == nil {
+				sc.log.Warn("peer server: pages stream", "err", err)
+			}
+			return
+		}
 		timeout, req, err := decodeRequest(f)
 		if err != nil {
 			sc.protocolError(err)
@@ -302,6 +310,9 @@ func (sc *serverConn) call(ctx context.Context, t msgType, req body) (rep body, 
 		}
 	}()
 	h, from := sc.s.h, sc.from
+	if rep, ok, err := sc.callProcess(ctx, req); ok {
+		return rep, err
+	}
 	switch r := req.(type) {
 	case *PrepareRequest:
 		rep, err := h.Prepare(ctx, from, r)

@@ -72,6 +72,12 @@ const (
 	msgStatus   msgType = 0x14
 	msgSteer    msgType = 0x15
 
+	// Process mode (process.go).
+	msgProcPrepare msgType = 0x20
+	msgProcRestore msgType = 0x21
+	msgProcFinish  msgType = 0x22
+	msgProcPages   msgType = 0x23 // opens a pages stream: raw bytes follow
+
 	// replyBit marks the successful reply to a request type.
 	replyBit msgType = 0x80
 )
@@ -102,6 +108,14 @@ func (t msgType) String() string {
 		return "Status"
 	case msgSteer:
 		return "Steer"
+	case msgProcPrepare:
+		return "ProcessPrepare"
+	case msgProcRestore:
+		return "ProcessRestore"
+	case msgProcFinish:
+		return "ProcessFinish"
+	case msgProcPages:
+		return "pages stream"
 	}
 	return fmt.Sprintf("message type 0x%02x", uint8(t))
 }
@@ -571,6 +585,16 @@ func (r *StatusReply) encode(e *encoder) {
 		e.str(s)
 	}
 	e.time(r.Time)
+	keys := make([]string, 0, len(r.Figures))
+	for k := range r.Figures {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	e.length(len(keys), "figures")
+	for _, k := range keys {
+		e.str(k)
+		e.u64(math.Float64bits(r.Figures[k]))
+	}
 }
 
 func (r *StatusReply) decode(d *decoder) {
@@ -584,6 +608,13 @@ func (r *StatusReply) decode(d *decoder) {
 		}
 	}
 	r.Time = d.time()
+	if n := d.count(minString+8, "figures"); n > 0 {
+		r.Figures = make(map[string]float64, n)
+		for range n {
+			k := d.str()
+			r.Figures[k] = math.Float64frombits(d.u64())
+		}
+	}
 }
 
 func (r *SteerRequest) encode(e *encoder) {
@@ -657,7 +688,7 @@ func requestBody(t msgType) body {
 	case msgSteer:
 		return new(SteerRequest)
 	}
-	return nil
+	return processBody(t)
 }
 
 // decodeRequest decodes a request frame's payload: its timeout and body.

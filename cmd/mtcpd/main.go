@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/mtcp-dev/mtcp/daemon"
+	"github.com/mtcp-dev/mtcp/policy"
 )
 
 func main() {
@@ -37,6 +38,12 @@ Flags:
 		os.Exit(2)
 	}
 	if *check {
+		if cfg.Policy != "" {
+			if _, err := policy.LoadFile(cfg.Policy); err != nil {
+				fmt.Fprintln(os.Stderr, "mtcpd:", err)
+				os.Exit(2)
+			}
+		}
 		fmt.Println("mtcpd: configuration OK")
 		return
 	}
@@ -47,6 +54,9 @@ Flags:
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP) // reload the policy file
+	ctx = daemon.WithReload(ctx, hup)
 	if err := daemon.Run(ctx, cfg, log); err != nil {
 		log.Error("mtcpd stopped", "err", err)
 		os.Exit(1)

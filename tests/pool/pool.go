@@ -7,6 +7,8 @@ package pool
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
@@ -68,6 +70,11 @@ func Binaries(t TB) string {
 
 // Pool is a running pool on a testbed: mtcpd on s1, s2, s3 (and the
 // gateway with gateway steering) and an application on each server.
+//
+// It runs on either harness of tests/testbed ([testbed.ForTest]): on the
+// VMs of the vagrant harness the binaries are copied to each VM, each
+// host's files live in its own VM, and admin clients reach each daemon's
+// socket through an ssh-forwarded unix socket.
 type Pool struct {
 	t     TB
 	Bed   *testbed.Bed
@@ -75,6 +82,9 @@ type Pool struct {
 	procs map[string]*exec.Cmd
 	ca    *peer.CA
 	opts  Options
+
+	fwdMu sync.Mutex
+	fwd   map[*testbed.Host]string // local paths of remote admin sockets
 }
 
 // Options shape a pool; zero values give the defaults.
@@ -84,6 +94,8 @@ type Options struct {
 	// App is the application every server runs: "mtcp-kv" (default) or
 	// "mtcp-bulk".
 	App string
+	// AppArgs are extra arguments for every server's application.
+	AppArgs []string
 	// Port is the application's port; default 7000.
 	Port uint16
 	// Env adds environment variables to the named process ("mtcpd-s2",
@@ -91,6 +103,9 @@ type Options struct {
 	Env map[string][]string
 	// Quiet keeps the processes' output out of the test log.
 	Quiet bool
+	// Policy, when set, is the policy file every server's mtcpd runs,
+	// with load scope netns and a metrics endpoint (policy.go).
+	Policy string
 }
 
 const peerPort = 7700
@@ -116,13 +131,11 @@ func Start(t TB, bed *testbed.Bed, o Options) *Pool {
 		o.Port = 7000
 	}
 	Binaries(t)
-	p := &Pool{t: t, Bed: bed, dir: t.TempDir(), procs: map[string]*exec.Cmd{}, opts: o}
+	p := &Pool{t: t, Bed: bed, dir: t.TempDir(), procs: map[string]*exec.Cmd{}, opts: o, fwd: map[*testbed.Host]string{}}
 	var err error
 	if p.ca, err = peer.NewCA("mtcp-test-pool", time.Hour); err != nil {
 		t.Fatalf("%v", err)
 	}
-	caPEM, _ := p.ca.PEM()
-	os.WriteFile(filepath.Join(p.dir, "ca.pem"), caPEM, 0o600)
 	members := bed.Servers()
 	if o.Steering == "gateway" {
 		members = append(members, bed.Gateway)
@@ -154,23 +167,101 @@ func ctlAddr(h *testbed.Host) netip.Addr {
 	return h.LAN4
 }
 
-func (p *Pool) hostDir(h *testbed.Host) string { return filepath.Join(p.dir, h.Name) }
+// hostDir is the directory of h's files (certificates, configuration,
+// sockets) on h: under the test's temporary directory for a host of this
+// machine, under the bed's directory on a remote VM (which Bed.Down
+// removes).
+func (p *Pool) hostDir(h *testbed.Host) string {
+	if h.Remote() {
+		return filepath.Join(testbed.VMRunDir, p.Bed.Prefix, filepath.Base(p.dir), h.Name)
+	}
+	return filepath.Join(p.dir, h.Name)
+}
 
-// Admin returns a client of h's mtcpd admin socket.
+// writeFile writes a file on h, failing the test on error.
+func (p *Pool) writeFile(h *testbed.Host, path string, data []byte, perm os.FileMode) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := h.WriteFile(ctx, path, data, perm); err != nil {
+		p.t.Fatalf("%v", err)
+	}
+}
+
+// Admin returns a client of h's mtcpd admin socket (on a remote VM, of a
+// local socket that ssh forwards to it, made on first use and closed at
+// the test's cleanup).
 func (p *Pool) Admin(h *testbed.Host) *admin.Client {
-	return admin.NewClient(filepath.Join(p.hostDir(h), "admin.sock"))
+	path := filepath.Join(p.hostDir(h), "admin.sock")
+	if !h.Remote() {
+		return admin.NewClient(path)
+	}
+	p.fwdMu.Lock()
+	defer p.fwdMu.Unlock()
+	if local, ok := p.fwd[h]; ok {
+		return admin.NewClient(local)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	local, stop, err := h.ForwardUnix(ctx, path)
+	if err != nil {
+		p.t.Fatalf("%v", err)
+	}
+	p.fwd[h] = local
+	p.t.Cleanup(stop)
+	return admin.NewClient(local)
+}
+
+// The binaries copied to remote VMs, by VM and name: the path there.
+var (
+	remoteBinMu sync.Mutex
+	remoteBins  = map[string]string{}
+)
+
+// Bin returns the path, on host h, of the binary name that [Binaries]
+// built (mtcpd, mtcpctl, mtcp-kv, mtcp-bulk): for a remote VM it copies
+// the binary there first, once per process, into a cache directory named
+// after the binary's checksum.
+func (p *Pool) Bin(h *testbed.Host, name string) string {
+	p.t.Helper()
+	local := filepath.Join(Binaries(p.t), name)
+	if !h.Remote() {
+		return local
+	}
+	key := testbed.MgmtAddr(h).String() + "/" + name
+	remoteBinMu.Lock()
+	defer remoteBinMu.Unlock()
+	if path, ok := remoteBins[key]; ok {
+		return path
+	}
+	data, err := os.ReadFile(local)
+	if err != nil {
+		p.t.Fatalf("%v", err)
+	}
+	sum := sha256.Sum256(data)
+	path := filepath.Join("/var/cache/mtcp-testbed/bin", hex.EncodeToString(sum[:8]), name)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := h.Run(ctx, "test", "-x", path); err != nil {
+		if err := h.WriteFile(ctx, path, data, 0o755); err != nil {
+			p.t.Fatalf("copying %s to %s: %v", name, h.Name, err)
+		}
+	}
+	remoteBins[key] = path
+	return path
 }
 
 func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 	t := p.t
 	dir := p.hostDir(h)
-	os.MkdirAll(dir, 0o700)
 	cert, key, err := p.ca.Issue(h.Name, []netip.Addr{ctlAddr(h)}, nil, time.Hour)
 	if err != nil {
 		t.Fatalf("%v", err)
 	}
-	os.WriteFile(filepath.Join(dir, "cert.pem"), cert, 0o600)
-	os.WriteFile(filepath.Join(dir, "key.pem"), key, 0o600)
+	caPEM, _ := p.ca.PEM()
+	p.writeFile(h, filepath.Join(dir, "ca.pem"), caPEM, 0o600)
+	p.writeFile(h, filepath.Join(dir, "cert.pem"), cert, 0o600)
+	p.writeFile(h, filepath.Join(dir, "key.pem"), key, 0o600)
 	var b strings.Builder
 	role := "server"
 	if h == p.Bed.Gateway {
@@ -184,7 +275,7 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 		fmt.Fprintf(&b, "service_addrs: [%s, %q]\n", h.LAN4, h.LAN6.String())
 	}
 	fmt.Fprintf(&b, "peer_listen: %s\n", netip.AddrPortFrom(ctlAddr(h), peerPort))
-	fmt.Fprintf(&b, "tls: {ca: %s, cert: %s, key: %s}\n", filepath.Join(p.dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+	fmt.Fprintf(&b, "tls: {ca: %s, cert: %s, key: %s}\n", filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
 	fmt.Fprintf(&b, "admin_socket: %s\napp_socket: %s\n", filepath.Join(dir, "admin.sock"), filepath.Join(dir, "app.sock"))
 	b.WriteString("peers:\n")
 	for _, m := range members {
@@ -196,9 +287,10 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 			fmt.Fprintf(&b, "    service_addrs: [%s, %q]\n", m.LAN4, m.LAN6.String())
 		}
 	}
+	b.WriteString(p.policyConfig(h, dir))
 	cfg := filepath.Join(dir, "mtcpd.yaml")
-	os.WriteFile(cfg, []byte(b.String()), 0o600)
-	p.Spawn(h, "mtcpd-"+h.Name, filepath.Join(Binaries(t), "mtcpd"), "-config", cfg)
+	p.writeFile(h, cfg, []byte(b.String()), 0o600)
+	p.Spawn(h, "mtcpd-"+h.Name, p.Bin(h, "mtcpd"), "-config", cfg)
 	Eventually(t, 15*time.Second, h.Name+"'s mtcpd to answer", func() (bool, string) {
 		_, err := p.Admin(h).Status(context.Background())
 		return err == nil, fmt.Sprint(err)
@@ -206,16 +298,18 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 }
 
 func (p *Pool) startApp(h *testbed.Host) {
-	p.Spawn(h, "app-"+h.Name, filepath.Join(Binaries(p.t), p.opts.App),
-		"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name)
+	args := append([]string{"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name}, p.opts.AppArgs...)
+	p.Spawn(h, "app-"+h.Name, p.Bin(h, p.opts.App), args...)
 }
 
 // Spawn starts a process in h's network namespace only (nsenter --net),
-// logging its output to the test, and kills it at cleanup.
+// logging its output to the test, and kills it at cleanup. On a remote VM
+// it runs there (path is a path on the VM: see [Pool.Bin]), and the
+// returned command is its local ssh client: signal it with [Pool.Signal]
+// or testbed.Signal.
 func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.Cmd {
 	t := p.t
-	cmd := h.Command(context.Background(), path, args...)
-	cmd.Env = append(os.Environ(), p.opts.Env[name]...)
+	cmd := h.CommandEnv(context.Background(), p.opts.Env[name], path, args...)
 	out, _ := cmd.StdoutPipe()
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Start(); err != nil {
@@ -233,7 +327,7 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 	}()
 	p.procs[name] = cmd
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
+		testbed.Signal(cmd, syscall.SIGTERM)
 		waited := make(chan error, 1)
 		go func() { waited <- cmd.Wait() }()
 		select {
@@ -317,5 +411,5 @@ func (p *Pool) Signal(name string, sig os.Signal) error {
 	if !ok {
 		return fmt.Errorf("no process %s", name)
 	}
-	return cmd.Process.Signal(sig)
+	return testbed.Signal(cmd, sig)
 }

@@ -33,6 +33,24 @@
 // bed's namespaces and deletes them; [Leftovers] reports anything that
 // remains.
 //
+// # Two harnesses
+//
+// [ForTest] gives a test a bed of the harness the environment variable
+// MTCP_HARNESS selects ([Harness]): "netns" (the default) builds the
+// namespaces above; "vagrant" returns the VMs of the repository's
+// Vagrantfile ([Vagrant]), with the same hosts, networks and addresses
+// (vmplan.go), when the test binary runs inside the client VM
+// (tests/vagrant/run-tests.sh). The Host methods a test uses — Run, Nft,
+// Command, CommandEnv, WriteFile, ForwardUnix, and [Signal] and [PID] for
+// started commands — work on both: on a VM other than the client they run
+// over ssh on a management network, and the processes they start are
+// marked so that a reset kills them. Code that enters a host's namespace
+// in the test process (nat/netns.Do on [Host.NetNSPath]) works for the
+// client only under vagrant; such tests call [RequireNetns]. vm_test.go
+// runs the VM-side operations (network script, reset, commands, signals)
+// against a namespace standing in for a VM, so CI exercises all of the
+// vagrant harness but its ssh transport.
+//
 // # Privileges
 //
 // Root (CAP_SYS_ADMIN and CAP_NET_ADMIN), and iproute2, nftables and

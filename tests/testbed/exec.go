@@ -27,6 +27,11 @@ func (l *lockedBuffer) Write(p []byte) (int, error) {
 // run runs a command and returns its standard output. The error names the
 // command and carries its combined output.
 func run(ctx context.Context, stdin []byte, name string, args ...string) ([]byte, error) {
+	return runAs(ctx, stdin, cmdline(name, args), name, args...)
+}
+
+// runAs is run with the command shown in errors as shown.
+func runAs(ctx context.Context, stdin []byte, shown, name string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
@@ -40,9 +45,9 @@ func run(ctx context.Context, stdin []byte, name string, args ...string) ([]byte
 	if err := cmd.Run(); err != nil {
 		msg := strings.TrimSpace(combined.b.String())
 		if msg == "" {
-			return stdout.Bytes(), fmt.Errorf("%s: %w", cmdline(name, args), err)
+			return stdout.Bytes(), fmt.Errorf("%s: %w", shown, err)
 		}
-		return stdout.Bytes(), fmt.Errorf("%s: %w: %s", cmdline(name, args), err, msg)
+		return stdout.Bytes(), fmt.Errorf("%s: %w: %s", shown, err, msg)
 	}
 	return stdout.Bytes(), nil
 }

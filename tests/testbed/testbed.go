@@ -101,6 +101,9 @@ type Host struct {
 	// Ctl4 and Ctl6 are the host's control-network addresses. Zero for the
 	// client, the gateway and the switch.
 	Ctl4, Ctl6 netip.Addr
+
+	// vm is set for the hosts of the vagrant harness (see vm.go).
+	vm *vmHost
 }
 
 var prefixRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -161,10 +164,32 @@ func (b *Bed) Host(name string) *Host {
 
 // NetNSPath returns the file of the host's namespace, /run/netns/<NetNS>,
 // for setns(2), `nsenter --net=` or nat/netns.Do.
-func (h *Host) NetNSPath() string { return filepath.Join(netnsDir, h.NetNS) }
+//
+// Under the vagrant harness the client VM's is the test process's own
+// (/proc/PID/ns/net: the test binary runs in the client VM), and a remote host's (see
+// [Host.Remote]) is a path that does not exist, naming the reason, so
+// that entering it fails with an error that says why.
+func (h *Host) NetNSPath() string {
+	if h.vm != nil {
+		if h.vm.local {
+			// The test process's own namespace. Under this harness no
+			// thread of the process ever enters another one (the
+			// other hosts' paths name no file), so the thread group
+			// leader's namespace is the process's.
+			return fmt.Sprintf("/proc/%d/ns/net", os.Getpid())
+		}
+		return "/nonexistent/" + h.Name + "-is-a-separate-VM-under-" + HarnessEnv + "=" + HarnessVagrant
+	}
+	return filepath.Join(netnsDir, h.NetNS)
+}
 
-// Exists reports whether the host's namespace is present on this machine.
+// Exists reports whether the host's namespace is present on this machine
+// (under the vagrant harness: whether the host is a VM, not the switch,
+// which that harness does not have).
 func (h *Host) Exists() bool {
+	if h.vm != nil {
+		return !h.vm.absent
+	}
 	_, err := os.Stat(h.NetNSPath())
 	return err == nil
 }
@@ -176,7 +201,13 @@ func (h *Host) Exists() bool {
 // `ip netns exec` also gives the command a private mount namespace (with
 // /sys remounted for the namespace). CRIU refuses to dump a process set up
 // that way: start processes that may be checkpointed with [Host.Command].
+//
+// Under the vagrant harness the command runs on the host's VM, over ssh
+// for a remote one, as root.
 func (h *Host) Run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	if h.vm != nil {
+		return h.vm.sh(ctx, nil, shJoin(name, args))
+	}
 	out, err := run(ctx, nil, "ip", append([]string{"netns", "exec", h.NetNS, name}, args...)...)
 	if err != nil {
 		return out, fmt.Errorf("testbed: %s (netns %s): %w", h.Name, h.NetNS, err)
@@ -190,13 +221,26 @@ func (h *Host) Run(ctx context.Context, name string, args ...string) ([]byte, er
 // namespace, so the process can be checkpointed by CRIU. The caller starts
 // and waits for it; ctx kills it as exec.CommandContext does. A process
 // still running when the bed goes down is killed by [Bed.Down].
+//
+// On a remote host of the vagrant harness the command is a local ssh
+// client running the process on the VM: the command's pid is the ssh
+// client's, so signal the process with [Signal] and find its pid with
+// [PID]; ctx ends the remote process too, and [Bed.Down] kills what is
+// left. Set the process's environment with [Host.CommandEnv].
 func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	if h.vm != nil {
+		return h.vm.command(ctx, nil, name, args)
+	}
 	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + h.NetNSPath(), "--", name}, args...)...)
 }
 
 // Nft loads an nftables script into the host's namespace (`nft -f -`).
 // The script is applied as one transaction: all of it or nothing.
 func (h *Host) Nft(ctx context.Context, script string) error {
+	if h.vm != nil {
+		_, err := h.vm.sh(ctx, []byte(script), "nft -f -")
+		return err
+	}
 	if _, err := run(ctx, []byte(script), "ip", "netns", "exec", h.NetNS, "nft", "-f", "-"); err != nil {
 		return fmt.Errorf("testbed: %s (netns %s): %w", h.Name, h.NetNS, err)
 	}
@@ -207,7 +251,13 @@ func (h *Host) Nft(ctx context.Context, script string) error {
 // they are gone and deletes the namespaces, which removes all their links,
 // addresses, routes and nftables tables. Namespaces already absent are
 // skipped, so Down can be called again or on a half-built bed.
+//
+// Under the vagrant harness Down resets the VMs instead (see [Vagrant]) and
+// fails if a process the bed started or an nftables table survived.
 func (b *Bed) Down(ctx context.Context) error {
+	if b.Client.vm != nil {
+		return b.downVMs(ctx)
+	}
 	var errs []error
 	for _, h := range b.Hosts() {
 		if err := removeNetNS(ctx, h.NetNS); err != nil {

@@ -86,6 +86,7 @@ func testContext(t *testing.T) context.Context {
 
 func skipUnlessRoot(t *testing.T) {
 	t.Helper()
+	testbed.RequireNetns(t)
 	if reason := testbed.SkipReason(); reason != "" {
 		t.Skip(reason)
 	}
@@ -221,6 +222,7 @@ func checkConnectivity(t *testing.T, ctx context.Context, b *testbed.Bed) {
 }
 
 func TestBed(t *testing.T) {
+	testbed.RequireNetns(t) // these tests check the namespace testbed itself
 	b := testbed.ForTest(t)
 	ctx := testContext(t)
 
@@ -324,6 +326,7 @@ func str(a netip.Addr) string {
 }
 
 func TestUpIdempotentAndRepairs(t *testing.T) {
+	testbed.RequireNetns(t) // these tests check the namespace testbed itself
 	b := testbed.ForTest(t)
 	ctx := testContext(t)
 
@@ -360,6 +363,7 @@ func TestUpIdempotentAndRepairs(t *testing.T) {
 }
 
 func TestTwoBedsCoexist(t *testing.T) {
+	testbed.RequireNetns(t) // these tests check the namespace testbed itself
 	a := testbed.ForTest(t)
 	b := testbed.ForTest(t)
 	ctx := testContext(t)
@@ -470,6 +474,7 @@ func waitFor(ctx context.Context, cond func() bool) error {
 // (a pid above the kernel's PID_MAX_LIMIT, 2^22, cannot exist) and spares
 // the beds of live processes.
 func TestSweep(t *testing.T) {
+	testbed.RequireNetns(t) // these tests check the namespace testbed itself
 	live := testbed.ForTest(t)
 	ctx := testContext(t)
 	const deadPID = 999999999
@@ -802,6 +807,7 @@ func dialCorrupted(t *testing.T, ctx context.Context, h, to *testbed.Host, dst n
 // unverified once TX checksum offload is back on along its path (the veth
 // default), which is the hole the setting closes. Up puts it right again.
 func TestChecksumOffloadOff(t *testing.T) {
+	testbed.RequireNetns(t) // these tests check the namespace testbed itself
 	b := testbed.ForTest(t)
 	ctx := testContext(t)
 	checkOffloadOff(t, ctx, b)

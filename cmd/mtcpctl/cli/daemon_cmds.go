@@ -73,9 +73,10 @@ func newMigrateCmd() *cobra.Command {
 	var output outputFormat
 	var sock, to, service string
 	var flows []string
-	var all bool
+	var all, process bool
+	var pid int
 	cmd := &cobra.Command{
-		Use:   "migrate (--flow CLIENT_IP:PORT... | --service :PORT | --all) --to PEER",
+		Use:   "migrate (--flow CLIENT_IP:PORT... | --service :PORT | --all | --pid PID) --to PEER",
 		Short: "Move live connections to another server of the pool",
 		Long: `Move live TCP connections from this server to the peer PEER. Their clients
 keep their connections and the address they dialled; at most they notice a
@@ -84,12 +85,32 @@ are switched to PEER, they carry on here as if nothing had happened.
 
 Select the connections with --flow (the client's address, repeatable),
 --service (every connection of an application service, e.g. :7000) or
---all. Exit status 3 means some connections moved and some did not.`,
+--all. Exit status 3 means some connections moved and some did not.
+
+Process mode moves a whole process instead (with CRIU ≥ 4.2 on both
+servers): its memory, threads, files and every established TCP connection,
+for servers that do not use mtcp's app library. --pid PID selects the
+process. --service :PORT selects the process that owns the listener on
+PORT when no application registered with mtcpd serves PORT (mtcpctl status
+lists those); --process forces process mode for --service. Each phase is
+printed as it finishes (freeze, dump, transfer, restore, switch). If the
+restore fails, the process carries on here with its connections. The same
+binaries and files must exist on both servers.`,
 		Example: `  sudo mtcpctl migrate --flow 10.77.1.2:41234 --to s2
   sudo mtcpctl migrate --service :7000 --to s3
-  sudo mtcpctl migrate --all --to s2 -o json`,
+  sudo mtcpctl migrate --all --to s2 -o json
+  sudo mtcpctl migrate --pid 4242 --to s2              # process mode
+  sudo mtcpctl migrate --service :6379 --to s2         # process mode if no app serves :6379`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if pid != 0 || process {
+				return migrateProcess(cmd, sock, output, pid, service, process, len(flows) > 0 || all, to)
+			}
+			if service != "" && to != "" {
+				if port, ok := processService(cmd, sock, service); ok {
+					return migrateProcess(cmd, sock, output, 0, ":"+fmt.Sprint(port), true, false, to)
+				}
+			}
 			n := 0
 			for _, set := range []bool{len(flows) > 0, service != "", all} {
 				if set {
@@ -119,6 +140,8 @@ Select the connections with --flow (the client's address, repeatable),
 	cmd.Flags().StringSliceVar(&flows, "flow", nil, "client address IP:PORT of a connection to move (repeatable)")
 	cmd.Flags().StringVar(&service, "service", "", "move every connection of this application service (e.g. :7000)")
 	cmd.Flags().BoolVar(&all, "all", false, "move every migratable connection")
+	cmd.Flags().IntVar(&pid, "pid", 0, "process mode: move the process PID (CRIU) with all its connections")
+	cmd.Flags().BoolVar(&process, "process", false, "process mode for --service: move the process that owns the listener")
 	cmd.Flags().StringVar(&to, "to", "", "name of the peer to move them to")
 	addOutputFlag(cmd, &output)
 	addAdminFlag(cmd, &sock)

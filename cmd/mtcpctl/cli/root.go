@@ -103,6 +103,7 @@ Exit status: 0 on success, 1 when the command failed, 2 on a usage error,
 		newStatusCmd(),
 		newTestbedCmd(),
 		newCertsCmd(),
+		newPolicyCmd(),
 	)
 	return root
 }

@@ -1,0 +1,39 @@
+//go:build !linux
+
+package criu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+)
+
+var errNotLinux = fmt.Errorf("%w: CRIU runs only on Linux: %w", ErrUnavailable, errors.ErrUnsupported)
+
+// Check reports that CRIU is unavailable: it runs only on Linux.
+func Check(ctx context.Context, o Options) (Version, error) {
+	return Version{}, &OpError{Op: "version", Err: errNotLinux}
+}
+
+// Dump reports that CRIU is unavailable: it runs only on Linux.
+func Dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
+	return nil, &OpError{Op: "dump", Err: errNotLinux}
+}
+
+// PageServerOptions say where ServePages puts the pages.
+type PageServerOptions struct {
+	Options
+	Dir  string
+	Conn io.ReadWriter
+}
+
+// ServePages reports that CRIU is unavailable: it runs only on Linux.
+func ServePages(ctx context.Context, o PageServerOptions) error {
+	return &OpError{Op: "page server", Err: errNotLinux}
+}
+
+// Restore reports that CRIU is unavailable: it runs only on Linux.
+func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+	return nil, &OpError{Op: "restore", Err: errNotLinux}
+}

@@ -1,0 +1,63 @@
+// Package criu checkpoints and restores whole processes with CRIU, for
+// mtcp's process mode: a stock server (redis-server, say) moves from one
+// server of the pool to another with its memory, threads, files and
+// established TCP connections.
+//
+// It speaks CRIU's RPC protocol to a `criu swrk` child, with the message
+// types of github.com/checkpoint-restore/go-criu/v7/rpc; the `criu`
+// command line is never parsed. It runs swrk itself, the way runc does,
+// rather than through go-criu's Criu type, because a dump that streams its
+// memory must hand swrk one more descriptor (the page-server socket) and
+// go-criu's Criu cannot pass extra descriptors.
+//
+// # What moves how
+//
+// [Dump] checkpoints a process tree. Its memory pages go through
+// DumpOptions.Pages, an io.ReadWriter (in mtcp a mutual-TLS connection to
+// the target), to a [ServePages] at the other end, while CRIU is still
+// dumping: the pages, the bulk of a checkpoint, are never written on the
+// source. The other images (registers, file table, sockets, TCP queues:
+// kilobytes to a few megabytes) are written to DumpOptions.Dir, which
+// should be on a tmpfs, and are sent after the dump. On the target,
+// ServePages writes the pages into its directory (a tmpfs again: restore
+// reads them once, at memory speed) and [Restore] restores from there.
+//
+// DumpOptions.LeaveStopped keeps the dumped tree alive but stopped, with
+// its TCP sockets in repair mode (CRIU leaves them so): the source can be
+// thrown away once the target runs (SIGKILL: a socket closed in repair
+// mode sends nothing), or resumed if the restore fails (take the sockets
+// out of repair mode, then SIGCONT). CRIU's own network lock is not used
+// (network lock "skip"): mtcp holds the flows with its nftables rules, so
+// nothing of CRIU's is left in any namespace.
+//
+// # Addresses
+//
+// CRIU restores a socket with its original local address, and the kernel
+// refuses to connect a socket from an address that is not local. [Rewrite]
+// edits the checkpoint's socket entries (files.img) before the restore so
+// that sockets bound to the source's service address are restored on the
+// target's own; nftables then gives the client the address it dialled, as
+// in connection mode.
+//
+// # Requirements
+//
+// CRIU 4.2 or newer ([MinVersion]; [Check] says what to do when it is
+// missing or older: criu 3.17 cannot run on Linux 6.13 or later, and 4.1.x
+// cannot dump TCP sockets on 6.16 or later), root, and a kernel with
+// checkpoint/restore support. The dump and the restore run in the calling
+// process's network namespace: call them from inside the server's
+// namespace (the daemon's), so that CRIU treats it as the host's. A
+// process in the same PID namespace as CRIU is restored with its own PID,
+// which must be free on the target: on hosts that share a PID namespace
+// (the testbed), run the server in a PID namespace of its own
+// (`unshare --pid --fork setsid redis-server ...`).
+//
+// # Tests
+//
+// Pure tests cover the image rewriting (on images built in the test) and
+// version parsing. The others need root and a CRIU ≥ 4.2 and skip with the
+// reason otherwise: they dump a real process in a network namespace,
+// stream its pages through a loopback TCP connection and restore it in
+// another namespace. The end-to-end tests of process mode (redis-server
+// moved between testbed servers under load) are in tests/.
+package criu

@@ -1,0 +1,53 @@
+package daemon
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/policy"
+)
+
+func TestPolicyConfig(t *testing.T) {
+	c, err := ParseConfig([]byte(goodConfig + "policy: /etc/mtcp/policy.yaml\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Load.Scope != LoadScopeHost || c.Policy != "/etc/mtcp/policy.yaml" {
+		t.Fatalf("load %+v policy %q", c.Load, c.Policy)
+	}
+	for _, tc := range []struct{ name, yaml, want string }{
+		{"bad scope", goodConfig + "load: {scope: cgroup}\n", `load: scope "cgroup" is not host or netns`},
+		{"unknown load key", goodConfig + "load:\n  scope: netns\n  every: 1s\n", "line 12: field every not found"},
+		{"policy on a gateway", goodConfig + "role: gateway\npolicy: /p.yaml\n", "only a server runs a policy"},
+	} {
+		_, err := ParseConfig([]byte(tc.yaml))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: error %v, want it to mention %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// TestFigures: what a daemon reports in its heartbeats is what its
+// peers' engines read back.
+func TestFigures(t *testing.T) {
+	v4 := netip.MustParsePrefix("10.77.1.0/24")
+	v6 := netip.MustParsePrefix("fd77:1::/64")
+	conns := []policy.Conn{
+		{Client: netip.MustParseAddrPort("10.77.1.2:1"), RTT: 3 * time.Millisecond},
+		{Client: netip.MustParseAddrPort("10.77.1.9:2"), RTT: 90 * time.Millisecond},
+		{Client: netip.MustParseAddrPort("10.77.1.2:3"), RTT: 5 * time.Millisecond},
+		{Client: netip.MustParseAddrPort("[fd77:1::2]:4"), RTT: 7 * time.Millisecond},
+		{Client: netip.MustParseAddrPort("[fd77:1::2]:5")}, // no RTT yet: ignored
+	}
+	d := &Daemon{pol: &policyState{load: policy.Load{CPU: 0.5, RunQueue: 2, Memory: 0.25, MemoryPressure: 0.01}, paths: medianPaths(conns)}}
+	f := d.figures()
+	if got := loadOf(f); got != (policy.Load{CPU: 0.5, RunQueue: 2, Memory: 0.25, MemoryPressure: 0.01}) {
+		t.Fatalf("load %+v from %v", got, f)
+	}
+	paths := pathsOf(f)
+	if len(paths) != 2 || paths[v4] != 5*time.Millisecond || paths[v6] != 7*time.Millisecond {
+		t.Fatalf("paths %v from %v (want the medians 5ms and 7ms)", paths, f)
+	}
+}

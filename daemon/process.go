@@ -1,0 +1,518 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/criu"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
+)
+
+// Process mode: a whole process moves with CRIU (see criu/ and the peer
+// package's Process messages). The transaction, from the source:
+//
+//	prepare   the target makes a directory (tmpfs) and checks its CRIU
+//	hold      the process's connections are held at their steering points
+//	          (NFQUEUE, as in connection mode: packets wait, none is lost)
+//	freeze,   CRIU freezes and dumps the process, left stopped with its
+//	dump      sockets in repair mode; the pages stream to the target
+//	transfer  the other images and the connections go to the target, which
+//	          rewrites the sockets' local address to its own, installs the
+//	          reply-source rewrites (before the process can send) and
+//	restore   restores the process (its sockets leave repair mode there)
+//	switch    the steering points send the connections to the target and
+//	          re-deliver the held packets
+//	commit    the stopped source is killed (sockets in repair mode close
+//	          silently), its rules go; the target keeps the process.
+//
+// Any failure before the switch aborts: the target kills what it restored
+// and removes its rules, the source's sockets leave repair mode, the
+// process gets SIGCONT and the held packets are re-delivered to it.
+
+// procMode is the daemon's process-mode state.
+type procMode struct {
+	mu sync.Mutex
+	// flows are the connections of processes restored here whose socket
+	// address differs from the address their client dialled, by local
+	// tuple.
+	flows map[app.Tuple]migrate.Flow
+	// in are the migrations arriving here, by transaction.
+	in map[uint64]*procIn
+}
+
+func newProcMode() *procMode {
+	return &procMode{flows: map[app.Tuple]migrate.Flow{}, in: map[uint64]*procIn{}}
+}
+
+// criuOpts is how the daemon runs CRIU.
+func (d *Daemon) criuOpts() criu.Options { return criu.Options{} }
+
+// checkCRIU logs, at start, whether process mode can work here.
+func (d *Daemon) checkCRIU(ctx context.Context) {
+	v, err := criu.Check(ctx, d.criuOpts())
+	if err != nil {
+		d.log.Warn("process mode (CRIU) unavailable; connection mode works without it", "err", err)
+		return
+	}
+	d.log.Info("process mode available", "criu", v.String())
+}
+
+// imageDir makes a directory for a checkpoint on a tmpfs when there is
+// one: the images are read once, right away, and must not outlive a
+// reboot.
+func imageDir(prefix string) (string, error) {
+	base := os.TempDir()
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		base = "/dev/shm"
+	}
+	return os.MkdirTemp(base, prefix)
+}
+
+// procSocket is one TCP connection of a migrating process.
+type procSocket struct {
+	conn  repair.Conn
+	owner repair.Owner // one descriptor of the process that holds it
+	flow  migrate.Flow
+}
+
+// treeOf returns pid and its descendants.
+func treeOf(pid int) ([]int, error) {
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+		return nil, fmt.Errorf("no process %d on this server", pid)
+	}
+	children := map[int][]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if pp := ppidOf(p); pp > 0 {
+			children[pp] = append(children[pp], p)
+		}
+	}
+	tree := []int{pid}
+	for i := 0; i < len(tree); i++ {
+		tree = append(tree, children[tree[i]]...)
+	}
+	return tree, nil
+}
+
+// ppidOf reads the parent of pid from /proc (0 if it cannot).
+func ppidOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 2 {
+		return 0
+	}
+	pp, _ := strconv.Atoi(f[1])
+	return pp
+}
+
+func commOf(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return strings.TrimSpace(string(b))
+}
+
+// listenerOwner finds the process that owns the TCP listener on port: the
+// root of the owners' tree when several processes share it (workers).
+func listenerOwner(ctx context.Context, port uint16) (int, error) {
+	ls, err := repair.List(ctx, repair.ListOptions{States: []repair.TCPState{repair.StateListen}, Owners: true, Port: port})
+	if err != nil {
+		return 0, err
+	}
+	owners := map[int]bool{}
+	for _, l := range ls {
+		for _, o := range l.Owners {
+			owners[o.PID] = true
+		}
+	}
+	for p := range owners {
+		if !owners[ppidOf(p)] {
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("no process listens on TCP port %d on this server", port)
+}
+
+// procSockets lists the TCP connections of the tree and the flows they
+// are, refusing connections that cannot move.
+func (d *Daemon) procSockets(ctx context.Context, tree []int) ([]procSocket, error) {
+	in := map[int]bool{}
+	for _, p := range tree {
+		in[p] = true
+	}
+	conns, err := repair.List(ctx, repair.ListOptions{Owners: true})
+	if err != nil {
+		return nil, err
+	}
+	var out []procSocket
+	for _, c := range conns {
+		var mine, others []repair.Owner
+		for _, o := range c.Owners {
+			if in[o.PID] {
+				mine = append(mine, o)
+			} else {
+				others = append(others, o)
+			}
+		}
+		if len(mine) == 0 {
+			continue
+		}
+		if len(others) > 0 {
+			return nil, fmt.Errorf("connection %v->%v is shared with process %d (%s) outside the migrating process", c.Remote, c.Local, others[0].PID, others[0].Comm)
+		}
+		if err := c.Migratable(); err != nil {
+			return nil, fmt.Errorf("connection %v->%v cannot move: %w", c.Remote, c.Local, err)
+		}
+		if c.Remote.Addr().IsLoopback() || d.isOwnAddr(c.Remote.Addr()) {
+			return nil, fmt.Errorf("connection %v->%v is local to this server: a process talking to its own host cannot move", c.Remote, c.Local)
+		}
+		t := app.Tuple{Local: c.Local, Remote: c.Remote}
+		d.proc.mu.Lock()
+		f, ok := d.proc.flows[t]
+		d.proc.mu.Unlock()
+		if !ok {
+			f = migrate.Flow{Client: c.Remote, Service: c.Local}
+		}
+		out = append(out, procSocket{conn: c, owner: mine[0], flow: f})
+	}
+	return out, nil
+}
+
+func (d *Daemon) isOwnAddr(a netip.Addr) bool {
+	p, ok := d.owner(a.Unmap())
+	return ok && p == ""
+}
+
+func flowsOf(socks []procSocket) []migrate.Flow {
+	out := make([]migrate.Flow, len(socks))
+	for i, s := range socks {
+		out[i] = s.flow
+	}
+	return out
+}
+
+// MigrateProcess moves a whole process to the peer r.To, reporting each
+// finished phase to progress. It returns the report; Error is set when
+// the process stayed here.
+func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, progress func(admin.ProcessPhase)) *admin.ProcessReport {
+	rep := &admin.ProcessReport{To: r.To, PID: r.PID, Phases: []admin.ProcessPhase{}}
+	start := time.Now()
+	err := d.migrateProcess(ctx, r, rep, func(name string, took time.Duration) {
+		p := admin.ProcessPhase{Name: name, Took: took}
+		rep.Phases = append(rep.Phases, p)
+		processPhaseSeconds.WithLabelValues(name).Observe(took.Seconds())
+		if progress != nil {
+			progress(p)
+		}
+	})
+	if err != nil {
+		rep.Aborted = true
+		rep.Error = err.Error()
+		processMigrations.WithLabelValues("aborted").Inc()
+		d.log.Warn("process migration aborted", "pid", rep.PID, "to", r.To, "err", err)
+	} else {
+		processMigrations.WithLabelValues("moved").Inc()
+		processPauseSeconds.Observe(rep.Pause.Seconds())
+		d.log.Info("process migrated", "pid", rep.PID, "new_pid", rep.NewPID, "to", r.To, "conns", rep.Conns, "pause", rep.Pause, "took", time.Since(start))
+	}
+	return rep
+}
+
+func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, rep *admin.ProcessReport, phase func(string, time.Duration)) error {
+	if d.apps == nil {
+		return fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
+	}
+	if r.To == d.cfg.Name {
+		return fmt.Errorf("the process is already on %s", r.To)
+	}
+	pcfg, ok := d.cfg.Peer(r.To)
+	if !ok {
+		return fmt.Errorf("%q is not a peer of %s", r.To, d.cfg.Name)
+	}
+	if (r.PID > 0) == (r.Port > 0) {
+		return errors.New("give exactly one of a pid and a port")
+	}
+	if _, err := criu.Check(ctx, d.criuOpts()); err != nil {
+		return err
+	}
+	pid := r.PID
+	if r.Port > 0 {
+		var err error
+		if pid, err = listenerOwner(ctx, r.Port); err != nil {
+			return err
+		}
+	}
+	rep.PID = pid
+	if pid == os.Getpid() || pid == 1 {
+		return fmt.Errorf("process %d cannot be migrated", pid)
+	}
+	rep.Command = commOf(pid)
+	tree, err := treeOf(pid)
+	if err != nil {
+		return err
+	}
+	socks, err := d.procSockets(ctx, tree)
+	if err != nil {
+		return err
+	}
+	rep.Conns = len(socks)
+	flows := flowsOf(socks)
+
+	c, err := d.peer(ctx, r.To)
+	if err != nil {
+		return err
+	}
+	tx := d.nextTx()
+	t0 := time.Now()
+	if err := c.ProcessPrepare(ctx, &peer.ProcessPrepareRequest{TxID: tx, Name: rep.Command}); err != nil {
+		return fmt.Errorf("prepare on %s: %w", r.To, err)
+	}
+	// From here on the target holds state for tx: abort it on failure.
+	finish := func(reason string) {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Reason: reason}); err != nil {
+			d.log.Warn("process migration: aborting on the target", "to", r.To, "err", err)
+		}
+	}
+	pages, err := peer.DialPages(ctx, pcfg.Addr, r.To, d.tls, tx)
+	if err != nil {
+		finish(err.Error())
+		return err
+	}
+	defer pages.Close()
+	dir, err := imageDir("mtcp-out-")
+	if err != nil {
+		finish(err.Error())
+		return err
+	}
+	defer os.RemoveAll(dir)
+	phase("prepare", time.Since(t0))
+
+	holdStart := time.Now()
+	if len(flows) > 0 {
+		if err := (steering{d}).Hold(ctx, flows); err != nil {
+			(steering{d}).Unhold(context.WithoutCancel(ctx), flows)
+			finish(err.Error())
+			return fmt.Errorf("hold: %w", err)
+		}
+	}
+	phase(admin.PhaseHold, time.Since(holdStart))
+	// abort lets the process carry on here.
+	abort := func(cause error) error {
+		finish(cause.Error())
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		err := errors.Join(thawTree(tree, socks), (steering{d}).Unhold(actx, flows))
+		if err != nil {
+			d.log.Error("process migration: resuming the source", "pid", pid, "err", err)
+		}
+		return errors.Join(cause, err)
+	}
+
+	dumpStart := time.Now()
+	res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, Pages: pages, LeaveStopped: true})
+	pages.Close()
+	if err != nil {
+		return abort(err)
+	}
+	phase(admin.PhaseFreeze, res.Freezing)
+	phase(admin.PhaseDump, res.Took-res.Freezing)
+	rep.Pages = res.PagesWritten
+
+	t0 = time.Now()
+	req := &peer.ProcessRestoreRequest{TxID: tx}
+	names, err := criu.Images(dir)
+	if err != nil {
+		return abort(err)
+	}
+	for _, n := range names {
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			return abort(err)
+		}
+		req.Files = append(req.Files, peer.ImageFile{Name: n, Data: b})
+		rep.ImageBytes += int64(len(b))
+	}
+	for _, s := range socks {
+		req.Flows = append(req.Flows, peer.ProcessFlow{Flow: peer.FlowID{Client: s.flow.Client, Service: s.flow.Service}, Local: s.conn.Local})
+	}
+	req.Rewrite = append(req.Rewrite, d.cfg.ServiceAddrs...)
+	req.Age = time.Since(dumpStart)
+	rr, err := c.ProcessRestore(ctx, req)
+	if err != nil {
+		return abort(fmt.Errorf("restore on %s: %w", r.To, err))
+	}
+	rep.NewPID = rr.PID
+	phase(admin.PhaseTransfer, time.Since(t0)-rr.Restore)
+	phase(admin.PhaseRestore, rr.Restore)
+
+	t0 = time.Now()
+	if err := d.switchProcess(ctx, flows, pcfg); err != nil {
+		// Steer back whatever moved: to this host's address, which is
+		// where the flows went before.
+		var back []error
+		for _, v6 := range []bool{false, true} {
+			if fs := familyFlows(flows, v6); len(fs) > 0 {
+				if own, ok := d.cfg.ServiceAddr(v6); ok {
+					back = append(back, (steering{d}).Switch(context.WithoutCancel(ctx), fs, own))
+				}
+			}
+		}
+		return abort(errors.Join(fmt.Errorf("switch: %w", err), errors.Join(back...)))
+	}
+	phase(admin.PhaseSwitch, time.Since(t0))
+	rep.Pause = time.Since(holdStart)
+
+	// Commit: the target runs the process and owns the connections.
+	t0 = time.Now()
+	var errs []error
+	for _, p := range tree {
+		if err := syscall.Kill(p, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("killing the source process %d: %w", p, err))
+		}
+	}
+	// Its sockets, in repair mode, close silently, but until they are
+	// closed their timers still retransmit: the reply rewrites of a
+	// process that came here must stay until it is dead, or a
+	// retransmission would leave with this host's address and the client
+	// would answer it with a RST.
+	if err := waitDead(tree, 5*time.Second); err != nil {
+		errs = append(errs, err)
+	}
+	var b nat.Batch
+	d.proc.mu.Lock()
+	for _, s := range socks {
+		t := app.Tuple{Local: s.conn.Local, Remote: s.conn.Remote}
+		if _, ok := d.proc.flows[t]; ok {
+			delete(d.proc.flows, t)
+			b.Remove(natFlow(s.flow))
+		}
+	}
+	d.proc.mu.Unlock()
+	if b.Len() > 0 {
+		errs = append(errs, d.nat.Apply(&b))
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Commit: true}); err != nil {
+		errs = append(errs, fmt.Errorf("commit on %s: %w", r.To, err))
+	}
+	phase(admin.PhaseCommit, time.Since(t0))
+	if err := errors.Join(errs...); err != nil {
+		// The process runs on the target: this is not an abort.
+		d.log.Error("process migration: commit", "pid", pid, "err", err)
+	}
+	return nil
+}
+
+// switchProcess sends the flows to the target, one batch per family.
+func (d *Daemon) switchProcess(ctx context.Context, flows []migrate.Flow, pcfg PeerConfig) error {
+	for _, v6 := range []bool{false, true} {
+		fs := familyFlows(flows, v6)
+		if len(fs) == 0 {
+			continue
+		}
+		to, ok := pickFamily(pcfg.ServiceAddrs, v6)
+		if !ok {
+			return fmt.Errorf("%s has no service address of the family of %v", pcfg.Name, fs[0])
+		}
+		if err := (steering{d}).Switch(ctx, fs, to); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func familyFlows(flows []migrate.Flow, v6 bool) []migrate.Flow {
+	var out []migrate.Flow
+	for _, f := range flows {
+		if f.Client.Addr().Unmap().Is6() == v6 {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// waitDead waits until every thread of the tree has exited (gone or a
+// zombie: its descriptors are closed), at most timeout.
+func waitDead(tree []int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, p := range tree {
+		for !threadsDead(p) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the source process %d still runs %v after SIGKILL", p, timeout)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// threadsDead reports whether every thread of pid is gone or a zombie.
+func threadsDead(pid int) bool {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return true
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, e.Name()))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X' {
+			return false
+		}
+	}
+	return true
+}
+
+// thawTree lets a dumped, stopped tree carry on: its TCP sockets leave
+// repair mode (CRIU left them in it; a copy of each descriptor is taken
+// with pidfd_getfd), then every process gets SIGCONT.
+func thawTree(tree []int, socks []procSocket) error {
+	var errs []error
+	for _, s := range socks {
+		c, err := repair.TakeConn(s.owner.PID, s.owner.FD)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fr, err := repair.Freeze(c)
+		if err == nil {
+			err = fr.Thaw()
+		}
+		errs = append(errs, err, c.Close())
+	}
+	for _, p := range tree {
+		if err := syscall.Kill(p, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,243 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/app"
+	"github.com/mtcp-dev/mtcp/criu"
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+)
+
+// procIn is a process migration arriving here.
+type procIn struct {
+	from    string
+	name    string
+	dir     string     // the checkpoint (tmpfs)
+	pages   chan error // the pages stream's outcome, once
+	started bool       // a pages stream was opened
+	pid     int        // the restored process, once restored
+	rules   []nat.Flow // flows given a reply rewrite here
+	flows   map[app.Tuple]migrate.Flow
+	expire  *time.Timer // discards the migration if the source vanishes
+}
+
+// clockMargin is added to the age of a checkpoint when the restored
+// connections' timestamp clocks are moved forward: it covers the time from
+// that adjustment to the moment CRIU sets each clock during the restore,
+// and the request's transit. Running ahead costs nothing; lagging behind
+// the source's last retransmission makes the client drop segments.
+const clockMargin = time.Second
+
+// procInTimeout bounds how long a migration may stay unfinished here.
+const procInTimeout = 2 * time.Minute
+
+func (d *Daemon) procIn(tx uint64, from string) (*procIn, error) {
+	d.proc.mu.Lock()
+	defer d.proc.mu.Unlock()
+	in, ok := d.proc.in[tx]
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("no process migration %d waiting on %s", tx, d.cfg.Name)
+	case in.from != from:
+		return nil, fmt.Errorf("process migration %d on %s belongs to %s, not %s", tx, d.cfg.Name, in.from, from)
+	}
+	return in, nil
+}
+
+// ProcessPrepare makes room for a process coming from a peer.
+func (d *Daemon) ProcessPrepare(ctx context.Context, from string, r *peer.ProcessPrepareRequest) error {
+	if d.apps == nil {
+		return fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
+	}
+	if _, err := criu.Check(ctx, d.criuOpts()); err != nil {
+		return err
+	}
+	dir, err := imageDir("mtcp-in-")
+	if err != nil {
+		return err
+	}
+	in := &procIn{from: from, name: r.Name, dir: dir, pages: make(chan error, 1), flows: map[app.Tuple]migrate.Flow{}}
+	d.proc.mu.Lock()
+	if _, dup := d.proc.in[r.TxID]; dup {
+		d.proc.mu.Unlock()
+		os.RemoveAll(dir)
+		return fmt.Errorf("process migration %d is already under way on %s", r.TxID, d.cfg.Name)
+	}
+	d.proc.in[r.TxID] = in
+	in.expire = time.AfterFunc(procInTimeout, func() {
+		d.ProcessFinish(context.Background(), from, &peer.ProcessFinishRequest{TxID: r.TxID, Reason: "no commit within " + procInTimeout.String()})
+	})
+	d.proc.mu.Unlock()
+	return nil
+}
+
+// ProcessPages receives the memory pages of a migration while the source
+// dumps.
+func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn net.Conn) error {
+	in, err := d.procIn(tx, from)
+	if err != nil {
+		return err
+	}
+	d.proc.mu.Lock()
+	if in.started {
+		d.proc.mu.Unlock()
+		return fmt.Errorf("process migration %d already has a pages stream", tx)
+	}
+	in.started = true
+	d.proc.mu.Unlock()
+	err = criu.ServePages(ctx, criu.PageServerOptions{Options: d.criuOpts(), Dir: in.dir, Conn: conn})
+	in.pages <- err
+	return err
+}
+
+// ProcessRestore writes the images next to the pages, rewrites the
+// sockets' local address to this host's, installs the reply rewrites and
+// restores the process.
+func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.ProcessRestoreRequest) (*peer.ProcessRestoreReply, error) {
+	in, err := d.procIn(r.TxID, from)
+	if err != nil {
+		return nil, err
+	}
+	rep := &peer.ProcessRestoreReply{}
+	t0 := time.Now()
+	if r.Age < 0 {
+		return nil, fmt.Errorf("process migration %d: negative checkpoint age %v", r.TxID, r.Age)
+	}
+	d.proc.mu.Lock()
+	started := in.started
+	d.proc.mu.Unlock()
+	if started {
+		select {
+		case err := <-in.pages:
+			if err != nil {
+				return nil, fmt.Errorf("receiving the pages: %w", err)
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for the pages: %w", ctx.Err())
+		}
+	}
+	rep.Wait = time.Since(t0)
+	for _, f := range r.Files {
+		if !criu.ValidImageName(f.Name) {
+			return nil, fmt.Errorf("refusing image file name %q", f.Name)
+		}
+		path := filepath.Join(in.dir, f.Name)
+		if _, err := os.Lstat(path); err == nil {
+			return nil, fmt.Errorf("image file %q sent twice", f.Name)
+		}
+		if err := os.WriteFile(path, f.Data, 0o600); err != nil {
+			return nil, err
+		}
+	}
+	rewrite := map[netip.Addr]netip.Addr{}
+	for _, a := range r.Rewrite {
+		a = a.Unmap()
+		if own, ok := d.cfg.ServiceAddr(a.Is6()); ok && own != a {
+			rewrite[a] = own
+		}
+	}
+	if rep.Rewritten, err = criu.Rewrite(in.dir, rewrite); err != nil {
+		return nil, err
+	}
+	// The stopped source's sockets retransmit with their live timestamp
+	// clocks until the source kills them: the restored clocks must not
+	// start behind those.
+	if _, err := criu.AdvanceClocks(in.dir, r.Age+time.Since(t0)+clockMargin); err != nil {
+		return nil, err
+	}
+	// The reply rewrites go in before the restore: the restored sockets
+	// send (a window probe when they leave repair mode) at once, and a
+	// segment from this host's own address would make the client answer
+	// with a RST.
+	var b nat.Batch
+	for _, pf := range r.Flows {
+		f := migrate.Flow{Client: pf.Flow.Client, Service: pf.Flow.Service}
+		local := pf.Local
+		if to, ok := rewrite[local.Addr().Unmap()]; ok {
+			local = netip.AddrPortFrom(to, local.Port())
+		}
+		if local.Addr().Unmap() != f.Service.Addr().Unmap() {
+			b.ReplyFrom(natFlow(f), local)
+			in.rules = append(in.rules, natFlow(f))
+			in.flows[app.Tuple{Local: local, Remote: f.Client}] = f
+		}
+	}
+	if b.Len() > 0 {
+		if err := d.nat.Apply(&b); err != nil {
+			in.rules = nil
+			return nil, fmt.Errorf("installing reply rewrites: %w", err)
+		}
+	}
+	res, err := criu.Restore(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir})
+	if err != nil {
+		return nil, err
+	}
+	rep.PID, rep.Restore = res.PID, res.Took
+	d.proc.mu.Lock()
+	in.pid = res.PID
+	d.proc.mu.Unlock()
+	// The restored process is this daemon's child (CRIU's restore
+	// sibling): reap it when it exits.
+	if p, err := os.FindProcess(res.PID); err == nil {
+		go p.Wait()
+	}
+	d.log.Info("process restored", "from", from, "tx", r.TxID, "name", in.name, "pid", res.PID, "conns", len(r.Flows), "rewritten", rep.Rewritten, "restore", res.Took)
+	return rep, nil
+}
+
+// ProcessFinish commits a migration (the process stays, its connections'
+// rewrites are remembered) or aborts it (the restored process is killed
+// after its rewrites are gone, so that what it sends on dying cannot
+// reach the client as the service).
+func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.ProcessFinishRequest) error {
+	d.proc.mu.Lock()
+	in, ok := d.proc.in[r.TxID]
+	if ok && in.from != from {
+		d.proc.mu.Unlock()
+		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
+	}
+	delete(d.proc.in, r.TxID)
+	if ok && r.Commit {
+		for t, f := range in.flows {
+			d.proc.flows[t] = f
+		}
+	}
+	d.proc.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	in.expire.Stop()
+	defer os.RemoveAll(in.dir)
+	if r.Commit {
+		return nil
+	}
+	var errs []error
+	if len(in.rules) > 0 {
+		var b nat.Batch
+		for _, f := range in.rules {
+			b.Remove(f)
+		}
+		errs = append(errs, d.nat.Apply(&b))
+	}
+	if in.pid > 0 {
+		if tree, err := treeOf(in.pid); err == nil {
+			for _, p := range tree {
+				if err := syscall.Kill(p, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	d.log.Info("process migration aborted", "from", from, "tx", r.TxID, "reason", r.Reason)
+	return errors.Join(errs...)
+}

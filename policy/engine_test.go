@@ -1,0 +1,408 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+
+func mustParse(t *testing.T, s string) *Policy {
+	t.Helper()
+	pol, err := Parse([]byte(s))
+	if err != nil {
+		t.Fatalf("policy: %v\n%s", err, s)
+	}
+	return pol
+}
+
+// conns makes n connections from 10.77.1.2 (IPv4) to :7000, ports from
+// base.
+func conns(n, base int) []Conn {
+	out := make([]Conn, n)
+	for i := range out {
+		out[i] = Conn{
+			Client:  netip.AddrPortFrom(netip.MustParseAddr("10.77.1.2"), uint16(base+i)),
+			Service: netip.MustParseAddrPort("10.77.2.11:7000"), App: ":7000",
+			RTT: time.Millisecond,
+		}
+	}
+	return out
+}
+
+func peer(name string, l Load, at time.Time) Peer {
+	return Peer{Server: Server{Name: name, Load: l, Services: []string{":7000"}}, LastSeen: at}
+}
+
+// snap is a pool of s1 (self), s2, s3, all up at now.
+func snap(now time.Time, self Load, s2, s3 Load, cs []Conn) Snapshot {
+	self.Conns = len(cs)
+	return Snapshot{Now: now, Heartbeat: time.Second, Self: Server{Name: "s1", Load: self, Services: []string{":7000"}},
+		Peers: []Peer{peer("s2", s2, now), peer("s3", s3, now)}, Conns: cs}
+}
+
+// ruleDecision returns the decision of the named rule.
+func ruleDecision(t *testing.T, ds []Decision, rule string) Decision {
+	t.Helper()
+	for _, d := range ds {
+		if d.Rule == rule {
+			return d
+		}
+	}
+	t.Fatalf("no decision for rule %s in %+v", rule, ds)
+	return Decision{}
+}
+
+func moves(d Decision) string {
+	var parts []string
+	for _, m := range d.Moves {
+		parts = append(parts, fmt.Sprintf("%s:%d", m.To, len(m.Conns)))
+	}
+	return strings.Join(parts, ",")
+}
+
+// TestCPURule walks one rule through time: "for", then acting, cooldown,
+// acting again, and the hysteresis of clear.
+func TestCPURule(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: hot
+    service: ":7000"
+    when: {cpu: {above: 0.5, clear: 0.3, for: 2s}}
+    migrate: {fraction: 0.5, to: least_loaded, by: cpu, margin: 0.1}
+    cooldown: 5s
+`)
+	e := NewEngine(pol)
+	idle := Load{CPU: 0.05}
+	cs := conns(8, 1000)
+	for i, step := range []struct {
+		at         time.Duration
+		cpu        float64
+		n          int // connections here
+		wantReason string
+		wantMoves  string
+	}{
+		{0, 0.2, 8, ReasonNotTriggered, ""},
+		{1 * time.Second, 0.7, 8, ReasonPending, ""},
+		{2 * time.Second, 0.7, 8, ReasonPending, ""},
+		{3 * time.Second, 0.7, 8, ReasonTriggered, "s2:4"},
+		{4 * time.Second, 0.7, 4, ReasonCooldown, ""},
+		{7 * time.Second, 0.45, 4, ReasonCooldown, ""}, // below 0.5 but above clear: still fired
+		{8 * time.Second, 0.45, 4, ReasonTriggered, "s2:2"},
+		{9 * time.Second, 0.25, 2, ReasonNotTriggered, ""},  // below clear
+		{14 * time.Second, 0.45, 2, ReasonNotTriggered, ""}, // must cross 0.5 again
+	} {
+		ds := e.Decide(snap(t0.Add(step.at), Load{CPU: step.cpu}, idle, Load{CPU: 0.08}, cs[:step.n]))
+		d := ruleDecision(t, ds, "hot")
+		if d.Reason != step.wantReason || moves(d) != step.wantMoves {
+			t.Fatalf("step %d (t+%v, cpu %.2f): %s %q (%s), want %s %q", i, step.at, step.cpu, d.Reason, moves(d), d.Detail, step.wantReason, step.wantMoves)
+		}
+		if d.Reason == ReasonTriggered && !strings.Contains(d.Detail, "least_loaded by cpu: s2") {
+			t.Errorf("step %d: detail %q does not say why s2", i, d.Detail)
+		}
+	}
+}
+
+func TestLeastLoadedChoice(t *testing.T) {
+	rule := `
+rules:
+  - name: hot
+    when: {cpu: {above: 0.5}}
+    migrate: {count: 3, by: cpu, margin: 0.1}
+`
+	for _, tc := range []struct {
+		name     string
+		self     float64
+		peers    []Peer
+		maint    string
+		want     string // moves
+		wantNo   string // in the detail when nothing moves
+		wantDesc string
+	}{
+		{name: "lowest wins", self: 0.9, peers: []Peer{peer("s2", Load{CPU: 0.3}, t0), peer("s3", Load{CPU: 0.1}, t0)}, want: "s3:3"},
+		{name: "within margin, fewer conns wins", self: 0.9,
+			peers: []Peer{peer("s2", Load{CPU: 0.10, Conns: 9}, t0), peer("s3", Load{CPU: 0.15, Conns: 2}, t0)}, want: "s3:3"},
+		{name: "peer down", self: 0.9, peers: []Peer{peer("s2", Load{CPU: 0.1}, t0.Add(-time.Minute)), peer("s3", Load{CPU: 0.3}, t0)}, want: "s3:3"},
+		{name: "maintenance", self: 0.9, maint: "s3", peers: []Peer{peer("s2", Load{CPU: 0.3}, t0), peer("s3", Load{CPU: 0.1}, t0)}, want: "s2:3"},
+		{name: "no application", self: 0.9, peers: []Peer{{Server: Server{Name: "s2", Load: Load{CPU: 0.1}}, LastSeen: t0}}, wantNo: "s2 has no live application on port 7000"},
+		{name: "target would trigger", self: 0.95, peers: []Peer{peer("s2", Load{CPU: 0.6}, t0)}, wantNo: "would trigger the rule there"},
+		{name: "not less loaded by the margin", self: 0.55, peers: []Peer{peer("s2", Load{CPU: 0.48}, t0)}, wantNo: "s2's cpu 0.48 is not below this server's 0.55 by more than 0.10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pol := mustParse(t, rule)
+			if tc.maint != "" {
+				pol.Maintenance = []string{tc.maint}
+			}
+			e := NewEngine(pol)
+			s := snap(t0, Load{CPU: tc.self}, Load{}, Load{}, conns(5, 1000))
+			s.Peers = tc.peers
+			// The engine learns who is up from the first snapshot.
+			e.start = t0.Add(-10 * time.Second)
+			d := ruleDecision(t, e.Decide(s), "hot")
+			if got := moves(d); got != tc.want {
+				t.Fatalf("moves %q, want %q (%s: %s)", got, tc.want, d.Reason, d.Detail)
+			}
+			if tc.wantNo != "" && (d.Reason != ReasonNoTarget || !strings.Contains(d.Detail, tc.wantNo)) {
+				t.Fatalf("%s: %q, want no_target saying %q", d.Reason, d.Detail, tc.wantNo)
+			}
+		})
+	}
+}
+
+// TestBalanceConverges runs two engines that each balance connection
+// counts against the other, carrying out their moves: the counts even
+// out and then nothing moves (no ping-pong).
+func TestBalanceConverges(t *testing.T) {
+	src := `
+rules:
+  - name: balance
+    when: {conns: {above: 2}}
+    migrate: {fraction: 1, by: conns}
+    cooldown: 1s
+limits: {conn_cooldown: 0s}
+`
+	engines := map[string]*Engine{"s1": NewEngine(mustParse(t, src)), "s2": NewEngine(mustParse(t, src))}
+	have := map[string][]Conn{"s1": conns(15, 1000), "s2": conns(1, 2000)}
+	other := map[string]string{"s1": "s2", "s2": "s1"}
+	movesSeen := 0
+	var lastMove time.Duration
+	for i := range 40 {
+		now := t0.Add(time.Duration(i) * 500 * time.Millisecond)
+		for _, name := range []string{"s1", "s2"} {
+			o := other[name]
+			s := Snapshot{Now: now, Heartbeat: time.Second,
+				Self:  Server{Name: name, Load: Load{Conns: len(have[name])}, Services: []string{":7000"}},
+				Peers: []Peer{peer(o, Load{Conns: len(have[o])}, now)}, Conns: have[name]}
+			for _, d := range engines[name].Decide(s) {
+				for _, m := range d.Moves {
+					movesSeen++
+					lastMove = now.Sub(t0)
+					for _, c := range m.Conns {
+						have[name] = slices.DeleteFunc(have[name], func(x Conn) bool { return x == c })
+						have[m.To] = append(have[m.To], c)
+					}
+				}
+			}
+		}
+	}
+	if a, b := len(have["s1"]), len(have["s2"]); a-b > 1 || b-a > 1 {
+		t.Fatalf("not balanced: s1 %d, s2 %d", a, b)
+	}
+	if movesSeen > 3 || lastMove > 5*time.Second {
+		t.Fatalf("%d moves, the last at t+%v: the engines kept moving", movesSeen, lastMove)
+	}
+}
+
+func TestPathCost(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: slow
+    when: {rtt: {above: 40ms, for: 1s}}
+    migrate: {to: path_cost, margin: 0.3}
+    cooldown: 1s
+`)
+	e := NewEngine(pol)
+	v4 := netip.MustParsePrefix("10.77.1.0/24")
+	v6 := netip.MustParsePrefix("fd77:1::/64")
+	cs := conns(3, 1000)
+	cs[0].RTT = 80 * time.Millisecond
+	cs[1].RTT = 60 * time.Millisecond
+	cs[2].RTT = 2 * time.Millisecond // healthy: stays
+	c6 := Conn{Client: netip.MustParseAddrPort("[fd77:1::2]:5000"), Service: netip.MustParseAddrPort("[fd77:2::11]:7000"), App: ":7000", RTT: 90 * time.Millisecond}
+	cs = append(cs, c6)
+	mk := func(now time.Time) Snapshot {
+		s := snap(now, Load{}, Load{}, Load{}, cs)
+		s.Peers[0].Paths = map[netip.Prefix]time.Duration{v4: 5 * time.Millisecond, v6: 80 * time.Millisecond}
+		s.Peers[1].Paths = map[netip.Prefix]time.Duration{v4: 1 * time.Millisecond}
+		return s
+	}
+	if d := ruleDecision(t, e.Decide(mk(t0)), "slow"); d.Reason != ReasonPending {
+		t.Fatalf("first look: %s (%s), want pending", d.Reason, d.Detail)
+	}
+	d := ruleDecision(t, e.Decide(mk(t0.Add(time.Second))), "slow")
+	// The two slow IPv4 connections go to s3 (1ms); the IPv6 one stays:
+	// s2's 80ms is not 30% below its 90ms.
+	if d.Reason != ReasonTriggered || moves(d) != "s3:2" || d.Trigger != "rtt" {
+		t.Fatalf("%s %q trigger %q (%s)", d.Reason, moves(d), d.Trigger, d.Detail)
+	}
+	if d.Moves[0].Conns[0].RTT != 80*time.Millisecond {
+		t.Fatalf("the worst connection should go first: %+v", d.Moves[0].Conns)
+	}
+	if !strings.Contains(d.Detail, "[fd77:1::2]:5000: s2's 80ms") {
+		t.Fatalf("detail %q does not say why the IPv6 connection stays", d.Detail)
+	}
+}
+
+func TestRetransmitRate(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: lossy
+    when: {retransmits: {above: 5}}
+    migrate: {to: weighted}
+`)
+	e := NewEngine(pol)
+	cs := conns(2, 1000)
+	for i, step := range []struct {
+		at      time.Duration
+		retrans [2]uint32
+		want    string
+	}{
+		{0, [2]uint32{100, 0}, ""},                // the first sample only sets the base
+		{time.Second, [2]uint32{103, 1}, ""},      // 3/s and 1/s
+		{2 * time.Second, [2]uint32{120, 2}, "1"}, // 17/s: the first one
+	} {
+		cs[0].TotalRetrans, cs[1].TotalRetrans = step.retrans[0], step.retrans[1]
+		d := ruleDecision(t, e.Decide(snap(t0.Add(step.at), Load{}, Load{}, Load{}, cs)), "lossy")
+		if got := fmt.Sprint(d.Count()); (step.want == "" && d.Count() != 0) || (step.want != "" && got != step.want) {
+			t.Fatalf("step %d: moves %q (%s: %s), want %s", i, moves(d), d.Reason, d.Detail, step.want)
+		}
+	}
+}
+
+func TestWeighted(t *testing.T) {
+	for _, tc := range []struct {
+		weights string
+		n       int
+		want    string
+	}{
+		{"", 10, "s2:5,s3:5"},
+		{"weights: {s2: 3, s3: 1}", 8, "s2:6,s3:2"},
+		{"weights: {s2: 1, s3: 1}", 3, "s2:2,s3:1"},
+		{"weights: {s2: 0, s3: 1}", 4, "s3:4"},
+	} {
+		t.Run(tc.weights, func(t *testing.T) {
+			pol := mustParse(t, fmt.Sprintf(`
+rules:
+  - name: w
+    when: {conns: {above: 0}}
+    migrate: {to: weighted, count: %d, %s}
+`, tc.n, tc.weights))
+			d := ruleDecision(t, NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, conns(20, 1000))), "w")
+			if moves(d) != tc.want {
+				t.Fatalf("moves %q, want %q (%s)", moves(d), tc.want, d.Detail)
+			}
+		})
+	}
+}
+
+func TestLimits(t *testing.T) {
+	t.Run("rate limit", func(t *testing.T) {
+		pol := mustParse(t, `
+limits: {rate: 5, per: 10s}
+rules:
+  - name: drain
+    when: {maintenance: true}
+    migrate: {count: 3, to: weighted}
+    cooldown: 1s
+maintenance: [s1]
+`)
+		e := NewEngine(pol)
+		cs := conns(20, 1000)
+		var got []string
+		for i := range 6 {
+			d := ruleDecision(t, e.Decide(snap(t0.Add(time.Duration(i)*2*time.Second), Load{}, Load{}, Load{}, cs)), "drain")
+			got = append(got, fmt.Sprintf("%s:%d", d.Reason, d.Count()))
+			for _, m := range d.Moves {
+				for _, c := range m.Conns {
+					cs = slices.DeleteFunc(cs, func(x Conn) bool { return x == c })
+				}
+			}
+		}
+		// 3 at t0, 2 at t+2s (5 in 10s), then nothing until the first
+		// batch leaves the window at t+10s.
+		want := "triggered:3 triggered:2 rate_limit:0 rate_limit:0 rate_limit:0 triggered:3"
+		if strings.Join(got, " ") != want {
+			t.Fatalf("got %s, want %s", strings.Join(got, " "), want)
+		}
+	})
+	t.Run("connection cooldown", func(t *testing.T) {
+		pol := mustParse(t, `
+limits: {conn_cooldown: 30s}
+rules:
+  - name: drain
+    when: {maintenance: true}
+maintenance: [s1]
+`)
+		cs := conns(4, 1000)
+		cs[0].Arrived = t0.Add(-10 * time.Second)
+		cs[1].Arrived = t0.Add(-40 * time.Second)
+		d := ruleDecision(t, NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, cs)), "drain")
+		if d.Count() != 3 {
+			t.Fatalf("moves %q, want the 3 that did not arrive in the last 30s (%s)", moves(d), d.Detail)
+		}
+		cs = cs[:1]
+		d = ruleDecision(t, NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, cs)), "drain")
+		if d.Reason != ReasonNothingToMove || !strings.Contains(d.Detail, "1 arrived less than 30s ago") {
+			t.Fatalf("%s: %s", d.Reason, d.Detail)
+		}
+	})
+	t.Run("dry run", func(t *testing.T) {
+		pol := mustParse(t, `
+dry_run: true
+limits: {rate: 2}
+rules:
+  - name: drain
+    when: {maintenance: true}
+    cooldown: 0s
+maintenance: [s1]
+`)
+		e := NewEngine(pol)
+		for i := range 3 {
+			d := ruleDecision(t, e.Decide(snap(t0.Add(time.Duration(i)*time.Second), Load{}, Load{}, Load{}, conns(4, 1000))), "drain")
+			// A dry run moves nothing, so it never uses up the rate.
+			if !d.DryRun || d.Reason != ReasonTriggered || d.Count() != 2 {
+				t.Fatalf("decision %d: dry %v %s %d (%s)", i, d.DryRun, d.Reason, d.Count(), d.Detail)
+			}
+		}
+	})
+}
+
+func TestPeerHealth(t *testing.T) {
+	pol := mustParse(t, "peers: {missed: 3}\n")
+	e := NewEngine(pol)
+	seen := t0
+	var events []string
+	for i := range 12 {
+		now := t0.Add(time.Duration(i) * time.Second)
+		if i <= 4 {
+			seen = now // s2 answers until t+4s, then dies
+		}
+		s := Snapshot{Now: now, Heartbeat: time.Second, Self: Server{Name: "s1"},
+			Peers: []Peer{{Server: Server{Name: "s2"}, LastSeen: seen}, {Server: Server{Name: "s3"}}}}
+		if i >= 10 {
+			s.Peers[0].LastSeen = now // s2 is back
+		}
+		for _, d := range e.Decide(s) {
+			events = append(events, fmt.Sprintf("t+%d %s %s", i, d.Peer, d.Reason))
+		}
+	}
+	// s2: up at once; down once more than 3s passed without an answer
+	// (t+8); up again at t+10. s3 never answered: down after its grace.
+	want := []string{"t+0 s2 peer_up", "t+4 s3 peer_down", "t+8 s2 peer_down", "t+10 s2 peer_up"}
+	if !slices.Equal(events, want) {
+		t.Fatalf("events %q, want %q", events, want)
+	}
+}
+
+func TestReloadKeepsCooldown(t *testing.T) {
+	src := `
+rules:
+  - name: drain
+    when: {maintenance: true}
+    migrate: {count: 1, to: weighted}
+    cooldown: 10s
+maintenance: [s1]
+`
+	e := NewEngine(mustParse(t, src))
+	if d := ruleDecision(t, e.Decide(snap(t0, Load{}, Load{}, Load{}, conns(4, 1000))), "drain"); d.Reason != ReasonTriggered {
+		t.Fatalf("%s: %s", d.Reason, d.Detail)
+	}
+	e.SetPolicy(mustParse(t, src))
+	if d := ruleDecision(t, e.Decide(snap(t0.Add(time.Second), Load{}, Load{}, Load{}, conns(3, 1001))), "drain"); d.Reason != ReasonCooldown {
+		t.Fatalf("after a reload: %s (%s), want cooldown", d.Reason, d.Detail)
+	}
+}

@@ -1,0 +1,431 @@
+package tests
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/criu"
+	"github.com/mtcp-dev/mtcp/tests/pool"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// skipUnlessProcessMode skips unless CRIU ≥ 4.2 and redis are installed.
+func skipUnlessProcessMode(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("process mode: needs root")
+	}
+	if _, err := criu.Check(context.Background(), criu.Options{}); err != nil {
+		t.Skipf("process mode: %v", err)
+	}
+	if r := pool.SkipReasonRedis(); r != "" {
+		t.Skip(r)
+	}
+}
+
+// respClient is a plain Go client of the redis protocol: nothing in it
+// knows about mtcp.
+type respClient struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func newRESP(c net.Conn) *respClient { return &respClient{c: c, r: bufio.NewReader(c)} }
+
+// do sends one command and returns its reply (simple string, integer or
+// bulk string; "(nil)" for a nil bulk).
+func (rc *respClient) do(args ...string) (string, error) {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	rc.c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := rc.c.Write(b.Bytes()); err != nil {
+		return "", err
+	}
+	line, err := rc.r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	line = strings.TrimSuffix(line, "\r\n")
+	switch {
+	case line == "":
+		return "", fmt.Errorf("empty reply")
+	case line[0] == '+' || line[0] == ':':
+		return line[1:], nil
+	case line[0] == '-':
+		return "", fmt.Errorf("redis error: %s", line[1:])
+	case line == "$-1":
+		return "(nil)", nil
+	case line[0] == '$':
+		var n int
+		fmt.Sscanf(line[1:], "%d", &n)
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(rc.r, buf); err != nil {
+			return "", err
+		}
+		return string(buf[:n]), nil
+	}
+	return "", fmt.Errorf("unexpected reply %q", line)
+}
+
+// goLoop runs SET/GET pairs on one connection until stopped, checking
+// every GET, and records the first error and the longest gap between
+// replies (what the client saw of a migration).
+type goLoop struct {
+	rc      *respClient
+	stop    chan struct{}
+	done    chan struct{}
+	mu      sync.Mutex
+	err     error
+	ops     int
+	maxGap  time.Duration
+	lastGap time.Time
+}
+
+func startGoLoop(t *testing.T, c net.Conn) *goLoop {
+	l := &goLoop{rc: newRESP(c), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		last := time.Now()
+		for i := 0; ; i++ {
+			select {
+			case <-l.stop:
+				return
+			default:
+			}
+			k, v := fmt.Sprintf("loop:%d", i%500), fmt.Sprintf("v%d", i)
+			if _, err := l.rc.do("SET", k, v); err != nil {
+				l.fail(err)
+				return
+			}
+			got, err := l.rc.do("GET", k)
+			if err == nil && got != v {
+				err = fmt.Errorf("GET %s = %q, want %q", k, got, v)
+			}
+			if err != nil {
+				l.fail(err)
+				return
+			}
+			now := time.Now()
+			l.mu.Lock()
+			l.ops++
+			if g := now.Sub(last); g > l.maxGap {
+				l.maxGap = g
+			}
+			l.mu.Unlock()
+			last = now
+		}
+	}()
+	return l
+}
+
+func (l *goLoop) fail(err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.err == nil {
+		l.err = err
+	}
+}
+
+func (l *goLoop) finish() (ops int, maxGap time.Duration, err error) {
+	close(l.stop)
+	<-l.done
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ops, l.maxGap, l.err
+}
+
+func (l *goLoop) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ops
+}
+
+// cliSession is an interactive redis-cli (unmodified, from Debian) on the
+// client host, fed one command at a time.
+type cliSession struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	lines chan string
+}
+
+func startCLI(t *testing.T, client *testbed.Host, r *pool.Redis) *cliSession {
+	t.Helper()
+	cmd := client.Command(context.Background(), "redis-cli", "-h", r.Addr().Addr().String(), "-p", fmt.Sprint(r.Port))
+	in, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("redis-cli: %v", err)
+	}
+	s := &cliSession{cmd: cmd, in: in, lines: make(chan string, 100)}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			s.lines <- sc.Text()
+		}
+		close(s.lines)
+	}()
+	t.Cleanup(func() { in.Close(); cmd.Process.Kill(); cmd.Wait() })
+	return s
+}
+
+// do sends one command line and returns redis-cli's one-line answer.
+func (s *cliSession) do(t *testing.T, line string) string {
+	t.Helper()
+	fmt.Fprintln(s.in, line)
+	select {
+	case l, ok := <-s.lines:
+		if !ok {
+			t.Fatalf("redis-cli exited (after %q)", line)
+		}
+		return l
+	case <-time.After(20 * time.Second):
+		t.Fatalf("redis-cli: no answer to %q", line)
+	}
+	return ""
+}
+
+// benchRun is redis-benchmark looping on the client host.
+type benchRun struct {
+	cmd  *exec.Cmd
+	out  *lockedBuf
+	done chan error
+}
+
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func startBenchmark(t *testing.T, client *testbed.Host, r *pool.Redis, conns int) *benchRun {
+	t.Helper()
+	cmd := client.Command(context.Background(), "redis-benchmark", "-h", r.Addr().Addr().String(), "-p", fmt.Sprint(r.Port),
+		"-c", fmt.Sprint(conns), "-t", "set,get", "-d", "64", "-r", "10000", "-l", "-q")
+	b := &benchRun{cmd: cmd, out: &lockedBuf{}, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = b.out, b.out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("redis-benchmark: %v", err)
+	}
+	go func() { b.done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-b.done })
+	return b
+}
+
+// alive fails the test if the benchmark has exited or reported an error.
+func (b *benchRun) check(t *testing.T, when string) {
+	t.Helper()
+	select {
+	case err := <-b.done:
+		b.done <- err
+		t.Fatalf("redis-benchmark exited %s: %v: %s", when, err, tail(b.out.String()))
+	default:
+	}
+	if out := b.out.String(); strings.Contains(out, "Error") || strings.Contains(out, "rror:") {
+		t.Fatalf("redis-benchmark reported an error %s: %s", when, tail(out))
+	}
+}
+
+func tail(s string) string {
+	s = strings.ReplaceAll(s, "\r", "\n")
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(l[max(0, len(l)-5):], " | ")
+}
+
+// noProcessRules fails the test if h's mtcp table still has an element
+// naming the client host: after a process came home, nothing of its trip
+// may stay behind.
+func noProcessRules(t *testing.T, bed *testbed.Bed, h *testbed.Host) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "nft", "list", "table", "inet", "mtcp")
+	if err != nil {
+		t.Fatalf("nft on %s: %v", h.Name, err)
+	}
+	if strings.Contains(string(out), bed.Client.LAN4.String()) {
+		t.Errorf("%s's mtcp table still has elements of the client's flows:\n%s", h.Name, out)
+	}
+}
+
+// TestProcessRedis moves a stock redis-server s1→s2→s1 through the
+// daemons while redis-benchmark, a redis-cli session and a Go client keep
+// their connections: no client error, no reset, the data intact after
+// each move, nothing left behind.
+func TestProcessRedis(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+
+	// Data written before any move, checked after each.
+	dc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dc.Close()
+	data := newRESP(dc)
+	for i := range 300 {
+		if got, err := data.do("SET", fmt.Sprintf("k:%d", i), fmt.Sprintf("value-%d", i)); err != nil || got != "OK" {
+			t.Fatalf("SET: %q %v", got, err)
+		}
+	}
+	checkData := func(when string) {
+		t.Helper()
+		for i := range 300 {
+			got, err := data.do("GET", fmt.Sprintf("k:%d", i))
+			if err != nil || got != fmt.Sprintf("value-%d", i) {
+				t.Fatalf("%s: GET k:%d = %q, %v", when, i, got, err)
+			}
+		}
+		if got, err := data.do("SET", "after", when); err != nil || got != "OK" {
+			t.Fatalf("%s: SET: %q %v", when, got, err)
+		}
+		if got, err := data.do("GET", "after"); err != nil || got != when {
+			t.Fatalf("%s: GET after = %q %v", when, got, err)
+		}
+	}
+
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	loop := startGoLoop(t, gc)
+	cli := startCLI(t, bed.Client, r)
+	id := cli.do(t, "CLIENT ID")
+	if got := cli.do(t, "SET cli hello"); got != "OK" {
+		t.Fatalf("redis-cli SET: %q", got)
+	}
+	bench := startBenchmark(t, bed.Client, r, 20)
+	eventually(t, 20*time.Second, "the clients to run", func() (bool, string) {
+		n := loop.count()
+		return n > 200 && strings.Contains(bench.out.String(), "requests per second") || strings.Contains(bench.out.String(), "rps"), fmt.Sprintf("%d go ops; bench %q", n, tail(bench.out.String()))
+	})
+
+	for i, hop := range []struct{ from, to *testbed.Host }{{bed.S1, bed.S2}, {bed.S2, bed.S1}} {
+		before := loop.count()
+		oldPID := r.PID
+		rep := r.MigrateProcess(hop.to)
+		t.Logf("%s -> %s: pid %d -> %d, %d conns, %d pages, phases %+v, held %v", hop.from.Name, hop.to.Name, oldPID, rep.NewPID, rep.Conns, rep.Pages, rep.Phases, rep.Pause)
+		if rep.Aborted || rep.NewPID <= 0 {
+			t.Fatalf("hop %d: %+v", i, rep)
+		}
+		if rep.Conns < 23 { // data, Go loop, redis-cli, 20 benchmark connections
+			t.Errorf("hop %d: %d connections moved, want at least 23", i, rep.Conns)
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", oldPID)); err == nil {
+			eventually(t, 5*time.Second, "the source process to be gone", func() (bool, string) {
+				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", oldPID))
+				return err != nil || strings.Contains(string(b), ") Z "), string(b)
+			})
+		}
+		if pid := pool.ListenerPID(hop.to, r.Port); pid != rep.NewPID {
+			t.Errorf("hop %d: the listener on %s belongs to pid %d, want %d", i, hop.to.Name, pid, rep.NewPID)
+		}
+		checkData(fmt.Sprintf("after hop %d", i))
+		if got := cli.do(t, "GET cli"); got != "hello" {
+			t.Fatalf("redis-cli GET after hop %d: %q", i, got)
+		}
+		eventually(t, 20*time.Second, "the Go client to go on", func() (bool, string) {
+			n := loop.count()
+			return n > before+100, fmt.Sprintf("%d ops", n-before)
+		})
+		bench.check(t, fmt.Sprintf("after hop %d", i))
+	}
+	ops, gap, err := loop.finish()
+	if err != nil {
+		t.Fatalf("Go client: %v (after %d ops)", err, ops)
+	}
+	t.Logf("Go client: %d SET/GET pairs, longest gap %v", ops, gap)
+	if got := cli.do(t, "CLIENT ID"); got != id {
+		t.Errorf("redis-cli's connection changed: CLIENT ID %s, then %s (it reconnected)", id, got)
+	}
+	bench.check(t, "at the end")
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client host saw %d resets in, %d out on port %d", in, out, r.Port)
+	}
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		noProcessRules(t, bed, h)
+	}
+}
+
+// TestProcessRestoreFailsSourceResumes makes the restore fail on the
+// target — redis runs in the host's PID namespace, and on this testbed
+// its PID is taken on s2 by the stopped original — and checks that the
+// process carries on at s1 with its connections: no client error, no
+// reset, no rule and no process left on s2.
+func TestProcessRestoreFailsSourceResumes(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{HostPIDNamespace: true})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	loop := startGoLoop(t, gc)
+	eventually(t, 10*time.Second, "the Go client to run", func() (bool, string) { return loop.count() > 100, "" })
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{Port: r.Port, To: bed.S2.Name}, nil)
+	if err == nil || rep == nil || !rep.Aborted {
+		t.Fatalf("migration of a process whose PID is taken on the target: err %v, report %+v", err, rep)
+	}
+	t.Logf("aborted as expected: %v", err)
+	before := loop.count()
+	eventually(t, 10*time.Second, "the Go client to go on at s1", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	ops, _, err := loop.finish()
+	if err != nil {
+		t.Fatalf("Go client: %v (after %d ops)", err, ops)
+	}
+	if pid := pool.ListenerPID(bed.S1, r.Port); pid != r.PID {
+		t.Errorf("the listener on s1 belongs to %d, want the original %d", pid, r.PID)
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", r.PID))
+	if strings.Contains(string(b), ") T ") {
+		t.Errorf("the source process is still stopped: %s", b)
+	}
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
+		t.Errorf("a process (%d) listens on s2 after the abort", pid)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client host saw %d resets in, %d out", in, out)
+	}
+	noProcessRules(t, bed, bed.S2)
+}
