@@ -172,12 +172,13 @@ type server struct {
 
 // link is one connection to mtcpd.
 type link struct {
-	mc   *msgConn
-	done chan struct{} // closed once the connection is lost
+	mc      *msgConn
+	version int           // of the protocol, negotiated at registration
+	done    chan struct{} // closed once the connection is lost
 }
 
-func (l *link) send(m *message, fd int) error {
-	err := l.mc.write(m, fd)
+func (l *link) send(m *message, fds ...int) error {
+	err := l.mc.write(m, fds...)
 	if err != nil {
 		l.mc.close() // a half-written frame leaves the stream unusable
 	}
@@ -195,13 +196,33 @@ type served struct {
 	export *exportReq              // non-nil while being exported
 }
 
-// exportReq is mtcpd's request to export a connection.
+// exportReq is mtcpd's request to export a connection. Fields after
+// verdict are guarded by server.mu.
 type exportReq struct {
 	id      uint64
 	link    *link
-	verdict chan string // buffered; receives exactly one verdict
-	decided bool        // a verdict was delivered (guarded by server.mu)
+	out     *answerer       // of the export request
+	verdict chan verdictMsg // buffered; receives exactly one verdict
+
+	sent    bool // the connection was handed over to mtcpd
+	decided bool // a verdict was delivered
 }
+
+// verdictMsg is the outcome of an export: verdictGone, verdictResume, or
+// verdictUnsent if the connection could not be handed over. ack, if not
+// nil, takes the acknowledgement.
+type verdictMsg struct {
+	v   string
+	ack *answerer
+}
+
+// verdictUnsent is the outcome of an export whose connection could not be
+// handed over to mtcpd; it is no verdict of the protocol.
+const verdictUnsent = "unsent"
+
+// offeredVersion is the highest protocol version Serve offers (tests
+// lower it to exercise version 1).
+var offeredVersion = protocolVersion
 
 // connect dials mtcpd, registers the service, reports the connections
 // served here and makes the new link current.
@@ -226,7 +247,7 @@ func (s *server) connect(ctx context.Context) error {
 	}
 	// If the daemon refused this process, it may have said why and closed
 	// before the registration is written: read its answer even then.
-	werr := mc.write(&message{Type: msgRegister, Version: protocolVersion, Service: s.cfg.Service, PID: os.Getpid()}, -1)
+	werr := mc.write(&message{Type: msgRegister, Version: minProtocolVersion, MaxVersion: offeredVersion, Service: s.cfg.Service, PID: os.Getpid()})
 	uc.SetReadDeadline(time.Now().Add(writeTimeout))
 	m, fds, err := mc.read()
 	closeFDs(fds)
@@ -235,23 +256,24 @@ func (s *server) connect(ctx context.Context) error {
 	case err != nil:
 		return fail(fmt.Errorf("register service %s with mtcpd: no answer: %w", s.cfg.Service, errors.Join(werr, err)))
 	case m.Type == msgError:
-		return fail(fmt.Errorf("mtcpd refused to register service %s: %w", s.cfg.Service, remoteError(m)))
+		return fail(fmt.Errorf("mtcpd refused to register service %s: %w", s.cfg.Service, remoteError(m.Error, m.Code)))
 	case m.Type != msgRegistered:
 		return fail(fmt.Errorf("register service %s with mtcpd: %w: answer %q", s.cfg.Service, ErrProtocol, m.Type))
 	case werr != nil:
 		return fail(fmt.Errorf("register service %s with mtcpd: %w", s.cfg.Service, werr))
 	}
-	l := &link{mc: mc, done: make(chan struct{})}
+	// A version-1 daemon does not say its version.
+	l := &link{mc: mc, version: min(max(m.Version, minProtocolVersion), offeredVersion), done: make(chan struct{})}
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
 		return fail(errors.New("shutting down"))
 	}
+	ts := make([]Tuple, 0, len(s.conns))
 	for t := range s.conns {
-		if err := l.send(&message{Type: msgOpened, Service: s.cfg.Service, Tuple: &t}, -1); err != nil {
-			break // the reader below notices and we reconnect
-		}
+		ts = append(ts, t)
 	}
+	s.notify(l, msgOpened, ts) // an error breaks l: the reader below notices and we reconnect
 	s.link = l
 	s.mu.Unlock()
 	s.bg.Add(1)
@@ -259,7 +281,7 @@ func (s *server) connect(ctx context.Context) error {
 		defer s.bg.Done()
 		s.readLink(l)
 	}()
-	s.log.Info("registered with mtcpd", "daemon", s.cfg.Daemon)
+	s.log.Info("registered with mtcpd", "daemon", s.cfg.Daemon, "protocol", l.version)
 	return nil
 }
 
@@ -317,127 +339,201 @@ func (s *server) readLink(l *link) {
 			}
 			return
 		}
-		if len(fds) > 0 && m.Type != msgImport {
+		if len(fds) > 0 && m.Type != msgImport && m.Type != msgImportMany {
 			closeFDs(fds)
 			s.log.Error("mtcpd sent a descriptor with a message that takes none; disconnecting", "type", m.Type)
 			return
 		}
 		switch m.Type {
-		case msgExport:
+		case msgExport, msgExportMany:
 			s.onExport(l, m)
-		case msgVerdict:
-			if err := s.onVerdict(l, m); err != nil {
-				s.log.Error("bad verdict from mtcpd; disconnecting", "err", err)
-				return
-			}
-		case msgImport:
-			s.onImport(l, m, fds)
+		case msgVerdict, msgVerdictMany:
+			err = s.onVerdict(l, m)
+		case msgImport, msgImportMany:
+			err = s.onImport(l, m, fds)
+			fds = nil
 		default:
-			s.log.Error("unexpected message from mtcpd; disconnecting", "type", m.Type)
+			err = fmt.Errorf("%w: unexpected %q message from mtcpd", ErrProtocol, m.Type)
+		}
+		if err != nil {
+			s.log.Error("bad request from mtcpd; disconnecting", "err", err)
 			return
 		}
 	}
 }
 
-// onExport starts exporting a connection: its handler is told to stop;
-// run does the rest once the handler returns.
-func (s *server) onExport(l *link, m *message) {
-	fail := func(code, text string) {
-		l.send(&message{Type: msgExported, ID: m.ID, Error: text, Code: code}, -1)
+// requestItems returns the items of a request, a version-1 one as one
+// item whose id is the request's.
+func requestItems(m *message) (items []item, v1 bool) {
+	switch m.Type {
+	case msgExport, msgVerdict, msgImport:
+		return []item{{ID: m.ID, Tuple: m.Tuple, Snapshot: m.Snapshot, FD: m.Type == msgImport}}, true
 	}
-	switch {
-	case m.Tuple == nil || !m.Tuple.valid():
-		fail(codeGeneric, "export request without a valid tuple")
-		return
-	case m.Service != s.cfg.Service:
-		fail(codeNoSvc, fmt.Sprintf("process %d serves %s, not %s", os.Getpid(), s.cfg.Service, m.Service))
-		return
-	}
-	s.mu.Lock()
-	c := s.conns[*m.Tuple]
-	switch {
-	case c == nil:
-		s.mu.Unlock()
-		fail(codeNoConn, fmt.Sprintf("service %s (pid %d) has no connection %s; it may have closed or moved", s.cfg.Service, os.Getpid(), m.Tuple))
-		return
-	case c.export != nil:
-		s.mu.Unlock()
-		fail(codeGeneric, fmt.Sprintf("connection %s is already being exported (request %d)", m.Tuple, c.export.id))
-		return
-	case s.exports[m.ID] != nil:
-		s.mu.Unlock()
-		fail(codeGeneric, fmt.Sprintf("export id %d is already in use", m.ID))
-		return
-	}
-	c.export = &exportReq{id: m.ID, link: l, verdict: make(chan string, 1)}
-	s.exports[m.ID] = c
-	cancel, w := c.cancel, c.w
-	s.mu.Unlock()
-	s.log.Debug("exporting", "conn", c.tuple, "id", m.ID)
-	if cancel != nil {
-		cancel(ErrMigrating)
-	}
-	if w != nil {
-		w.stop()
-	}
+	return m.Items, false
 }
 
-// onVerdict passes mtcpd's verdict to the exported connection.
+// onExport starts exporting connections: their handlers are told to stop
+// at once; run does the rest for each once its handler returns, and the
+// answerer sends them to mtcpd as they become ready.
+func (s *server) onExport(l *link, m *message) {
+	items, v1 := requestItems(m)
+	typ := msgExportedMany
+	if v1 {
+		typ = msgExported
+	}
+	out := s.newAnswerer(l, m.ID, typ, v1, true)
+	var refused []item
+	var stop []*served
+	s.mu.Lock()
+	for _, it := range items {
+		fail := func(code, text string) {
+			refused = append(refused, item{ID: it.ID, Error: text, Code: code})
+		}
+		if it.Tuple == nil || !it.Tuple.valid() {
+			fail(codeGeneric, "export request without a valid tuple")
+			continue
+		}
+		if m.Service != s.cfg.Service {
+			fail(codeNoSvc, fmt.Sprintf("process %d serves %s, not %s", os.Getpid(), s.cfg.Service, m.Service))
+			continue
+		}
+		c := s.conns[*it.Tuple]
+		switch {
+		case c == nil:
+			fail(codeNoConn, fmt.Sprintf("service %s (pid %d) has no connection %s; it may have closed or moved", s.cfg.Service, os.Getpid(), it.Tuple))
+			continue
+		case c.export != nil:
+			fail(codeGeneric, fmt.Sprintf("connection %s is already being exported (request %d)", it.Tuple, c.export.id))
+			continue
+		case s.exports[it.ID] != nil:
+			fail(codeGeneric, fmt.Sprintf("export id %d is already in use", it.ID))
+			continue
+		}
+		out.expect()
+		c.export = &exportReq{id: it.ID, link: l, out: out, verdict: make(chan verdictMsg, 1)}
+		s.exports[it.ID] = c
+		stop = append(stop, c)
+	}
+	// Stop the handlers outside the lock, but with the cancel functions
+	// current under it: a handler resuming meanwhile sees the export.
+	cancels := make([]context.CancelCauseFunc, len(stop))
+	ws := make([]*conn, len(stop))
+	for i, c := range stop {
+		cancels[i], ws[i] = c.cancel, c.w
+	}
+	s.mu.Unlock()
+	for _, it := range refused {
+		out.add(readyItem{it: it}, false)
+	}
+	s.log.Debug("exporting", "conns", len(stop), "refused", len(refused), "request", m.ID)
+	for i := range stop {
+		if cancels[i] != nil {
+			cancels[i](ErrMigrating)
+		}
+		if ws[i] != nil {
+			ws[i].stop()
+		}
+	}
+	out.release()
+}
+
+// onVerdict passes mtcpd's verdict to the exported connections; each
+// acknowledges once it acted on it.
 func (s *server) onVerdict(l *link, m *message) error {
 	if m.Verdict != verdictGone && m.Verdict != verdictResume {
 		return fmt.Errorf("%w: verdict %q", ErrProtocol, m.Verdict)
 	}
-	s.mu.Lock()
-	c := s.exports[m.ID]
-	var ex *exportReq
-	if c != nil && c.export != nil && c.export.link == l && !c.export.decided {
-		ex = c.export
-		ex.decided = true
+	items, v1 := requestItems(m)
+	typ := msgFinishedMany
+	if v1 {
+		typ = msgFinished
 	}
-	s.mu.Unlock()
-	if ex == nil {
-		l.send(&message{Type: msgFinished, ID: m.ID, Error: fmt.Sprintf("no export %d is waiting for a verdict in pid %d", m.ID, os.Getpid())}, -1)
-		return nil
+	ack := s.newAnswerer(l, m.ID, typ, v1, false)
+	for _, it := range items {
+		s.mu.Lock()
+		c := s.exports[it.ID]
+		var ex *exportReq
+		if c != nil && c.export != nil && c.export.link == l && c.export.sent && !c.export.decided {
+			ex = c.export
+			ex.decided = true
+		}
+		s.mu.Unlock()
+		if ex == nil {
+			ack.add(readyItem{it: item{ID: it.ID, Error: fmt.Sprintf("no export %d is waiting for a verdict in pid %d", it.ID, os.Getpid())}}, false)
+			continue
+		}
+		ack.expect()
+		ex.verdict <- verdictMsg{v: m.Verdict, ack: ack}
 	}
-	ex.verdict <- m.Verdict
+	ack.release()
 	return nil
 }
 
-// onImport adopts a connection migrated in.
-func (s *server) onImport(l *link, m *message, fds []int) {
-	fail := func(err error) {
+// onImport checks an import request, which is a protocol error if a
+// descriptor is missing or one too many, and adopts its connections in
+// the background: adopting a socket takes a few system calls, and the
+// requests of a large batch, each in its goroutine, use every core.
+func (s *server) onImport(l *link, m *message, fds []int) error {
+	items, _ := requestItems(m)
+	if fdCount(items) != len(items) || len(fds) != len(items) {
 		closeFDs(fds)
-		s.log.Warn("import failed", "err", err)
-		l.send(&message{Type: msgImported, ID: m.ID, Error: err.Error()}, -1)
+		return fmt.Errorf("%w: %s request with %d items and %d descriptors", ErrProtocol, m.Type, len(items), len(fds))
 	}
-	if len(fds) != 1 {
-		fail(fmt.Errorf("import request carries %d descriptors, want 1", len(fds)))
-		return
+	s.bg.Go(func() { s.importConns(l, m, fds) })
+	return nil
+}
+
+// importConns adopts the connections of an import request and answers
+// once for all.
+func (s *server) importConns(l *link, m *message, fds []int) {
+	items, v1 := requestItems(m)
+	typ := msgImportedMany
+	if v1 {
+		typ = msgImported
 	}
-	if m.Service != s.cfg.Service {
-		fail(fmt.Errorf("process %d serves %s, not %s", os.Getpid(), s.cfg.Service, m.Service))
-		return
+	out := s.newAnswerer(l, m.ID, typ, v1, false)
+	results := make([]item, len(items))
+	var tcs []*net.TCPConn
+	var snaps [][]byte
+	var pos []int
+	for i, it := range items {
+		results[i].ID = it.ID
+		if m.Service != s.cfg.Service {
+			closeFDs(fds[i : i+1])
+			results[i].Error = fmt.Sprintf("process %d serves %s, not %s", os.Getpid(), s.cfg.Service, m.Service)
+			continue
+		}
+		f := os.NewFile(uintptr(fds[i]), "mtcp-import")
+		nc, err := net.FileConn(f) // a dup: f is ours to close
+		f.Close()
+		if err != nil {
+			results[i].Error = fmt.Sprintf("adopt imported socket: %v", err)
+			continue
+		}
+		tc, ok := nc.(*net.TCPConn)
+		if !ok {
+			nc.Close()
+			results[i].Error = fmt.Sprintf("imported socket is a %T, not a TCP connection", nc)
+			continue
+		}
+		tcs, snaps, pos = append(tcs, tc), append(snaps, it.Snapshot), append(pos, i)
 	}
-	f := os.NewFile(uintptr(fds[0]), "mtcp-import")
-	nc, err := net.FileConn(f) // a dup: f is ours to close
-	f.Close()
-	if err != nil {
-		fail(fmt.Errorf("adopt imported socket: %w", err))
-		return
+	for k, err := range s.adopt(tcs, snaps) {
+		if err != nil {
+			tcs[k].Close()
+			results[pos[k]].Error = err.Error()
+		}
 	}
-	tc, ok := nc.(*net.TCPConn)
-	if !ok {
-		nc.Close()
-		fail(fmt.Errorf("imported socket is a %T, not a TCP connection", nc))
-		return
+	failed := 0
+	for _, r := range results {
+		if r.Error != "" {
+			failed++
+			s.log.Warn("import failed", "err", r.Error)
+		}
+		out.add(readyItem{it: r}, false)
 	}
-	if err := s.adopt(tc, m.Snapshot); err != nil {
-		tc.Close()
-		fail(err)
-		return
-	}
-	s.log.Debug("connection migrated in", "conn", tupleOf(tc), "snapshot_bytes", len(m.Snapshot))
-	l.send(&message{Type: msgImported, ID: m.ID}, -1)
+	s.log.Debug("connections migrated in", "conns", len(results)-failed, "failed", failed)
+	out.release()
 }
 
 // accept accepts connections until the listener is closed.
@@ -473,37 +569,62 @@ func (s *server) accept(ln net.Listener) error {
 				s.log.Warn("cannot limit the unsent backlog", "err", err)
 			}
 		}
-		if err := s.adopt(nc.(*net.TCPConn), nil); err != nil {
+		if err := s.adopt([]*net.TCPConn{nc.(*net.TCPConn)}, [][]byte{nil})[0]; err != nil {
 			nc.Close()
 			s.log.Warn("dropped accepted connection", "err", err)
 		}
 	}
 }
 
-// adopt starts serving tc with snapshot.
-func (s *server) adopt(tc *net.TCPConn, snapshot []byte) error {
-	c := &served{tuple: tupleOf(tc), tc: tc}
+// adopt starts serving each of tcs with its snapshot; it returns one
+// error per connection, which the caller then closes.
+func (s *server) adopt(tcs []*net.TCPConn, snaps [][]byte) []error {
+	errs := make([]error, len(tcs))
+	var opened []Tuple
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closing {
-		return errors.New("the server is shutting down")
+	for i, tc := range tcs {
+		c := &served{tuple: tupleOf(tc), tc: tc}
+		if s.closing {
+			errs[i] = errors.New("the server is shutting down")
+			continue
+		}
+		if _, dup := s.conns[c.tuple]; dup {
+			errs[i] = fmt.Errorf("already serving a connection %s", c.tuple)
+			continue
+		}
+		s.conns[c.tuple] = c
+		opened = append(opened, c.tuple)
+		s.wg.Add(1)
+		go s.run(c, snaps[i])
 	}
-	if _, dup := s.conns[c.tuple]; dup {
-		return fmt.Errorf("already serving a connection %s", c.tuple)
-	}
-	s.conns[c.tuple] = c
-	s.notifyLocked(msgOpened, c.tuple)
-	s.wg.Add(1)
-	go s.run(c, snapshot)
-	return nil
+	s.notifyLocked(msgOpened, opened...)
+	return errs
 }
 
-// notifyLocked tells mtcpd about a connection opening or closing. Done
+// notifyLocked tells mtcpd about connections opening or closing. Done
 // under s.mu so that mtcpd sees the events in the order they happened,
 // also across a reconnection.
-func (s *server) notifyLocked(typ string, t Tuple) {
+func (s *server) notifyLocked(typ string, ts ...Tuple) {
 	if s.link != nil {
-		s.link.send(&message{Type: typ, Service: s.cfg.Service, Tuple: &t}, -1)
+		s.notify(s.link, typ, ts)
+	}
+}
+
+// notify sends l the events, in batches if its protocol has them.
+func (s *server) notify(l *link, typ string, ts []Tuple) {
+	if l.version < 2 {
+		for _, t := range ts {
+			if l.send(&message{Type: typ, Service: s.cfg.Service, Tuple: &t}) != nil {
+				return
+			}
+		}
+		return
+	}
+	for lo := 0; lo < len(ts); lo += maxBatch {
+		if l.send(&message{Type: typ, Service: s.cfg.Service, Tuples: ts[lo:min(lo+maxBatch, len(ts))]}) != nil {
+			return
+		}
 	}
 }
 
@@ -549,7 +670,7 @@ func (s *server) run(c *served, snapshot []byte) {
 				if err != nil {
 					why += ": " + err.Error()
 				}
-				ex.link.send(&message{Type: msgExported, ID: ex.id, Error: why}, -1)
+				ex.out.add(readyItem{it: item{ID: ex.id, Error: why}}, true)
 			}
 			if err != nil && s.ctx.Err() == nil {
 				s.log.Debug("connection ended", "conn", c.tuple, "err", err)
@@ -559,7 +680,7 @@ func (s *server) run(c *served, snapshot []byte) {
 		if len(next) > MaxSnapshot {
 			s.log.Error("handler returned an oversized snapshot; the connection stays here", "conn", c.tuple, "bytes", len(next), "limit", MaxSnapshot)
 			s.endExport(c, ex)
-			ex.link.send(&message{Type: msgExported, ID: ex.id, Error: fmt.Sprintf("the handler's snapshot is %d bytes, more than the limit of %d", len(next), MaxSnapshot)}, -1)
+			ex.out.add(readyItem{it: item{ID: ex.id, Error: fmt.Sprintf("the handler's snapshot is %d bytes, more than the limit of %d", len(next), MaxSnapshot)}}, true)
 			snapshot = next
 			continue
 		}
@@ -600,30 +721,15 @@ func (s *server) endExport(c *served, ex *exportReq) {
 	s.mu.Unlock()
 }
 
-// handOver gives c's socket and snapshot to mtcpd and waits for the
-// verdict. It reports whether the connection is gone from this server.
+// handOver gives c's socket and snapshot to mtcpd (through the answer
+// to the export request, with the other connections ready) and waits for
+// the verdict. It reports whether the connection is gone from this
+// server.
 func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool) {
-	// Control lends the descriptor without dup(2)ing it or switching it
-	// to blocking mode (which File would do), and keeps it open during
-	// the send.
-	rc, err := c.tc.SyscallConn()
-	if err == nil {
-		var werr error
-		err = rc.Control(func(fd uintptr) {
-			werr = ex.link.send(&message{Type: msgExported, ID: ex.id, Snapshot: snapshot}, int(fd))
-		})
-		err = errors.Join(err, werr)
-	}
-	if err != nil {
-		s.log.Warn("could not hand the connection to mtcpd; it stays here", "conn", c.tuple, "err", err)
-		s.endExport(c, ex)
-		return false
-	}
-	s.log.Debug("exported, waiting for the verdict", "conn", c.tuple, "id", ex.id)
-
-	var v string
+	ex.out.add(readyItem{it: item{ID: ex.id, Snapshot: snapshot}, c: c, ex: ex}, true)
+	var vm verdictMsg
 	select {
-	case v = <-ex.verdict:
+	case vm = <-ex.verdict:
 	case <-ex.link.done:
 		// The daemon is gone; no verdict will come. Resuming is safe
 		// either way: if the socket was frozen, it stays in repair mode
@@ -631,13 +737,23 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 		// a copy restored elsewhere; if it was not, the connection
 		// simply carries on here.
 		s.log.Warn("lost mtcpd while the connection was exported; resuming it here", "conn", c.tuple)
-		v = verdictResume
+		vm.v = verdictResume
 	case <-s.ctx.Done():
-		v = "shutdown"
+		vm.v = "shutdown"
 	}
-	if v == verdictResume {
+	ack := func() {
+		if vm.ack != nil {
+			vm.ack.add(readyItem{it: item{ID: ex.id}}, true)
+		}
+	}
+	switch vm.v {
+	case verdictUnsent:
+		s.log.Warn("could not hand the connection to mtcpd; it stays here", "conn", c.tuple)
 		s.endExport(c, ex)
-		ex.link.send(&message{Type: msgFinished, ID: ex.id}, -1)
+		return false
+	case verdictResume:
+		s.endExport(c, ex)
+		ack()
 		s.log.Info("migration aborted; connection resumes here", "conn", c.tuple)
 		return false
 	}
@@ -645,15 +761,15 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	delete(s.exports, ex.id)
 	delete(s.conns, c.tuple)
 	c.export = nil
-	if v != verdictGone {
+	if vm.v != verdictGone {
 		s.notifyLocked(msgClosed, c.tuple)
 	}
 	s.mu.Unlock()
 	// When gone, mtcpd froze the socket in repair mode: closing it sends
 	// nothing, and another server owns the connection now.
 	c.tc.Close()
-	if v == verdictGone {
-		ex.link.send(&message{Type: msgFinished, ID: ex.id}, -1)
+	if vm.v == verdictGone {
+		ack()
 		s.log.Debug("connection migrated away", "conn", c.tuple)
 	}
 	return true

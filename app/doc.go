@@ -23,28 +23,43 @@
 //
 // A [Registry] accepts the applications' connections on the application
 // socket, checking with SO_PEERCRED that each is root or the socket's
-// owner. mtcpd asks it for a connection with [Registry.Export] (one) or
-// [Registry.ExportAll] (a drain), gets the socket and snapshot, freezes
-// and moves the socket, and settles the export with [Exported.Finish].
-// On the receiving server it hands the restored socket and the snapshot
-// to the application with [Registry.Import]. [Registry.Conns] lists the
-// connections the applications report.
+// owner. mtcpd asks it for connections with [Registry.ExportMany] (or
+// [Registry.Export] for one, [Registry.ExportAll] for a drain), gets the
+// sockets and snapshots, freezes and moves the sockets, and settles the
+// exports with [FinishMany] (or [Exported.Finish]). On the receiving
+// server it hands the restored sockets and the snapshots to the
+// application with [Registry.ImportMany] (or [Registry.Import]). The
+// batched forms move any number of connections in a handful of messages
+// and report per connection. [Registry.Conns] lists the connections the
+// applications report.
 //
 // # Protocol
 //
 // The application socket is a unix stream socket carrying length-prefixed
 // JSON messages (4-byte big-endian length, at most 2 MiB); descriptors
 // travel as SCM_RIGHTS with the message that announces them. Requests
-// carry an id that their answer repeats:
+// carry an id that their answer repeats. Version 1 has one request per
+// connection:
 //
-//	app → daemon  register{version, service, pid}      → registered | error
+//	app → daemon  register{version, max_version, service, pid} → registered{version} | error
 //	daemon → app  export{id, service, tuple}           → exported{id, snapshot} + fd | exported{id, error}
 //	daemon → app  verdict{id, gone|resume}             → finished{id}
 //	daemon → app  import{id, service, snapshot} + fd   → imported{id} | imported{id, error}
 //	app → daemon  opened{service, tuple}, closed{service, tuple}
 //
-// Malformed input closes the connection that carried it, never the
-// process. Snapshots are limited to [MaxSnapshot] bytes.
+// Version 2 adds batches of up to 250 connections per message (SCM_RIGHTS
+// passes at most 253 descriptors per sendmsg), each item with its own id
+// and result: export-many, verdict-many, import-many and their answers,
+// and opened/closed with a list of tuples. An application answers a
+// batched export in one or more messages, sending the connections that
+// are ready without waiting for a slow handler. The versions are
+// negotiated at registration, so that applications built against version
+// 1 keep working (one request per connection) and new applications work
+// with a version-1 daemon. wire.go has the details.
+//
+// Malformed input closes the connection that carried it, and every
+// descriptor received on it, never the process. Snapshots are limited to
+// [MaxSnapshot] bytes.
 //
 // # Privileges and tests
 //

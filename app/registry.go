@@ -31,6 +31,8 @@ type Registry struct {
 	// default (root and the socket's owner) unless a test replaced it.
 	allowUID func(uid uint32) bool
 
+	frames frameCount // of all the application connections
+
 	mu       sync.Mutex
 	services map[string]*appConn
 	apps     map[*appConn]struct{}
@@ -41,7 +43,7 @@ func NewRegistry(logger *slog.Logger) *Registry {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	return &Registry{log: logger, services: map[string]*appConn{}, apps: map[*appConn]struct{}{}}
+	return &Registry{log: logger, services: map[string]*appConn{}, apps: map[*appConn]struct{}{}, frames: frameCount{n: map[string]int{}}}
 }
 
 // appConn is one application's connection to the registry. Fields after
@@ -52,15 +54,10 @@ type appConn struct {
 	pid  int
 	done chan struct{} // closed when the connection is gone
 
-	service   string
-	conns     map[Tuple]struct{}
-	pending   map[uint64]chan reply // requests awaiting their answer
-	abandoned map[uint64]bool       // requests whose caller gave up
-}
-
-type reply struct {
-	m   *message
-	fds []int
+	version int // negotiated at registration
+	service string
+	conns   map[Tuple]struct{}
+	pending map[uint64]*call // requests awaiting their answer, by id
 }
 
 // Serve accepts application connections on ln until ctx is cancelled,
@@ -127,9 +124,11 @@ func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 			refuseConn(uc, err)
 			continue
 		}
+		mc := newMsgConn(uc)
+		mc.frames = &r.frames
 		a := &appConn{
-			r: r, mc: newMsgConn(uc), pid: pid, done: make(chan struct{}),
-			conns: map[Tuple]struct{}{}, pending: map[uint64]chan reply{}, abandoned: map[uint64]bool{},
+			r: r, mc: mc, pid: pid, done: make(chan struct{}),
+			conns: map[Tuple]struct{}{}, pending: map[uint64]*call{},
 		}
 		r.mu.Lock()
 		r.apps[a] = struct{}{}
@@ -159,7 +158,7 @@ func (r *Registry) drop(a *appConn) {
 		delete(r.services, a.service)
 	}
 	a.conns = map[Tuple]struct{}{}
-	a.pending = map[uint64]chan reply{}
+	a.pending = map[uint64]*call{}
 	close(a.done)
 	r.mu.Unlock()
 	a.mc.close()
@@ -188,21 +187,23 @@ func (a *appConn) serve() error {
 		switch m.Type {
 		case msgOpened, msgClosed:
 			closeFDs(fds)
-			if len(fds) > 0 || m.Tuple == nil || !m.Tuple.valid() || m.Service != a.service {
-				return fmt.Errorf("%w: bad %s message (service %q, tuple %v)", ErrProtocol, m.Type, m.Service, m.Tuple)
+			ts := m.Tuples
+			if m.Tuple != nil {
+				ts = append(ts, *m.Tuple)
+			}
+			if len(fds) > 0 || len(ts) == 0 || slices.ContainsFunc(ts, func(t Tuple) bool { return !t.valid() }) || m.Service != a.service {
+				return fmt.Errorf("%w: bad %s message (service %q, tuple %v, %d tuples)", ErrProtocol, m.Type, m.Service, m.Tuple, len(m.Tuples))
 			}
 			r.mu.Lock()
-			if m.Type == msgOpened {
-				a.conns[*m.Tuple] = struct{}{}
-			} else {
-				delete(a.conns, *m.Tuple)
+			for _, t := range ts {
+				if m.Type == msgOpened {
+					a.conns[t] = struct{}{}
+				} else {
+					delete(a.conns, t)
+				}
 			}
 			r.mu.Unlock()
-		case msgExported, msgImported, msgFinished:
-			if len(fds) > 0 && m.Type != msgExported {
-				closeFDs(fds)
-				return fmt.Errorf("%w: %s message with a descriptor", ErrProtocol, m.Type)
-			}
+		case msgExported, msgImported, msgFinished, msgExportedMany, msgImportedMany, msgFinishedMany:
 			if err := a.answer(m, fds); err != nil {
 				return err
 			}
@@ -217,14 +218,16 @@ func (a *appConn) serve() error {
 func (a *appConn) register(m *message, fds []int) error {
 	closeFDs(fds)
 	refuse := func(code string, err error) error {
-		a.mc.write(&message{Type: msgError, Error: err.Error(), Code: code}, -1)
+		a.mc.write(&message{Type: msgError, Error: err.Error(), Code: code})
 		return err
 	}
+	// A version-1 application sends only "version".
+	hi := max(m.Version, m.MaxVersion)
 	switch {
 	case len(fds) > 0 || m.Type != msgRegister:
 		return refuse(codeGeneric, fmt.Errorf("%w: the first message must be a registration, got %q", ErrProtocol, m.Type))
-	case m.Version != protocolVersion:
-		return refuse(codeGeneric, fmt.Errorf("%w: protocol version %d, this daemon speaks %d: use matching mtcp versions", ErrProtocol, m.Version, protocolVersion))
+	case m.Version > protocolVersion || hi < minProtocolVersion:
+		return refuse(codeGeneric, fmt.Errorf("%w: protocol versions %d to %d, this daemon speaks %d to %d: use matching mtcp versions", ErrProtocol, m.Version, hi, minProtocolVersion, protocolVersion))
 	case m.Service == "" || strings.ContainsFunc(m.Service, func(r rune) bool { return r < ' ' || r == 0x7f }):
 		return refuse(codeGeneric, fmt.Errorf("%w: bad service name %q", ErrProtocol, m.Service))
 	}
@@ -235,110 +238,14 @@ func (a *appConn) register(m *message, fds []int) error {
 		return refuse(codeTaken, fmt.Errorf("%w: service %s is served by pid %d; stop that process or listen on another address", ErrServiceTaken, m.Service, other.pid))
 	}
 	a.service = m.Service
+	a.version = min(hi, protocolVersion)
 	r.services[m.Service] = a
 	r.mu.Unlock()
-	if err := a.mc.write(&message{Type: msgRegistered, Service: m.Service}, -1); err != nil {
+	if err := a.mc.write(&message{Type: msgRegistered, Service: m.Service, Version: a.version}); err != nil {
 		return err
 	}
-	r.log.Info("application registered", "service", m.Service, "pid", a.pid, "pid_claimed", m.PID)
+	r.log.Info("application registered", "service", m.Service, "pid", a.pid, "pid_claimed", m.PID, "protocol", a.version)
 	return nil
-}
-
-// answer delivers an answer to the request waiting for it.
-func (a *appConn) answer(m *message, fds []int) error {
-	r := a.r
-	r.mu.Lock()
-	ch, waiting := a.pending[m.ID]
-	delete(a.pending, m.ID)
-	abandoned := a.abandoned[m.ID]
-	delete(a.abandoned, m.ID)
-	r.mu.Unlock()
-	switch {
-	case waiting:
-		ch <- reply{m: m, fds: fds}
-	case abandoned:
-		closeFDs(fds)
-		// The caller of Export gave up before the application answered:
-		// nobody will decide, so let the connection carry on there.
-		if m.Type == msgExported && m.Error == "" {
-			r.log.Warn("export answered after its caller gave up; resuming the connection in the application", "service", a.service, "id", m.ID)
-			if err := a.expect(m.ID, true); err != nil {
-				return nil
-			}
-			return a.mc.write(&message{Type: msgVerdict, ID: m.ID, Verdict: verdictResume}, -1)
-		}
-	default:
-		closeFDs(fds)
-		return fmt.Errorf("%w: %s answer to request %d, which is not pending", ErrProtocol, m.Type, m.ID)
-	}
-	return nil
-}
-
-// expect records that request id awaits an answer; abandoned means that
-// nobody will wait for it.
-func (a *appConn) expect(id uint64, abandoned bool) error {
-	r := a.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	select {
-	case <-a.done:
-		return fmt.Errorf("%w: pid %d serving %s", ErrAppGone, a.pid, a.service)
-	default:
-	}
-	if abandoned {
-		a.abandoned[id] = true
-	} else {
-		a.pending[id] = make(chan reply, 1)
-	}
-	return nil
-}
-
-// send sends a request (with fd, unless negative) whose answer the
-// caller then collects with wait.
-func (a *appConn) send(m *message, fd int) (chan reply, error) {
-	if err := a.expect(m.ID, false); err != nil {
-		return nil, err
-	}
-	a.r.mu.Lock()
-	ch := a.pending[m.ID]
-	a.r.mu.Unlock()
-	if err := a.mc.write(m, fd); err != nil {
-		a.mc.close() // a half-written frame leaves the stream unusable
-		return nil, fmt.Errorf("%w: pid %d serving %s: %v", ErrAppGone, a.pid, a.service, err)
-	}
-	return ch, nil
-}
-
-// wait waits for the answer to request id. If ctx ends first, a late
-// answer is handled by answer.
-func (a *appConn) wait(ctx context.Context, id uint64, ch chan reply) (reply, error) {
-	select {
-	case rep := <-ch:
-		return rep, nil
-	case <-a.done:
-		return reply{}, fmt.Errorf("%w: pid %d serving %s disconnected before answering", ErrAppGone, a.pid, a.service)
-	case <-ctx.Done():
-		a.r.mu.Lock()
-		_, still := a.pending[id]
-		if still {
-			delete(a.pending, id)
-			a.abandoned[id] = true
-		}
-		a.r.mu.Unlock()
-		if still {
-			return reply{}, fmt.Errorf("no answer from the application (pid %d) serving %s: %w", a.pid, a.service, context.Cause(ctx))
-		}
-		return <-ch, nil // it answered meanwhile
-	}
-}
-
-// call sends a request without descriptor and waits for its answer.
-func (a *appConn) call(ctx context.Context, m *message) (reply, error) {
-	ch, err := a.send(m, -1)
-	if err != nil {
-		return reply{}, err
-	}
-	return a.wait(ctx, m.ID, ch)
 }
 
 // app returns the application registered for service.
@@ -390,196 +297,10 @@ func (r *Registry) Conns(service string) []Tuple {
 	return out
 }
 
-// Exported is a connection an application gave up, pending its verdict.
-type Exported struct {
-	// Tuple is the connection's tuple on this host.
-	Tuple Tuple
-	// Service is the service whose application gave it.
-	Service string
-	// Socket is the connection's socket, a descriptor the application
-	// passed; the caller owns and closes it. The application keeps its
-	// own descriptor, without touching it, until Finish. It is whatever
-	// the application sent: check that it is the TCP socket of Tuple
-	// (its captured addresses) before acting on it.
-	Socket *os.File
-	// Snapshot is the application's per-connection state.
-	Snapshot []byte
-
-	a  *appConn
-	id uint64
-
-	mu       sync.Mutex
-	finished bool
-	err      error
-}
-
-// Export asks the application serving service for its connection t: the
-// handler stops at a safe point and the application sends the socket and
-// its snapshot. The connection then waits, untouched, for Finish, which
-// must be called exactly once in the end (later calls are no-ops).
-//
-// Errors wrap ErrNoService (no such service), ErrNoConn (the application
-// has no such connection), ErrAppGone, or the context's error; on error
-// there is nothing to finish and the connection, if any, carries on.
-func (r *Registry) Export(ctx context.Context, service string, t Tuple) (*Exported, error) {
-	t = t.norm()
-	a, err := r.app(service)
-	if err != nil {
-		return nil, fmt.Errorf("mtcp registry: export %s: %w", t, err)
-	}
-	id := r.nextID.Add(1)
-	rep, err := a.call(ctx, &message{Type: msgExport, ID: id, Service: service, Tuple: &t})
-	if err != nil {
-		return nil, fmt.Errorf("mtcp registry: export %s of service %s: %w", t, service, err)
-	}
-	if rep.m.Type != msgExported || rep.m.Error != "" || len(rep.fds) != 1 {
-		closeFDs(rep.fds)
-		var why error
-		switch {
-		case rep.m.Type != msgExported:
-			why = fmt.Errorf("%w: answer %q", ErrProtocol, rep.m.Type)
-		case rep.m.Error != "":
-			why = remoteError(rep.m)
-		default:
-			why = fmt.Errorf("%w: the application answered with %d descriptors, want 1", ErrProtocol, len(rep.fds))
-			a.mc.close()
-		}
-		return nil, fmt.Errorf("mtcp registry: export %s of service %s (pid %d): %w", t, service, a.pid, why)
-	}
-	e := &Exported{
-		Tuple: t, Service: service, Snapshot: rep.m.Snapshot,
-		Socket: os.NewFile(uintptr(rep.fds[0]), "mtcp-export "+t.String()),
-		a:      a, id: id,
-	}
-	r.log.Debug("exported", "service", service, "conn", t, "snapshot_bytes", len(e.Snapshot))
-	return e, nil
-}
-
-// Finish tells the application the outcome of the export. committed
-// means another server owns the connection now: the application closes
-// its descriptor (the daemon froze the socket in repair mode, so that
-// sends nothing) and forgets the connection. Otherwise the application
-// serves the connection again from its snapshot; the socket must be out
-// of repair mode by then.
-//
-// Finish waits for the application's acknowledgement and does not close
-// e.Socket. Only the first call acts; later ones return its result. If
-// the application has disconnected, committing succeeds (its descriptor
-// is closed anyway) and resuming fails wrapping ErrAppGone.
-func (e *Exported) Finish(ctx context.Context, committed bool) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.finished {
-		return e.err
-	}
-	e.finished = true
-	e.err = e.finish(ctx, committed)
-	return e.err
-}
-
-func (e *Exported) finish(ctx context.Context, committed bool) error {
-	v := verdictResume
-	if committed {
-		v = verdictGone
-	}
-	rep, err := e.a.call(ctx, &message{Type: msgVerdict, ID: e.id, Verdict: v})
-	if err != nil {
-		if committed && errors.Is(err, ErrAppGone) {
-			return nil
-		}
-		return fmt.Errorf("mtcp registry: tell %s of service %s %q: %w", e.Tuple, e.Service, v, err)
-	}
-	if rep.m.Type != msgFinished || rep.m.Error != "" {
-		return fmt.Errorf("mtcp registry: tell %s of service %s %q: the application answered %q: %s", e.Tuple, e.Service, v, rep.m.Type, rep.m.Error)
-	}
-	if committed {
-		r := e.a.r
-		r.mu.Lock()
-		delete(e.a.conns, e.Tuple)
-		r.mu.Unlock()
-	}
-	return nil
-}
-
-// ExportAll exports every connection of service (to drain it), at most
-// max at a time (max < 1 means 16). It returns the connections it got,
-// each pending Finish, and an error joining the failures; a connection
-// that closes meanwhile is not a failure.
-func (r *Registry) ExportAll(ctx context.Context, service string, max int) ([]*Exported, error) {
-	if _, err := r.app(service); err != nil {
-		return nil, fmt.Errorf("mtcp registry: export all of %s: %w", service, err)
-	}
-	if max < 1 {
-		max = 16
-	}
-	tuples := r.Conns(service)
-	out := make([]*Exported, len(tuples))
-	errs := make([]error, len(tuples))
-	sem := make(chan struct{}, max)
-	var wg sync.WaitGroup
-	for i, t := range tuples {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			out[i], errs[i] = r.Export(ctx, service, t)
-			if errors.Is(errs[i], ErrNoConn) {
-				errs[i] = nil
-			}
-		}()
-	}
-	wg.Wait()
-	got := slices.DeleteFunc(out, func(e *Exported) bool { return e == nil })
-	return got, errors.Join(errs...)
-}
-
-// Import hands a live connection, socket and snapshot, to the application
-// registered for service, which serves it with its Handler. The
-// application gets its own descriptor: the caller still owns socket and
-// closes it after Import returns. The socket must be a connected TCP
-// socket out of repair mode.
-//
-// If ctx ends before the application acknowledges, Import returns an
-// error but the application may still adopt the connection.
-func (r *Registry) Import(ctx context.Context, service string, socket *os.File, snapshot []byte) error {
-	if len(snapshot) > MaxSnapshot {
-		return fmt.Errorf("mtcp registry: import into %s: snapshot of %d bytes, the limit is %d", service, len(snapshot), MaxSnapshot)
-	}
-	a, err := r.app(service)
-	if err != nil {
-		return fmt.Errorf("mtcp registry: import into %s: %w", service, err)
-	}
-	rc, err := socket.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("mtcp registry: import into %s: %w", service, err)
-	}
-	id := r.nextID.Add(1)
-	var ch chan reply
-	var serr error
-	// Control lends the descriptor as it is, open for the duration of the
-	// send: Fd would switch it to blocking mode, under the feet of any
-	// other process holding it.
-	err = rc.Control(func(fd uintptr) {
-		ch, serr = a.send(&message{Type: msgImport, ID: id, Service: service, Snapshot: snapshot}, int(fd))
-	})
-	if err = errors.Join(err, serr); err != nil {
-		return fmt.Errorf("mtcp registry: import into %s: %w", service, err)
-	}
-	rep, err := a.wait(ctx, id, ch)
-	if err != nil {
-		return fmt.Errorf("mtcp registry: import into %s: %w", service, err)
-	}
-	if rep.m.Type != msgImported || rep.m.Error != "" {
-		return fmt.Errorf("mtcp registry: import into %s (pid %d): the application refused: %s", service, a.pid, rep.m.Error)
-	}
-	return nil
-}
-
 // refuseConn tells a refused peer why, without waiting for it, and
 // closes the connection.
 func refuseConn(uc *net.UnixConn, err error) {
 	mc := newMsgConn(uc)
-	mc.write(&message{Type: msgError, Error: err.Error(), Code: codeRefused}, -1)
+	mc.write(&message{Type: msgError, Error: err.Error(), Code: codeRefused})
 	uc.Close()
 }

@@ -14,37 +14,79 @@ import (
 
 // The application protocol: a unix stream socket carrying frames of a
 // 4-byte big-endian length followed by that many bytes of one JSON
-// message. A message that carries a file descriptor says so in its "fds"
-// field; the descriptor travels as SCM_RIGHTS on the sendmsg(2) of the
+// message. A message that carries file descriptors says how many in its
+// "fds" field; they travel as one SCM_RIGHTS on the sendmsg(2) of the
 // frame's first bytes. The kernel ends a recvmsg(2) right after the data
-// that carried descriptors, so a frame's descriptor arrives with the read
+// that carried descriptors, so a frame's descriptors arrive with the read
 // that returns the frame's first byte: descriptors are matched to frames
-// in order, and one that arrived before the start of a frame that does
-// not claim it was sent with no frame claiming it, a protocol error.
+// in order, a frame may only claim descriptors that arrived with its first
+// byte, and one that arrived before the start of a frame that does not
+// claim it was sent with no frame claiming it, a protocol error.
 //
-//	app → daemon   register{version, service, pid}       daemon → registered{} or error{code}
+// Version 1, one connection per request:
+//
+//	app → daemon   register{version, max_version, service, pid}  daemon → registered{version} or error{code}
 //	daemon → app   export{id, service, tuple}            app → exported{id, snapshot} + fd, or exported{id, error, code}
-//	daemon → app   verdict{id, verdict: gone|resume}     app → finished{id}
+//	daemon → app   verdict{id, verdict: gone|resume}     app → finished{id} or finished{id, error}
 //	daemon → app   import{id, service, snapshot} + fd    app → imported{id} or imported{id, error}
 //	app → daemon   opened{service, tuple}, closed{service, tuple}
 //
-// Anything else, an oversized frame, undecodable JSON or a descriptor
-// where none belongs is a protocol error: the receiver closes the socket.
-const protocolVersion = 1
+// Version 2 adds batches. Each item of a batch has its own id (an export's
+// id is what its verdict names); a request holds at most maxBatch items
+// and its frame at most maxFrame bytes, so the sender splits a large batch
+// into several requests:
+//
+//	daemon → app   export-many{id, service, items[{id, tuple}]}
+//	               app → exported-many{id, items[{id, snapshot, fd: true} | {id, error, code}]} + fds
+//	daemon → app   verdict-many{id, verdict, items[{id}]}
+//	               app → finished-many{id, items[{id} | {id, error}]}
+//	daemon → app   import-many{id, service, items[{id, snapshot, fd: true}]} + fds
+//	               app → imported-many{id, items[{id} | {id, error}]}
+//	app → daemon   opened{service, tuples}, closed{service, tuples}
+//
+// An answer to a batch may come in several frames (the application sends
+// the connections that are ready without waiting for the slowest), each
+// with at least one item and each item exactly once; an item with
+// "fd": true has a descriptor, the frame's descriptors belong to those
+// items in order. The answers to import-many and verdict-many come once
+// every item is done, as one frame each.
+//
+// Version negotiation: the application registers with the lowest and
+// highest versions it speaks ("version", "max_version"; a version-1
+// application sends only "version": 1); the daemon answers registered
+// with the highest version both speak, which a version-1 daemon leaves
+// out (meaning 1). The daemon then sends only that version's requests: a
+// version-1 application gets one request per connection. An application
+// that speaks version 2 answers version-1 requests too.
+//
+// Anything else, an oversized frame, undecodable JSON, a batch with too
+// many items, an answer whose items are unknown or repeated, or a frame
+// whose descriptors do not match its items is a protocol error: the
+// receiver closes the socket (and every descriptor it received on it).
+const (
+	protocolVersion    = 2 // the highest version this package speaks
+	minProtocolVersion = 1
+)
 
 // Message types.
 const (
-	msgRegister   = "register"
-	msgRegistered = "registered"
-	msgError      = "error"
-	msgExport     = "export"
-	msgExported   = "exported"
-	msgVerdict    = "verdict"
-	msgFinished   = "finished"
-	msgImport     = "import"
-	msgImported   = "imported"
-	msgOpened     = "opened"
-	msgClosed     = "closed"
+	msgRegister     = "register"
+	msgRegistered   = "registered"
+	msgError        = "error"
+	msgExport       = "export"
+	msgExported     = "exported"
+	msgVerdict      = "verdict"
+	msgFinished     = "finished"
+	msgImport       = "import"
+	msgImported     = "imported"
+	msgOpened       = "opened"
+	msgClosed       = "closed"
+	msgExportMany   = "export-many"
+	msgExportedMany = "exported-many"
+	msgVerdictMany  = "verdict-many"
+	msgFinishedMany = "finished-many"
+	msgImportMany   = "import-many"
+	msgImportedMany = "imported-many"
 )
 
 // Verdicts.
@@ -72,24 +114,91 @@ const (
 	maxFrame      = 2 << 20 // a MaxSnapshot in base64 plus the envelope
 	maxServiceLen = 256
 	maxErrorLen   = 4096
-	maxQueuedFDs  = 16
 	writeTimeout  = 10 * time.Second
 	readChunk     = 64 << 10
+
+	// scmMaxFD is the most descriptors one sendmsg(2) can pass
+	// (SCM_MAX_FD in include/net/scm.h); a recvmsg(2) returns those of
+	// one sendmsg at the most.
+	scmMaxFD = 253
+	// maxBatch is the most items (and so descriptors) in one frame.
+	maxBatch = 250
+	// maxQueuedFDs bounds the descriptors received but not yet claimed:
+	// those of the frame being read and of the next one, which may start
+	// in the same read.
+	maxQueuedFDs = 2 * scmMaxFD
+	// frameBudget is what the items of one frame may take, leaving room
+	// for the envelope.
+	frameBudget = maxFrame - 16<<10
 )
 
 // message is every message of the protocol; each type uses some fields.
 type message struct {
-	Type     string `json:"type"`
-	ID       uint64 `json:"id,omitempty"`
-	Version  int    `json:"version,omitempty"`
-	Service  string `json:"service,omitempty"`
-	PID      int    `json:"pid,omitempty"`
+	Type       string  `json:"type"`
+	ID         uint64  `json:"id,omitempty"`
+	Version    int     `json:"version,omitempty"`
+	MaxVersion int     `json:"max_version,omitempty"`
+	Service    string  `json:"service,omitempty"`
+	PID        int     `json:"pid,omitempty"`
+	Tuple      *Tuple  `json:"tuple,omitempty"`
+	Tuples     []Tuple `json:"tuples,omitempty"`
+	Snapshot   []byte  `json:"snapshot"` // no omitempty: an empty snapshot is not a nil one
+	Verdict    string  `json:"verdict,omitempty"`
+	Items      []item  `json:"items,omitempty"`
+	FDs        int     `json:"fds,omitempty"`
+	Error      string  `json:"error,omitempty"`
+	Code       string  `json:"code,omitempty"`
+}
+
+// item is one connection of a batch.
+type item struct {
+	ID       uint64 `json:"id"`
 	Tuple    *Tuple `json:"tuple,omitempty"`
-	Snapshot []byte `json:"snapshot"` // no omitempty: an empty snapshot is not a nil one
-	Verdict  string `json:"verdict,omitempty"`
-	FDs      int    `json:"fds,omitempty"`
+	Snapshot []byte `json:"snapshot,omitzero"` // omitzero keeps nil and empty apart
+	FD       bool   `json:"fd,omitempty"`
 	Error    string `json:"error,omitempty"`
 	Code     string `json:"code,omitempty"`
+}
+
+// size bounds the bytes it takes in a frame: JSON escapes a byte of
+// text into at most 6, base64 encodes 3 bytes into 4.
+func (it *item) size() int {
+	n := 128 + 4*((len(it.Snapshot)+2)/3) + 6*(len(it.Error)+len(it.Code))
+	if it.Tuple != nil {
+		n += 6 * len(it.Tuple.String())
+	}
+	return n
+}
+
+// fdCount is how many of items carry a descriptor.
+func fdCount(items []item) int {
+	n := 0
+	for i := range items {
+		if items[i].FD {
+			n++
+		}
+	}
+	return n
+}
+
+// chunks splits n items into consecutive ranges [lo, hi) that each fit
+// one frame: at most maxBatch items, at most frameBudget bytes by size
+// (a single item is always a chunk of its own, whatever its size).
+func chunks(n int, size func(i int) int) [][2]int {
+	var out [][2]int
+	lo, bytes := 0, 0
+	for i := range n {
+		s := size(i)
+		if i > lo && (i-lo >= maxBatch || bytes+s > frameBudget) {
+			out = append(out, [2]int{lo, i})
+			lo, bytes = i, 0
+		}
+		bytes += s
+	}
+	if n > lo {
+		out = append(out, [2]int{lo, n})
+	}
+	return out
 }
 
 // msgConn frames messages on a unix stream socket. Writes are safe for
@@ -105,26 +214,42 @@ type msgConn struct {
 	chunk []byte
 	oob   []byte
 	fds   []queuedFD // received descriptors not yet claimed by a frame
+
+	frames *frameCount // if not nil, counts the frames
 }
 
-// queuedFD is a received descriptor and the stream offset at which the
-// read that delivered it ended.
+// frameCount counts frames by direction and type ("<-exported-many",
+// "->export-many"), for tests and debugging.
+type frameCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (f *frameCount) add(dir, typ string) {
+	if f != nil {
+		f.mu.Lock()
+		f.n[dir+typ]++
+		f.mu.Unlock()
+	}
+}
+
+// queuedFD is a received descriptor and the stream offsets at which the
+// read that delivered it started and ended.
 type queuedFD struct {
-	fd  int
-	end int64
+	fd         int
+	start, end int64
 }
 
 func newMsgConn(uc *net.UnixConn) *msgConn {
 	return &msgConn{uc: uc}
 }
 
-// write sends m; fd, if not negative, travels with it as SCM_RIGHTS.
-func (c *msgConn) write(m *message, fd int) error {
-	if fd >= 0 {
-		m.FDs = 1
-	} else {
-		m.FDs = 0
+// write sends m; fds, at most maxBatch, travel with it as SCM_RIGHTS.
+func (c *msgConn) write(m *message, fds ...int) error {
+	if len(fds) > maxBatch {
+		return fmt.Errorf("%s message with %d descriptors, the limit is %d", m.Type, len(fds), maxBatch)
 	}
+	m.FDs = len(fds)
 	body, err := json.Marshal(m)
 	if err != nil {
 		return fmt.Errorf("encode %s message: %w", m.Type, err)
@@ -136,13 +261,13 @@ func (c *msgConn) write(m *message, fd int) error {
 	binary.BigEndian.PutUint32(frame, uint32(len(body)))
 	copy(frame[4:], body)
 	var oob []byte
-	if fd >= 0 {
-		oob = syscall.UnixRights(fd)
+	if len(fds) > 0 {
+		oob = syscall.UnixRights(fds...)
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.uc.SetWriteDeadline(time.Now().Add(writeTimeout))
-	// A stream socket may take part of a large frame; the descriptor is
+	// A stream socket may take part of a large frame; the descriptors are
 	// attached to the first part, the rest follows as plain data.
 	n, _, err := c.uc.WriteMsgUnix(frame, oob, nil)
 	if err == nil && n < len(frame) {
@@ -151,6 +276,7 @@ func (c *msgConn) write(m *message, fd int) error {
 	if err != nil {
 		return fmt.Errorf("send %s message: %w", m.Type, err)
 	}
+	c.frames.add("->", m.Type)
 	return nil
 }
 
@@ -159,7 +285,9 @@ func (c *msgConn) write(m *message, fd int) error {
 func (c *msgConn) read() (*message, []int, error) {
 	if c.chunk == nil {
 		c.chunk = make([]byte, readChunk)
-		c.oob = make([]byte, syscall.CmsgSpace(4*4))
+		// Room for the most one sendmsg can pass: more would be
+		// truncated (MSG_CTRUNC, the kernel closes the rest).
+		c.oob = make([]byte, syscall.CmsgSpace(4*scmMaxFD))
 	}
 	for {
 		if len(c.buf) >= 4 {
@@ -179,7 +307,7 @@ func (c *msgConn) read() (*message, []int, error) {
 		n, oobn = max(n, 0), max(oobn, 0) // -1 on some errors
 		c.recvd += int64(n)
 		if oobn > 0 {
-			if perr := c.takeFDs(c.oob[:oobn]); perr != nil {
+			if perr := c.takeFDs(c.oob[:oobn], c.recvd-int64(n)); perr != nil {
 				return nil, nil, perr
 			}
 		}
@@ -196,7 +324,9 @@ func (c *msgConn) read() (*message, []int, error) {
 	}
 }
 
-func (c *msgConn) takeFDs(oob []byte) error {
+// takeFDs queues the descriptors of a read that started at stream offset
+// start.
+func (c *msgConn) takeFDs(oob []byte, start int64) error {
 	scms, err := syscall.ParseSocketControlMessage(oob)
 	if err != nil {
 		return fmt.Errorf("%w: bad control message: %v", ErrProtocol, err)
@@ -209,7 +339,7 @@ func (c *msgConn) takeFDs(oob []byte) error {
 			continue
 		}
 		for _, fd := range fds {
-			c.fds = append(c.fds, queuedFD{fd: fd, end: c.recvd})
+			c.fds = append(c.fds, queuedFD{fd: fd, start: start, end: c.recvd})
 		}
 	}
 	if bad == nil && len(c.fds) > maxQueuedFDs {
@@ -226,23 +356,38 @@ func (c *msgConn) parse(body []byte) (*message, []int, error) {
 	switch {
 	case m.Type == "":
 		return nil, nil, fmt.Errorf("%w: message without a type", ErrProtocol)
-	case m.FDs < 0 || m.FDs > 1:
+	case m.FDs < 0 || m.FDs > maxBatch:
 		return nil, nil, fmt.Errorf("%w: %s message claims %d descriptors", ErrProtocol, m.Type, m.FDs)
 	case len(c.fds) > 0 && c.fds[0].end <= c.pos:
 		return nil, nil, fmt.Errorf("%w: a descriptor arrived that no message claimed", ErrProtocol)
-	case m.FDs > len(c.fds):
-		return nil, nil, fmt.Errorf("%w: %s message claims a descriptor that did not arrive", ErrProtocol, m.Type)
+	case m.FDs > len(c.fds) || m.FDs > 0 && c.fds[m.FDs-1].start > c.pos:
+		return nil, nil, fmt.Errorf("%w: %s message claims %d descriptors, fewer arrived with it", ErrProtocol, m.Type, m.FDs)
 	case len(m.Service) > maxServiceLen:
 		return nil, nil, fmt.Errorf("%w: service name of %d bytes", ErrProtocol, len(m.Service))
 	case len(m.Snapshot) > MaxSnapshot:
 		return nil, nil, fmt.Errorf("%w: snapshot of %d bytes, the limit is %d", ErrProtocol, len(m.Snapshot), MaxSnapshot)
+	case len(m.Items) > maxBatch || len(m.Tuples) > maxBatch:
+		return nil, nil, fmt.Errorf("%w: %s message with %d items, the limit is %d", ErrProtocol, m.Type, max(len(m.Items), len(m.Tuples)), maxBatch)
 	}
-	if len(m.Error) > maxErrorLen {
-		m.Error = m.Error[:maxErrorLen]
-	}
+	m.Error = truncate(m.Error)
+	c.frames.add("<-", m.Type)
 	if m.Tuple != nil {
 		t := m.Tuple.norm()
 		m.Tuple = &t
+	}
+	for i := range m.Tuples {
+		m.Tuples[i] = m.Tuples[i].norm()
+	}
+	for i := range m.Items {
+		it := &m.Items[i]
+		if len(it.Snapshot) > MaxSnapshot {
+			return nil, nil, fmt.Errorf("%w: snapshot of %d bytes, the limit is %d", ErrProtocol, len(it.Snapshot), MaxSnapshot)
+		}
+		it.Error = truncate(it.Error)
+		if it.Tuple != nil {
+			t := it.Tuple.norm()
+			it.Tuple = &t
+		}
 	}
 	var fds []int
 	for _, q := range c.fds[:m.FDs] {
@@ -250,6 +395,13 @@ func (c *msgConn) parse(body []byte) (*message, []int, error) {
 	}
 	c.fds = c.fds[m.FDs:]
 	return m, fds, nil
+}
+
+func truncate(s string) string {
+	if len(s) > maxErrorLen {
+		return s[:maxErrorLen]
+	}
+	return s
 }
 
 // close closes the socket; safe to call from any goroutine, any number
@@ -271,11 +423,11 @@ func closeFDs(fds []int) {
 	}
 }
 
-// remoteError turns an error reply into an error wrapping the sentinel its
-// code names.
-func remoteError(m *message) error {
+// remoteError turns an error answer, its text and code, into an error
+// wrapping the sentinel the code names.
+func remoteError(text, code string) error {
 	var s error
-	switch m.Code {
+	switch code {
 	case codeNoConn:
 		s = ErrNoConn
 	case codeTaken:
@@ -285,8 +437,8 @@ func remoteError(m *message) error {
 	case codeRefused:
 		s = ErrPeerRefused
 	default:
-		return errors.New(m.Error)
+		return errors.New(text)
 	}
 	// The text usually starts with the sentinel's own: do not repeat it.
-	return fmt.Errorf("%w%s", s, strings.TrimPrefix(": "+m.Error, ": "+s.Error()))
+	return fmt.Errorf("%w%s", s, strings.TrimPrefix(": "+text, ": "+s.Error()))
 }

@@ -5,10 +5,13 @@ package app
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -52,7 +55,11 @@ func TestWireRoundTripWithDescriptors(t *testing.T) {
 	}
 	go func() {
 		for _, s := range sent {
-			if err := a.write(s.m, s.fd); err != nil {
+			var fds []int
+			if s.fd >= 0 {
+				fds = append(fds, s.fd)
+			}
+			if err := a.write(s.m, fds...); err != nil {
 				t.Error(err)
 				return
 			}
@@ -87,7 +94,7 @@ func TestWireRejectsUnclaimedDescriptor(t *testing.T) {
 	if _, _, err := a.uc.WriteMsgUnix(frame(`{"type":"opened"}`), syscall.UnixRights(int(f.Fd())), nil); err != nil {
 		t.Fatal(err)
 	}
-	a.write(&message{Type: msgClosed}, -1)
+	a.write(&message{Type: msgClosed})
 	if _, _, err := b.read(); err != nil {
 		t.Fatal(err) // can't tell yet: the descriptor might be the next frame's
 	}
@@ -127,4 +134,143 @@ func FuzzWireRead(f *testing.F) {
 		}
 		b.dropFDs()
 	})
+}
+
+// openFDs counts this process's open descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func TestWireManyDescriptorsPerFrame(t *testing.T) {
+	a, b := socketPair(t)
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	base := openFDs(t)
+	fds := func(n int) []int {
+		out := make([]int, n)
+		for i := range out {
+			out[i] = int(f.Fd())
+		}
+		return out
+	}
+	big := make([]item, 3)
+	for i := range big {
+		big[i] = item{ID: uint64(i), Snapshot: bytes.Repeat([]byte{byte(i)}, MaxSnapshot/3), FD: true}
+	}
+	sent := []struct {
+		m   *message
+		fds int
+	}{
+		{&message{Type: msgExportedMany, ID: 1}, maxBatch},
+		{&message{Type: msgExportedMany, ID: 2}, maxBatch}, // right behind: both may arrive in one read
+		{&message{Type: msgOpened}, 0},
+		{&message{Type: msgImportMany, ID: 3, Items: big}, 3}, // several reads' worth
+		{&message{Type: msgExportedMany, ID: 4}, 1},
+	}
+	errc := make(chan error, 1)
+	go func() {
+		for _, s := range sent {
+			if err := a.write(s.m, fds(s.fds)...); err != nil {
+				errc <- err
+				return
+			}
+		}
+		errc <- nil
+	}()
+	for i, s := range sent {
+		m, got, err := b.read()
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		if m.ID != s.m.ID || len(got) != s.fds || len(m.Items) != len(s.m.Items) {
+			t.Errorf("message %d: id %d with %d descriptors and %d items, want id %d with %d and %d", i, m.ID, len(got), len(m.Items), s.m.ID, s.fds, len(s.m.Items))
+		}
+		for k := range m.Items {
+			if !bytes.Equal(m.Items[k].Snapshot, big[k].Snapshot) {
+				t.Errorf("message %d item %d: snapshot differs", i, k)
+			}
+		}
+		seen := map[int]bool{}
+		for _, fd := range got {
+			if seen[fd] || fd == int(f.Fd()) {
+				t.Errorf("message %d: descriptor %d twice", i, fd)
+			}
+			seen[fd] = true
+		}
+		closeFDs(got)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if err := a.write(&message{Type: msgOpened}, fds(maxBatch+1)...); err == nil {
+		t.Errorf("a frame with %d descriptors was sent", maxBatch+1)
+	}
+	if n := openFDs(t); n != base {
+		t.Errorf("%d descriptors open, %d before", n, base)
+	}
+}
+
+// A frame may claim only descriptors that arrived with its first byte,
+// not those of the next frame.
+func TestWireRejectsBorrowedDescriptor(t *testing.T) {
+	a, b := socketPair(t)
+	f, _ := os.Open(os.DevNull)
+	defer f.Close()
+	base := openFDs(t)
+	frame := func(body string) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...)
+	}
+	one := frame(`{"type":"import-many","fds":2}`) // claims 2, comes with 1
+	two := frame(`{"type":"import-many","fds":1}`)
+	rights := syscall.UnixRights(int(f.Fd()))
+	if _, _, err := a.uc.WriteMsgUnix(one[:2], rights, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := a.uc.WriteMsgUnix(append(one[2:], two...), rights, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, fds, err := b.read(); !errors.Is(err, ErrProtocol) {
+		closeFDs(fds)
+		t.Fatalf("got %d descriptors, %v; want ErrProtocol", len(fds), err)
+	}
+	b.dropFDs()
+	if n := openFDs(t); n != base {
+		t.Errorf("%d descriptors open, %d before", n, base)
+	}
+}
+
+func TestChunks(t *testing.T) {
+	for _, tc := range []struct {
+		sizes []int
+		want  [][2]int
+	}{
+		{nil, nil},
+		{[]int{1}, [][2]int{{0, 1}}},
+		{make([]int, 2*maxBatch+1), [][2]int{{0, maxBatch}, {maxBatch, 2 * maxBatch}, {2 * maxBatch, 2*maxBatch + 1}}},
+		{[]int{frameBudget / 2, frameBudget / 2, 1, frameBudget * 2, 1}, [][2]int{{0, 2}, {2, 3}, {3, 4}, {4, 5}}},
+	} {
+		got := chunks(len(tc.sizes), func(i int) int { return tc.sizes[i] })
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("chunks of %d: %v, want %v", len(tc.sizes), got, tc.want)
+		}
+	}
+	// An item's size bounds its encoding.
+	tup := Tuple{Local: netip.MustParseAddrPort("[fe80::1%eth0]:7000"), Remote: netip.MustParseAddrPort("[2001:db8::1]:65535")}
+	for _, it := range []item{
+		{ID: 1 << 63, Tuple: &tup, Snapshot: bytes.Repeat([]byte{0}, MaxSnapshot), FD: true},
+		{ID: 1, Error: strings.Repeat("\x01", maxErrorLen), Code: codeNoConn},
+	} {
+		b, _ := json.Marshal(&it)
+		if len(b) > it.size() {
+			t.Errorf("item encodes to %d bytes, size says %d", len(b), it.size())
+		}
+	}
 }
