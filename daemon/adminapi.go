@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
@@ -175,6 +176,9 @@ func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (
 	return rep, errors.Join(errs...)
 }
 
+// drainInFlight is how many batches of a drain migrate at once.
+const drainInFlight = 2
+
 // serveDrain moves everything away in batches, streaming progress lines.
 func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	var req admin.DrainRequest
@@ -223,21 +227,38 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	p := admin.Progress{Total: len(flows)}
 	enc.Encode(p)
 	flush()
-	var errs []error
+	// Two batches are in flight at a time: while one waits on the
+	// network or the target, the other is quiesced and captured here.
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+		sem  = make(chan struct{}, drainInFlight)
+	)
 	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
 		part := flows[i:min(i+batch, len(flows))]
-		rep, err := d.Migrate(r.Context(), part, targets[t%len(targets)])
-		if rep == nil {
-			errs = append(errs, err)
-			p.Failed += len(part)
-			continue
-		}
-		p.Done += len(rep.Moved)
-		p.Failed += len(rep.Failed)
-		p.Reports = append(p.Reports, *rep)
-		enc.Encode(admin.Progress{Total: p.Total, Done: p.Done, Failed: p.Failed})
-		flush()
+		to := targets[t%len(targets)]
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			rep, err := d.Migrate(r.Context(), part, to)
+			mu.Lock()
+			defer mu.Unlock()
+			if rep == nil {
+				errs = append(errs, err)
+				p.Failed += len(part)
+				return
+			}
+			p.Done += len(rep.Moved)
+			p.Failed += len(rep.Failed)
+			p.Reports = append(p.Reports, *rep)
+			enc.Encode(admin.Progress{Total: p.Total, Done: p.Done, Failed: p.Failed})
+			flush()
+		}()
 	}
+	wg.Wait()
 	p.Final = true
 	if err := errors.Join(errs...); err != nil {
 		p.Error = err.Error()

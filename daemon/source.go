@@ -69,19 +69,73 @@ func servicePort(s string) uint16 {
 	return uint16(p)
 }
 
+// Quiesce takes the flows from their applications, with their snapshots,
+// in one batched request per application; the sockets stay live until
+// Capture freezes them.
+func (s source) Quiesce(ctx context.Context, flows []migrate.Flow) ([]error, error) {
+	d := s.d
+	errs := make([]error, len(flows))
+	type group struct {
+		idx    []int
+		tuples []app.Tuple
+	}
+	groups := map[string]*group{}
+	for i, f := range flows {
+		t, svc, err := d.locate(f)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		g := groups[svc]
+		if g == nil {
+			g = &group{}
+			groups[svc] = g
+		}
+		g.idx = append(g.idx, i)
+		g.tuples = append(g.tuples, t)
+	}
+	for svc, g := range groups {
+		exps, gerrs := d.apps.ExportMany(ctx, svc, g.tuples)
+		d.mu.Lock()
+		for k, i := range g.idx {
+			if gerrs[k] != nil || exps[k] == nil {
+				errs[i] = gerrs[k]
+				if errs[i] == nil {
+					errs[i] = fmt.Errorf("the application of %s did not export %v", svc, flows[i])
+				}
+				continue
+			}
+			d.frozen[flows[i]] = &outgoing{flow: flows[i], tuple: g.tuples[k], exp: exps[k]}
+		}
+		d.mu.Unlock()
+	}
+	return errs, nil
+}
+
+// Capture freezes and captures the sockets of quiesced flows.
 func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.Item, []error, error) {
 	d := s.d
 	got := make([]migrate.Item, len(flows))
 	errs := make([]error, len(flows))
-	// Each capture waits for its application to stop serving the
-	// connection: overlap those round trips.
-	parallel(len(flows), func(i int) { got[i], errs[i] = d.captureOne(ctx, flows[i]) })
+	d.mu.Lock()
+	outs := make([]*outgoing, len(flows))
+	for i, f := range flows {
+		outs[i] = d.frozen[f]
+	}
+	d.mu.Unlock()
+	parallel(len(flows), func(i int) {
+		if outs[i] == nil {
+			errs[i] = fmt.Errorf("flow %v was not quiesced", flows[i])
+			return
+		}
+		got[i], errs[i] = captureOne(outs[i])
+	})
 	items := make([]migrate.Item, 0, len(flows))
 	var b nat.Batch
 	for i := range got {
 		if errs[i] == nil {
 			items = append(items, got[i])
-			if t := d.frozenTuple(flows[i]); t.Local != flows[i].Service {
+			if t := outs[i].tuple; t.Local != flows[i].Service {
 				b.ReplyFrom(natFlow(flows[i]), t.Local)
 			}
 		}
@@ -94,10 +148,32 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 	// Discard; a connection still on its first server needs none.)
 	if d.cfg.Steering == "gateway" && b.Len() > 0 {
 		if err := d.nat.Apply(&b); err != nil {
-			return nil, nil, errors.Join(err, s.Thaw(ctx, migrate.FlowsOf(items)))
+			return nil, nil, err // the flows stay quiesced: Run thaws them
 		}
 	}
 	return items, errs, nil
+}
+
+// captureOne freezes and captures the socket of a quiesced flow. On error
+// the socket is live again (o.frozen is nil) and the flow stays quiesced.
+func captureOne(o *outgoing) (migrate.Item, error) {
+	fr, err := repair.Freeze(o.exp.Socket)
+	if err != nil {
+		return migrate.Item{}, err
+	}
+	st, err := fr.Capture()
+	if err == nil && (st.Local != o.tuple.Local || st.Remote != o.tuple.Remote) {
+		err = fmt.Errorf("the application gave socket %v->%v for flow %v", st.Local, st.Remote, o.flow)
+	}
+	var blob []byte
+	if err == nil {
+		blob, err = st.MarshalBinary()
+	}
+	if err != nil {
+		return migrate.Item{}, errors.Join(err, fr.Thaw())
+	}
+	o.frozen = fr
+	return migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot}, nil
 }
 
 func (d *Daemon) frozenTuple(f migrate.Flow) app.Tuple {
@@ -133,43 +209,6 @@ func parallel(n int, fn func(i int)) {
 	wg.Wait()
 }
 
-// captureOne takes f from its application (with the application's
-// snapshot), freezes the socket and captures it. On error the flow is left
-// as it was.
-func (d *Daemon) captureOne(ctx context.Context, f migrate.Flow) (migrate.Item, error) {
-	t, svc, err := d.locate(f)
-	if err != nil {
-		return migrate.Item{}, err
-	}
-	exp, err := d.apps.Export(ctx, svc, t)
-	if err != nil {
-		return migrate.Item{}, err
-	}
-	undo := func(err error) (migrate.Item, error) {
-		exp.Socket.Close()
-		return migrate.Item{}, errors.Join(err, exp.Finish(context.WithoutCancel(ctx), false))
-	}
-	fr, err := repair.Freeze(exp.Socket)
-	if err != nil {
-		return undo(err)
-	}
-	st, err := fr.Capture()
-	if err == nil && (st.Local != t.Local || st.Remote != t.Remote) {
-		err = fmt.Errorf("the application gave socket %v->%v for flow %v", st.Local, st.Remote, f)
-	}
-	var blob []byte
-	if err == nil {
-		blob, err = st.MarshalBinary()
-	}
-	if err != nil {
-		return undo(errors.Join(err, fr.Thaw()))
-	}
-	d.mu.Lock()
-	d.frozen[f] = &outgoing{flow: f, tuple: t, exp: exp, frozen: fr}
-	d.mu.Unlock()
-	return migrate.Item{Flow: f, App: svc, State: blob, Snapshot: exp.Snapshot}, nil
-}
-
 func (d *Daemon) takeFrozen(flows []migrate.Flow) []*outgoing {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -188,18 +227,26 @@ func (d *Daemon) takeFrozen(flows []migrate.Flow) []*outgoing {
 func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
 	outs := d.takeFrozen(flows)
-	errs := make([]error, len(outs))
-	parallel(len(outs), func(i int) {
-		o := outs[i]
-		errs[i] = errors.Join(o.frozen.Thaw(), o.exp.Finish(ctx, false), o.exp.Socket.Close())
-	})
-	if d.cfg.Steering == "gateway" && len(outs) > 0 {
-		// The switch did not happen: the gateway still rewrites the
-		// flow's replies, and the rewrite Capture added here goes.
-		var b nat.Batch
-		for _, o := range outs {
-			b.Remove(natFlow(o.flow))
+	errs := make([]error, 0, len(outs)+1)
+	exps := make([]*app.Exported, len(outs))
+	var b nat.Batch
+	for i, o := range outs {
+		if o.frozen != nil {
+			errs = append(errs, o.frozen.Thaw())
+			if d.cfg.Steering == "gateway" {
+				// The switch did not happen: the gateway still rewrites
+				// the flow's replies, and the rewrite Capture added here
+				// goes.
+				b.Remove(natFlow(o.flow))
+			}
 		}
+		exps[i] = o.exp
+	}
+	errs = append(errs, app.FinishMany(ctx, exps, false)...)
+	for _, o := range outs {
+		errs = append(errs, o.exp.Socket.Close())
+	}
+	if b.Len() > 0 {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)
@@ -212,24 +259,26 @@ func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
 	outs := d.takeFrozen(flows)
-	errs := make([]error, 2*len(outs))
-	parallel(len(outs), func(i int) {
-		errs[2*i], errs[2*i+1] = outs[i].exp.Finish(ctx, true), outs[i].frozen.Discard()
-	})
+	exps := make([]*app.Exported, len(outs))
+	for i, o := range outs {
+		exps[i] = o.exp
+	}
+	errs := app.FinishMany(ctx, exps, true)
 	var b nat.Batch
-	rules := 0
+	d.mu.Lock()
 	for _, o := range outs {
-		d.mu.Lock()
+		if o.frozen != nil {
+			errs = append(errs, o.frozen.Discard())
+		}
 		_, movedIn := d.moved[o.tuple]
 		delete(d.moved, o.tuple)
 		delete(d.adopted, o.tuple)
-		d.mu.Unlock()
 		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
 			b.Remove(natFlow(o.flow))
-			rules++
 		}
 	}
-	if rules > 0 {
+	d.mu.Unlock()
+	if b.Len() > 0 {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)

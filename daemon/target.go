@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -180,43 +181,69 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		return nil, fmt.Errorf("no transfer %d waiting on %s", r.TxID, d.cfg.Name)
 	}
 	results := make([]peer.ItemResult, len(in.items))
-	parallel(len(in.items), func(i int) {
-		item := in.items[i]
-		if err := d.commitOne(ctx, item); err != nil {
+	// The sockets come to life first, all of them: from here on every
+	// moment counts for the clients. Then each application takes its
+	// connections in one batched import.
+	files := make([]*os.File, len(in.items))
+	byApp := map[string][]int{}
+	for i, item := range in.items {
+		f, err := commitSocket(item)
+		if err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
 			d.log.Error("commit failed", "flow", item.flow, "err", err)
-			return
+			continue
 		}
-		results[i] = peer.ItemResult{OK: true}
-	})
+		files[i] = f
+		byApp[item.app] = append(byApp[item.app], i)
+	}
+	for svc, idx := range byApp {
+		socks := make([]*os.File, len(idx))
+		snaps := make([][]byte, len(idx))
+		d.mu.Lock()
+		for k, i := range idx {
+			socks[k], snaps[k] = files[i], in.items[i].snap
+			d.moved[in.items[i].tuple()] = in.items[i].flow
+		}
+		d.mu.Unlock()
+		errs := d.apps.ImportMany(ctx, svc, socks, snaps)
+		d.mu.Lock()
+		for k, i := range idx {
+			t := in.items[i].tuple()
+			if errs[k] != nil {
+				// The application did not take it: the socket is
+				// closed with nobody serving it (the client sees the
+				// connection end).
+				delete(d.moved, t)
+				results[i] = peer.ItemResult{Error: errs[k].Error()}
+				d.log.Error("commit failed", "flow", in.items[i].flow, "err", errs[k])
+				continue
+			}
+			// The application reported the connection before
+			// acknowledging the import, so from now on its absence from
+			// apps.Conns means it ended.
+			d.adopted[t] = true
+			results[i] = peer.ItemResult{OK: true}
+		}
+		d.mu.Unlock()
+	}
+	for _, f := range files {
+		if f != nil {
+			f.Close()
+		}
+	}
 	return &peer.CommitReply{Results: results}, nil
 }
 
-func (d *Daemon) commitOne(ctx context.Context, item *inItem) error {
+// tuple is the restored socket's own ends.
+func (item *inItem) tuple() app.Tuple { return app.Tuple{Local: item.local, Remote: item.flow.Client} }
+
+// commitSocket takes a restored socket out of repair mode and returns a
+// descriptor of it for its application.
+func commitSocket(item *inItem) (*os.File, error) {
 	if err := item.r.Commit(); err != nil {
-		return err
+		return nil, err
 	}
-	f, err := item.r.File()
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	t := app.Tuple{Local: item.local, Remote: item.flow.Client}
-	d.mu.Lock()
-	d.moved[t] = item.flow
-	d.mu.Unlock()
-	if err := d.apps.Import(ctx, item.app, f, item.snap); err != nil {
-		d.mu.Lock()
-		delete(d.moved, t)
-		d.mu.Unlock()
-		return err
-	}
-	// The application reported the connection before acknowledging the
-	// import, so from now on its absence from apps.Conns means it ended.
-	d.mu.Lock()
-	d.adopted[t] = true
-	d.mu.Unlock()
-	return nil
+	return item.r.File()
 }
 
 // Abort throws a transfer's restored sockets away; they are still in

@@ -14,9 +14,11 @@
 // The phases, each with its own deadline ([Deadlines]):
 //
 //	prepare   target: can you take n connections? (it makes blank sockets)
-//	hold      steering: queue the flows' client packets
-//	capture   source: applications export their snapshots, sockets are
-//	          frozen (TCP_REPAIR) and captured
+//	quiesce   source: applications stop serving the flows and give their
+//	          snapshots; the sockets stay live
+//	hold      steering: queue the flows' client packets (at the same time
+//	          as quiesce: neither waits for the other)
+//	capture   source: sockets are frozen (TCP_REPAIR) and captured
 //	transfer  target: restore the sockets in repair mode, install the
 //	          reply-source rewrite
 //	switch    steering: send the flows to the target, re-deliver what was
@@ -66,13 +68,19 @@ type Item struct {
 
 // Source is the server the connections leave.
 type Source interface {
-	// Capture takes the flows from their applications (with their
-	// snapshots), freezes their sockets and captures them. It returns one
-	// item per flow it captured and an error per flow it could not (nil
-	// entries for those captured); flows it could not capture carry on at
-	// the source untouched.
+	// Quiesce asks the flows' applications to stop serving them and to
+	// give their snapshots; the sockets stay live (the kernel goes on
+	// sending what is queued and taking acknowledgements). It returns an
+	// error per flow (nil where quiesced); the others carry on at the
+	// source untouched.
+	Quiesce(ctx context.Context, flows []Flow) ([]error, error)
+	// Capture freezes the sockets of quiesced flows and captures them.
+	// It returns one item per flow it captured and an error per flow it
+	// could not (nil entries for those captured); a flow it could not
+	// capture stays quiesced, for Thaw.
 	Capture(ctx context.Context, flows []Flow) ([]Item, []error, error)
-	// Thaw lets captured flows carry on at the source (abort).
+	// Thaw lets quiesced or captured flows carry on at the source
+	// (abort); flows that are neither are ignored.
 	Thaw(ctx context.Context, flows []Flow) error
 	// Discard drops the frozen sockets of flows the target now owns.
 	Discard(ctx context.Context, flows []Flow) error
@@ -110,12 +118,13 @@ type Steering interface {
 
 // Deadlines bound each phase. Zero fields take the defaults.
 type Deadlines struct {
-	Prepare, Hold, Capture, Transfer, Switch, Commit time.Duration
+	Prepare, Quiesce, Hold, Capture, Transfer, Switch, Commit time.Duration
 }
 
 // DefaultDeadlines are used for zero fields of Deadlines.
 var DefaultDeadlines = Deadlines{
 	Prepare:  2 * time.Second,
+	Quiesce:  5 * time.Second,
 	Hold:     2 * time.Second,
 	Capture:  5 * time.Second,
 	Transfer: 10 * time.Second,
@@ -124,7 +133,7 @@ var DefaultDeadlines = Deadlines{
 }
 
 func (d Deadlines) get(p Phase) time.Duration {
-	v := map[Phase]time.Duration{PhasePrepare: d.Prepare, PhaseHold: d.Hold, PhaseCapture: d.Capture,
+	v := map[Phase]time.Duration{PhasePrepare: d.Prepare, PhaseQuiesce: d.Quiesce, PhaseHold: d.Hold, PhaseCapture: d.Capture,
 		PhaseTransfer: d.Transfer, PhaseSwitch: d.Switch, PhaseCommit: d.Commit}[p]
 	if v == 0 {
 		v = DefaultDeadlines.get(p)
@@ -138,6 +147,7 @@ type Phase string
 // The phases, in order.
 const (
 	PhasePrepare  Phase = "prepare"
+	PhaseQuiesce  Phase = "quiesce"
 	PhaseHold     Phase = "hold"
 	PhaseCapture  Phase = "capture"
 	PhaseTransfer Phase = "transfer"
@@ -206,37 +216,79 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		rep.Aborted = true
 		return rep, err
 	}
-	if err := phase(PhaseHold, func(ctx context.Context) error { return st.Hold(ctx, flows) }); err != nil {
+
+	// Quiesce and hold at once: the client's acknowledgements keep
+	// reaching the source until the hold is in, and the hold is in
+	// before any socket is frozen.
+	var quiesceErrs []error
+	var quiesceErr, holdErr error
+	holdDone := make(chan struct{})
+	holdTook := time.Duration(0)
+	go func() {
+		defer close(holdDone)
+		pctx, cancel := context.WithTimeout(ctx, d.get(PhaseHold))
+		defer cancel()
+		t := time.Now()
+		if err := st.Hold(pctx, flows); err != nil {
+			holdErr = &PhaseError{Phase: PhaseHold, Err: err}
+		}
+		holdTook = time.Since(t)
+	}()
+	quiesceErr = phase(PhaseQuiesce, func(ctx context.Context) (err error) {
+		quiesceErrs, err = src.Quiesce(ctx, flows)
+		return err
+	})
+	<-holdDone
+	rep.Timings[PhaseHold] += holdTook
+	if quiesceErr != nil || holdErr != nil {
+		err := errors.Join(holdErr, quiesceErr)
 		fail(flows, err)
 		rep.Aborted = true
-		return rep, errors.Join(err, cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
+		return rep, errors.Join(err,
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, flows) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
 	}
+	var quiesced, notQuiesced []Flow
+	for i, f := range flows {
+		if i < len(quiesceErrs) && quiesceErrs[i] != nil {
+			rep.Failed[f] = quiesceErrs[i]
+			notQuiesced = append(notQuiesced, f)
+			continue
+		}
+		quiesced = append(quiesced, f)
+	}
+	var cleanupErr error
+	if len(notQuiesced) > 0 {
+		cleanupErr = cleanup(func(ctx context.Context) error { return st.Unhold(ctx, notQuiesced) })
+	}
+	if len(quiesced) == 0 {
+		rep.Aborted = true
+		return rep, errors.Join(&PhaseError{Phase: PhaseQuiesce, Err: errors.New("no application gave up its connection")}, cleanupErr)
+	}
+
 	var items []Item
 	var perFlow []error
 	if err := phase(PhaseCapture, func(ctx context.Context) (err error) {
-		items, perFlow, err = src.Capture(ctx, flows)
+		items, perFlow, err = src.Capture(ctx, quiesced)
 		return err
 	}); err != nil {
-		fail(flows, err)
+		fail(quiesced, err)
 		rep.Aborted = true
-		var thawErr error
-		if captured := FlowsOf(items); len(captured) > 0 {
-			thawErr = cleanup(func(ctx context.Context) error { return src.Thaw(ctx, captured) })
-		}
-		return rep, errors.Join(err, thawErr,
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
+		return rep, errors.Join(err, cleanupErr,
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, quiesced) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, quiesced) }))
 	}
-	// Flows that could not be captured carry on at the source.
 	var notCaptured []Flow
 	for i, err := range perFlow {
-		if err != nil && i < len(flows) {
-			rep.Failed[flows[i]] = err
-			notCaptured = append(notCaptured, flows[i])
+		if err != nil && i < len(quiesced) {
+			rep.Failed[quiesced[i]] = err
+			notCaptured = append(notCaptured, quiesced[i])
 		}
 	}
-	var cleanupErr error
 	if len(notCaptured) > 0 {
-		cleanupErr = cleanup(func(ctx context.Context) error { return st.Unhold(ctx, notCaptured) })
+		cleanupErr = errors.Join(cleanupErr,
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, notCaptured) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, notCaptured) }))
 	}
 	if len(items) == 0 {
 		rep.Aborted = true
@@ -301,8 +353,12 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, moving) }))
 	}
 	rep.Moved = moving
+	// The target owns the flows from the switch on: it commits while the
+	// source discards its frozen copies, neither waiting for the other.
 	err := phase(PhaseCommit, func(ctx context.Context) error {
-		return errors.Join(tgt.Commit(ctx, moving), src.Discard(ctx, moving))
+		discarded := make(chan error, 1)
+		go func() { discarded <- src.Discard(ctx, moving) }()
+		return errors.Join(tgt.Commit(ctx, moving), <-discarded)
 	})
 	return rep, errors.Join(err, cleanupErr)
 }

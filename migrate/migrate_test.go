@@ -21,6 +21,7 @@ type world struct {
 	blockAt   string          // "party.method" that waits for its deadline
 	refuse    map[Flow]bool   // flows the target cannot restore
 	noCapture map[Flow]bool   // flows the source cannot capture
+	noQuiesce map[Flow]bool   // flows whose application refuses to let go
 	where     map[Flow]string // "src" or "tgt": who owns each flow
 }
 
@@ -43,6 +44,19 @@ func (w *world) call(ctx context.Context, name string, fs []Flow) error {
 }
 
 type fakeSource struct{ *world }
+
+func (s fakeSource) Quiesce(ctx context.Context, fs []Flow) ([]error, error) {
+	if err := s.call(ctx, "src.Quiesce", fs); err != nil {
+		return nil, err
+	}
+	errs := make([]error, len(fs))
+	for i, f := range fs {
+		if s.noQuiesce[f] {
+			errs[i] = errors.New("app refused")
+		}
+	}
+	return errs, nil
+}
 
 func (s fakeSource) Capture(ctx context.Context, fs []Flow) ([]Item, []error, error) {
 	if err := s.call(ctx, "src.Capture", fs); err != nil {
@@ -122,6 +136,9 @@ func flows(n int) []Flow {
 
 func TestRun(t *testing.T) {
 	fs := flows(3)
+	// Quiesce and hold run at the same time: the test expects them in
+	// this order and sorts what it records.
+	const QH = "src.Quiesce(40001,40002,40003)\x00st.Hold(40001,40002,40003)"
 	for _, tc := range []struct {
 		name      string
 		w         world
@@ -130,38 +147,43 @@ func TestRun(t *testing.T) {
 		wantCalls []string
 	}{
 		{name: "all move", wantMoved: 3, wantCalls: []string{
-			"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 			"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
 			"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 		{name: "target refuses", w: world{failAt: "tgt.Prepare"}, wantErr: PhasePrepare,
 			wantCalls: []string{"tgt.Prepare()"}},
 		{name: "hold fails", w: world{failAt: "st.Hold"}, wantErr: PhaseHold,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "quiesce fails", w: world{failAt: "src.Quiesce"}, wantErr: PhaseQuiesce,
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		{name: "one flow not quiesced", w: world{noQuiesce: map[Flow]bool{fs[2]: true}}, wantMoved: 2,
+			wantCalls: []string{"tgt.Prepare()", QH, "st.Unhold(40003)", "src.Capture(40001,40002)",
+				"tgt.Transfer(40001,40002)", "st.Switch(40001,40002)", "tgt.Commit(40001,40002)", "src.Discard(40001,40002)"}},
 		{name: "capture fails", w: world{failAt: "src.Capture"}, wantErr: PhaseCapture,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
-				"st.Unhold(40001,40002,40003)"}},
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
 		{name: "target dies mid-transfer", w: world{failAt: "tgt.Transfer"}, wantErr: PhaseTransfer,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
 		{name: "transfer times out", w: world{blockAt: "tgt.Transfer"}, wantErr: PhaseTransfer,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
 		{name: "switch fails", w: world{failAt: "st.Switch"}, wantErr: PhaseSwitch,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
 		{name: "one flow not restored", w: world{refuse: map[Flow]bool{fs[1]: true}}, wantMoved: 2,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
 				"st.Switch(40001,40003)", "tgt.Commit(40001,40003)", "src.Discard(40001,40003)"}},
 		{name: "one flow not captured", w: world{noCapture: map[Flow]bool{fs[0]: true}}, wantMoved: 2,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
-				"st.Unhold(40001)", "tgt.Transfer(40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+				"src.Thaw(40001)", "st.Unhold(40001)", "tgt.Transfer(40002,40003)",
 				"st.Switch(40002,40003)", "tgt.Commit(40002,40003)", "src.Discard(40002,40003)"}},
 		{name: "commit fails after switch", w: world{failAt: "tgt.Commit"}, wantErr: PhaseCommit, wantMoved: 3,
-			wantCalls: []string{"tgt.Prepare()", "st.Hold(40001,40002,40003)", "src.Capture(40001,40002,40003)",
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
 				"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 	} {
@@ -180,6 +202,18 @@ func TestRun(t *testing.T) {
 			}
 			if len(rep.Moved) != tc.wantMoved || len(rep.Moved)+len(rep.Failed) != len(fs) {
 				t.Fatalf("moved %d, failed %d; want %d moved of %d", len(rep.Moved), len(rep.Failed), tc.wantMoved, len(fs))
+			}
+			var want []string
+			for _, c := range tc.wantCalls {
+				want = append(want, strings.Split(c, "\x00")...)
+			}
+			tc.wantCalls = want
+			if len(w.calls) >= 3 {
+				slices.Sort(w.calls[1:3])
+			}
+			// Commit and discard run at the same time too.
+			if n := len(w.calls); n >= 2 && strings.HasPrefix(w.calls[n-2], "src.Discard") {
+				w.calls[n-2], w.calls[n-1] = w.calls[n-1], w.calls[n-2]
 			}
 			if !slices.Equal(w.calls, tc.wantCalls) {
 				t.Fatalf("calls:\n got %q\nwant %q", w.calls, tc.wantCalls)
