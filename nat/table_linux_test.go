@@ -303,3 +303,26 @@ func BenchmarkApply10k(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkSwitchOne measures the nftables transactions of one flow's
+// migration at its steering point: hold, then switch (remove the hold and
+// forward), then remove — three Applies per op.
+func BenchmarkSwitchOne(b *testing.B) {
+	skipUnlessRoot(b)
+	ns := newNamespace(b, "bench1")
+	tb := openIn(b, ns, Options{})
+	f := manyFlows(1)[0]
+	to := netip.MustParseAddr("10.77.2.12")
+	for b.Loop() {
+		var hold, sw, rm Batch
+		hold.Hold(f)
+		sw.Remove(f)
+		sw.Forward(f, to)
+		rm.Remove(f)
+		for _, x := range []*Batch{&hold, &sw, &rm} {
+			if err := tb.Apply(x); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}

@@ -8,8 +8,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -124,25 +128,38 @@ func clientRetrans(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) uint32 {
 // (s1 -> s2 -> s3 -> s1 ...), one migration per op, and measures at the
 // client the largest gap between consecutive reads around each migration.
 // The baseline is the same measurement over the same time without a
-// migration, taken in the same run. Metrics: pause-p50-ms, pause-p99-ms,
-// pause-max-ms, baseline-p50-ms, baseline-p99-ms, and client-retrans, the
-// client socket's retransmissions over the whole run (an RTO caused by a
-// migration would show there).
+// migration, taken in the same run. Two streams: "paced" (mtcp-bulk
+// --rate 40 MB/s in 4 KiB writes, a steady stream that leaves the CPUs
+// mostly idle, so the gaps are the migration's) and "flat-out" (as fast
+// as the client reads, which keeps both cores busy with the stream
+// itself). Metrics: pause-p50-ms, pause-p99-ms, pause-max-ms,
+// baseline-p50-ms, baseline-p99-ms, the median of each transaction phase
+// (PHASE-p50-ms), and client-retrans, the client socket's retransmissions
+// over the whole run (an RTO caused by a migration would show there).
 func BenchmarkMigrationPause(b *testing.B) {
+	b.Run("paced", func(b *testing.B) { benchPause(b, "--rate", "40000000") })
+	b.Run("flat-out", func(b *testing.B) { benchPause(b) })
+}
+
+func benchPause(b *testing.B, appArgs ...string) {
 	bed := testbed.ForTest(b)
-	p := pool.Start(b, bed, pool.Options{App: "mtcp-bulk", Quiet: true})
+	p := pool.Start(b, bed, pool.Options{App: "mtcp-bulk", AppArgs: appArgs, Quiet: true})
 	c, g := streamClient(b, p, false)
 	hosts := []*testbed.Host{bed.S1, bed.S2, bed.S3}
 	retrans0 := clientRetrans(b, bed, c)
 	var pauses, baseline []time.Duration
+	phases := map[string][]time.Duration{}
 	i := 0
 	for b.Loop() {
 		from, to := hosts[i%3], hosts[(i+1)%3]
 		i++
 		g.start()
 		t0 := time.Now()
-		p.Migrate(from, to, c)
+		rep := p.Migrate(from, to, c)
 		took := time.Since(t0)
+		for ph, d := range rep.Timings {
+			phases[ph] = append(phases[ph], d)
+		}
 		pauses = append(pauses, g.stopAfter(b, time.Now().Add(5*time.Millisecond)))
 
 		b.StopTimer()
@@ -164,6 +181,9 @@ func BenchmarkMigrationPause(b *testing.B) {
 	b.ReportMetric(pct(baseline, 0.99), "baseline-p99-ms")
 	b.ReportMetric(float64(retrans), "client-retrans")
 	b.ReportMetric(float64(g.n)/1e6, "MB-verified")
+	for ph, ds := range phases {
+		b.ReportMetric(pct(ds, 0.5), ph+"-p50-ms")
+	}
 }
 
 // BenchmarkDrain10k drains 10,000 idle kv sessions from s1 to s2 in one
@@ -183,9 +203,13 @@ func BenchmarkDrain10k(b *testing.B) {
 	})
 	var rate float64
 	for b.Loop() {
+		cpu0 := cpuByHost(b, bed.S1, bed.S2)
 		t0 := time.Now()
 		prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2"}, nil)
 		took := time.Since(t0)
+		for k, v := range cpuByHost(b, bed.S1, bed.S2) {
+			b.Logf("CPU %s: %v", k, v-cpu0[k])
+		}
 		if err != nil || prog.Done != n || prog.Failed != 0 {
 			b.Fatalf("drain: %v (%+v)", err, prog)
 		}
@@ -207,4 +231,41 @@ func BenchmarkDrain10k(b *testing.B) {
 		b.StartTimer()
 	}
 	b.ReportMetric(rate, "conns/s")
+}
+
+// cpuByHost sums the CPU time (user+system) of the processes in each
+// host's network namespace, by host and command name.
+func cpuByHost(tb testing.TB, hosts ...*testbed.Host) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	inode := map[uint64]string{}
+	for _, h := range hosts {
+		var st syscall.Stat_t
+		if err := syscall.Stat(h.NetNSPath(), &st); err != nil {
+			tb.Fatal(err)
+		}
+		inode[st.Ino] = h.Name
+	}
+	pids, _ := filepath.Glob("/proc/[0-9]*")
+	for _, dir := range pids {
+		var st syscall.Stat_t
+		if syscall.Stat(dir+"/ns/net", &st) != nil {
+			continue
+		}
+		host, ok := inode[st.Ino]
+		if !ok {
+			continue
+		}
+		b, err := os.ReadFile(dir + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		comm := s[strings.IndexByte(s, '(')+1 : i]
+		f := strings.Fields(s[i+2:])
+		ut, _ := strconv.ParseUint(f[11], 10, 64)
+		stime, _ := strconv.ParseUint(f[12], 10, 64)
+		out[host+"/"+comm] += time.Duration(ut+stime) * 10 * time.Millisecond
+	}
+	return out
 }

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"sync/atomic"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/internal/stream"
@@ -36,12 +37,19 @@ type state struct {
 }
 
 // bulk is the mtcp-bulk handler.
-type bulk struct{}
+type bulk struct {
+	// rate paces each stream at this many bytes per second, in
+	// pacedChunk writes; 0 streams as fast as the connection takes it.
+	rate int64
+}
+
+// pacedChunk is the write size of a paced stream.
+const pacedChunk = 4 << 10
 
 // Serve reads the request, then streams the pattern from the offset the
 // snapshot says while a goroutine consumes and counts what the client
 // sends. The session ends when the client closes its end.
-func (bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, error) {
+func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, error) {
 	var st state
 	if snap != nil {
 		if err := json.Unmarshal(snap, &st); err != nil {
@@ -89,9 +97,28 @@ func (bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, erro
 
 	pat := stream.Pattern(st.Seed)
 	buf := make([]byte, 64<<10)
+	if h.rate > 0 {
+		buf = buf[:pacedChunk]
+	}
 	var werr, rerr error
 	readerDone := false
+	start, sent0 := time.Now(), st.Sent
 	for st.Length == 0 || st.Sent < st.Length {
+		if h.rate > 0 {
+			due := start.Add(time.Duration(float64(st.Sent-sent0) / float64(h.rate) * float64(time.Second)))
+			if wait := time.Until(due); wait > 0 {
+				t := time.NewTimer(wait)
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					t.Stop()
+					werr = context.Cause(ctx)
+				}
+				if werr != nil {
+					break
+				}
+			}
+		}
 		select {
 		case rerr = <-recvDone:
 			readerDone = true

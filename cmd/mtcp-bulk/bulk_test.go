@@ -142,6 +142,32 @@ func TestStreamMigratesRepeatedly(t *testing.T) {
 	receive(t, c, v, 8<<20)
 }
 
+// TestPacedStreamMigrates moves a paced stream back and forth: the pacing
+// restarts on each server and is interrupted by the export like a Write,
+// and every byte arrives once, in order, at about the rate asked for.
+func TestPacedStreamMigrates(t *testing.T) {
+	const rate = 4 << 20 // bytes per second
+	a := apptest.Start(t, "A", bulk{rate: rate})
+	b := apptest.Start(t, "B", bulk{rate: rate})
+	c := a.Dial(t)
+	v := &stream.Verifier{Pattern: 9}
+	start := time.Now()
+	c.Write(request(9, 0))
+	tup := a.WaitConn(t, c)
+	from, to := a, b
+	for range 10 {
+		receive(t, c, v, 50_001)
+		apptest.Migrate(t, from, to, tup)
+		from, to = to, from
+	}
+	receive(t, c, v, 100_000)
+	// 600,010 bytes at 4 MiB/s take at least 136 ms; unpaced, they
+	// arrive in a few milliseconds.
+	if took, least := time.Since(start), time.Duration(float64(v.N)/rate*float64(time.Second)); took < least*9/10 {
+		t.Fatalf("%d bytes in %v: faster than the pace allows (%v)", v.N, took, least)
+	}
+}
+
 // TestRequestSplitAcrossMigration moves a session before its request is
 // complete.
 func TestRequestSplitAcrossMigration(t *testing.T) {
@@ -175,6 +201,9 @@ func TestRequestSplitAcrossMigration(t *testing.T) {
 func TestFlags(t *testing.T) {
 	if code := run([]string{"--help"}, io.Discard); code != 0 {
 		t.Errorf("--help: exit %d", code)
+	}
+	if code := run([]string{"--rate", "-1"}, io.Discard); code != 2 {
+		t.Errorf("negative rate: exit %d, want 2", code)
 	}
 	if code := run([]string{"extra"}, io.Discard); code != 2 {
 		t.Errorf("extra argument: exit %d, want 2", code)

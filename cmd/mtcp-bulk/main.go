@@ -43,6 +43,7 @@ func run(args []string, stderr io.Writer) int {
 	daemon := fs.String("daemon", app.DefaultDaemonSocket, "`path` of mtcpd's application socket")
 	name := fs.String("name", "", "server identity used in logs (default: the hostname)")
 	verbose := fs.Bool("verbose", false, "log debug records")
+	rate := fs.Int64("rate", 0, "pace each stream at this many `bytes` per second, in 4 KiB writes (0: as fast as the client reads)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: mtcp-bulk [flags]
 
@@ -58,6 +59,10 @@ Flags:
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
+		return 2
+	}
+	if *rate < 0 {
+		fmt.Fprintf(stderr, "mtcp-bulk: --rate %d: must be 0 or more\n", *rate)
 		return 2
 	}
 	if fs.NArg() > 0 {
@@ -80,7 +85,7 @@ Flags:
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := app.Serve(ctx, app.Config{Service: *listen, Daemon: *daemon, Handler: bulk{}, Logger: log}); err != nil {
+	if err := app.Serve(ctx, app.Config{Service: *listen, Daemon: *daemon, Handler: bulk{rate: *rate}, Logger: log}); err != nil {
 		fmt.Fprintf(stderr, "mtcp-bulk: %v\n", err)
 		return 1
 	}
