@@ -540,6 +540,7 @@ func readAnswer(c net.Conn) ([]byte, error) {
 // it, and forced through). Each is refused during the handshake with an
 // error that says so; s1 installs nothing; the session goes on.
 func TestRefuseUnauthenticatedPeer(t *testing.T) {
+	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{})
@@ -688,6 +689,7 @@ func TestRefuseUnauthenticatedPeer(t *testing.T) {
 // mode: silent) and installs its reply rewrite, which shows that the
 // checks below see what a restore leaves; its Abort removes both.
 func TestRefuseGarbledState(t *testing.T) {
+	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{})

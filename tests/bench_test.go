@@ -142,6 +142,7 @@ func BenchmarkMigrationPause(b *testing.B) {
 }
 
 func benchPause(b *testing.B, appArgs ...string) {
+	testbed.RequireNetns(b) // reads the client socket from its namespace
 	bed := testbed.ForTest(b)
 	p := pool.Start(b, bed, pool.Options{App: "mtcp-bulk", AppArgs: appArgs, Quiet: true})
 	c, g := streamClient(b, p, false)
@@ -190,6 +191,7 @@ func benchPause(b *testing.B, appArgs ...string) {
 // `mtcpctl drain` and checks every one is alive on s2 afterwards. Metric:
 // conns/s of the drain.
 func BenchmarkDrain10k(b *testing.B) {
+	testbed.RequireNetns(b) // reads CPU times by namespace
 	const n = 10000
 	bed := testbed.ForTest(b)
 	p := pool.Start(b, bed, pool.Options{Quiet: os.Getenv("MTCP_VERBOSE") == ""})

@@ -252,6 +252,7 @@ func repairCases() []repairCase {
 // keeps talking to s1's address and must see every byte exactly once, in
 // order, both ways, with no RST and no error.
 func TestRepairAcrossHosts(t *testing.T) {
+	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
 	bed := testbed.ForTest(t)
 	port := uint16(7000)
 	for _, v6 := range []bool{false, true} {
