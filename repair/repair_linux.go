@@ -398,9 +398,9 @@ func (r *Restored) commit() error {
 	// CLOSING: ours went first (FIN_WAIT1), then the peer's crossed it.
 	switch st.TCPState {
 	case StateCloseWait:
-		return injectFIN(r)
+		return peerFIN(r)
 	case StateLastAck:
-		if err := injectFIN(r); err != nil {
+		if err := peerFIN(r); err != nil {
 			return err
 		}
 		return shutdown()
@@ -410,6 +410,24 @@ func (r *Restored) commit() error {
 		if err := shutdown(); err != nil {
 			return err
 		}
+		return peerFIN(r)
+	}
+	return nil
+}
+
+// peerFIN replays the peer's FIN, unless the socket has taken it already:
+// the peer retransmits an unacknowledged FIN, and a retransmission that
+// reached the restored socket first (from the switch on, even in repair
+// mode) has moved it on. A replay on top of that would be a duplicate,
+// and one arriving after the connection ended would be answered with a
+// RST.
+func peerFIN(r *Restored) error {
+	h, err := infoHead(r.fd)
+	if err != nil {
+		return err
+	}
+	switch TCPState(h.state) {
+	case StateEstablished, StateFinWait1, StateFinWait2:
 		return injectFIN(r)
 	}
 	return nil

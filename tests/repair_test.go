@@ -88,6 +88,10 @@ type repairCase struct {
 	check      func(t *testing.T, st *repair.State) // what the capture must show
 	restored   func(t *testing.T, c *net.TCPConn)   // what the restored socket must show
 	post       int64                                // bytes each open side sends after the move
+	// finFirst waits, before the commit, for the client's retransmitted
+	// FIN to reach the restored socket (still in repair mode), so that the
+	// commit must not replay it.
+	finFirst bool
 }
 
 // appOpts are socket options an application sets and would miss if the
@@ -235,6 +239,15 @@ func repairCases() []repairCase {
 				f.serverFIN()
 				f.await(repair.StateLastAck, 3001, 4001)
 			}},
+		{name: "closing-peer-fin-first", want: repair.StateClosing, finFirst: true,
+			prepare: func(f *flow) {
+				f.rules.blockClient(f.t)
+				f.serverWrite(2000)
+				f.serverFIN()
+				f.clientWrite(1500)
+				f.clientFIN()
+				f.await(repair.StateClosing, 1501, 2001)
+			}},
 		{name: "closing", want: repair.StateClosing,
 			prepare: func(f *flow) {
 				f.rules.blockClient(f.t)
@@ -320,6 +333,12 @@ func runRepairCase(t *testing.T, bed *testbed.Bed, v6 bool, port uint16, tc repa
 	})
 	f.rules.steer(t)
 	f.rules.unblockClient(t)
+	if tc.finFirst {
+		eventually(t, 10*time.Second, "the client's retransmitted FIN to reach s2's restored socket", func() (bool, string) {
+			st, _, _, ok := sockState(t, bed.S2, port)
+			return ok && st == repair.StateCloseWait, st.String()
+		})
+	}
 	if err := restored.Commit(); err != nil {
 		t.Fatal(err)
 	}
