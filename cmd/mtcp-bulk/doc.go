@@ -1,0 +1,19 @@
+// Command mtcp-bulk is a migratory bulk streaming server, an example
+// application of package app and a test application of mtcp's end-to-end
+// tests.
+//
+// A client sends a 16-byte request: a seed and a length N, 8 bytes each,
+// big-endian. The server answers with N bytes (endlessly if N is 0) of
+// the deterministic pattern of package internal/stream for that seed, in
+// which every byte depends on its offset, and consumes and counts
+// whatever else the client sends. The session ends when the client
+// closes the connection.
+//
+// When mtcpd migrates a session, the seed, the offset reached and the
+// byte count move with it and the new server continues at the exact
+// offset: a client verifying the pattern sees every byte exactly once, in
+// order.
+//
+// Exit status: 0 after SIGINT or SIGTERM, 1 if serving fails, 2 for bad
+// usage.
+package main

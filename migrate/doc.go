@@ -1,0 +1,38 @@
+// Package migrate runs the migration transaction of connection mode: it
+// moves a batch of TCP connections from a source server to a target server
+// while the flows' steering point keeps the client's view unchanged.
+//
+// Three parties take part, each behind a small interface so that the
+// coordinator can be tested against in-process fakes without root:
+//
+//   - the [Source] holds the live sockets and their applications;
+//   - the [Target] rebuilds the sockets and hands them to its application;
+//   - the [Steering] point decides where the flows' packets go: the host
+//     that owns the service address (forward steering) or a gateway in
+//     front of the pool (gateway steering). It may be the source itself.
+//
+// The phases, each with its own deadline ([Deadlines]):
+//
+//	prepare   target: can you take n connections? (it makes blank sockets)
+//	quiesce   source: applications stop serving the flows and give their
+//	          snapshots; the sockets stay live
+//	hold      steering: queue the flows' client packets (at the same time
+//	          as quiesce: neither waits for the other)
+//	capture   source: sockets are frozen (TCP_REPAIR) and captured
+//	transfer  target: restore the sockets in repair mode, install the
+//	          reply-source rewrite
+//	switch    steering: send the flows to the target, re-deliver what was
+//	          queued
+//	commit    target: leave repair mode, hand over to the application;
+//	          source: discard the frozen sockets
+//
+// Any failure before the switch aborts: the target throws away what it
+// restored, the source thaws its sockets and gives them back to their
+// applications, and the steering point lets the queued packets through to
+// the source again. The connections carry on at the source. Flows the
+// target fails to restore are aborted one by one while the others move on.
+// After the switch the target owns the flows: a failure to commit is
+// reported, not rolled back.
+//
+// The package does no I/O of its own and needs no privileges.
+package migrate
