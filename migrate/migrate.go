@@ -14,6 +14,7 @@ type Flow struct {
 	Client, Service netip.AddrPort
 }
 
+// String renders f as CLIENT->SERVICE.
 func (f Flow) String() string { return f.Client.String() + "->" + f.Service.String() }
 
 // Item is one captured connection on its way from source to target.
@@ -136,6 +137,7 @@ type PhaseError struct {
 	Err   error
 }
 
+// Error names the phase and what went wrong.
 func (e *PhaseError) Error() string { return "migrate: " + string(e.Phase) + ": " + e.Err.Error() }
 
 // Unwrap returns the underlying error.

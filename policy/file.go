@@ -260,6 +260,7 @@ type Error struct {
 	Msg  string
 }
 
+// Error says where the problem is (line and path, when known) and what it is.
 func (e *Error) Error() string {
 	switch {
 	case e.Line > 0 && e.Path != "":

@@ -40,6 +40,7 @@ type OpError struct {
 	Err error
 }
 
+// Error names the operation and what went wrong.
 func (e *OpError) Error() string { return "repair: " + e.Op + ": " + e.Err.Error() }
 
 // Unwrap returns the underlying error.
