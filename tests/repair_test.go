@@ -78,6 +78,17 @@ func (f *flow) await(want repair.TCPState, recvQ, sendQ int) {
 	})
 }
 
+// prepareClosing brings the flow to CLOSING on s1: both FINs sent, neither
+// acknowledged (the client's host drops the server's segments).
+func prepareClosing(f *flow) {
+	f.rules.blockClient(f.t)
+	f.serverWrite(2000)
+	f.serverFIN()
+	f.clientWrite(1500)
+	f.clientFIN()
+	f.await(repair.StateClosing, 1501, 2001)
+}
+
 // repairCase is one connection state migrated from s1 to s2.
 type repairCase struct {
 	name       string
@@ -240,23 +251,9 @@ func repairCases() []repairCase {
 				f.await(repair.StateLastAck, 3001, 4001)
 			}},
 		{name: "closing-peer-fin-first", want: repair.StateClosing, finFirst: true,
-			prepare: func(f *flow) {
-				f.rules.blockClient(f.t)
-				f.serverWrite(2000)
-				f.serverFIN()
-				f.clientWrite(1500)
-				f.clientFIN()
-				f.await(repair.StateClosing, 1501, 2001)
-			}},
+			prepare: prepareClosing},
 		{name: "closing", want: repair.StateClosing,
-			prepare: func(f *flow) {
-				f.rules.blockClient(f.t)
-				f.serverWrite(2000)
-				f.serverFIN()
-				f.clientWrite(1500)
-				f.clientFIN()
-				f.await(repair.StateClosing, 1501, 2001)
-			}},
+			prepare: prepareClosing},
 	}
 }
 
