@@ -6,9 +6,11 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
 	sk_inet "github.com/checkpoint-restore/go-criu/v7/crit/images/sk-inet"
+	tcpstream "github.com/checkpoint-restore/go-criu/v7/crit/images/tcp-stream"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
@@ -152,5 +154,85 @@ func TestValidImageName(t *testing.T) {
 		if ValidImageName(name) != ok {
 			t.Errorf("ValidImageName(%q) = %v", name, !ok)
 		}
+	}
+}
+
+// tcpImg builds a tcp-stream image: the entry, then the queues' bytes.
+func tcpImg(t *testing.T, e *tcpstream.TcpStreamEntry, queues []byte) []byte {
+	t.Helper()
+	b := binary.LittleEndian.AppendUint32(nil, magicCommon)
+	b = binary.LittleEndian.AppendUint32(b, magicTCP)
+	eb, err := proto.MarshalOptions{AllowPartial: true}.Marshal(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(eb)))
+	return append(append(b, eb...), queues...)
+}
+
+func TestAdvanceClock(t *testing.T) {
+	queues := []byte("in-queue bytes|out-queue bytes")
+	for _, tc := range []struct {
+		name     string
+		ts, want uint32
+		d        time.Duration
+	}{
+		{"milliseconds", 1000, 2234, 1234 * time.Millisecond},
+		{"odd milliseconds stay even", 1000, 1002, 3 * time.Millisecond},
+		{"microseconds keep their flag", 1001, 1001 + 1_500_000, 1500 * time.Millisecond},
+		{"wraps", 0xfffffff0, 1000 - 0x10, 1000 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := &tcpstream.TcpStreamEntry{InqLen: proto.Uint32(14), OutqLen: proto.Uint32(16), Timestamp: proto.Uint32(tc.ts)}
+			out, changed, err := advanceClock(tcpImg(t, e, queues), tc.d)
+			if err != nil || !changed {
+				t.Fatalf("advanceClock: changed %v, %v", changed, err)
+			}
+			size := binary.LittleEndian.Uint32(out[8:])
+			var got tcpstream.TcpStreamEntry
+			if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(out[12:12+size], &got); err != nil {
+				t.Fatal(err)
+			}
+			if got.GetTimestamp() != tc.want {
+				t.Errorf("timestamp %d, want %d", got.GetTimestamp(), tc.want)
+			}
+			if got.GetInqLen() != 14 || got.GetOutqLen() != 16 {
+				t.Errorf("other fields changed: %v", &got)
+			}
+			if string(out[12+size:]) != string(queues) {
+				t.Errorf("queues changed: %q", out[12+size:])
+			}
+		})
+	}
+	// No timestamps on the connection: nothing to do.
+	img := tcpImg(t, &tcpstream.TcpStreamEntry{InqLen: proto.Uint32(0)}, nil)
+	if _, changed, err := advanceClock(img, time.Second); err != nil || changed {
+		t.Errorf("without a timestamp: changed %v, %v", changed, err)
+	}
+	// Not a tcp-stream image.
+	if _, _, err := advanceClock(filesImg(t), time.Second); err == nil {
+		t.Error("a files image was taken for a tcp-stream image")
+	}
+	bad := tcpImg(t, &tcpstream.TcpStreamEntry{Timestamp: proto.Uint32(2)}, nil)
+	if _, _, err := advanceClock(bad[:len(bad)-1], time.Second); err == nil {
+		t.Error("a truncated image was accepted")
+	}
+}
+
+func TestAdvanceClocksDir(t *testing.T) {
+	dir := t.TempDir()
+	e := &tcpstream.TcpStreamEntry{Timestamp: proto.Uint32(4000)}
+	if err := writeFile(dir+"/tcp-stream-2a.img", tcpImg(t, e, []byte("q"))); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(dir+"/files.img", filesImg(t)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := AdvanceClocks(dir, 2*time.Second)
+	if err != nil || n != 1 {
+		t.Fatalf("AdvanceClocks: %d, %v", n, err)
+	}
+	if _, err := AdvanceClocks(dir, -time.Second); err == nil {
+		t.Error("a negative duration was accepted")
 	}
 }

@@ -272,6 +272,12 @@ func Images(dir string) ([]string, error) {
 	return out, nil
 }
 
+// IsPagesImage reports whether name is one of a checkpoint's memory page
+// images (pages-N.img), the bulk of a checkpoint.
+func IsPagesImage(name string) bool {
+	return strings.HasPrefix(name, "pages-") && strings.HasSuffix(name, ".img")
+}
+
 // ValidImageName reports whether name can be a file of a checkpoint
 // directory: a plain file name, no path. A target writes files received
 // from the network only under such names.

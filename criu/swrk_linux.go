@@ -250,6 +250,10 @@ func newPagePipe() (*pagePipe, error) {
 	if err != nil {
 		return nil, fmt.Errorf("socketpair for the page stream: %w", err)
 	}
+	for _, fd := range fds {
+		syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUFFORCE, pageSockBuf)
+		syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUFFORCE, pageSockBuf)
+	}
 	f := os.NewFile(uintptr(fds[0]), "criu-pages")
 	fc, err := net.FileConn(f)
 	f.Close()
@@ -260,6 +264,10 @@ func newPagePipe() (*pagePipe, error) {
 	return &pagePipe{criu: os.NewFile(uintptr(fds[1]), "criu-pages-swrk"), ours: fc.(*net.UnixConn),
 		toPS: make(chan error, 1), fromP: make(chan error, 1)}, nil
 }
+
+// pageSockBuf is the socket buffer of each end of the page stream's
+// socket pair.
+const pageSockBuf = 8 << 20
 
 // relay copies rw to CRIU and CRIU to rw until each side ends. When CRIU's
 // side is done (every copy of its end closed), rw's write half is closed.

@@ -28,9 +28,10 @@ import (
 //	prepare   the target makes a directory (tmpfs) and checks its CRIU
 //	hold      the process's connections are held at their steering points
 //	          (NFQUEUE, as in connection mode: packets wait, none is lost)
-//	freeze,   CRIU freezes and dumps the process, left stopped with its
-//	dump      sockets in repair mode; the pages stream to the target
-//	transfer  the other images and the connections go to the target, which
+//	freeze,   CRIU freezes and dumps the process to tmpfs, left stopped
+//	dump      with its sockets in repair mode
+//	transfer  the memory pages stream to the target (a second connection),
+//	          the other images and the connections follow; the target
 //	          rewrites the sockets' local address to its own, installs the
 //	          reply-source rewrites (before the process can send) and
 //	restore   restores the process (its sockets leave repair mode there)
@@ -335,22 +336,41 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 
 	dumpStart := time.Now()
-	res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, Pages: pages, LeaveStopped: true})
-	pages.Close()
+	res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true})
 	if err != nil {
+		pages.Close()
 		return abort(err)
 	}
 	phase(admin.PhaseFreeze, res.Freezing)
 	phase(admin.PhaseDump, res.Took-res.Freezing)
 	rep.Pages = res.PagesWritten
 
+	// The memory pages go through the pages stream, the rest with the
+	// restore request.
 	t0 = time.Now()
 	req := &peer.ProcessRestoreRequest{TxID: tx}
 	names, err := criu.Images(dir)
 	if err != nil {
+		pages.Close()
 		return abort(err)
 	}
+	var big, small []string
 	for _, n := range names {
+		if criu.IsPagesImage(n) {
+			big = append(big, n)
+		} else {
+			small = append(small, n)
+		}
+	}
+	stop := context.AfterFunc(ctx, func() { pages.SetDeadline(time.Unix(1, 0)) })
+	sent, err := peer.SendFiles(pages, pages, dir, big)
+	stop()
+	pages.Close()
+	if err != nil {
+		return abort(fmt.Errorf("sending the memory pages to %s: %w", r.To, err))
+	}
+	rep.ImageBytes += sent
+	for _, n := range small {
 		b, err := os.ReadFile(filepath.Join(dir, n))
 		if err != nil {
 			return abort(err)
@@ -392,7 +412,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	t0 = time.Now()
 	var errs []error
 	for _, p := range tree {
-		if err := syscall.Kill(p, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		if err := signal(p, syscall.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("killing the source process %d: %w", p, err))
 		}
 	}
@@ -510,9 +530,23 @@ func thawTree(tree []int, socks []procSocket) error {
 		errs = append(errs, err, c.Close())
 	}
 	for _, p := range tree {
-		if err := syscall.Kill(p, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+		if err := signal(p, syscall.SIGCONT); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// signal sends sig to process pid (through a pidfd, so a recycled pid is
+// never hit); a process that is gone already is not an error.
+func signal(pid int, sig os.Signal) error {
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return err
+	}
+	defer p.Release()
+	if err := p.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("signal %v to %d: %w", sig, pid, err)
+	}
+	return nil
 }

@@ -81,8 +81,8 @@ func (d *Daemon) ProcessPrepare(ctx context.Context, from string, r *peer.Proces
 	return nil
 }
 
-// ProcessPages receives the memory pages of a migration while the source
-// dumps.
+// ProcessPages receives the memory pages of a migration (the page images
+// of the source's dump).
 func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn net.Conn) error {
 	in, err := d.procIn(tx, from)
 	if err != nil {
@@ -95,7 +95,10 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 	}
 	in.started = true
 	d.proc.mu.Unlock()
-	err = criu.ServePages(ctx, criu.PageServerOptions{Options: d.criuOpts(), Dir: in.dir, Conn: conn})
+	// The page images land where the restore reads them.
+	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string) bool {
+		return criu.ValidImageName(name) && criu.IsPagesImage(name)
+	})
 	in.pages <- err
 	return err
 }
@@ -232,7 +235,7 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	if in.pid > 0 {
 		if tree, err := treeOf(in.pid); err == nil {
 			for _, p := range tree {
-				if err := syscall.Kill(p, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+				if err := signal(p, syscall.SIGKILL); err != nil {
 					errs = append(errs, err)
 				}
 			}

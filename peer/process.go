@@ -1,12 +1,17 @@
 package peer
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"time"
 )
 
@@ -300,3 +305,102 @@ func (sc *serverConn) callProcess(ctx context.Context, req body) (body, bool, er
 	}
 	return nil, false, nil
 }
+
+// SendFiles writes the named files of dir to w, the source's end of a
+// pages stream, each as its name, its size and its bytes, then an empty
+// name, and waits for the receiver's one-byte acknowledgement that every
+// file is written (r, usually the same connection). It returns the bytes
+// sent.
+func SendFiles(w io.Writer, r io.Reader, dir string, names []string) (int64, error) {
+	var total int64
+	hdr := make([]byte, 0, 2+255+8)
+	for _, n := range names {
+		if n == "" || len(n) > 255 {
+			return total, fmt.Errorf("file name %q cannot be sent", n)
+		}
+		f, err := os.Open(filepath.Join(dir, n))
+		if err != nil {
+			return total, err
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return total, err
+		}
+		hdr = binary.BigEndian.AppendUint16(hdr[:0], uint16(len(n)))
+		hdr = append(hdr, n...)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(fi.Size()))
+		if _, err := w.Write(hdr); err != nil {
+			f.Close()
+			return total, err
+		}
+		c, err := io.CopyBuffer(onlyWriter{w}, io.LimitReader(f, fi.Size()), make([]byte, 1<<20))
+		f.Close()
+		total += c
+		if err == nil && c != fi.Size() {
+			err = fmt.Errorf("%s shrank while being sent", n)
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+	if _, err := w.Write([]byte{0, 0}); err != nil {
+		return total, err
+	}
+	ack := make([]byte, 1)
+	if _, err := io.ReadFull(r, ack); err != nil {
+		return total, fmt.Errorf("no acknowledgement of the files: %w", err)
+	}
+	if ack[0] != 1 {
+		return total, errors.New("the receiver refused the files")
+	}
+	return total, nil
+}
+
+// ReceiveFiles reads what [SendFiles] writes into new files of dir,
+// refusing a name that valid rejects or that exists, and acknowledges
+// on w once every file is written. It returns the names received.
+func ReceiveFiles(r io.Reader, w io.Writer, dir string, valid func(string) bool) ([]string, error) {
+	var names []string
+	br := bufio.NewReaderSize(r, 1<<20)
+	buf := make([]byte, 1<<20)
+	for {
+		var l [2]byte
+		if _, err := io.ReadFull(br, l[:]); err != nil {
+			return names, fmt.Errorf("file header: %w", err)
+		}
+		n := int(binary.BigEndian.Uint16(l[:]))
+		if n == 0 {
+			break
+		}
+		nb := make([]byte, n+8)
+		if _, err := io.ReadFull(br, nb); err != nil {
+			return names, fmt.Errorf("file header: %w", err)
+		}
+		name, size := string(nb[:n]), binary.BigEndian.Uint64(nb[n:])
+		if !valid(name) {
+			return names, fmt.Errorf("refusing file name %q", name)
+		}
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return names, err
+		}
+		c, err := io.CopyBuffer(onlyWriter{f}, io.LimitReader(br, int64(size)), buf)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil && uint64(c) != size {
+			err = fmt.Errorf("%s: %d of %d bytes: %w", name, c, size, io.ErrUnexpectedEOF)
+		}
+		if err != nil {
+			return names, err
+		}
+		names = append(names, name)
+	}
+	_, err := w.Write([]byte{1})
+	return names, err
+}
+
+// onlyWriter hides a writer's ReadFrom, so that io.CopyBuffer uses the
+// buffer it is given.
+type onlyWriter struct{ io.Writer }

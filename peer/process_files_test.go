@@ -1,0 +1,91 @@
+package peer
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestSendReceiveFiles(t *testing.T) {
+	src, dst := t.TempDir(), t.TempDir()
+	big := bytes.Repeat([]byte("page"), 3<<20/4+7)
+	files := map[string][]byte{"pages-1.img": big, "pages-2.img": {}, "pages-3.img": []byte("x")}
+	var names []string
+	for n, b := range files {
+		if err := os.WriteFile(filepath.Join(src, n), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, n)
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	type result struct {
+		names []string
+		err   error
+	}
+	got := make(chan result, 1)
+	go func() {
+		n, err := ReceiveFiles(b, b, dst, func(s string) bool { return strings.HasPrefix(s, "pages-") })
+		got <- result{n, err}
+	}()
+	sent, err := SendFiles(a, a, src, names)
+	if err != nil {
+		t.Fatalf("SendFiles: %v", err)
+	}
+	if want := int64(len(big) + 1); sent != want {
+		t.Errorf("sent %d bytes, want %d", sent, want)
+	}
+	res := <-got
+	if res.err != nil || len(res.names) != len(files) {
+		t.Fatalf("ReceiveFiles: %v, %v", res.names, res.err)
+	}
+	for n, want := range files {
+		b, err := os.ReadFile(filepath.Join(dst, n))
+		if err != nil || !bytes.Equal(b, want) {
+			t.Errorf("%s: %d bytes (%v), want %d", n, len(b), err, len(want))
+		}
+	}
+}
+
+func TestReceiveFilesRefuses(t *testing.T) {
+	for _, tc := range []struct {
+		name, file string
+		exists     bool
+	}{
+		{"a name the receiver rejects", "core-1.img", false},
+		{"a file that exists", "pages-1.img", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src, dst := t.TempDir(), t.TempDir()
+			os.WriteFile(filepath.Join(src, tc.file), []byte("new"), 0o600)
+			if tc.exists {
+				os.WriteFile(filepath.Join(dst, tc.file), []byte("old"), 0o600)
+			}
+			a, b := net.Pipe()
+			errc := make(chan error, 1)
+			go func() {
+				_, err := ReceiveFiles(b, b, dst, func(s string) bool { return strings.HasPrefix(s, "pages-") })
+				b.Close() // as the server does when the handler returns
+				errc <- err
+			}()
+			if _, err := SendFiles(a, a, src, []string{tc.file}); err == nil {
+				t.Error("SendFiles succeeded")
+			}
+			a.Close()
+			if err := <-errc; err == nil {
+				t.Error("ReceiveFiles accepted the file")
+			}
+			if tc.exists {
+				if b, _ := os.ReadFile(filepath.Join(dst, tc.file)); string(b) != "old" {
+					t.Errorf("the existing file was changed: %q", b)
+				}
+			} else if _, err := os.Stat(filepath.Join(dst, tc.file)); err == nil {
+				t.Error("the refused file was written")
+			}
+		})
+	}
+}
