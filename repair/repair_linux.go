@@ -293,6 +293,27 @@ func (b *Blank) Close() error {
 	return opErr("blank: close", unix.Close(fd))
 }
 
+// maxUserMSS is the largest TCP_MAXSEG the kernel accepts
+// (MAX_TCP_WINDOW).
+const maxUserMSS = 32767
+
+// connectMSS is the user MSS that makes connect size a restored socket's
+// segments as the kernel sized the original's: the negotiated clamp,
+// bounded to half the largest window the peer offered (the kernel's
+// tcp_bound_to_half_wnd; segments larger than the window would never
+// leave), within what TCP_MAXSEG accepts.
+func connectMSS(st *State) int {
+	mss := int(st.MSS)
+	if w := int(st.Window.MaxWindow); w > 0 {
+		cut := w
+		if w > 536 {
+			cut = w / 2
+		}
+		mss = min(mss, cut)
+	}
+	return max(min(mss, maxUserMSS), 88)
+}
+
 // build follows the order the kernel requires (see DESIGN.md): repair on
 // (done by NewBlank), sequence numbers while CLOSED, bind, connect (no SYN in repair mode),
 // negotiated options, timestamp, receive queue, the sent part of the send
@@ -312,8 +333,21 @@ func (r *Restored) build() error {
 	if err := unix.Bind(fd, sockaddr(r.local)); err != nil {
 		return fmt.Errorf("bind %v: %w", r.local, err)
 	}
+	// connect sizes the socket's segments (from the route's MTU and the
+	// MSS clamp) once and for all; the clamp set with the repair options
+	// afterwards does not resize them. Without this the connection would
+	// send default-sized segments (536 bytes less options) forever. The
+	// negotiated clamp goes in as a user MSS for connect, which is then
+	// cleared: the application never set one. (The kernel takes user
+	// MSSes up to 32767; loopback's clamp is larger.)
+	if err := setInt(fd, unix.SOL_TCP, unix.TCP_MAXSEG, connectMSS(st)); err != nil {
+		return fmt.Errorf("TCP_MAXSEG %d: %w", connectMSS(st), err)
+	}
 	if err := unix.Connect(fd, sockaddr(r.remote)); err != nil {
 		return fmt.Errorf("connect %v: %w", r.remote, err)
+	}
+	if err := setInt(fd, unix.SOL_TCP, unix.TCP_MAXSEG, 0); err != nil {
+		return fmt.Errorf("TCP_MAXSEG 0: %w", err)
 	}
 	if err := setRepairOptions(fd, st); err != nil {
 		return err

@@ -283,7 +283,13 @@ func runStreamCase(t *testing.T, tc streamCase) {
 		return st == tc.want && inq == tc.clientPre-tc.serverRead
 	})
 
+	mss := sndMSS(t, server)
 	st, server := migrateInPlace(t, tc.pair.ns, server)
+	// The same size as the original's, less a TCP option's bytes at most
+	// (a segment size of 536 minus options, the kernel's default, before).
+	if got := sndMSS(t, server); got > mss || got < mss-40 {
+		t.Errorf("restored socket sends segments of %d bytes, the original %d", got, mss)
+	}
 	if st.TCPState != tc.want || len(st.RecvQueue) < tc.minRecvQ || len(st.SendQueue) < tc.minSendQ || int(st.Unsent) < tc.minUnsent {
 		t.Fatalf("captured %v; want state %v, ≥%d received, ≥%d to send, ≥%d unsent", st, tc.want, tc.minRecvQ, tc.minSendQ, tc.minUnsent)
 	}
@@ -471,3 +477,21 @@ func TestRestoreBadInput(t *testing.T) {
 }
 
 func netip4(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// sndMSS is the segment size c sends (tcpi_snd_mss).
+func sndMSS(t testing.TB, c *net.TCPConn) uint32 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return info.Snd_mss
+}
