@@ -146,8 +146,9 @@ func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (
 	// One transaction per application service: the target checks it has
 	// the application before anything is frozen.
 	byApp := map[string][]migrate.Flow{}
+	locate := d.locator()
 	for _, f := range flows {
-		_, svc, err := d.locate(f)
+		_, svc, err := locate(f)
 		if err != nil {
 			rep.Failed[f.Client.String()] = err.Error()
 			continue

@@ -27,22 +27,36 @@ type outgoing struct {
 // source is this daemon as the migrate.Source of a transaction.
 type source struct{ d *Daemon }
 
-// locate finds the local socket of flow f and the application serving it.
-func (d *Daemon) locate(f migrate.Flow) (app.Tuple, string, error) {
-	t := app.Tuple{Local: f.Service, Remote: f.Client}
+// locator returns a function that finds the local socket of a flow and the
+// application serving it. It works from one snapshot of the flows that
+// migrated in and of the registered services, so locating a batch of n
+// flows costs one pass over them, not n.
+func (d *Daemon) locator() func(f migrate.Flow) (app.Tuple, string, error) {
 	d.mu.Lock()
-	for lt, mf := range d.moved {
-		if mf == f {
-			t = lt
-			break
-		}
+	movedIn := make(map[migrate.Flow]app.Tuple, len(d.moved))
+	for t, f := range d.moved {
+		movedIn[f] = t
 	}
 	d.mu.Unlock()
-	svc, ok := d.appFor(t.Local.Port())
-	if !ok {
-		return t, "", fmt.Errorf("no application registered here serves port %d", t.Local.Port())
+	svcs := map[uint16]string{}
+	if d.apps != nil {
+		for _, s := range d.apps.Services() {
+			if p := servicePort(s); svcs[p] == "" {
+				svcs[p] = s
+			}
+		}
 	}
-	return t, svc, nil
+	return func(f migrate.Flow) (app.Tuple, string, error) {
+		t, ok := movedIn[f]
+		if !ok {
+			t = app.Tuple{Local: f.Service, Remote: f.Client}
+		}
+		svc, ok := svcs[t.Local.Port()]
+		if !ok {
+			return t, "", fmt.Errorf("no application registered here serves port %d", t.Local.Port())
+		}
+		return t, svc, nil
+	}
 }
 
 // appFor returns the registered application service listening on port.
@@ -80,8 +94,9 @@ func (s source) Quiesce(ctx context.Context, flows []migrate.Flow) ([]error, err
 		tuples []app.Tuple
 	}
 	groups := map[string]*group{}
+	locate := d.locator()
 	for i, f := range flows {
-		t, svc, err := d.locate(f)
+		t, svc, err := locate(f)
 		if err != nil {
 			errs[i] = err
 			continue
