@@ -170,6 +170,18 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		defer cancel()
 		return fn(cctx)
 	}
+	// stay lets flows carry on at the source: the source thaws them and
+	// the steering point lets their packets through again, after the
+	// target, if it restored them, threw its copies away.
+	stay := func(fs []Flow, restored bool) error {
+		var errs []error
+		if restored {
+			errs = append(errs, cleanup(func(ctx context.Context) error { return tgt.Abort(ctx, fs) }))
+		}
+		return errors.Join(append(errs,
+			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, fs) }),
+			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, fs) }))...)
+	}
 	fail := func(fs []Flow, err error) {
 		for _, f := range fs {
 			rep.Failed[f] = err
@@ -209,9 +221,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		err := errors.Join(holdErr, quiesceErr)
 		fail(flows, err)
 		rep.Aborted = true
-		return rep, errors.Join(err,
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, flows) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, flows) }))
+		return rep, errors.Join(err, stay(flows, false))
 	}
 	var quiesced, notQuiesced []Flow
 	for i, f := range flows {
@@ -239,9 +249,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}); err != nil {
 		fail(quiesced, err)
 		rep.Aborted = true
-		return rep, errors.Join(err, cleanupErr,
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, quiesced) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, quiesced) }))
+		return rep, errors.Join(err, cleanupErr, stay(quiesced, false))
 	}
 	var notCaptured []Flow
 	for i, err := range perFlow {
@@ -251,9 +259,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		}
 	}
 	if len(notCaptured) > 0 {
-		cleanupErr = errors.Join(cleanupErr,
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, notCaptured) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, notCaptured) }))
+		cleanupErr = errors.Join(cleanupErr, stay(notCaptured, false))
 	}
 	if len(items) == 0 {
 		rep.Aborted = true
@@ -268,10 +274,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		moving := FlowsOf(items)
 		fail(moving, err)
 		rep.Aborted = true
-		return rep, errors.Join(err, cleanupErr,
-			cleanup(func(ctx context.Context) error { return tgt.Abort(ctx, moving) }),
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, moving) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, moving) }))
+		return rep, errors.Join(err, cleanupErr, stay(moving, true))
 	}
 	var moving, refused []Flow
 	for i, it := range items {
@@ -283,9 +286,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		moving = append(moving, it.Flow)
 	}
 	if len(refused) > 0 {
-		cleanupErr = errors.Join(cleanupErr,
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, refused) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, refused) }))
+		cleanupErr = errors.Join(cleanupErr, stay(refused, false))
 	}
 	if len(moving) == 0 {
 		rep.Aborted = true
@@ -312,10 +313,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}); err != nil {
 		fail(moving, err)
 		rep.Aborted = true
-		return rep, errors.Join(err, cleanupErr,
-			cleanup(func(ctx context.Context) error { return tgt.Abort(ctx, moving) }),
-			cleanup(func(ctx context.Context) error { return src.Thaw(ctx, moving) }),
-			cleanup(func(ctx context.Context) error { return st.Unhold(ctx, moving) }))
+		return rep, errors.Join(err, cleanupErr, stay(moving, true))
 	}
 	rep.Moved = moving
 	// The target owns the flows from the switch on: it commits while the
