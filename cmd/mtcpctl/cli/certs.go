@@ -156,15 +156,7 @@ every certificate issued by the old one useless.`,
 			if err := os.MkdirAll(dir, 0o700); err != nil {
 				return err
 			}
-			// Key first: a certificate without its key is useless,
-			// the opposite is merely incomplete.
-			if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
-				return err
-			}
-			if err := writeFileAtomic(certPath, certPEM, 0o644); err != nil {
-				return err
-			}
-			info, err := describeCert(certPEM, certPath, keyPath)
+			info, err := writeKeyPair(certPath, keyPath, certPEM, keyPEM)
 			if err != nil {
 				return err
 			}
@@ -255,13 +247,7 @@ keys off the CA's machine, sign certificate requests with openssl instead
 			if err != nil {
 				return err
 			}
-			if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
-				return err
-			}
-			if err := writeFileAtomic(certPath, certPEM, 0o644); err != nil {
-				return err
-			}
-			info, err := describeCert(certPEM, certPath, keyPath)
+			info, err := writeKeyPair(certPath, keyPath, certPEM, keyPEM)
 			if err != nil {
 				return err
 			}
@@ -327,6 +313,19 @@ func refuseExisting(what string, paths ...string) error {
 		}
 	}
 	return nil
+}
+
+// writeKeyPair writes a key and its certificate and describes the
+// certificate. Key first: a certificate without its key is useless, the
+// opposite is merely incomplete.
+func writeKeyPair(certPath, keyPath string, certPEM, keyPEM []byte) (*certInfo, error) {
+	if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(certPath, certPEM, 0o644); err != nil {
+		return nil, err
+	}
+	return describeCert(certPEM, certPath, keyPath)
 }
 
 // writeFileAtomic writes data to path with mode perm, whether path
