@@ -292,6 +292,9 @@ func (s *server) keepLink(ctx context.Context) {
 		s.mu.Lock()
 		l := s.link
 		s.mu.Unlock()
+		if l == nil {
+			return // shutdown took the link before this loop first looked
+		}
 		select {
 		case <-ctx.Done():
 			return
