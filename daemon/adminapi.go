@@ -177,6 +177,20 @@ func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (
 	return rep, errors.Join(errs...)
 }
 
+// streamLines starts a streamed answer of JSON lines (progress) and
+// returns the function that sends one line at once.
+func streamLines(w http.ResponseWriter) func(v any) {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	return func(v any) {
+		enc.Encode(v)
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+}
+
 // drainInFlight is how many batches of a drain migrate at once.
 const drainInFlight = 2
 
@@ -217,17 +231,9 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	for _, lf := range d.localFlows() {
 		flows = append(flows, lf.Flow)
 	}
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	enc := json.NewEncoder(w)
-	flush := func() {
-		if f, ok := w.(http.Flusher); ok {
-			f.Flush()
-		}
-	}
+	send := streamLines(w)
 	p := admin.Progress{Total: len(flows)}
-	enc.Encode(p)
-	flush()
+	send(p)
 	// Two batches are in flight at a time: while one waits on the
 	// network or the target, the other is quiesced and captured here.
 	var (
@@ -255,8 +261,7 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 			p.Done += len(rep.Moved)
 			p.Failed += len(rep.Failed)
 			p.Reports = append(p.Reports, *rep)
-			enc.Encode(admin.Progress{Total: p.Total, Done: p.Done, Failed: p.Failed})
-			flush()
+			send(admin.Progress{Total: p.Total, Done: p.Done, Failed: p.Failed})
 		}()
 	}
 	wg.Wait()
@@ -264,6 +269,5 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	if err := errors.Join(errs...); err != nil {
 		p.Error = err.Error()
 	}
-	enc.Encode(p)
-	flush()
+	send(p)
 }

@@ -24,18 +24,9 @@ func (d *Daemon) serveProcess(w http.ResponseWriter, r *http.Request) {
 		admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("no target peer given"))
 		return
 	}
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	enc := json.NewEncoder(w)
-	flush := func() {
-		if f, ok := w.(http.Flusher); ok {
-			f.Flush()
-		}
-	}
+	send := streamLines(w)
 	rep := d.MigrateProcess(r.Context(), &req, func(p admin.ProcessPhase) {
-		enc.Encode(admin.ProcessProgress{Phase: &p})
-		flush()
+		send(admin.ProcessProgress{Phase: &p})
 	})
-	enc.Encode(admin.ProcessProgress{Final: true, Report: rep})
-	flush()
+	send(admin.ProcessProgress{Final: true, Report: rep})
 }
