@@ -31,6 +31,12 @@ const (
 	PhaseRestore  = "restore"  // CRIU restores it on the target
 	PhaseSwitch   = "switch"   // the connections' packets go to the target
 	PhaseCommit   = "commit"   // the source process is discarded
+	// PhasePages, in a lazy (post-copy) migration, runs from the switch
+	// until the last memory page reached the target; the process runs
+	// there meanwhile, and the source keeps its frozen copy (the
+	// commit follows it). A lazy dump has no separate freeze phase: its
+	// dump phase includes the freezing.
+	PhasePages = "pages"
 )
 
 // ProcessPhase is one finished phase.
@@ -50,8 +56,11 @@ type ProcessReport struct {
 	Command string `json:"command"`
 	// Conns is how many TCP connections moved with it.
 	Conns int `json:"conns"`
-	// Pages is how many memory pages (4 KiB) CRIU dumped; ImageBytes
-	// the size of the other images.
+	// Lazy is set for a post-copy migration: the process was restored
+	// before its memory moved (see PhasePages).
+	Lazy bool `json:"lazy,omitempty"`
+	// Pages is how many memory pages (4 KiB) CRIU dumped eagerly;
+	// ImageBytes the size of the images sent before the restore.
 	Pages      uint64 `json:"pages"`
 	ImageBytes int64  `json:"image_bytes"`
 	// Phases are the phases' times in order (see the Phase constants).

@@ -18,7 +18,8 @@ var ErrUnavailable = errors.New("CRIU is unavailable")
 // OpError is the error of a CRIU operation: which one, and why. For
 // failures inside CRIU, Log holds the last lines of CRIU's log.
 type OpError struct {
-	// Op is "dump", "restore", "page server", "version" or "rewrite".
+	// Op is "dump", "restore", "page server", "lazy pages", "feature
+	// check", "version" or "rewrite".
 	Op string
 	// Err is the cause.
 	Err error
@@ -166,6 +167,17 @@ type DumpOptions struct {
 	// ExtUnixSockets allows unix sockets connected to processes outside
 	// the tree (a syslog socket, say); they are reconnected by path.
 	ExtUnixSockets bool
+	// Lazy makes a post-copy dump: the memory pages that can wait stay
+	// in the frozen tree, and once the other images are in Dir, CRIU
+	// serves them through Pages (which Lazy requires) to a [LazyPages]
+	// at the other end, on demand and then in the background. Dumped is
+	// called when Dir is complete: the target can restore from then on
+	// (RestoreOptions.Lazy), while Dump returns only once every page has
+	// been fetched, or the stream broke.
+	Lazy bool
+	// Dumped, if not nil, is called once, when every image but the lazy
+	// pages is in Dir. It must not block: Dump waits for it.
+	Dumped func()
 }
 
 // DumpResult reports a dump, with CRIU's own figures.
@@ -189,6 +201,21 @@ type RestoreOptions struct {
 	Dir string
 	// ShellJob and ExtUnixSockets must match the dump's.
 	ShellJob, ExtUnixSockets bool
+	// Lazy restores a post-copy dump (DumpOptions.Lazy): the missing
+	// pages come from the [LazyPages] daemon running on Dir, which must
+	// be started first.
+	Lazy bool
+}
+
+// LazyOptions say where a [LazyPages] daemon works.
+type LazyOptions struct {
+	Options
+	// Dir is the checkpoint to restore (its images but the lazy pages).
+	// The daemon listens for the restore there.
+	Dir string
+	// Conn carries CRIU's page-server protocol both ways, to and from
+	// the lazy dump (DumpOptions.Pages at the other end).
+	Conn io.ReadWriter
 }
 
 // RestoreResult reports a restore.

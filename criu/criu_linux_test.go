@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -45,7 +46,12 @@ func TestCheck(t *testing.T) {
 // TestDumpStreamRestore moves a redis-server with one client connection
 // from s1 to s2: dump (left stopped), pages streamed over a TCP
 // connection, socket addresses rewritten, restore in s2's namespace.
-func TestDumpStreamRestore(t *testing.T) {
+// startRedis starts a redis-server in s1 (in a PID namespace of its own,
+// so that its PID is free on s2) and connects a client to it from the
+// client host, with one SET answered. The server is killed at the end of
+// the test.
+func startRedis(t *testing.T) (*testbed.Bed, net.Conn, *bufio.Reader) {
+	t.Helper()
 	testbed.RequireNetns(t)
 	skipUnlessCRIU(t)
 	redis, err := exec.LookPath("redis-server")
@@ -53,17 +59,14 @@ func TestDumpStreamRestore(t *testing.T) {
 		t.Skip("redis-server is not installed (tests/setup.sh installs it)")
 	}
 	bed := testbed.ForTest(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
 	dir := t.TempDir()
-	srv := bed.S1.Command(ctx, "unshare", "--pid", "--fork", "--kill-child", "setsid", redis, "--port", "6379", "--bind", "0.0.0.0",
-		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--logfile", dir+"/redis.log")
+	srv := bed.S1.Command(context.Background(), "unshare", "--pid", "--fork", "--kill-child", "setsid", redis, "--port", "6379", "--bind", "0.0.0.0",
+		"--save", "", "--appendonly", "no", "--protected-mode", "no", "--enable-debug-command", "yes", "--logfile", dir+"/redis.log")
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
 
-	// A client connection from the client host, with a request answered.
 	var c net.Conn
 	svc := netip.AddrPortFrom(bed.S1.LAN4, 6379)
 	deadline := time.Now().Add(10 * time.Second)
@@ -80,13 +83,19 @@ func TestDumpStreamRestore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	r := bufio.NewReader(c)
 	fmt.Fprint(c, "SET k hello\r\n")
 	if l, _ := r.ReadString('\n'); l != "+OK\r\n" {
 		t.Fatalf("SET: %q", l)
 	}
+	return bed, c, r
+}
 
+func TestDumpStreamRestore(t *testing.T) {
+	bed, c, _ := startRedis(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
 	pid := redisPID(t, bed.S1)
 	src, dst := t.TempDir(), t.TempDir()
 	t.Cleanup(func() {
@@ -247,4 +256,157 @@ func procState(pid int) string {
 func lastLines(s string, n int) string {
 	l := strings.Split(strings.TrimSpace(s), "\n")
 	return strings.Join(l[max(0, len(l)-n):], "\n")
+}
+
+// TestLazyDumpRestore moves a redis-server holding some megabytes from s1
+// to s2 post-copy: the restore in s2 runs once the images but the lazy
+// pages are there, the pages follow on demand through a lazy-pages daemon
+// and the page stream, and every value reads back intact through the
+// client connection the server had before.
+func TestLazyDumpRestore(t *testing.T) {
+	bed, c, r := startRedis(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	get := func(cmd string) string {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprint(c, cmd)
+		l, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("%q: %v", cmd, err)
+		}
+		if strings.HasPrefix(l, "$") {
+			var n int
+			fmt.Sscanf(l, "$%d", &n)
+			b := make([]byte, n+2)
+			if _, err := io.ReadFull(r, b); err != nil {
+				t.Fatalf("%q: %v", cmd, err)
+			}
+			return string(b[:n])
+		}
+		return strings.TrimSpace(l)
+	}
+	if got := get("DEBUG POPULATE 20000 key 1000\r\n"); got != "+OK" {
+		t.Fatalf("DEBUG POPULATE: %q", got)
+	}
+	values := make([]string, 20)
+	for i := range values {
+		b := make([]byte, 64<<10)
+		for j := range b {
+			b[j] = 'a' + byte((i*7+j*13)%26)
+		}
+		values[i] = string(b)
+		if got := get(fmt.Sprintf("SET big%d %s\r\n", i, values[i])); got != "+OK" {
+			t.Fatalf("SET big%d: %q", i, got)
+		}
+	}
+
+	pid := redisPID(t, bed.S1)
+	src, dst := t.TempDir(), t.TempDir()
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, f := range []string{src + "/dump.log", dst + "/lazy-pages.log", dst + "/restore.log"} {
+				b, _ := os.ReadFile(f)
+				t.Logf("%s:\n%s", f, lastLines(string(b), 20))
+			}
+		}
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	pc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	lc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lc.Close()
+
+	dumped := make(chan struct{})
+	dumpErr := make(chan error, 1)
+	var res *criu.DumpResult
+	go func() {
+		dumpErr <- netns.Do(bed.S1.NetNSPath(), func() (err error) {
+			res, err = criu.Dump(ctx, criu.DumpOptions{PID: pid, Dir: src, Pages: pc, LeaveStopped: true,
+				Lazy: true, Dumped: func() { close(dumped) }})
+			return err
+		})
+	}()
+	select {
+	case <-dumped:
+	case err := <-dumpErr:
+		t.Fatalf("lazy dump ended before its images were complete: %v", err)
+	}
+	defer syscall.Kill(pid, syscall.SIGKILL)
+	names, err := criu.Images(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size int64
+	for _, n := range names {
+		b, err := os.ReadFile(src + "/" + n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		size += int64(len(b))
+		if err := os.WriteFile(dst+"/"+n, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("images without the lazy pages: %d files, %d bytes", len(names), size)
+	if size > 16<<20 {
+		t.Errorf("the images hold %d bytes: the memory was not left for later", size)
+	}
+	if n, err := criu.Rewrite(dst, map[netip.Addr]netip.Addr{bed.S1.LAN4: bed.S2.LAN4}); err != nil || n != 1 {
+		t.Fatalf("rewrite: %d sockets, %v", n, err)
+	}
+	// As in TestDumpStreamRestore: the restored socket's first segment
+	// leaves with s2's address, which the client would answer with a
+	// RST; the client's own segments still reach s1's address, so
+	// steer them to s2 the way the daemons' rules would.
+	if err := bed.Client.Nft(ctx, fmt.Sprintf("table inet crtest {\n chain in {\n type filter hook input priority -200; policy accept;\n ip saddr %s tcp sport 6379 ip saddr set %s\n }\n chain out {\n type filter hook output priority -200; policy accept;\n ip daddr %s tcp dport 6379 ip daddr set %s\n }\n}\n",
+		bed.S2.LAN4, bed.S1.LAN4, bed.S1.LAN4, bed.S2.LAN4)); err != nil {
+		t.Fatal(err)
+	}
+	lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Dir: dst, Conn: lc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Kill()
+	var rr *criu.RestoreResult
+	err = netns.Do(bed.S2.NetNSPath(), func() (err error) {
+		rr, err = criu.Restore(ctx, criu.RestoreOptions{Dir: dst, Lazy: true})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := os.FindProcess(rr.PID)
+	defer func() { p.Kill(); p.Wait() }()
+	t.Logf("restored as pid %d in %v", rr.PID, rr.Took)
+	// The first answers need pages still at the source.
+	if got := get("GET k\r\n"); got != "hello" {
+		t.Fatalf("GET k after the restore: %q", got)
+	}
+	for i, v := range values {
+		if got := get(fmt.Sprintf("GET big%d\r\n", i)); got != v {
+			t.Fatalf("GET big%d after the restore: %d bytes, not the %d bytes set", i, len(got), len(v))
+		}
+	}
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-dumpErr; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dump: %+v", res)
+	if got := get("DBSIZE\r\n"); got != ":20021" {
+		t.Fatalf("DBSIZE after every page came: %q", got)
+	}
+	waitState(t, pid, "T")
 }

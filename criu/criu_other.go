@@ -37,3 +37,25 @@ func ServePages(ctx context.Context, o PageServerOptions) error {
 func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	return nil, &OpError{Op: "restore", Err: errNotLinux}
 }
+
+// LazyPages stands for a lazy-pages daemon, which never runs here.
+type LazyPages struct{}
+
+// StartLazyPages reports that CRIU is unavailable: it runs only on Linux.
+func StartLazyPages(ctx context.Context, o LazyOptions) (*LazyPages, error) {
+	return nil, &OpError{Op: "lazy pages", Err: errNotLinux}
+}
+
+// Wait returns at once.
+func (lp *LazyPages) Wait(ctx context.Context) error { return nil }
+
+// Kill does nothing.
+func (lp *LazyPages) Kill() {}
+
+// CheckLazyDump reports that CRIU is unavailable: it runs only on Linux.
+func CheckLazyDump() error { return errNotLinux }
+
+// CheckLazyRestore reports that CRIU is unavailable: it runs only on Linux.
+func CheckLazyRestore(ctx context.Context, o Options) error {
+	return &OpError{Op: "feature check", Err: errNotLinux}
+}

@@ -12,15 +12,30 @@
 //
 // # What moves how
 //
-// [Dump] checkpoints a process tree. Its memory pages go through
-// DumpOptions.Pages, an io.ReadWriter (in mtcp a mutual-TLS connection to
-// the target), to a [ServePages] at the other end, while CRIU is still
-// dumping: the pages, the bulk of a checkpoint, are never written on the
-// source. The other images (registers, file table, sockets, TCP queues:
-// kilobytes to a few megabytes) are written to DumpOptions.Dir, which
-// should be on a tmpfs, and are sent after the dump. On the target,
-// ServePages writes the pages into its directory (a tmpfs again: restore
-// reads them once, at memory speed) and [Restore] restores from there.
+// [Dump] checkpoints a process tree, in one of two ways.
+//
+// Lazy (post-copy, DumpOptions.Lazy): CRIU writes every image but the
+// process's anonymous memory to DumpOptions.Dir (a tmpfs: registers,
+// file table, sockets and their queues, the memory map: about a megabyte
+// for a redis-server holding 50 MB) and says so (DumpOptions.Dumped, on
+// CRIU's post-dump notification). The target can restore from those at
+// once: [StartLazyPages] runs CRIU's lazy-pages daemon on the target's
+// copy of the images, and [Restore] with RestoreOptions.Lazy restores the
+// tree with its memory registered with userfaultfd. The restored process
+// runs; each page it touches is fetched on demand, and the daemon fetches
+// all the others in the background. The pages travel in CRIU's
+// page-server protocol over DumpOptions.Pages at the source and
+// LazyOptions.Conn at the target (in mtcp the two ends of one
+// mutual-TLS connection): Dump keeps the frozen tree and serves from it
+// until every page has been fetched, and only then returns. CRIU's RPC
+// cannot hand a lazy dump a page-server socket, so Dump gives it one
+// through a CRIU configuration file (ps-socket), and CRIU has no RPC for
+// the lazy-pages daemon, which runs as `criu lazy-pages`.
+//
+// Eager: the memory pages go through DumpOptions.Pages to a
+// [ServePages] at the other end while CRIU is still dumping, or, without
+// Pages, into Dir with the other images, which are sent after the dump.
+// The target restores once it has everything.
 //
 // DumpOptions.LeaveStopped keeps the dumped tree alive but stopped, with
 // its TCP sockets in repair mode (CRIU leaves them so): the source can be
@@ -44,7 +59,13 @@
 // CRIU 4.2 or newer ([MinVersion]; [Check] says what to do when it is
 // missing or older: criu 3.17 cannot run on Linux 6.13 or later, and 4.1.x
 // cannot dump TCP sockets on 6.16 or later), root, and a kernel with
-// checkpoint/restore support. The dump and the restore run in the calling
+// checkpoint/restore support. Lazy migrations also need userfaultfd with
+// non-cooperative events on the target ([CheckLazyRestore]) and, on the
+// source, 4 MiB pipes for CRIU's page server: CAP_SYS_RESOURCE or
+// fs.pipe-max-size ≥ 4194304 ([CheckLazyDump]). Every CRIU run probes the
+// kernel (tens of milliseconds) unless it finds its cache (criu.kdat) in
+// its run directory on a tmpfs; tests/setup-criu.sh builds CRIU with
+// /run/criu as that directory and makes sure it is a tmpfs. The dump and the restore run in the calling
 // process's network namespace: call them from inside the server's
 // namespace (the daemon's), so that CRIU treats it as the host's. A
 // process in the same PID namespace as CRIU is restored with its own PID,
@@ -56,8 +77,9 @@
 //
 // Pure tests cover the image rewriting (on images built in the test) and
 // version parsing. The others need root and a CRIU ≥ 4.2 and skip with the
-// reason otherwise: they dump a real process in a network namespace,
-// stream its pages through a loopback TCP connection and restore it in
-// another namespace. The end-to-end tests of process mode (redis-server
+// reason otherwise: they dump a real redis-server in a network namespace,
+// stream its pages through a loopback TCP connection (eagerly, and
+// lazily while the restored server answers) and restore it in another
+// namespace. The end-to-end tests of process mode (redis-server
 // moved between testbed servers under load) are in tests/.
 package criu

@@ -105,6 +105,7 @@ func (s *swrk) call(ctx context.Context, req *rpc.CriuReq, notify func(*rpc.Criu
 	stop := context.AfterFunc(ctx, func() { s.cmd.Process.Kill(); s.sk.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	buf := make([]byte, 1<<16)
+	want := req.GetType() // req becomes a NOTIFY answer after a notification
 	for {
 		b, err := proto.Marshal(req)
 		if err != nil {
@@ -133,8 +134,8 @@ func (s *swrk) call(ctx context.Context, req *rpc.CriuReq, notify func(*rpc.Criu
 		}
 		if resp.GetType() != rpc.CriuReqType_NOTIFY {
 			// CRIU answers PAGE_SERVER_CHLD as PAGE_SERVER.
-			if resp.GetType() != req.GetType() && !(req.GetType() == rpc.CriuReqType_PAGE_SERVER_CHLD && resp.GetType() == rpc.CriuReqType_PAGE_SERVER) {
-				return resp, fmt.Errorf("criu swrk answered a %v request with %v", req.GetType(), resp.GetType())
+			if resp.GetType() != want && !(want == rpc.CriuReqType_PAGE_SERVER_CHLD && resp.GetType() == rpc.CriuReqType_PAGE_SERVER) {
+				return resp, fmt.Errorf("criu swrk answered a %v request with %v", want, resp.GetType())
 			}
 			return resp, nil
 		}
@@ -341,13 +342,40 @@ func dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
 	}
 	var extra []*os.File
 	var pp *pagePipe
+	if o.Lazy && o.Pages == nil {
+		return nil, errors.New("a lazy dump needs a page stream (Pages)")
+	}
 	if o.Pages != nil {
 		if pp, err = newPagePipe(); err != nil {
 			return nil, err
 		}
 		defer pp.ours.Close()
 		extra = append(extra, pp.criu)
-		opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
+		if o.Lazy {
+			// CRIU's RPC ignores a page-server socket for lazy dumps;
+			// its configuration file option does not.
+			conf, err := lazyDumpConfig()
+			if err != nil {
+				pp.criu.Close()
+				return nil, err
+			}
+			defer os.Remove(conf)
+			opts.ConfigFile = proto.String(conf)
+			opts.LazyPages = proto.Bool(true)
+			opts.NotifyScripts = proto.Bool(true)
+		} else {
+			opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
+		}
+	}
+	var notify func(*rpc.CriuNotify) error
+	if o.Dumped != nil {
+		opts.NotifyScripts = proto.Bool(true)
+		notify = func(n *rpc.CriuNotify) error {
+			if n.GetScript() == "post-dump" {
+				o.Dumped()
+			}
+			return nil
+		}
 	}
 	s, err := startSwrk(o.Options, extra...)
 	if pp != nil {
@@ -360,7 +388,7 @@ func dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
 		pp.relay(o.Pages)
 	}
 	start := time.Now()
-	_, err = s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: opts}, nil)
+	_, err = s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: opts}, notify)
 	took := time.Since(start)
 	cerr := s.close()
 	if err != nil {
@@ -504,6 +532,7 @@ func restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 		RstSibling:     proto.Bool(true),
 		ShellJob:       proto.Bool(o.ShellJob),
 		ExtUnixSk:      proto.Bool(o.ExtUnixSockets),
+		LazyPages:      proto.Bool(o.Lazy),
 	}
 	// Two restores at once would compete for the same PIDs.
 	restoreMu.Lock()
@@ -521,4 +550,23 @@ func restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 		return nil, errors.Join(err, cerr)
 	}
 	return &RestoreResult{PID: int(resp.GetRestore().GetPid()), Took: took}, nil
+}
+
+// lazyDumpConfig writes a CRIU configuration file that makes a lazy
+// dump's page server use the socket swrk has as swrkExtraFd, and returns
+// its path. The caller removes it.
+func lazyDumpConfig() (string, error) {
+	f, err := os.CreateTemp("", "mtcp-criu-*.conf")
+	if err != nil {
+		return "", fmt.Errorf("CRIU configuration for a lazy dump: %w", err)
+	}
+	_, err = fmt.Fprintf(f, "ps-socket %d\n", swrkExtraFd)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", fmt.Errorf("CRIU configuration for a lazy dump: %w", err)
+	}
+	return f.Name(), nil
 }

@@ -52,6 +52,11 @@ type Config struct {
 	Policy string `yaml:"policy"`
 	// Load says how this server's load is measured (load.go).
 	Load LoadOptions `yaml:"load"`
+	// ProcessPages says how process mode moves memory: "lazy" (the
+	// default) restores the process on the target first and sends its
+	// pages after, on demand and in the background (post-copy); "eager"
+	// sends every page before the restore.
+	ProcessPages string `yaml:"process_pages"`
 }
 
 // PeerConfig is one other member of the pool.
@@ -118,6 +123,9 @@ func ParseConfig(b []byte) (*Config, error) {
 	if c.Table == "" {
 		c.Table = DefaultTable
 	}
+	if c.ProcessPages == "" {
+		c.ProcessPages = "lazy"
+	}
 	return &c, c.validate()
 }
 
@@ -132,6 +140,9 @@ func (c *Config) validate() error {
 	}
 	if c.Steering != "forward" && c.Steering != "gateway" {
 		bad("steering: %q is not forward or gateway", c.Steering)
+	}
+	if c.ProcessPages != "lazy" && c.ProcessPages != "eager" {
+		bad("process_pages: %q is not lazy or eager", c.ProcessPages)
 	}
 	if c.Steering == "gateway" && c.Gateway == "" {
 		bad("gateway: missing (steering: gateway needs the gateway's peer name)")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -69,7 +70,15 @@ func (d *Daemon) checkCRIU(ctx context.Context) {
 		d.log.Warn("process mode (CRIU) unavailable; connection mode works without it", "err", err)
 		return
 	}
-	d.log.Info("process mode available", "criu", v.String())
+	if d.cfg.ProcessPages == "lazy" {
+		// A lazy migration needs both: this host serves pages as a
+		// source and fetches them as a target.
+		if err := errors.Join(criu.CheckLazyDump(), criu.CheckLazyRestore(ctx, d.criuOpts())); err != nil {
+			d.log.Warn("process mode: lazy migrations (process_pages: lazy) will fail here", "criu", v.String(), "err", err)
+			return
+		}
+	}
+	d.log.Info("process mode available", "criu", v.String(), "pages", d.cfg.ProcessPages)
 }
 
 // imageDir makes a directory for a checkpoint on a tmpfs when there is
@@ -260,6 +269,13 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if _, err := criu.Check(ctx, d.criuOpts()); err != nil {
 		return err
 	}
+	lazy := d.cfg.ProcessPages == "lazy"
+	if lazy {
+		if err := criu.CheckLazyDump(); err != nil {
+			return err
+		}
+	}
+	rep.Lazy = lazy
 	pid := r.PID
 	if r.Port > 0 {
 		var err error
@@ -289,7 +305,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	tx := d.nextTx()
 	t0 := time.Now()
-	if err := c.ProcessPrepare(ctx, &peer.ProcessPrepareRequest{TxID: tx, Name: rep.Command}); err != nil {
+	if err := c.ProcessPrepare(ctx, &peer.ProcessPrepareRequest{TxID: tx, Name: rep.Command, Lazy: lazy}); err != nil {
 		return fmt.Errorf("prepare on %s: %w", r.To, err)
 	}
 	// From here on the target holds state for tx: abort it on failure.
@@ -323,11 +339,23 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		}
 	}
 	phase(admin.PhaseHold, time.Since(holdStart))
+	// A lazy dump goes on serving pages after the switch, until the
+	// target has them all: its outcome arrives here.
+	var lazyDone <-chan error
 	// abort lets the process carry on here.
 	abort := func(cause error) error {
 		finish(cause.Error())
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
+		if lazyDone != nil {
+			// The target has gone, or will: without its page requests
+			// the dump fails and lets go of the process.
+			pages.Close()
+			select {
+			case <-lazyDone:
+			case <-actx.Done():
+			}
+		}
 		err := errors.Join(thawTree(tree, socks), (steering{d}).Unhold(actx, flows))
 		if err != nil {
 			d.log.Error("process migration: resuming the source", "pid", pid, "err", err)
@@ -336,40 +364,58 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 
 	dumpStart := time.Now()
-	res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true})
-	if err != nil {
-		pages.Close()
-		return abort(err)
-	}
-	phase(admin.PhaseFreeze, res.Freezing)
-	phase(admin.PhaseDump, res.Took-res.Freezing)
-	rep.Pages = res.PagesWritten
-
-	// The memory pages go through the pages stream, the rest with the
-	// restore request.
-	t0 = time.Now()
-	req := &peer.ProcessRestoreRequest{TxID: tx}
-	names, err := criu.Images(dir)
-	if err != nil {
-		pages.Close()
-		return abort(err)
-	}
-	var big, small []string
-	for _, n := range names {
-		if criu.IsPagesImage(n) {
-			big = append(big, n)
-		} else {
-			small = append(small, n)
+	var small []string
+	if lazy {
+		// Post-copy: the restore starts as soon as the images but the
+		// memory are written; the pages follow through the pages
+		// stream, on demand and in the background.
+		took, done, err := d.dumpLazy(ctx, pid, dir, pages)
+		if err != nil {
+			pages.Close()
+			return abort(err)
 		}
+		lazyDone = done
+		phase(admin.PhaseDump, took)
+		t0 = time.Now()
+		if small, err = criu.Images(dir); err != nil {
+			return abort(err)
+		}
+	} else {
+		res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true})
+		if err != nil {
+			pages.Close()
+			return abort(err)
+		}
+		phase(admin.PhaseFreeze, res.Freezing)
+		phase(admin.PhaseDump, res.Took-res.Freezing)
+		rep.Pages = res.PagesWritten
+
+		// The memory pages go through the pages stream, the rest with
+		// the restore request.
+		t0 = time.Now()
+		names, err := criu.Images(dir)
+		if err != nil {
+			pages.Close()
+			return abort(err)
+		}
+		var big []string
+		for _, n := range names {
+			if criu.IsPagesImage(n) {
+				big = append(big, n)
+			} else {
+				small = append(small, n)
+			}
+		}
+		stop := context.AfterFunc(ctx, func() { pages.SetDeadline(time.Unix(1, 0)) })
+		sent, err := peer.SendFiles(pages, pages, dir, big)
+		stop()
+		pages.Close()
+		if err != nil {
+			return abort(fmt.Errorf("sending the memory pages to %s: %w", r.To, err))
+		}
+		rep.ImageBytes += sent
 	}
-	stop := context.AfterFunc(ctx, func() { pages.SetDeadline(time.Unix(1, 0)) })
-	sent, err := peer.SendFiles(pages, pages, dir, big)
-	stop()
-	pages.Close()
-	if err != nil {
-		return abort(fmt.Errorf("sending the memory pages to %s: %w", r.To, err))
-	}
-	rep.ImageBytes += sent
+	req := &peer.ProcessRestoreRequest{TxID: tx}
 	for _, n := range small {
 		b, err := os.ReadFile(filepath.Join(dir, n))
 		if err != nil {
@@ -409,8 +455,17 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	rep.Pause = time.Since(holdStart)
 
 	// Commit: the target runs the process and owns the connections.
-	t0 = time.Now()
 	var errs []error
+	if lazyDone != nil {
+		// The frozen process here is where the target's missing pages
+		// come from: it stays until the last one is there.
+		t0 = time.Now()
+		if err := <-lazyDone; err != nil {
+			errs = append(errs, fmt.Errorf("sending the memory pages to %s after the switch: %w", r.To, err))
+		}
+		phase(admin.PhasePages, time.Since(t0))
+	}
+	t0 = time.Now()
 	for _, p := range tree {
 		if err := signal(p, syscall.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("killing the source process %d: %w", p, err))
@@ -448,6 +503,40 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		d.log.Error("process migration: commit", "pid", pid, "err", err)
 	}
 	return nil
+}
+
+// lazyPagesTimeout bounds how long a lazy dump may take to hand the
+// target every page after the switch.
+const lazyPagesTimeout = 5 * time.Minute
+
+// dumpLazy starts a post-copy dump of the tree rooted at pid into dir and
+// returns once the images but the memory are there, with the time that
+// took. The dump goes on serving pages through pages, past the end of
+// ctx (the process runs on the target by then), until the target has
+// them all or the stream breaks; done gets its outcome.
+func (d *Daemon) dumpLazy(ctx context.Context, pid int, dir string, pages net.Conn) (took time.Duration, done <-chan error, err error) {
+	start := time.Now()
+	dumped := make(chan struct{})
+	out := make(chan error, 1)
+	go func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lazyPagesTimeout)
+		defer cancel()
+		_, err := criu.Dump(dctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true,
+			Lazy: true, Pages: pages, Dumped: func() { close(dumped) }})
+		out <- err
+	}()
+	select {
+	case <-dumped:
+		return time.Since(start), out, nil
+	case err := <-out:
+		if err == nil {
+			err = errors.New("criu: the lazy dump ended without its images")
+		}
+		return 0, nil, err
+	case <-ctx.Done():
+		pages.Close()
+		return 0, nil, errors.Join(ctx.Err(), <-out)
+	}
 }
 
 // switchProcess sends the flows to the target, one batch per family.

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -29,6 +30,24 @@ type procIn struct {
 	rules   []nat.Flow // flows given a reply rewrite here
 	flows   map[app.Tuple]migrate.Flow
 	expire  *time.Timer // discards the migration if the source vanishes
+
+	// A lazy (post-copy) migration: the pages stream is handed to a
+	// lazy-pages daemon, which lives on after the restore until the
+	// process has all its memory.
+	lazy     bool
+	lazyConn chan net.Conn   // the pages stream, from ProcessPages to ProcessRestore
+	lazyEnd  chan struct{}   // closed when the stream is no longer needed
+	lp       *criu.LazyPages // the daemon, once started
+	lazyErr  error           // its outcome, once lazyEnd is closed
+	endOnce  sync.Once
+}
+
+// endLazy releases the pages stream of a lazy migration with its outcome.
+func (in *procIn) endLazy(err error) {
+	in.endOnce.Do(func() {
+		in.lazyErr = err
+		close(in.lazyEnd)
+	})
 }
 
 // clockMargin is added to the age of a checkpoint when the restored
@@ -62,11 +81,17 @@ func (d *Daemon) ProcessPrepare(ctx context.Context, from string, r *peer.Proces
 	if _, err := criu.Check(ctx, d.criuOpts()); err != nil {
 		return err
 	}
+	if r.Lazy {
+		if err := criu.CheckLazyRestore(ctx, d.criuOpts()); err != nil {
+			return err
+		}
+	}
 	dir, err := imageDir("mtcp-in-")
 	if err != nil {
 		return err
 	}
-	in := &procIn{from: from, name: r.Name, dir: dir, pages: make(chan error, 1), flows: map[app.Tuple]migrate.Flow{}}
+	in := &procIn{from: from, name: r.Name, dir: dir, pages: make(chan error, 1), flows: map[app.Tuple]migrate.Flow{},
+		lazy: r.Lazy, lazyConn: make(chan net.Conn, 1), lazyEnd: make(chan struct{})}
 	d.proc.mu.Lock()
 	if _, dup := d.proc.in[r.TxID]; dup {
 		d.proc.mu.Unlock()
@@ -95,6 +120,13 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 	}
 	in.started = true
 	d.proc.mu.Unlock()
+	if in.lazy {
+		// The stream stays open for the lazy-pages daemon that the
+		// restore starts, until it has every page.
+		in.lazyConn <- conn
+		<-in.lazyEnd
+		return in.lazyErr
+	}
 	// The page images land where the restore reads them.
 	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string) bool {
 		return criu.ValidImageName(name) && criu.IsPagesImage(name)
@@ -119,7 +151,14 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	d.proc.mu.Lock()
 	started := in.started
 	d.proc.mu.Unlock()
-	if started {
+	var pagesConn net.Conn
+	if in.lazy {
+		select {
+		case pagesConn = <-in.lazyConn:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for the pages stream: %w", ctx.Err())
+		}
+	} else if started {
 		select {
 		case err := <-in.pages:
 			if err != nil {
@@ -181,9 +220,46 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			return nil, fmt.Errorf("installing reply rewrites: %w", err)
 		}
 	}
-	res, err := criu.Restore(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir})
+	prepared := time.Since(t0)
+	if in.lazy {
+		lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Options: d.criuOpts(), Dir: in.dir, Conn: pagesConn})
+		if err != nil {
+			in.endLazy(err)
+			return nil, err
+		}
+		d.proc.mu.Lock()
+		in.lp = lp
+		d.proc.mu.Unlock()
+	}
+	lazyStarted := time.Since(t0) - prepared
+	res, err := criu.Restore(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir, Lazy: in.lazy})
 	if err != nil {
+		if in.lp != nil {
+			in.lp.Kill()
+			in.endLazy(err)
+		}
 		return nil, err
+	}
+	if in.lp != nil {
+		// The process runs; its pages keep coming until it has them all.
+		go func() {
+			wctx, cancel := context.WithTimeout(context.Background(), lazyPagesTimeout)
+			defer cancel()
+			err := in.lp.Wait(wctx)
+			if err != nil {
+				in.lp.Kill()
+				// Without the daemon the process's missing pages
+				// would read as zeros: better dead than corrupt.
+				if tree, terr := treeOf(res.PID); terr == nil {
+					for _, p := range tree {
+						signal(p, syscall.SIGKILL)
+					}
+				}
+				d.log.Error("process migration: the memory pages stopped coming; the restored process is killed, its connections are lost",
+					"from", from, "tx", r.TxID, "pid", res.PID, "err", err)
+			}
+			in.endLazy(err)
+		}()
 	}
 	rep.PID, rep.Restore = res.PID, res.Took
 	d.proc.mu.Lock()
@@ -194,7 +270,8 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	if p, err := os.FindProcess(res.PID); err == nil {
 		go p.Wait()
 	}
-	d.log.Info("process restored", "from", from, "tx", r.TxID, "name", in.name, "pid", res.PID, "conns", len(r.Flows), "rewritten", rep.Rewritten, "restore", res.Took)
+	d.log.Info("process restored", "from", from, "tx", r.TxID, "name", in.name, "pid", res.PID, "conns", len(r.Flows), "rewritten", rep.Rewritten,
+		"prepare", prepared, "lazy_pages_start", lazyStarted, "restore", res.Took, "lazy", in.lazy)
 	return rep, nil
 }
 
@@ -221,6 +298,23 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	}
 	in.expire.Stop()
 	defer os.RemoveAll(in.dir)
+	d.proc.mu.Lock()
+	lp := in.lp
+	d.proc.mu.Unlock()
+	if r.Commit && lp != nil {
+		// The source commits once it has sent every page: the
+		// lazy-pages daemon is done, or about to exit.
+		select {
+		case <-in.lazyEnd:
+		case <-ctx.Done():
+			lp.Kill()
+		}
+	} else if lp != nil {
+		lp.Kill()
+	}
+	if in.lazy {
+		in.endLazy(errors.New("the migration ended"))
+	}
 	if r.Commit {
 		return nil
 	}

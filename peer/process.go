@@ -31,6 +31,12 @@ import (
 type ProcessPrepareRequest struct {
 	TxID uint64 // the transaction, chosen by the source
 	Name string // the process's command name, for the target's log
+	// Lazy announces a post-copy migration: the pages stream carries
+	// CRIU's page-server protocol both ways, between the source's lazy
+	// dump and a lazy-pages daemon on the target, and the restore runs
+	// before the memory has arrived. Otherwise the stream carries the
+	// page images, source to target, before the restore.
+	Lazy bool
 }
 
 // ImageFile is one file of a checkpoint.
@@ -187,11 +193,13 @@ func (b *pagesBody) decode(d *decoder) { b.txID = d.u64() }
 func (r *ProcessPrepareRequest) encode(e *encoder) {
 	e.u64(r.TxID)
 	e.str(r.Name)
+	e.boolean(r.Lazy)
 }
 
 func (r *ProcessPrepareRequest) decode(d *decoder) {
 	r.TxID = d.u64()
 	r.Name = d.str()
+	r.Lazy = d.boolean()
 }
 
 const minImageFile = 4 + 4

@@ -277,12 +277,19 @@ func noProcessRules(t *testing.T, bed *testbed.Bed, h *testbed.Host) {
 // TestProcessRedis moves a stock redis-server s1→s2→s1 through the
 // daemons while redis-benchmark, a redis-cli session and a Go client keep
 // their connections: no client error, no reset, the data intact after
-// each move, nothing left behind.
+// each move, nothing left behind. Both ways of moving the memory: lazy
+// (post-copy, the daemons' default) and eager.
 func TestProcessRedis(t *testing.T) {
 	skipUnlessProcessMode(t)
+	for _, pages := range []string{"lazy", "eager"} {
+		t.Run(pages, func(t *testing.T) { testProcessRedis(t, pages) })
+	}
+}
+
+func testProcessRedis(t *testing.T, pages string) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
-	p := pool.Start(t, bed, pool.Options{Quiet: true})
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: pages})
 	r := p.StartRedis(bed.S1, pool.RedisOptions{})
 	rsts := watchPortRSTs(t, bed.Client, r.Port)
 
@@ -338,6 +345,9 @@ func TestProcessRedis(t *testing.T) {
 		t.Logf("%s -> %s: pid %d -> %d, %d conns, %d pages, phases %+v, held %v", hop.from.Name, hop.to.Name, oldPID, rep.NewPID, rep.Conns, rep.Pages, rep.Phases, rep.Pause)
 		if rep.Aborted || rep.NewPID <= 0 {
 			t.Fatalf("hop %d: %+v", i, rep)
+		}
+		if rep.Lazy != (pages == "lazy") {
+			t.Errorf("hop %d: lazy %v, want process_pages %s", i, rep.Lazy, pages)
 		}
 		if rep.Conns < 23 { // data, Go loop, redis-cli, 20 benchmark connections
 			t.Errorf("hop %d: %d connections moved, want at least 23", i, rep.Conns)

@@ -102,6 +102,9 @@ type Options struct {
 	// Policy, when set, is the policy file every server's mtcpd runs,
 	// with load scope netns and a metrics endpoint (policy.go).
 	Policy string
+	// ProcessPages is the daemons' process_pages ("" means their
+	// default, lazy).
+	ProcessPages string
 }
 
 const peerPort = 7700
@@ -269,6 +272,9 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 	}
 	if role == "server" {
 		fmt.Fprintf(&b, "service_addrs: [%s, %q]\n", h.LAN4, h.LAN6.String())
+	}
+	if p.opts.ProcessPages != "" {
+		fmt.Fprintf(&b, "process_pages: %s\n", p.opts.ProcessPages)
 	}
 	fmt.Fprintf(&b, "peer_listen: %s\n", netip.AddrPortFrom(ctlAddr(h), peerPort))
 	fmt.Fprintf(&b, "tls: {ca: %s, cert: %s, key: %s}\n", filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))

@@ -93,9 +93,15 @@ for servers that do not use mtcp's app library. --pid PID selects the
 process. --service :PORT selects the process that owns the listener on
 PORT when no application registered with mtcpd serves PORT (mtcpctl status
 lists those); --process forces process mode for --service. Each phase is
-printed as it finishes (freeze, dump, transfer, restore, switch). If the
-restore fails, the process carries on here with its connections. The same
-binaries and files must exist on both servers.`,
+printed as it finishes (dump, transfer, restore, switch, then pages). By
+default (process_pages: lazy in mtcpd's config) the process is restored on
+the target before its memory moves, and its pages follow on demand and in
+the background (post-copy): the connections are held only for the dump of
+everything but the memory, and the source keeps the frozen process until
+the last page has arrived. With process_pages: eager every page moves
+first (a freeze phase is then printed too). If the restore fails, the
+process carries on here with its connections. The same binaries and files
+must exist on both servers.`,
 		Example: `  sudo mtcpctl migrate --flow 10.77.1.2:41234 --to s2
   sudo mtcpctl migrate --service :7000 --to s3
   sudo mtcpctl migrate --all --to s2 -o json

@@ -93,10 +93,15 @@ func printProcessReport(w io.Writer, rep *admin.ProcessReport) {
 		fmt.Fprintf(w, "process %d (%s) stayed here, with its %d connection(s): %s\n", rep.PID, rep.Command, rep.Conns, rep.Error)
 		return
 	}
-	fmt.Fprintf(w, "moved process %d (%s) to %s as pid %d with %d connection(s); %d pages, %d bytes of other images\n",
-		rep.PID, rep.Command, rep.To, rep.NewPID, rep.Conns, rep.Pages, rep.ImageBytes)
+	if rep.Lazy {
+		fmt.Fprintf(w, "moved process %d (%s) to %s as pid %d with %d connection(s), post-copy: %d bytes of images before the restore, the memory after\n",
+			rep.PID, rep.Command, rep.To, rep.NewPID, rep.Conns, rep.ImageBytes)
+	} else {
+		fmt.Fprintf(w, "moved process %d (%s) to %s as pid %d with %d connection(s); %d pages, %d bytes of other images\n",
+			rep.PID, rep.Command, rep.To, rep.NewPID, rep.Conns, rep.Pages, rep.ImageBytes)
+	}
 	var parts []string
-	for _, name := range []string{admin.PhaseFreeze, admin.PhaseDump, admin.PhaseTransfer, admin.PhaseRestore, admin.PhaseSwitch} {
+	for _, name := range []string{admin.PhaseFreeze, admin.PhaseDump, admin.PhaseTransfer, admin.PhaseRestore, admin.PhaseSwitch, admin.PhasePages} {
 		if slices.ContainsFunc(rep.Phases, func(p admin.ProcessPhase) bool { return p.Name == name }) {
 			parts = append(parts, fmt.Sprintf("%s %v", name, rep.Phase(name).Round(10*time.Microsecond)))
 		}
