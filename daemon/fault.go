@@ -16,6 +16,9 @@ import (
 //	                 as if the host died mid-transfer
 //	transfer-hang    the target never answers a Transfer (until the
 //	                 source's deadline cancels it)
+//	pages-crash      the source of a lazy process migration exits (status
+//	                 3) right after the switch, while the target still
+//	                 fetches the process's memory from it
 //
 // Nothing else reads it; unset, it costs one slice lookup per request.
 const FaultEnv = "MTCP_FAULT"

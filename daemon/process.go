@@ -460,6 +460,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// The frozen process here is where the target's missing pages
 		// come from: it stays until the last one is there.
 		t0 = time.Now()
+		fault(ctx, "pages") // pages-crash: this host dies mid post-copy (tests)
 		if err := <-lazyDone; err != nil {
 			errs = append(errs, fmt.Errorf("sending the memory pages to %s after the switch: %w", r.To, err))
 		}

@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/mtcp-dev/mtcp/admin"
 	"github.com/mtcp-dev/mtcp/criu"
+	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
@@ -438,4 +441,111 @@ func TestProcessRestoreFailsSourceResumes(t *testing.T) {
 		t.Errorf("the client host saw %d resets in, %d out", in, out)
 	}
 	noProcessRules(t, bed, bed.S2)
+}
+
+// TestProcessLazySourceDies kills the source's mtcpd right after the
+// switch of a lazy migration, while the target still fetches the
+// process's memory from it: the target must kill the restored process,
+// whose missing pages would otherwise read as zeros. The process (built
+// here from C) fills 48 MiB with a pattern and then only waits in
+// pause(2): it touches no more memory, so it would live on, its memory
+// silently zeroed, unless the target kills it.
+func TestProcessLazySourceDies(t *testing.T) {
+	skipUnlessProcessMode(t)
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		t.Skip("no C compiler (cc): tests/setup-criu.sh installs one when it builds CRIU")
+	}
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	dir := t.TempDir()
+	const prog = `#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+int main(void) {
+	size_t n = 48 << 20;
+	unsigned char *m = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED) return 1;
+	for (size_t i = 0; i < n; i++) m[i] = (unsigned char)(i * 131 + 7);
+	printf("ready\n");
+	fflush(stdout);
+	fclose(stdout);
+	for (;;) pause();
+}
+`
+	if err := os.WriteFile(filepath.Join(dir, "holder.c"), []byte(prog), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "mtcp-lazy-holder")
+	if out, err := exec.Command(cc, "-O1", "-o", bin, filepath.Join(dir, "holder.c")).CombinedOutput(); err != nil {
+		t.Fatalf("cc: %v\n%s", err, out)
+	}
+
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "lazy",
+		Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=pages-crash"}}})
+	cmd := bed.S1.Command(context.Background(), "unshare", "--pid", "--fork", "--kill-child", "setsid", bin)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+			for _, pid := range markedIn(t, h, bin) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "ready\n" {
+		t.Fatalf("holder: %q", line)
+	}
+	src := markedIn(t, bed.S1, bin)
+	if len(src) != 1 {
+		t.Fatalf("holder processes in s1: %v, want one", src)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: src[0], To: bed.S2.Name}, nil)
+	if err == nil {
+		t.Fatalf("the migration succeeded although s1's mtcpd was to die: %+v", rep)
+	}
+	t.Logf("s1's mtcpd died mid-migration, as injected: %v", err)
+	eventually(t, 15*time.Second, "s2 to kill the process whose pages stopped coming", func() (bool, string) {
+		pids := markedIn(t, bed.S2, bin)
+		return len(pids) == 0, fmt.Sprintf("%v alive in s2", pids)
+	})
+}
+
+// markedIn lists the processes in h's network namespace that run the
+// executable exe. (By the executable, which the kernel knows, not by the
+// command line, which lives in the process's memory: a restored
+// process's may be among its missing pages.)
+func markedIn(t *testing.T, h *testbed.Host, exe string) []int {
+	t.Helper()
+	var want syscall.Stat_t
+	if err := syscall.Stat(h.NetNSPath(), &want); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if path, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || path != exe {
+			continue
+		}
+		var st syscall.Stat_t
+		if syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) == nil && st.Ino == want.Ino {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
