@@ -59,3 +59,35 @@ func CheckLazyDump() error { return errNotLinux }
 func CheckLazyRestore(ctx context.Context, o Options) error {
 	return &OpError{Op: "feature check", Err: errNotLinux}
 }
+
+// PreparedDump stands for a prepared dump, which never runs here.
+type PreparedDump struct{}
+
+// PrepareDump reports that CRIU is unavailable: it runs only on Linux.
+func PrepareDump(o DumpOptions) (*PreparedDump, error) {
+	return nil, &OpError{Op: "dump", Err: errNotLinux}
+}
+
+// Run reports that CRIU is unavailable.
+func (p *PreparedDump) Run(ctx context.Context) (*DumpResult, error) {
+	return nil, &OpError{Op: "dump", Err: errNotLinux}
+}
+
+// Close does nothing.
+func (p *PreparedDump) Close() {}
+
+// PreparedRestore stands for a prepared restore, which never runs here.
+type PreparedRestore struct{}
+
+// PrepareRestore reports that CRIU is unavailable: it runs only on Linux.
+func PrepareRestore(o Options) (*PreparedRestore, error) {
+	return nil, &OpError{Op: "restore", Err: errNotLinux}
+}
+
+// Run reports that CRIU is unavailable.
+func (p *PreparedRestore) Run(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+	return nil, &OpError{Op: "restore", Err: errNotLinux}
+}
+
+// Close does nothing.
+func (p *PreparedRestore) Close() {}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -313,24 +314,55 @@ func copyAll(w io.Writer, r io.Reader) error {
 // repair mode, unless CRIU itself died (ctx ended), which can leave the
 // sockets in repair mode: the caller then thaws them.
 func Dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
-	res, err := dump(ctx, o)
-	if err != nil {
-		return nil, &OpError{Op: "dump", Err: err, Log: logTail(filepath.Join(o.Dir, "dump.log"))}
-	}
-	return res, nil
-}
-
-func dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
-	if o.PID <= 0 {
-		return nil, fmt.Errorf("pid %d: give the pid of the process to dump", o.PID)
-	}
-	dir, err := openDir(o.Dir)
+	p, err := PrepareDump(o)
 	if err != nil {
 		return nil, err
 	}
-	defer dir.Close()
-	opts := &rpc.CriuOpts{
-		ImagesDirFd:    proto.Int32(int32(dir.Fd())),
+	return p.Run(ctx)
+}
+
+// PreparedDump is a [Dump] whose `criu swrk` already runs, waiting for the
+// request: its start-up, some milliseconds, is then not spent while the
+// caller holds the process's connections.
+type PreparedDump struct {
+	o      DumpOptions
+	dir    *os.File
+	pp     *pagePipe
+	conf   string // a CRIU configuration file to remove, or ""
+	opts   *rpc.CriuOpts
+	notify func(*rpc.CriuNotify) error
+	s      *swrk
+	ran    atomic.Bool // Run or Close was called
+}
+
+// PrepareDump starts CRIU for the dump o describes; [PreparedDump.Run]
+// sends the request. Call Close if Run is not called.
+func PrepareDump(o DumpOptions) (*PreparedDump, error) {
+	p, err := prepareDump(o)
+	if err != nil {
+		return nil, &OpError{Op: "dump", Err: err}
+	}
+	return p, nil
+}
+
+func prepareDump(o DumpOptions) (_ *PreparedDump, err error) {
+	if o.PID <= 0 {
+		return nil, fmt.Errorf("pid %d: give the pid of the process to dump", o.PID)
+	}
+	if o.Lazy && o.Pages == nil {
+		return nil, errors.New("a lazy dump needs a page stream (Pages)")
+	}
+	p := &PreparedDump{o: o}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	if p.dir, err = openDir(o.Dir); err != nil {
+		return nil, err
+	}
+	p.opts = &rpc.CriuOpts{
+		ImagesDirFd:    proto.Int32(int32(p.dir.Fd())),
 		Pid:            proto.Int32(int32(o.PID)),
 		LogLevel:       proto.Int32(o.logLevel()),
 		LogFile:        proto.String("dump.log"),
@@ -341,64 +373,97 @@ func dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
 		ExtUnixSk:      proto.Bool(o.ExtUnixSockets),
 	}
 	var extra []*os.File
-	var pp *pagePipe
-	if o.Lazy && o.Pages == nil {
-		return nil, errors.New("a lazy dump needs a page stream (Pages)")
-	}
 	if o.Pages != nil {
-		if pp, err = newPagePipe(); err != nil {
+		if p.pp, err = newPagePipe(); err != nil {
 			return nil, err
 		}
-		defer pp.ours.Close()
-		extra = append(extra, pp.criu)
+		extra = append(extra, p.pp.criu)
 		if o.Lazy {
 			// CRIU's RPC ignores a page-server socket for lazy dumps;
 			// its configuration file option does not.
-			conf, err := lazyDumpConfig()
-			if err != nil {
-				pp.criu.Close()
+			if p.conf, err = lazyDumpConfig(); err != nil {
+				p.pp.criu.Close()
 				return nil, err
 			}
-			defer os.Remove(conf)
-			opts.ConfigFile = proto.String(conf)
-			opts.LazyPages = proto.Bool(true)
-			opts.NotifyScripts = proto.Bool(true)
+			p.opts.ConfigFile = proto.String(p.conf)
+			p.opts.LazyPages = proto.Bool(true)
+			p.opts.NotifyScripts = proto.Bool(true)
 		} else {
-			opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
+			p.opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
 		}
 	}
-	var notify func(*rpc.CriuNotify) error
 	if o.Dumped != nil {
-		opts.NotifyScripts = proto.Bool(true)
-		notify = func(n *rpc.CriuNotify) error {
+		p.opts.NotifyScripts = proto.Bool(true)
+		p.notify = func(n *rpc.CriuNotify) error {
 			if n.GetScript() == "post-dump" {
 				o.Dumped()
 			}
 			return nil
 		}
 	}
-	s, err := startSwrk(o.Options, extra...)
-	if pp != nil {
-		pp.criu.Close() // swrk has its copy
+	p.s, err = startSwrk(o.Options, extra...)
+	if p.pp != nil {
+		p.pp.criu.Close() // swrk has its copy
 	}
 	if err != nil {
 		return nil, err
 	}
-	if pp != nil {
-		pp.relay(o.Pages)
+	return p, nil
+}
+
+// Close releases a prepared dump that was not run (CRIU exits without
+// touching the process); after Run it does nothing.
+func (p *PreparedDump) Close() {
+	if p.ran.Swap(true) {
+		return
+	}
+	if p.s != nil {
+		p.s.kill()
+	}
+	p.release()
+}
+
+func (p *PreparedDump) release() {
+	if p.pp != nil {
+		p.pp.ours.Close()
+	}
+	if p.dir != nil {
+		p.dir.Close()
+	}
+	if p.conf != "" {
+		os.Remove(p.conf)
+	}
+}
+
+// Run sends the dump request and returns as [Dump] does. It runs once.
+func (p *PreparedDump) Run(ctx context.Context) (*DumpResult, error) {
+	if p.ran.Swap(true) {
+		return nil, &OpError{Op: "dump", Err: errors.New("a prepared dump runs once, and not after Close")}
+	}
+	defer p.release()
+	res, err := p.run(ctx)
+	if err != nil {
+		return nil, &OpError{Op: "dump", Err: err, Log: logTail(filepath.Join(p.o.Dir, "dump.log"))}
+	}
+	return res, nil
+}
+
+func (p *PreparedDump) run(ctx context.Context) (*DumpResult, error) {
+	if p.pp != nil {
+		p.pp.relay(p.o.Pages)
 	}
 	start := time.Now()
-	_, err = s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: opts}, notify)
+	_, err := p.s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: p.opts}, p.notify)
 	took := time.Since(start)
-	cerr := s.close()
+	cerr := p.s.close()
 	if err != nil {
 		return nil, errors.Join(err, cerr)
 	}
-	if pp != nil {
+	if p.pp != nil {
 		// swrk has exited: CRIU's end is closed, the last bytes (the
 		// page server's final answer went the other way) are flushed.
 		select {
-		case err := <-pp.fromP:
+		case err := <-p.pp.fromP:
 			if err != nil && !errors.Is(err, net.ErrClosed) {
 				return nil, fmt.Errorf("page stream: %w", err)
 			}
@@ -407,7 +472,9 @@ func dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
 		}
 	}
 	res := &DumpResult{Took: took}
-	if st, err := stats.CriuGetDumpStats(dir); err == nil {
+	// A lazy dump's page server starts CRIU's statistics anew: only
+	// an eager dump's say how the dump went.
+	if st, err := stats.CriuGetDumpStats(p.dir); err == nil && !p.o.Lazy {
 		us := func(v uint32) time.Duration { return time.Duration(v) * time.Microsecond }
 		res.Freezing, res.Frozen = us(st.GetFreezingTime()), us(st.GetFrozenTime())
 		res.MemDump, res.MemWrite = us(st.GetMemdumpTime()), us(st.GetMemwriteTime())
@@ -508,7 +575,45 @@ func describeStatus(st syscall.WaitStatus) string {
 // child of the caller (see [RestoreResult.PID]). On error nothing of the
 // tree is left running.
 func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
-	res, err := restore(ctx, o)
+	p, err := PrepareRestore(o.Options)
+	if err != nil {
+		return nil, err
+	}
+	return p.Run(ctx, o)
+}
+
+// PreparedRestore is a `criu swrk` started ahead of a [Restore], so that
+// its start-up is not spent while the connections are held.
+type PreparedRestore struct {
+	s   *swrk
+	ran atomic.Bool // Run or Close was called
+}
+
+// PrepareRestore starts CRIU for a restore; [PreparedRestore.Run] sends
+// the request. Call Close if Run is not called.
+func PrepareRestore(o Options) (*PreparedRestore, error) {
+	s, err := startSwrk(o)
+	if err != nil {
+		return nil, &OpError{Op: "restore", Err: err}
+	}
+	return &PreparedRestore{s: s}, nil
+}
+
+// Close releases a prepared restore that was not run; after Run it does
+// nothing.
+func (p *PreparedRestore) Close() {
+	if !p.ran.Swap(true) {
+		p.s.kill()
+	}
+}
+
+// Run restores as [Restore] does, with the CRIU that PrepareRestore
+// started (o.Options is not looked at). It runs once.
+func (p *PreparedRestore) Run(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+	if p.ran.Swap(true) {
+		return nil, &OpError{Op: "restore", Err: errors.New("a prepared restore runs once, and not after Close")}
+	}
+	res, err := p.run(ctx, o)
 	if err != nil {
 		return nil, &OpError{Op: "restore", Err: err, Log: logTail(filepath.Join(o.Dir, "restore.log"))}
 	}
@@ -517,9 +622,10 @@ func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 
 var restoreMu sync.Mutex
 
-func restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+func (p *PreparedRestore) run(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	dir, err := openDir(o.Dir)
 	if err != nil {
+		p.s.kill()
 		return nil, err
 	}
 	defer dir.Close()
@@ -537,15 +643,11 @@ func restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	// Two restores at once would compete for the same PIDs.
 	restoreMu.Lock()
 	defer restoreMu.Unlock()
-	s, err := startSwrk(o.Options)
-	if err != nil {
-		return nil, err
-	}
 	start := time.Now()
-	resp, err := s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_RESTORE.Enum(), Opts: opts}, nil)
+	resp, err := p.s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_RESTORE.Enum(), Opts: opts}, nil)
 	took := time.Since(start)
 	// swrk's exit status adds nothing once the restore answered.
-	cerr := s.close()
+	cerr := p.s.close()
 	if err != nil {
 		return nil, errors.Join(err, cerr)
 	}

@@ -328,6 +328,19 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		return err
 	}
 	defer os.RemoveAll(dir)
+	// CRIU starts before the hold: its start-up is not spent while the
+	// connections wait.
+	dumped := make(chan struct{})
+	dopts := criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true}
+	if lazy {
+		dopts.Lazy, dopts.Pages, dopts.Dumped = true, pages, func() { close(dumped) }
+	}
+	pd, err := criu.PrepareDump(dopts)
+	if err != nil {
+		finish(err.Error())
+		return err
+	}
+	defer pd.Close()
 	phase("prepare", time.Since(t0))
 
 	holdStart := time.Now()
@@ -369,7 +382,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// Post-copy: the restore starts as soon as the images but the
 		// memory are written; the pages follow through the pages
 		// stream, on demand and in the background.
-		took, done, err := d.dumpLazy(ctx, pid, dir, pages)
+		took, done, err := dumpLazy(ctx, pd, dumped, pages)
 		if err != nil {
 			pages.Close()
 			return abort(err)
@@ -381,7 +394,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			return abort(err)
 		}
 	} else {
-		res, err := criu.Dump(ctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true})
+		res, err := pd.Run(ctx)
 		if err != nil {
 			pages.Close()
 			return abort(err)
@@ -510,20 +523,18 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 // target every page after the switch.
 const lazyPagesTimeout = 5 * time.Minute
 
-// dumpLazy starts a post-copy dump of the tree rooted at pid into dir and
-// returns once the images but the memory are there, with the time that
-// took. The dump goes on serving pages through pages, past the end of
-// ctx (the process runs on the target by then), until the target has
-// them all or the stream breaks; done gets its outcome.
-func (d *Daemon) dumpLazy(ctx context.Context, pid int, dir string, pages net.Conn) (took time.Duration, done <-chan error, err error) {
+// dumpLazy runs a prepared post-copy dump and returns once the images but
+// the memory are there (dumped is closed), with the time that took. The
+// dump goes on serving pages through pages, past the end of ctx (the
+// process runs on the target by then), until the target has them all or
+// the stream breaks; done gets its outcome.
+func dumpLazy(ctx context.Context, pd *criu.PreparedDump, dumped <-chan struct{}, pages net.Conn) (took time.Duration, done <-chan error, err error) {
 	start := time.Now()
-	dumped := make(chan struct{})
 	out := make(chan error, 1)
 	go func() {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lazyPagesTimeout)
 		defer cancel()
-		_, err := criu.Dump(dctx, criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true,
-			Lazy: true, Pages: pages, Dumped: func() { close(dumped) }})
+		_, err := pd.Run(dctx)
 		out <- err
 	}()
 	select {

@@ -148,6 +148,12 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	if r.Age < 0 {
 		return nil, fmt.Errorf("process migration %d: negative checkpoint age %v", r.TxID, r.Age)
 	}
+	// CRIU starts while the images are written and the rules go in.
+	pr, err := criu.PrepareRestore(d.criuOpts())
+	if err != nil {
+		return nil, err
+	}
+	defer pr.Close()
 	d.proc.mu.Lock()
 	started := in.started
 	d.proc.mu.Unlock()
@@ -232,7 +238,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		d.proc.mu.Unlock()
 	}
 	lazyStarted := time.Since(t0) - prepared
-	res, err := criu.Restore(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir, Lazy: in.lazy})
+	res, err := pr.Run(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir, Lazy: in.lazy})
 	if err != nil {
 		if in.lp != nil {
 			in.lp.Kill()
