@@ -97,33 +97,11 @@ func TestDumpStreamRestore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	pid := redisPID(t, bed.S1)
-	src, dst := t.TempDir(), t.TempDir()
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, f := range []string{src + "/dump.log", dst + "/page-server.log", dst + "/restore.log"} {
-				b, _ := os.ReadFile(f)
-				t.Logf("%s:\n%s", f, lastLines(string(b), 20))
-			}
-		}
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	pc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	src, dst := checkpointDirs(t, "page-server.log")
+	pc, conn := loopbackPair(t)
 	served := make(chan error, 1)
 	go func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			served <- err
-			return
-		}
-		defer conn.Close()
-		err = criu.ServePages(ctx, criu.PageServerOptions{Options: criu.Options{}, Dir: dst, Conn: conn})
+		err := criu.ServePages(ctx, criu.PageServerOptions{Options: criu.Options{}, Dir: dst, Conn: conn})
 		if err != nil {
 			t.Logf("ServePages: %v", err)
 			pc.Close()
@@ -131,7 +109,7 @@ func TestDumpStreamRestore(t *testing.T) {
 		served <- err
 	}()
 	var res *criu.DumpResult
-	err = netns.Do(bed.S1.NetNSPath(), func() (err error) {
+	err := netns.Do(bed.S1.NetNSPath(), func() (err error) {
 		res, err = criu.Dump(ctx, criu.DumpOptions{Options: criu.Options{}, PID: pid, Dir: src, Pages: pc, LeaveStopped: true})
 		return err
 	})
@@ -172,17 +150,7 @@ func TestDumpStreamRestore(t *testing.T) {
 	if err := bed.Client.Nft(ctx, fmt.Sprintf("table inet crtest {\n chain in {\n type filter hook input priority 0; policy accept;\n ip saddr %s tcp sport 6379 drop\n }\n}\n", bed.S2.LAN4)); err != nil {
 		t.Fatal(err)
 	}
-	var rr *criu.RestoreResult
-	err = netns.Do(bed.S2.NetNSPath(), func() (err error) {
-		rr, err = criu.Restore(ctx, criu.RestoreOptions{Dir: dst})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, _ := os.FindProcess(rr.PID)
-	defer func() { p.Kill(); p.Wait() }()
-	t.Logf("restored as pid %d in %v", rr.PID, rr.Took)
+	rr := restoreIn(t, ctx, bed.S2, criu.RestoreOptions{Dir: dst})
 	if st := procState(rr.PID); st == "" || st == "T" || st == "Z" {
 		t.Fatalf("restored process: state %q", st)
 	}
@@ -204,6 +172,62 @@ func TestDumpStreamRestore(t *testing.T) {
 	}
 	// The source is still there, stopped, until the caller decides.
 	waitState(t, pid, "T")
+}
+
+// restoreIn restores o in h's namespace; the restored process is killed
+// at the end of the test.
+func restoreIn(t *testing.T, ctx context.Context, h *testbed.Host, o criu.RestoreOptions) *criu.RestoreResult {
+	t.Helper()
+	var rr *criu.RestoreResult
+	err := netns.Do(h.NetNSPath(), func() (err error) {
+		rr, err = criu.Restore(ctx, o)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := os.FindProcess(rr.PID)
+	t.Cleanup(func() { p.Kill(); p.Wait() })
+	t.Logf("restored in %s as pid %d in %v", h.Name, rr.PID, rr.Took)
+	return rr
+}
+
+// checkpointDirs makes the source's and the target's checkpoint
+// directories; if the test fails, it logs the end of the dump's log, the
+// target's log named targetLog and the restore's.
+func checkpointDirs(t *testing.T, targetLog string) (src, dst string) {
+	t.Helper()
+	src, dst = t.TempDir(), t.TempDir()
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, f := range []string{src + "/dump.log", dst + "/" + targetLog, dst + "/restore.log"} {
+				b, _ := os.ReadFile(f)
+				t.Logf("%s:\n%s", f, lastLines(string(b), 20))
+			}
+		}
+	})
+	return src, dst
+}
+
+// loopbackPair returns the two ends of a loopback TCP connection, the
+// page stream between a dump and its target in these tests. Both are
+// closed at the end of the test.
+func loopbackPair(t *testing.T) (a, b net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if a, err = net.Dial("tcp", ln.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	if b, err = ln.Accept(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return a, b
 }
 
 // redisPID finds the redis-server in h's namespace.
@@ -302,30 +326,8 @@ func TestLazyDumpRestore(t *testing.T) {
 	}
 
 	pid := redisPID(t, bed.S1)
-	src, dst := t.TempDir(), t.TempDir()
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, f := range []string{src + "/dump.log", dst + "/lazy-pages.log", dst + "/restore.log"} {
-				b, _ := os.ReadFile(f)
-				t.Logf("%s:\n%s", f, lastLines(string(b), 20))
-			}
-		}
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	pc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	lc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lc.Close()
+	src, dst := checkpointDirs(t, "lazy-pages.log")
+	pc, lc := loopbackPair(t)
 
 	dumped := make(chan struct{})
 	dumpErr := make(chan error, 1)
@@ -378,17 +380,7 @@ func TestLazyDumpRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer lp.Kill()
-	var rr *criu.RestoreResult
-	err = netns.Do(bed.S2.NetNSPath(), func() (err error) {
-		rr, err = criu.Restore(ctx, criu.RestoreOptions{Dir: dst, Lazy: true})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, _ := os.FindProcess(rr.PID)
-	defer func() { p.Kill(); p.Wait() }()
-	t.Logf("restored as pid %d in %v", rr.PID, rr.Took)
+	restoreIn(t, ctx, bed.S2, criu.RestoreOptions{Dir: dst, Lazy: true})
 	// The first answers need pages still at the source.
 	if got := get("GET k\r\n"); got != "hello" {
 		t.Fatalf("GET k after the restore: %q", got)
