@@ -264,6 +264,7 @@ func (s *server) connect(ctx context.Context) error {
 	}
 	// A version-1 daemon does not say its version.
 	l := &link{mc: mc, version: min(max(m.Version, minProtocolVersion), offeredVersion), done: make(chan struct{})}
+	mc.bin.Store(l.version >= binVersion)
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()

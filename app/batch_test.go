@@ -48,8 +48,8 @@ func closeSockets(exps []*app.Exported) {
 }
 
 // socketsOf returns the sockets and snapshots of exports, to import them.
-func socketsOf(exps []*app.Exported) ([]*os.File, [][]byte) {
-	socks := make([]*os.File, len(exps))
+func socketsOf(exps []*app.Exported) ([]syscall.Conn, [][]byte) {
+	socks := make([]syscall.Conn, len(exps))
 	snaps := make([][]byte, len(exps))
 	for i, e := range exps {
 		if e != nil {
@@ -258,7 +258,7 @@ func TestBatchMixedErrors(t *testing.T) {
 			t.Errorf("export from an unknown service: %v", err)
 		}
 	}
-	if errs := a.Registry.ImportMany(ctxT(t), "no-such-service", []*os.File{os.Stdin}, [][]byte{nil}); !errors.Is(errs[0], app.ErrNoService) {
+	if errs := a.Registry.ImportMany(ctxT(t), "no-such-service", []syscall.Conn{os.Stdin}, [][]byte{nil}); !errors.Is(errs[0], app.ErrNoService) {
 		t.Errorf("import into an unknown service: %v", errs[0])
 	}
 
@@ -269,7 +269,7 @@ func TestBatchMixedErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer devnull.Close()
-	socks := []*os.File{e.Socket, nil, e.Socket, devnull, e.Socket}
+	socks := []syscall.Conn{e.Socket, nil, e.Socket, devnull, e.Socket}
 	snaps := [][]byte{e.Snapshot, nil, make([]byte, app.MaxSnapshot+1), nil, e.Snapshot}
 	want = []string{"", "no socket", "snapshot", "adopt imported socket", "already serving"}
 	ierrs := b.Registry.ImportMany(ctxT(t), b.Service, socks, snaps)
@@ -382,9 +382,11 @@ func TestRegisterNegotiatesVersion(t *testing.T) {
 	}{
 		{`"version":1`, "1"},
 		{`"version":1,"max_version":2`, "2"},
-		{`"version":1,"max_version":7`, "2"},
+		{`"version":1,"max_version":3`, "3"},
+		{`"version":1,"max_version":7`, "3"},
 		{`"version":2`, "2"},
-		{`"version":3,"max_version":4`, "error"},
+		{`"version":3`, "3"},
+		{`"version":4,"max_version":5`, "error"},
 		{`"max_version":2`, "2"},
 		{`"version":0`, "error"},
 	} {
@@ -604,7 +606,7 @@ func (d *fakeDaemon) accept(t *testing.T, answer string) raw {
 	select {
 	case r := <-d.conns:
 		t.Cleanup(func() { r.Close() })
-		if m := r.reply(t); m["type"] != "register" || m["version"] != 1.0 || m["max_version"] != 2.0 {
+		if m := r.reply(t); m["type"] != "register" || m["version"] != 1.0 || m["max_version"] != 3.0 {
 			t.Fatalf("registration %v", m)
 		}
 		r.frame(t, answer, -1)

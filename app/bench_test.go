@@ -70,8 +70,8 @@ func BenchmarkMigrate1000(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			for _, f := range socks {
-				f.Close()
+			for _, e := range exps {
+				e.Socket.Close()
 			}
 		},
 	}

@@ -55,7 +55,10 @@
 // are ready without waiting for a slow handler. The versions are
 // negotiated at registration, so that applications built against version
 // 1 keep working (one request per connection) and new applications work
-// with a version-1 daemon. wire.go has the details.
+// with a version-1 daemon. Version 3 has the messages of version 2, but
+// once the registration is answered every frame is binary instead of
+// JSON (binwire.go), which a drain of thousands of connections notices.
+// wire.go has the details.
 //
 // Malformed input closes the connection that carried it, and every
 // descriptor received on it, never the process. Snapshots are limited to

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 	"syscall"
@@ -21,7 +20,7 @@ type Exported struct {
 	// own descriptor, without touching it, until Finish. It is whatever
 	// the application sent: check that it is the TCP socket of Tuple
 	// (its captured addresses) before acting on it.
-	Socket *os.File
+	Socket *Socket
 	// Snapshot is the application's per-connection state.
 	Snapshot []byte
 
@@ -83,7 +82,7 @@ func (r *Registry) ExportMany(ctx context.Context, service string, ts []Tuple) (
 		}
 		exps[k] = &Exported{
 			Tuple: t, Service: service, Snapshot: it.Snapshot,
-			Socket: os.NewFile(uintptr(fd), "mtcp-export "+t.String()),
+			Socket: newSocket(fd),
 			a:      a, id: it.ID, finished: make(chan struct{}),
 		}
 		r.log.Debug("exported", "service", service, "conn", t, "snapshot_bytes", len(it.Snapshot))
@@ -227,14 +226,15 @@ func (r *Registry) ExportAll(ctx context.Context, service string, max int) ([]*E
 // error but the application may still adopt the connection.
 //
 // Import is ImportMany for one socket.
-func (r *Registry) Import(ctx context.Context, service string, socket *os.File, snapshot []byte) error {
-	return r.ImportMany(ctx, service, []*os.File{socket}, [][]byte{snapshot})[0]
+func (r *Registry) Import(ctx context.Context, service string, socket syscall.Conn, snapshot []byte) error {
+	return r.ImportMany(ctx, service, []syscall.Conn{socket}, [][]byte{snapshot})[0]
 }
 
 // ImportMany hands sockets with their snapshots to service's application
-// in batched messages and returns one error per socket. It does not close
-// the files. See Import.
-func (r *Registry) ImportMany(ctx context.Context, service string, socks []*os.File, snaps [][]byte) []error {
+// in batched messages and returns one error per socket. The sockets are
+// *os.File, *net.TCPConn, [*Socket] or anything else that gives access to
+// its descriptor; ImportMany does not close them. See Import.
+func (r *Registry) ImportMany(ctx context.Context, service string, socks []syscall.Conn, snaps [][]byte) []error {
 	errs := make([]error, len(socks))
 	fail := func(i int, err error) {
 		errs[i] = fmt.Errorf("mtcp registry: import into %s: %w", service, err)

@@ -244,6 +244,7 @@ func (a *appConn) register(m *message, fds []int) error {
 	if err := a.mc.write(&message{Type: msgRegistered, Service: m.Service, Version: a.version}); err != nil {
 		return err
 	}
+	a.mc.bin.Store(a.version >= binVersion)
 	r.log.Info("application registered", "service", m.Service, "pid", a.pid, "pid_claimed", m.PID, "protocol", a.version)
 	return nil
 }
@@ -295,6 +296,19 @@ func (r *Registry) Conns(service string) []Tuple {
 		return x.Remote.Compare(y.Remote)
 	})
 	return out
+}
+
+// NumConns returns how many connections the applications of all services
+// report: what len of every service's Conns would sum to, without
+// building and sorting the lists.
+func (r *Registry) NumConns() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, a := range r.services {
+		n += len(a.conns)
+	}
+	return n
 }
 
 // refuseConn tells a refused peer why, without waiting for it, and

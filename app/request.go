@@ -278,22 +278,26 @@ func (c *call) accept(m *message, nfds int) ([]item, error) {
 // dup'd nor switched to blocking mode, as File and Fd would) until f
 // returns; fds[i] is -1 where rcs[i] could not lend its descriptor
 // because it is closed. Each Control holds its descriptor for the calls
-// nested in it, hence the recursion.
+// nested in it, hence the recursion; nil entries (-1) need no nesting,
+// which keeps the stack shallow for the answers that carry no descriptor
+// (a 250-deep recursion made every goroutine that sent one grow its stack
+// several times over).
 func lend(rcs []syscall.RawConn, f func(fds []int)) {
 	var step func(fds []int)
 	step = func(fds []int) {
+		for len(fds) < len(rcs) && rcs[len(fds)] == nil {
+			fds = append(fds, -1)
+		}
 		i := len(fds)
 		if i == len(rcs) {
 			f(fds)
 			return
 		}
 		called := false
-		if rcs[i] != nil {
-			rcs[i].Control(func(fd uintptr) {
-				called = true
-				step(append(fds, int(fd)))
-			})
-		}
+		rcs[i].Control(func(fd uintptr) {
+			called = true
+			step(append(fds, int(fd)))
+		})
 		if !called {
 			step(append(fds, -1))
 		}

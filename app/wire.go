@@ -8,6 +8,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -51,6 +52,9 @@ import (
 // items in order. The answers to import-many and verdict-many come once
 // every item is done, as one frame each.
 //
+// Version 3 has the messages of version 2 in binary frames once the
+// registration is answered; binwire.go describes them.
+//
 // Version negotiation: the application registers with the lowest and
 // highest versions it speaks ("version", "max_version"; a version-1
 // application sends only "version": 1); the daemon answers registered
@@ -64,7 +68,7 @@ import (
 // whose descriptors do not match its items is a protocol error: the
 // receiver closes the socket (and every descriptor it received on it).
 const (
-	protocolVersion    = 2 // the highest version this package speaks
+	protocolVersion    = 3 // the highest version this package speaks
 	minProtocolVersion = 1
 )
 
@@ -216,6 +220,10 @@ type msgConn struct {
 	fds   []queuedFD // received descriptors not yet claimed by a frame
 
 	frames *frameCount // if not nil, counts the frames
+
+	// bin is set once protocol version 3 or later is agreed: frames are
+	// written binary from then on, and binary frames are accepted.
+	bin atomic.Bool
 }
 
 // frameCount counts frames by direction and type ("<-exported-many",
@@ -250,16 +258,20 @@ func (c *msgConn) write(m *message, fds ...int) error {
 		return fmt.Errorf("%s message with %d descriptors, the limit is %d", m.Type, len(fds), maxBatch)
 	}
 	m.FDs = len(fds)
-	body, err := json.Marshal(m)
-	if err != nil {
-		return fmt.Errorf("encode %s message: %w", m.Type, err)
+	var frame []byte
+	if c.bin.Load() {
+		frame = encodeBinary(make([]byte, 4, 256), m)
+	} else {
+		body, err := json.Marshal(m)
+		if err != nil {
+			return fmt.Errorf("encode %s message: %w", m.Type, err)
+		}
+		frame = append(make([]byte, 4, 4+len(body)), body...)
 	}
-	if len(body) > maxFrame {
-		return fmt.Errorf("%s message is %d bytes, more than the limit of %d", m.Type, len(body), maxFrame)
+	if len(frame)-4 > maxFrame {
+		return fmt.Errorf("%s message is %d bytes, more than the limit of %d", m.Type, len(frame)-4, maxFrame)
 	}
-	frame := make([]byte, 4+len(body))
-	binary.BigEndian.PutUint32(frame, uint32(len(body)))
-	copy(frame[4:], body)
+	binary.BigEndian.PutUint32(frame, uint32(len(frame)-4))
 	var oob []byte
 	if len(fds) > 0 {
 		oob = syscall.UnixRights(fds...)
@@ -350,7 +362,14 @@ func (c *msgConn) takeFDs(oob []byte, start int64) error {
 
 func (c *msgConn) parse(body []byte) (*message, []int, error) {
 	m := new(message)
-	if err := json.Unmarshal(body, m); err != nil {
+	if len(body) > 0 && body[0] == binFrame {
+		if !c.bin.Load() {
+			return nil, nil, fmt.Errorf("%w: a binary message before protocol version %d was agreed", ErrProtocol, binVersion)
+		}
+		if err := decodeBinary(body, m); err != nil {
+			return nil, nil, fmt.Errorf("%w: %v", ErrProtocol, err)
+		}
+	} else if err := json.Unmarshal(body, m); err != nil {
 		return nil, nil, fmt.Errorf("%w: undecodable message: %v", ErrProtocol, err)
 	}
 	switch {

@@ -20,7 +20,7 @@ func (d *Daemon) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		s := admin.Status{Name: d.cfg.Name, Role: d.cfg.Role, Steering: d.cfg.Steering, Peers: d.peerStatus()}
-		s.Conns = len(d.localFlows())
+		s.Conns = d.numConns()
 		if d.apps != nil {
 			s.Services = d.apps.Services()
 		}
@@ -191,8 +191,10 @@ func streamLines(w http.ResponseWriter) func(v any) {
 	}
 }
 
-// drainInFlight is how many batches of a drain migrate at once.
-const drainInFlight = 2
+// drainInFlight is how many batches of a drain migrate at once. Each
+// holds its connections frozen (and their descriptors open) until it
+// commits, so it bounds what a drain holds at once.
+const drainInFlight = 4
 
 // serveDrain moves everything away in batches, streaming progress lines.
 func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
@@ -234,8 +236,10 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	send := streamLines(w)
 	p := admin.Progress{Total: len(flows)}
 	send(p)
-	// Two batches are in flight at a time: while one waits on the
-	// network or the target, the other is quiesced and captured here.
+	// Several batches are in flight at a time: while one waits on the
+	// network, the target or an application, another is quiesced and
+	// captured here, so that both cores stay busy (with two, a drain of
+	// 10,000 connections left a fifth of the CPU time idle).
 	var (
 		mu   sync.Mutex
 		errs []error

@@ -46,6 +46,11 @@ type Daemon struct {
 	restoring map[uint64]*incoming
 	// blanks are sockets made ahead of restores, by family.
 	blanks map[bool][]*repair.Blank
+	// blankWant is how many blanks of each family the goroutine making
+	// them aims at; it runs while blankWant exceeds what is made.
+	blankWant map[bool]int
+	// blanksClosed is set at shutdown: no more blanks are kept.
+	blanksClosed bool
 	// frozen are flows captured here, waiting for the verdict.
 	frozen map[migrate.Flow]*outgoing
 	txSeq  uint64
@@ -64,7 +69,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
 		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{},
-		blanks: map[bool][]*repair.Blank{}, frozen: map[migrate.Flow]*outgoing{}}
+		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
 	var err error
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
@@ -156,6 +161,8 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			b.Close()
 		}
 	}
+	clear(d.blanks)
+	d.blanksClosed = true
 	d.mu.Unlock()
 	os.Remove(cfg.AdminSocket)
 	if cfg.Role == "server" {

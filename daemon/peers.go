@@ -164,7 +164,7 @@ func (d *Daemon) peerStatus() []admin.PeerStatus {
 // Status answers a peer's heartbeat.
 func (d *Daemon) Status(ctx context.Context, from string) (*peer.StatusReply, error) {
 	r := &peer.StatusReply{Name: d.cfg.Name, Load: loadAverage(), Time: time.Now(), Figures: d.figures()}
-	r.Conns = len(d.localFlows())
+	r.Conns = d.numConns()
 	if d.apps != nil {
 		r.Services = d.apps.Services()
 	}
@@ -214,6 +214,8 @@ func (t *remoteTarget) Prepare(ctx context.Context, n int) error {
 func (t *remoteTarget) Transfer(ctx context.Context, items []migrate.Item) ([]error, error) {
 	errs := make([]error, 0, len(items))
 	req := &peer.TransferRequest{TxID: t.tx}
+	empty := req.WireSize()
+	size := empty // req's WireSize, kept as items go in
 	send := func() error {
 		if len(req.Items) == 0 {
 			return nil
@@ -223,20 +225,19 @@ func (t *remoteTarget) Transfer(ctx context.Context, items []migrate.Item) ([]er
 			return err
 		}
 		errs = append(errs, resultErrors(r.Results, len(req.Items))...)
-		req = &peer.TransferRequest{TxID: t.tx}
+		req, size = &peer.TransferRequest{TxID: t.tx}, empty
 		return nil
 	}
 	for _, it := range items {
-		req.Items = append(req.Items, peer.Item{Flow: peer.FlowID{Client: it.Flow.Client, Service: it.Flow.Service},
-			Service: it.App, State: it.State, App: it.Snapshot})
-		if len(req.Items) > 1 && req.WireSize() > t.c.MaxFrame() {
-			last := req.Items[len(req.Items)-1]
-			req.Items = req.Items[:len(req.Items)-1]
+		pi := peer.Item{Flow: peer.FlowID{Client: it.Flow.Client, Service: it.Flow.Service},
+			Service: it.App, State: it.State, App: it.Snapshot}
+		if len(req.Items) > 0 && size+pi.WireSize() > t.c.MaxFrame() {
 			if err := send(); err != nil {
 				return nil, err
 			}
-			req.Items = append(req.Items, last)
 		}
+		req.Items = append(req.Items, pi)
+		size += pi.WireSize()
 	}
 	if err := send(); err != nil {
 		return nil, err

@@ -36,6 +36,8 @@ type policyState struct {
 	arrived map[app.Tuple]time.Time
 	// nextDecide is when the policy's interval is next due.
 	nextDecide time.Time
+	// pathsAt is when the connections' TCP figures were last read.
+	pathsAt time.Time
 
 	mu    sync.Mutex // guards what Status reads
 	load  policy.Load
@@ -116,6 +118,10 @@ func (ps *policyState) reload(cause string, force bool) {
 // at most how long a policy file change goes unnoticed.
 const measureInterval = time.Second
 
+// pathsInterval is how often the path costs are measured without a
+// policy (see policyTick).
+const pathsInterval = 5 * time.Second
+
 // runPolicy measures load and, with a policy file, runs the engine and
 // carries out its decisions, until ctx is done.
 func (d *Daemon) runPolicy(ctx context.Context) {
@@ -158,13 +164,27 @@ func (d *Daemon) policyTick(ctx context.Context) {
 	if err != nil {
 		ps.log.Debug("load measurement incomplete", "err", err)
 	}
-	conns := d.policyConns(ctx, now)
-	load.Conns = len(conns)
-	paths := medianPaths(conns)
+	// The connections' TCP figures come from one sock_diag dump of every
+	// socket, which costs tens of milliseconds with ten thousand
+	// connections: without a policy they only feed the path costs, which
+	// are medians and change slowly, so they are refreshed every
+	// pathsInterval; with a policy, on every tick as before.
+	var conns []policy.Conn
+	ps.mu.Lock()
+	paths := ps.paths
+	ps.mu.Unlock()
+	if ps.engine != nil || ps.pathsAt.IsZero() || now.Sub(ps.pathsAt) >= pathsInterval {
+		conns = d.policyConns(ctx, now)
+		load.Conns = len(conns)
+		paths = medianPaths(conns)
+		ps.pathsAt = now
+	} else {
+		load.Conns = d.numConns()
+	}
 	ps.mu.Lock()
 	ps.load, ps.paths = load, paths
 	ps.mu.Unlock()
-	connsOwned.Set(float64(len(conns)))
+	connsOwned.Set(float64(load.Conns))
 	heldPackets.Set(float64(d.q.Held()))
 	for _, m := range []string{policy.MetricCPU, policy.MetricRunQueue, policy.MetricMemory, policy.MetricMemoryPressure} {
 		loadGauge.WithLabelValues(m).Set(load.Metric(m))

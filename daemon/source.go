@@ -331,6 +331,15 @@ func (d *Daemon) localFlows() []localFlow {
 	return out
 }
 
+// numConns is how many connections are served here: len(localFlows())
+// without building the list.
+func (d *Daemon) numConns() int {
+	if d.apps == nil {
+		return 0
+	}
+	return d.apps.NumConns()
+}
+
 type localFlow struct {
 	Flow  migrate.Flow
 	Tuple app.Tuple

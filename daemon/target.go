@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"syscall"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -33,8 +34,10 @@ type inItem struct {
 const maxBlanks = 2048
 
 // Prepare answers whether this server can take r.Count connections, and
-// makes blank sockets for them so that restoring stays off the frozen
-// window.
+// starts making blank sockets for them so that restoring stays off the
+// frozen window. It does not wait for them: they are made while the
+// source quiesces and captures, and a restore that finds none makes its
+// own.
 func (d *Daemon) Prepare(ctx context.Context, from string, r *peer.PrepareRequest) (*peer.PrepareReply, error) {
 	if d.apps == nil {
 		return &peer.PrepareReply{OK: false, Reason: d.cfg.Name + " is a gateway, not a server"}, nil
@@ -51,20 +54,46 @@ func (d *Daemon) Prepare(ctx context.Context, from string, r *peer.PrepareReques
 		if _, ok := d.cfg.ServiceAddr(v6); !ok {
 			continue
 		}
+		want := min(r.Count, maxBlanks)
 		d.mu.Lock()
-		need := min(r.Count, maxBlanks) - len(d.blanks[v6])
-		d.mu.Unlock()
-		for range max(need, 0) {
-			b, err := repair.NewBlank(v6)
-			if err != nil {
-				return nil, err
+		running := d.blankWant[v6] > len(d.blanks[v6])
+		if want > len(d.blanks[v6]) && !d.blanksClosed {
+			d.blankWant[v6] = max(d.blankWant[v6], want)
+			if !running {
+				go d.makeBlanks(v6)
 			}
-			d.mu.Lock()
-			d.blanks[v6] = append(d.blanks[v6], b)
-			d.mu.Unlock()
 		}
+		d.mu.Unlock()
 	}
 	return &peer.PrepareReply{OK: true}, nil
+}
+
+// makeBlanks makes blank sockets of a family until there are
+// d.blankWant[v6] of them. Prepare starts it; one runs per family.
+func (d *Daemon) makeBlanks(v6 bool) {
+	for {
+		d.mu.Lock()
+		if d.blanksClosed || len(d.blanks[v6]) >= d.blankWant[v6] {
+			d.blankWant[v6] = 0
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		b, err := repair.NewBlank(v6)
+		d.mu.Lock()
+		if err != nil || d.blanksClosed {
+			d.blankWant[v6] = 0
+			d.mu.Unlock()
+			if err != nil {
+				d.log.Warn("cannot make blank sockets ahead of restores; restores make their own", "err", err)
+			} else {
+				b.Close()
+			}
+			return
+		}
+		d.blanks[v6] = append(d.blanks[v6], b)
+		d.mu.Unlock()
+	}
 }
 
 func (d *Daemon) takeBlank(v6 bool) *repair.Blank {
@@ -197,7 +226,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		byApp[item.app] = append(byApp[item.app], i)
 	}
 	for svc, idx := range byApp {
-		socks := make([]*os.File, len(idx))
+		socks := make([]syscall.Conn, len(idx))
 		snaps := make([][]byte, len(idx))
 		d.mu.Lock()
 		for k, i := range idx {

@@ -513,10 +513,16 @@ func (r *TransferRequest) decode(d *decoder) {
 func (r *TransferRequest) WireSize() int {
 	n := 8 + 8 + 4 // timeout, TxID, item count
 	for i := range r.Items {
-		it := &r.Items[i]
-		n += flowSize(it.Flow) + 4 + len(it.Service) + 4 + len(it.State) + 4 + len(it.App)
+		n += r.Items[i].WireSize()
 	}
 	return n
+}
+
+// WireSize is what it adds to a [TransferRequest]'s WireSize, so that a
+// sender filling a request can keep a running total instead of
+// recomputing the whole request's size for every item.
+func (it *Item) WireSize() int {
+	return flowSize(it.Flow) + 4 + len(it.Service) + 4 + len(it.State) + 4 + len(it.App)
 }
 
 func flowSize(f FlowID) int {

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,7 +16,11 @@ import (
 // maxLine bounds a command line; a longer one ends the session.
 const maxLine = 64 << 10
 
-// session is the per-connection state, and its JSON is the snapshot.
+// maxRead is the largest read buffer a session grows to.
+const maxRead = 32 << 10
+
+// session is the per-connection state; its snapshot is binary
+// (snapshot.go). The JSON tags read the snapshots of earlier versions.
 type session struct {
 	// Data is the session's key/value map.
 	Data map[string]string `json:"data"`
@@ -44,14 +47,14 @@ type kv struct {
 func (h kv) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, error) {
 	s := &session{Data: map[string]string{}}
 	if snap != nil {
-		if err := json.Unmarshal(snap, s); err != nil {
-			return nil, fmt.Errorf("mtcp-kv: bad snapshot: %w", err)
-		}
-		if s.Data == nil {
-			s.Data = map[string]string{}
+		if err := s.unmarshal(snap); err != nil {
+			return nil, fmt.Errorf("mtcp-kv: %w", err)
 		}
 	}
-	buf := make([]byte, 32<<10)
+	// Sessions are mostly idle with short lines: a small read buffer
+	// keeps ten thousand of them cheap (a drain adopts them all at once);
+	// it grows when a read fills it.
+	buf := make([]byte, 512)
 	for {
 		// Answer every complete line before reading more, so that what
 		// is left in In is never a complete, unanswered command.
@@ -84,6 +87,9 @@ func (h kv) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, erro
 		}
 		n, err := conn.Read(buf)
 		s.In = append(s.In, buf[:n]...)
+		if n == len(buf) && len(buf) < maxRead {
+			buf = make([]byte, 2*len(buf))
+		}
 		if err != nil {
 			if errors.Is(err, io.EOF) && len(s.In) == 0 {
 				return nil, nil // the client closed between commands
@@ -97,11 +103,7 @@ func (h kv) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, erro
 // if the connection is being migrated, or with the error.
 func (h kv) stop(s *session, err error) ([]byte, error) {
 	if errors.Is(err, app.ErrMigrating) {
-		snap, jerr := json.Marshal(s)
-		if jerr != nil {
-			return nil, jerr
-		}
-		return snap, nil
+		return s.marshal(), nil
 	}
 	return nil, err
 }

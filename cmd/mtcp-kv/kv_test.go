@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"io"
 	"net"
 	"slices"
@@ -68,7 +67,7 @@ func TestSessionMigratesWithStateAndBufferedInput(t *testing.T) {
 	}
 	e := apptest.Export(t, a, tup)
 	var s session
-	if err := json.Unmarshal(e.Snapshot, &s); err != nil {
+	if err := s.unmarshal(e.Snapshot); err != nil {
 		t.Fatal(err)
 	}
 	if s.Count != 4 || s.Data["k"] != "1" || string(s.In) != "GET " || len(s.Out) != 0 {

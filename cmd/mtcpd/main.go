@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	rdebug "runtime/debug"
 	"syscall"
 
 	"github.com/mtcp-dev/mtcp/daemon"
+	"github.com/mtcp-dev/mtcp/internal/prof"
 	"github.com/mtcp-dev/mtcp/policy"
 )
 
@@ -55,7 +57,16 @@ Flags:
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP) // reload the policy file
 	ctx = daemon.WithReload(ctx, hup)
-	if err := daemon.Run(ctx, cfg, log); err != nil {
+	// The daemon's live heap is small but it allocates in bursts (a drain
+	// handles thousands of connections at once): collecting less often
+	// trades a few tens of MB for CPU. GOGC in the environment overrides.
+	if os.Getenv("GOGC") == "" {
+		rdebug.SetGCPercent(400)
+	}
+	stopProf := prof.Start("mtcpd-" + cfg.Name)
+	err = daemon.Run(ctx, cfg, log)
+	stopProf()
+	if err != nil {
 		log.Error("mtcpd stopped", "err", err)
 		os.Exit(1)
 	}
