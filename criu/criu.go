@@ -73,7 +73,8 @@ type Options struct {
 	// DefaultPath.
 	Path string
 	// LogLevel is CRIU's log verbosity (0-4) for its log files. 0 means
-	// 2 (errors and warnings): more costs time on the frozen window.
+	// 2 (errors and warnings), or 1 (errors) for lazy dumps and the
+	// lazy-pages daemon: more costs time on the frozen window.
 	LogLevel int
 }
 
@@ -99,6 +100,17 @@ func (o Options) logLevel() int32 {
 		return 2
 	}
 	return int32(min(o.LogLevel, 4))
+}
+
+// lazyLogLevel is the log level of a lazy dump and of the lazy-pages
+// daemon: by default errors only, because both warn on every page
+// request that their socket (a socket pair, not TCP) takes no TCP
+// options, a write on the path of every page fault.
+func (o Options) lazyLogLevel() int32 {
+	if o.LogLevel <= 0 {
+		return 1
+	}
+	return o.logLevel()
 }
 
 // advice is what to do about a missing or old CRIU.
@@ -167,17 +179,14 @@ type DumpOptions struct {
 	// ExtUnixSockets allows unix sockets connected to processes outside
 	// the tree (a syslog socket, say); they are reconnected by path.
 	ExtUnixSockets bool
-	// Lazy makes a post-copy dump: the memory pages that can wait stay
-	// in the frozen tree, and once the other images are in Dir, CRIU
-	// serves them through Pages (which Lazy requires) to a [LazyPages]
-	// at the other end, on demand and then in the background. Dumped is
-	// called when Dir is complete: the target can restore from then on
-	// (RestoreOptions.Lazy), while Dump returns only once every page has
-	// been fetched, or the stream broke.
+	// Lazy makes a post-copy dump: the memory pages that can wait are
+	// left out of the images, and the dump returns as soon as the other
+	// images are in Dir, with the tree stopped (LeaveStopped is then
+	// required). The target can restore from then on
+	// (RestoreOptions.Lazy, with a [LazyPages] daemon), while
+	// [ServeLazyPages] answers its page requests from the stopped tree's
+	// memory. Pages must be nil: CRIU's own lazy page server is not used.
 	Lazy bool
-	// Dumped, if not nil, is called once, when every image but the lazy
-	// pages is in Dir. It must not block: Dump waits for it.
-	Dumped func()
 }
 
 // DumpResult reports a dump, with CRIU's own figures.

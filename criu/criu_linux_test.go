@@ -329,21 +329,22 @@ func TestLazyDumpRestore(t *testing.T) {
 	src, dst := checkpointDirs(t, "lazy-pages.log")
 	pc, lc := loopbackPair(t)
 
-	dumped := make(chan struct{})
-	dumpErr := make(chan error, 1)
 	var res *criu.DumpResult
-	go func() {
-		dumpErr <- netns.Do(bed.S1.NetNSPath(), func() (err error) {
-			res, err = criu.Dump(ctx, criu.DumpOptions{PID: pid, Dir: src, Pages: pc, LeaveStopped: true,
-				Lazy: true, Dumped: func() { close(dumped) }})
-			return err
-		})
-	}()
-	select {
-	case <-dumped:
-	case err := <-dumpErr:
-		t.Fatalf("lazy dump ended before its images were complete: %v", err)
+	err := netns.Do(bed.S1.NetNSPath(), func() (err error) {
+		res, err = criu.Dump(ctx, criu.DumpOptions{PID: pid, Dir: src, LeaveStopped: true, Lazy: true})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Logf("dump: %+v", res)
+	waitState(t, pid, "T")
+	procs, err := criu.CheckpointPIDs([]int{pid})
+	if err != nil || len(procs) != 1 || procs[1] != pid {
+		t.Fatalf("CheckpointPIDs(%d) = %v, %v; want 1 -> %d (redis is its PID namespace's first)", pid, procs, err, pid)
+	}
+	served := make(chan error, 1)
+	go func() { served <- criu.ServeLazyPages(ctx, pc, procs) }()
 	defer syscall.Kill(pid, syscall.SIGKILL)
 	names, err := criu.Images(src)
 	if err != nil {
@@ -393,10 +394,9 @@ func TestLazyDumpRestore(t *testing.T) {
 	if err := lp.Wait(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-dumpErr; err != nil {
+	if err := <-served; err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("dump: %+v", res)
 	if got := get("DBSIZE\r\n"); got != ":20021" {
 		t.Fatalf("DBSIZE after every page came: %q", got)
 	}

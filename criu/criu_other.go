@@ -52,9 +52,6 @@ func (lp *LazyPages) Wait(ctx context.Context) error { return nil }
 // Kill does nothing.
 func (lp *LazyPages) Kill() {}
 
-// CheckLazyDump reports that CRIU is unavailable: it runs only on Linux.
-func CheckLazyDump() error { return errNotLinux }
-
 // CheckLazyRestore reports that CRIU is unavailable: it runs only on Linux.
 func CheckLazyRestore(ctx context.Context, o Options) error {
 	return &OpError{Op: "feature check", Err: errNotLinux}

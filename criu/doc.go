@@ -17,20 +17,22 @@
 // Lazy (post-copy, DumpOptions.Lazy): CRIU writes every image but the
 // process's anonymous memory to DumpOptions.Dir (a tmpfs: registers,
 // file table, sockets and their queues, the memory map: about a megabyte
-// for a redis-server holding 50 MB) and says so (DumpOptions.Dumped, on
-// CRIU's post-dump notification). The target can restore from those at
-// once: [StartLazyPages] runs CRIU's lazy-pages daemon on the target's
-// copy of the images, and [Restore] with RestoreOptions.Lazy restores the
-// tree with its memory registered with userfaultfd. The restored process
-// runs; each page it touches is fetched on demand, and the daemon fetches
-// all the others in the background. The pages travel in CRIU's
-// page-server protocol over DumpOptions.Pages at the source and
-// LazyOptions.Conn at the target (in mtcp the two ends of one
-// mutual-TLS connection): Dump keeps the frozen tree and serves from it
-// until every page has been fetched, and only then returns. CRIU's RPC
-// cannot hand a lazy dump a page-server socket, so Dump gives it one
-// through a CRIU configuration file (ps-socket), and CRIU has no RPC for
-// the lazy-pages daemon, which runs as `criu lazy-pages`.
+// for a redis-server holding 50 MB) and Dump returns, the tree stopped.
+// The target can restore from those at once: [StartLazyPages] runs CRIU's
+// lazy-pages daemon on the target's copy of the images, and [Restore]
+// with RestoreOptions.Lazy restores the tree with its memory registered
+// with userfaultfd. The restored process runs; each page it touches is
+// fetched on demand, and the daemon fetches all the others in the
+// background, in CRIU's page-server protocol through LazyOptions.Conn (in
+// mtcp one end of a mutual-TLS connection). At the other end
+// [ServeLazyPages] answers from the stopped tree's memory
+// (/proc/PID/mem) until the daemon has every page. CRIU's own lazy page
+// server, which would serve from pipes filled during the dump, is told to
+// close at once: it would add a process and a socket to the path of
+// every page fault. CRIU's RPC cannot hand a lazy dump a page-server
+// socket, so Dump gives it one through a CRIU configuration file
+// (ps-socket), and CRIU has no RPC for the lazy-pages daemon, which runs
+// as `criu lazy-pages`.
 //
 // Eager: the memory pages go through DumpOptions.Pages to a
 // [ServePages] at the other end while CRIU is still dumping, or, without
@@ -60,12 +62,12 @@
 // missing or older: criu 3.17 cannot run on Linux 6.13 or later, and 4.1.x
 // cannot dump TCP sockets on 6.16 or later), root, and a kernel with
 // checkpoint/restore support. Lazy migrations also need userfaultfd with
-// non-cooperative events on the target ([CheckLazyRestore]) and, on the
-// source, 4 MiB pipes for CRIU's page server: CAP_SYS_RESOURCE or
-// fs.pipe-max-size ≥ 4194304 ([CheckLazyDump]). Every CRIU run probes the
-// kernel (tens of milliseconds) unless it finds its cache (criu.kdat) in
-// its run directory on a tmpfs; tests/setup-criu.sh builds CRIU with
-// /run/criu as that directory and makes sure it is a tmpfs. The dump and the restore run in the calling
+// non-cooperative events on the target ([CheckLazyRestore]). Every CRIU
+// run probes the kernel (tens of milliseconds) unless it finds its cache
+// (criu.kdat) in its run directory on a tmpfs; tests/setup-criu.sh builds
+// CRIU with /run/criu as that directory and makes sure it is a tmpfs.
+//
+// The dump and the restore run in the calling
 // process's network namespace: call them from inside the server's
 // namespace (the daemon's), so that CRIU treats it as the host's. A
 // process in the same PID namespace as CRIU is restored with its own PID,

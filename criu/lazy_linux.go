@@ -71,7 +71,7 @@ func startLazyPages(ctx context.Context, o LazyOptions) (*LazyPages, error) {
 	defer ready.Close()
 	lp := &LazyPages{pp: pp, out: &bytes.Buffer{}, dir: o.Dir, done: make(chan struct{})}
 	lp.cmd = exec.Command(path, "lazy-pages", "--page-server", "--ps-socket", "3", "--status-fd", "4",
-		"-D", o.Dir, "-W", o.Dir, "-o", "lazy-pages.log", "-v"+fmt.Sprint(o.logLevel()))
+		"-D", o.Dir, "-W", o.Dir, "-o", "lazy-pages.log", "-v"+fmt.Sprint(o.lazyLogLevel()))
 	lp.cmd.ExtraFiles = []*os.File{pp.criu, readyW}
 	lp.cmd.Stdout, lp.cmd.Stderr = lp.out, lp.out
 	lp.cmd.WaitDelay = 200 * time.Millisecond
@@ -147,45 +147,6 @@ func (lp *LazyPages) output() string {
 		return ": " + s
 	}
 	return ""
-}
-
-// lazyPipeBytes is the pipe size CRIU's lazy page server asks for (819
-// pages, rounded up by the kernel to 4 MiB). Without it the first request
-// for pages deep in a dumped buffer fails ("tee: 65536").
-const lazyPipeBytes = 4 << 20
-
-// CheckLazyDump says whether this host can serve a lazy dump's pages: it
-// needs pipes of 4 MiB, which takes CAP_SYS_RESOURCE or fs.pipe-max-size
-// at least that large. The error says what to do.
-func CheckLazyDump() error {
-	b, err := os.ReadFile("/proc/sys/fs/pipe-max-size")
-	if err != nil {
-		return fmt.Errorf("%w: lazy pages: %v", ErrUnavailable, err)
-	}
-	var max int
-	fmt.Sscan(strings.TrimSpace(string(b)), &max)
-	if max >= lazyPipeBytes || hasCapSysResource() {
-		return nil
-	}
-	return fmt.Errorf("%w: lazy pages need pipes of %d bytes: this process lacks CAP_SYS_RESOURCE and fs.pipe-max-size is %d; run `sysctl -w fs.pipe-max-size=%d` (tests/setup.sh makes it permanent), or migrate processes eagerly (process_pages: eager)",
-		ErrUnavailable, lazyPipeBytes, max, lazyPipeBytes)
-}
-
-// hasCapSysResource reads this process's effective capabilities.
-func hasCapSysResource() bool {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return false
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "CapEff:"); ok {
-			var caps uint64
-			fmt.Sscanf(strings.TrimSpace(v), "%x", &caps)
-			const capSysResource = 24
-			return caps&(1<<capSysResource) != 0
-		}
-	}
-	return false
 }
 
 // CheckLazyRestore asks CRIU whether this kernel lets it restore lazily

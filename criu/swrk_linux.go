@@ -325,14 +325,13 @@ func Dump(ctx context.Context, o DumpOptions) (*DumpResult, error) {
 // request: its start-up, some milliseconds, is then not spent while the
 // caller holds the process's connections.
 type PreparedDump struct {
-	o      DumpOptions
-	dir    *os.File
-	pp     *pagePipe
-	conf   string // a CRIU configuration file to remove, or ""
-	opts   *rpc.CriuOpts
-	notify func(*rpc.CriuNotify) error
-	s      *swrk
-	ran    atomic.Bool // Run or Close was called
+	o    DumpOptions
+	dir  *os.File
+	pp   *pagePipe
+	conf string // a CRIU configuration file to remove, or ""
+	opts *rpc.CriuOpts
+	s    *swrk
+	ran  atomic.Bool // Run or Close was called
 }
 
 // PrepareDump starts CRIU for the dump o describes; [PreparedDump.Run]
@@ -349,8 +348,8 @@ func prepareDump(o DumpOptions) (_ *PreparedDump, err error) {
 	if o.PID <= 0 {
 		return nil, fmt.Errorf("pid %d: give the pid of the process to dump", o.PID)
 	}
-	if o.Lazy && o.Pages == nil {
-		return nil, errors.New("a lazy dump needs a page stream (Pages)")
+	if o.Lazy && (o.Pages != nil || !o.LeaveStopped) {
+		return nil, errors.New("a lazy dump leaves the tree stopped (LeaveStopped) and sends no pages itself (no Pages): ServeLazyPages serves them")
 	}
 	p := &PreparedDump{o: o}
 	defer func() {
@@ -373,33 +372,35 @@ func prepareDump(o DumpOptions) (_ *PreparedDump, err error) {
 		ExtUnixSk:      proto.Bool(o.ExtUnixSockets),
 	}
 	var extra []*os.File
-	if o.Pages != nil {
+	switch {
+	case o.Lazy:
+		// CRIU would serve a lazy dump's pages itself after the dump,
+		// from pipes it filled while the tree was frozen; mtcp serves
+		// them from the stopped tree instead (ServeLazyPages). CRIU's
+		// page server gets a socket with the order to close already in
+		// it (through a configuration file: CRIU's RPC takes no
+		// page-server socket for a lazy dump), so the dump returns as
+		// soon as the images are written.
 		if p.pp, err = newPagePipe(); err != nil {
 			return nil, err
 		}
 		extra = append(extra, p.pp.criu)
-		if o.Lazy {
-			// CRIU's RPC ignores a page-server socket for lazy dumps;
-			// its configuration file option does not.
-			if p.conf, err = lazyDumpConfig(); err != nil {
-				p.pp.criu.Close()
-				return nil, err
-			}
-			p.opts.ConfigFile = proto.String(p.conf)
-			p.opts.LazyPages = proto.Bool(true)
-			p.opts.NotifyScripts = proto.Bool(true)
-		} else {
-			p.opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
+		if _, err = p.pp.ours.Write(psRequest(psForceClose, 0, 0, 0)); err != nil {
+			p.pp.criu.Close()
+			return nil, err
 		}
-	}
-	if o.Dumped != nil {
-		p.opts.NotifyScripts = proto.Bool(true)
-		p.notify = func(n *rpc.CriuNotify) error {
-			if n.GetScript() == "post-dump" {
-				o.Dumped()
-			}
-			return nil
+		if p.conf, err = lazyDumpConfig(); err != nil {
+			p.pp.criu.Close()
+			return nil, err
 		}
+		p.opts.ConfigFile = proto.String(p.conf)
+		p.opts.LazyPages = proto.Bool(true)
+	case o.Pages != nil:
+		if p.pp, err = newPagePipe(); err != nil {
+			return nil, err
+		}
+		extra = append(extra, p.pp.criu)
+		p.opts.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(swrkExtraFd)}
 	}
 	p.s, err = startSwrk(o.Options, extra...)
 	if p.pp != nil {
@@ -449,17 +450,17 @@ func (p *PreparedDump) Run(ctx context.Context) (*DumpResult, error) {
 }
 
 func (p *PreparedDump) run(ctx context.Context) (*DumpResult, error) {
-	if p.pp != nil {
+	if p.pp != nil && !p.o.Lazy {
 		p.pp.relay(p.o.Pages)
 	}
 	start := time.Now()
-	_, err := p.s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: p.opts}, p.notify)
+	_, err := p.s.call(ctx, &rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: p.opts}, nil)
 	took := time.Since(start)
 	cerr := p.s.close()
 	if err != nil {
 		return nil, errors.Join(err, cerr)
 	}
-	if p.pp != nil {
+	if p.pp != nil && !p.o.Lazy {
 		// swrk has exited: CRIU's end is closed, the last bytes (the
 		// page server's final answer went the other way) are flushed.
 		select {

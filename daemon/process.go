@@ -71,9 +71,8 @@ func (d *Daemon) checkCRIU(ctx context.Context) {
 		return
 	}
 	if d.cfg.ProcessPages == "lazy" {
-		// A lazy migration needs both: this host serves pages as a
-		// source and fetches them as a target.
-		if err := errors.Join(criu.CheckLazyDump(), criu.CheckLazyRestore(ctx, d.criuOpts())); err != nil {
+		// A lazy migration's target needs userfaultfd.
+		if err := criu.CheckLazyRestore(ctx, d.criuOpts()); err != nil {
 			d.log.Warn("process mode: lazy migrations (process_pages: lazy) will fail here", "criu", v.String(), "err", err)
 			return
 		}
@@ -270,11 +269,6 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		return err
 	}
 	lazy := d.cfg.ProcessPages == "lazy"
-	if lazy {
-		if err := criu.CheckLazyDump(); err != nil {
-			return err
-		}
-	}
 	rep.Lazy = lazy
 	pid := r.PID
 	if r.Port > 0 {
@@ -330,12 +324,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	defer os.RemoveAll(dir)
 	// CRIU starts before the hold: its start-up is not spent while the
 	// connections wait.
-	dumped := make(chan struct{})
-	dopts := criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true}
-	if lazy {
-		dopts.Lazy, dopts.Pages, dopts.Dumped = true, pages, func() { close(dumped) }
-	}
-	pd, err := criu.PrepareDump(dopts)
+	pd, err := criu.PrepareDump(criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true, Lazy: lazy})
 	if err != nil {
 		finish(err.Error())
 		return err
@@ -382,13 +371,18 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// Post-copy: the restore starts as soon as the images but the
 		// memory are written; the pages follow through the pages
 		// stream, on demand and in the background.
-		took, done, err := dumpLazy(ctx, pd, dumped, pages)
+		res, err := pd.Run(ctx)
 		if err != nil {
 			pages.Close()
 			return abort(err)
 		}
-		lazyDone = done
-		phase(admin.PhaseDump, took)
+		phase(admin.PhaseDump, res.Took)
+		procs, err := criu.CheckpointPIDs(tree)
+		if err != nil {
+			pages.Close()
+			return abort(err)
+		}
+		lazyDone = servePages(ctx, pages, procs)
 		t0 = time.Now()
 		if small, err = criu.Images(dir); err != nil {
 			return abort(err)
@@ -523,32 +517,18 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 // target every page after the switch.
 const lazyPagesTimeout = 5 * time.Minute
 
-// dumpLazy runs a prepared post-copy dump and returns once the images but
-// the memory are there (dumped is closed), with the time that took. The
-// dump goes on serving pages through pages, past the end of ctx (the
-// process runs on the target by then), until the target has them all or
-// the stream breaks; done gets its outcome.
-func dumpLazy(ctx context.Context, pd *criu.PreparedDump, dumped <-chan struct{}, pages net.Conn) (took time.Duration, done <-chan error, err error) {
-	start := time.Now()
-	out := make(chan error, 1)
+// servePages answers the target's page requests from the stopped tree
+// until it has every page or the stream breaks, past the end of ctx (the
+// process runs on the target by then); the outcome arrives on the
+// returned channel.
+func servePages(ctx context.Context, pages net.Conn, procs map[uint64]int) <-chan error {
+	done := make(chan error, 1)
 	go func() {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lazyPagesTimeout)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lazyPagesTimeout)
 		defer cancel()
-		_, err := pd.Run(dctx)
-		out <- err
+		done <- criu.ServeLazyPages(sctx, pages, procs)
 	}()
-	select {
-	case <-dumped:
-		return time.Since(start), out, nil
-	case err := <-out:
-		if err == nil {
-			err = errors.New("criu: the lazy dump ended without its images")
-		}
-		return 0, nil, err
-	case <-ctx.Done():
-		pages.Close()
-		return 0, nil, errors.Join(ctx.Err(), <-out)
-	}
+	return done
 }
 
 // switchProcess sends the flows to the target, one batch per family.

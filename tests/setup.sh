@@ -64,14 +64,6 @@ fi
 # script).
 bash tests/setup-criu.sh
 
-# Lazy (post-copy) process migration: CRIU's page server asks for 4 MiB
-# pipes, which a root without CAP_SYS_RESOURCE (a container, some VMs)
-# only gets when fs.pipe-max-size allows it.
-echo 'fs.pipe-max-size = 4194304' >/etc/sysctl.d/60-mtcp.conf
-if [ "$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)" -lt 4194304 ]; then
-	sysctl -q -w fs.pipe-max-size=4194304 || echo "setup: could not raise fs.pipe-max-size; lazy process migration needs it (or CAP_SYS_RESOURCE)" >&2
-fi
-
 export PATH="$PATH:/usr/local/go/bin"
 if ! command -v go >/dev/null; then
 	go_version=$(sed -n 's/^go \([0-9][0-9.]*\)$/\1/p' go.mod)

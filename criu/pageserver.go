@@ -1,0 +1,152 @@
+package criu
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// CRIU's page-server protocol, the part a lazy-pages daemon speaks: each
+// message is a page_server_iov (cmd u32, 4 bytes of padding, nr_pages,
+// vaddr and dst_id u64, in the host's byte order: little endian on the
+// machines CRIU runs on). The daemon asks for pages with PS_IOV_GET
+// (dst_id is the process's PID as the checkpoint names it); the answer is
+// the same header, its cmd PS_IOV_ADD_F with the PE_PRESENT flag and
+// nr_pages what is sent, followed by the pages. Answers come in the order
+// of the requests. PS_IOV_CLOSE or PS_IOV_FORCE_CLOSE ends the session,
+// answered with a 32-bit status (0).
+const (
+	psIOVAddF      = 6
+	psIOVGet       = 7
+	psClose        = 0x1023
+	psForceClose   = 0x1024
+	psCmdBits      = 16
+	pePresent      = 1 << 2
+	psRequestSize  = 32
+	pageSize       = 4096
+	maxRequestPage = 1 << 12 // 16 MiB: CRIU asks for at most 4 MiB at once
+)
+
+// psRequest encodes a page_server_iov.
+func psRequest(cmd uint32, nrPages, vaddr, dstID uint64) []byte {
+	b := make([]byte, psRequestSize)
+	binary.LittleEndian.PutUint32(b[0:], cmd)
+	binary.LittleEndian.PutUint64(b[8:], nrPages)
+	binary.LittleEndian.PutUint64(b[16:], vaddr)
+	binary.LittleEndian.PutUint64(b[24:], dstID)
+	return b
+}
+
+// ServeLazyPages answers the page requests of a lazy-pages daemon (see
+// [StartLazyPages]) arriving on rw, reading the pages from the memory of
+// the processes a lazy dump left stopped ([DumpOptions].Lazy), until the
+// daemon says it has every page (nil) or the stream ends or breaks, or
+// ctx ends. procs maps each process's PID as the checkpoint names it to
+// its PID here ([CheckpointPIDs]). A request for another process, or
+// malformed, ends the session with an error: the daemon then fails and
+// the restored process with it.
+//
+// It replaces CRIU's own lazy page server, which would serve from pipes
+// through one more process and socket on the path of every page fault of
+// the restored process.
+func ServeLazyPages(ctx context.Context, rw io.ReadWriter, procs map[uint64]int) error {
+	mems := map[uint64]*os.File{}
+	defer func() {
+		for _, f := range mems {
+			f.Close()
+		}
+	}()
+	for vpid, pid := range procs {
+		f, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+		if err != nil {
+			return fmt.Errorf("lazy pages: %w", err)
+		}
+		mems[vpid] = f
+	}
+	if c, ok := rw.(io.Closer); ok {
+		stop := context.AfterFunc(ctx, func() { c.Close() })
+		defer stop()
+	}
+	r := bufio.NewReaderSize(rw, 4096)
+	req := make([]byte, psRequestSize)
+	var buf []byte
+	for {
+		if _, err := io.ReadFull(r, req); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("lazy pages: %w", ctx.Err())
+			}
+			if err == io.EOF {
+				return errors.New("lazy pages: the lazy-pages daemon went away before it had every page")
+			}
+			return fmt.Errorf("lazy pages: reading a request: %w", err)
+		}
+		cmd := binary.LittleEndian.Uint32(req[0:])
+		nr := binary.LittleEndian.Uint64(req[8:])
+		vaddr := binary.LittleEndian.Uint64(req[16:])
+		dst := binary.LittleEndian.Uint64(req[24:])
+		switch cmd {
+		case psClose, psForceClose:
+			var status [4]byte
+			if _, err := rw.Write(status[:]); err != nil {
+				return fmt.Errorf("lazy pages: answering the close: %w", err)
+			}
+			return nil
+		case psIOVGet:
+		default:
+			return fmt.Errorf("lazy pages: unexpected request %#x", cmd)
+		}
+		mem, ok := mems[dst]
+		switch {
+		case !ok:
+			return fmt.Errorf("lazy pages: request for process %d, not in the checkpoint", dst)
+		case nr == 0 || nr > maxRequestPage:
+			return fmt.Errorf("lazy pages: request for %d pages", nr)
+		case vaddr%pageSize != 0 || vaddr > 1<<62:
+			return fmt.Errorf("lazy pages: request at address %#x", vaddr)
+		}
+		n := psRequestSize + int(nr)*pageSize
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		buf = buf[:n]
+		copy(buf, psRequest(psIOVAddF|pePresent<<psCmdBits, nr, vaddr, dst))
+		if _, err := mem.ReadAt(buf[psRequestSize:], int64(vaddr)); err != nil {
+			return fmt.Errorf("lazy pages: reading %d pages at %#x of process %d: %w", nr, vaddr, procs[dst], err)
+		}
+		if _, err := rw.Write(buf); err != nil {
+			return fmt.Errorf("lazy pages: sending pages: %w", err)
+		}
+	}
+}
+
+// CheckpointPIDs maps the PIDs a checkpoint of the processes pids gives
+// them (the PIDs they have in their own PID namespace, as CRIU names
+// them) to their PIDs here, for [ServeLazyPages].
+func CheckpointPIDs(pids []int) (map[uint64]int, error) {
+	out := map[uint64]int{}
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			return nil, err
+		}
+		vpid := pid
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+				f := strings.Fields(v)
+				if len(f) > 0 {
+					if vpid, err = strconv.Atoi(f[len(f)-1]); err != nil {
+						return nil, fmt.Errorf("/proc/%d/status: NSpid %q", pid, v)
+					}
+				}
+			}
+		}
+		out[uint64(vpid)] = pid
+	}
+	return out, nil
+}
