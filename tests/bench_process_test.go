@@ -193,6 +193,16 @@ func benchProcessMigration(b *testing.B, pages string) {
 	slices.Sort(pauses)
 	b.ReportMetric(float64(pauses[len(pauses)/2])/float64(time.Millisecond), "p50-client-pause-ms")
 	b.ReportMetric(float64(pauses[0])/float64(time.Millisecond), "min-client-pause-ms")
+	b.ReportMetric(float64(pauses[len(pauses)*9/10])/float64(time.Millisecond), "p90-client-pause-ms")
+	over := 0
+	for _, p := range pauses {
+		if p > 300*time.Millisecond {
+			over++
+		}
+	}
+	// How many migrations a client waited more than 300 ms in (the
+	// process-mode target).
+	b.ReportMetric(float64(over), "over-300ms")
 	// Retransmissions by the client sockets, per migration: the packets
 	// held while the process moves cost some (the client's timer fires
 	// while they wait), a lost segment costs more and shows here.
