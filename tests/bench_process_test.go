@@ -164,6 +164,7 @@ func benchProcessMigration(b *testing.B, pages string) {
 		for _, ph := range rep.Phases {
 			phases[ph.Name] += ph.Took
 		}
+		b.Logf("migration %d to %s: held %v, longest client wait %v, phases %v", i, to.Name, rep.Pause.Round(time.Millisecond), gap.Round(time.Millisecond), rep.Phases)
 		held += rep.Pause
 		clientPause += gap
 		pauses = append(pauses, gap)
