@@ -50,6 +50,7 @@ installed_version() {
 
 # setup_rundir makes CRIU's run directory, on a tmpfs.
 setup_rundir() {
+	mkdir -p /etc/tmpfiles.d
 	echo "d $rundir 0700 root root -" >/etc/tmpfiles.d/mtcp-criu.conf
 	mkdir -p "$rundir"
 	chmod 0700 "$rundir"
