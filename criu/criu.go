@@ -73,8 +73,8 @@ type Options struct {
 	// DefaultPath.
 	Path string
 	// LogLevel is CRIU's log verbosity (0-4) for its log files. 0 means
-	// 2 (errors and warnings), or 1 (errors) for lazy dumps and the
-	// lazy-pages daemon: more costs time on the frozen window.
+	// 2 (errors and warnings), or 1 (errors) for the lazy-pages daemon:
+	// more costs time on the frozen window.
 	LogLevel int
 }
 
@@ -102,10 +102,10 @@ func (o Options) logLevel() int32 {
 	return int32(min(o.LogLevel, 4))
 }
 
-// lazyLogLevel is the log level of a lazy dump and of the lazy-pages
-// daemon: by default errors only, because both warn on every page
-// request that their socket (a socket pair, not TCP) takes no TCP
-// options, a write on the path of every page fault.
+// lazyLogLevel is the log level of the lazy-pages daemon: by default
+// errors only, because it warns on every page request that its socket (a
+// socket pair, not TCP) takes no TCP options, a write on the path of
+// every page fault.
 func (o Options) lazyLogLevel() int32 {
 	if o.LogLevel <= 0 {
 		return 1
@@ -223,7 +223,7 @@ type LazyOptions struct {
 	// The daemon listens for the restore there.
 	Dir string
 	// Conn carries CRIU's page-server protocol both ways, to and from
-	// the lazy dump (DumpOptions.Pages at the other end).
+	// [ServeLazyPages] at the other end.
 	Conn io.ReadWriter
 }
 

@@ -19,7 +19,7 @@ import (
 
 // LazyPages is a running `criu lazy-pages` daemon: it gives a post-copy
 // restore ([RestoreOptions].Lazy) its missing memory pages, fetching them
-// from the lazy dump at the other end of its stream, first those the
+// from [ServeLazyPages] at the other end of its stream, first those the
 // restored process faults on, then all the others. It exits once every
 // page is in place.
 type LazyPages struct {

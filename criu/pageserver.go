@@ -36,11 +36,18 @@ const (
 // psRequest encodes a page_server_iov.
 func psRequest(cmd uint32, nrPages, vaddr, dstID uint64) []byte {
 	b := make([]byte, psRequestSize)
+	putPSRequest(b, cmd, nrPages, vaddr, dstID)
+	return b
+}
+
+// putPSRequest encodes a page_server_iov into b's first psRequestSize
+// bytes.
+func putPSRequest(b []byte, cmd uint32, nrPages, vaddr, dstID uint64) {
 	binary.LittleEndian.PutUint32(b[0:], cmd)
+	clear(b[4:8])
 	binary.LittleEndian.PutUint64(b[8:], nrPages)
 	binary.LittleEndian.PutUint64(b[16:], vaddr)
 	binary.LittleEndian.PutUint64(b[24:], dstID)
-	return b
 }
 
 // ServeLazyPages answers the page requests of a lazy-pages daemon (see
@@ -115,7 +122,7 @@ func ServeLazyPages(ctx context.Context, rw io.ReadWriter, procs map[uint64]int)
 			buf = make([]byte, n)
 		}
 		buf = buf[:n]
-		copy(buf, psRequest(psIOVAddF|pePresent<<psCmdBits, nr, vaddr, dst))
+		putPSRequest(buf, psIOVAddF|pePresent<<psCmdBits, nr, vaddr, dst)
 		if _, err := mem.ReadAt(buf[psRequestSize:], int64(vaddr)); err != nil {
 			return fmt.Errorf("lazy pages: reading %d pages at %#x of process %d: %w", nr, vaddr, procs[dst], err)
 		}

@@ -341,8 +341,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		}
 	}
 	phase(admin.PhaseHold, time.Since(holdStart))
-	// A lazy dump goes on serving pages after the switch, until the
-	// target has them all: its outcome arrives here.
+	// In a lazy migration this host serves the pages from the stopped
+	// process until the target has them all, past the switch: the
+	// outcome arrives here.
 	var lazyDone <-chan error
 	// abort lets the process carry on here.
 	abort := func(cause error) error {
@@ -350,8 +351,8 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		if lazyDone != nil {
-			// The target has gone, or will: without its page requests
-			// the dump fails and lets go of the process.
+			// The target has gone, or will: closing the stream ends
+			// the serving of its pages.
 			pages.Close()
 			select {
 			case <-lazyDone:
@@ -366,16 +367,16 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 
 	dumpStart := time.Now()
+	res, err := pd.Run(ctx)
+	if err != nil {
+		pages.Close()
+		return abort(err)
+	}
 	var small []string
 	if lazy {
 		// Post-copy: the restore starts as soon as the images but the
 		// memory are written; the pages follow through the pages
 		// stream, on demand and in the background.
-		res, err := pd.Run(ctx)
-		if err != nil {
-			pages.Close()
-			return abort(err)
-		}
 		phase(admin.PhaseDump, res.Took)
 		procs, err := criu.CheckpointPIDs(tree)
 		if err != nil {
@@ -388,11 +389,6 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			return abort(err)
 		}
 	} else {
-		res, err := pd.Run(ctx)
-		if err != nil {
-			pages.Close()
-			return abort(err)
-		}
 		phase(admin.PhaseFreeze, res.Freezing)
 		phase(admin.PhaseDump, res.Took-res.Freezing)
 		rep.Pages = res.PagesWritten
@@ -513,8 +509,8 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	return nil
 }
 
-// lazyPagesTimeout bounds how long a lazy dump may take to hand the
-// target every page after the switch.
+// lazyPagesTimeout bounds how long the pages of a lazy migration may take
+// to reach the target after the switch.
 const lazyPagesTimeout = 5 * time.Minute
 
 // servePages answers the target's page requests from the stopped tree

@@ -9,7 +9,7 @@ var (
 	}, []string{"result"})
 	processPhaseSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "mtcp_process_migration_phase_seconds",
-		Help:    "How long each phase of a process migration took (prepare, hold, freeze, dump, transfer, restore, switch, commit).",
+		Help:    "How long each phase of a process migration took (prepare, hold, freeze, dump, transfer, restore, switch, pages, commit; eager migrations have no pages phase, lazy ones no freeze phase).",
 		Buckets: prometheus.ExponentialBuckets(100e-6, 2, 18),
 	}, []string{"phase"})
 	processPauseSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
