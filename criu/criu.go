@@ -102,17 +102,6 @@ func (o Options) logLevel() int32 {
 	return int32(min(o.LogLevel, 4))
 }
 
-// lazyLogLevel is the log level of the lazy-pages daemon: by default
-// errors only, because it warns on every page request that its socket (a
-// socket pair, not TCP) takes no TCP options, a write on the path of
-// every page fault.
-func (o Options) lazyLogLevel() int32 {
-	if o.LogLevel <= 0 {
-		return 1
-	}
-	return o.logLevel()
-}
-
 // advice is what to do about a missing or old CRIU.
 const advice = "process mode needs CRIU ≥ 4.2; run tests/setup-criu.sh as root (it builds CRIU 4.2.1 from Debian's source package into /usr/local/sbin), or install your distribution's criu if it is 4.2 or newer"
 
@@ -218,7 +207,6 @@ type RestoreOptions struct {
 
 // LazyOptions say where a [LazyPages] daemon works.
 type LazyOptions struct {
-	Options
 	// Dir is the checkpoint to restore (its images but the lazy pages).
 	// The daemon listens for the restore there.
 	Dir string
@@ -236,4 +224,17 @@ type RestoreResult struct {
 	PID int
 	// Took is the whole restore call.
 	Took time.Duration
+}
+
+// LazyStats counts what a [LazyPages] did.
+type LazyStats struct {
+	// Processes is how many userfaultfds it served (restored processes
+	// and their forked children).
+	Processes int
+	// Pages is how many pages it filled in; Faults how many page faults
+	// it answered from the source.
+	Pages, Faults int
+	// FaultWait is the total time the faults' pages took to arrive,
+	// FaultWaitMax the longest.
+	FaultWait, FaultWaitMax time.Duration
 }

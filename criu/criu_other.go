@@ -52,6 +52,9 @@ func (lp *LazyPages) Wait(ctx context.Context) error { return nil }
 // Kill does nothing.
 func (lp *LazyPages) Kill() {}
 
+// Stats reports nothing: the daemon never runs here.
+func (lp *LazyPages) Stats() LazyStats { return LazyStats{} }
+
 // CheckLazyRestore reports that CRIU is unavailable: it runs only on Linux.
 func CheckLazyRestore(ctx context.Context, o Options) error {
 	return &OpError{Op: "feature check", Err: errNotLinux}

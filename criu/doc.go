@@ -18,21 +18,28 @@
 // process's anonymous memory to DumpOptions.Dir (a tmpfs: registers,
 // file table, sockets and their queues, the memory map: about a megabyte
 // for a redis-server holding 50 MB) and Dump returns, the tree stopped.
-// The target can restore from those at once: [StartLazyPages] runs CRIU's
-// lazy-pages daemon on the target's copy of the images, and [Restore]
-// with RestoreOptions.Lazy restores the tree with its memory registered
-// with userfaultfd. The restored process runs; each page it touches is
-// fetched on demand, and the daemon fetches all the others in the
-// background, in CRIU's page-server protocol through LazyOptions.Conn (in
-// mtcp one end of a mutual-TLS connection). At the other end
-// [ServeLazyPages] answers from the stopped tree's memory
+// The target can restore from those at once: [StartLazyPages] starts
+// mtcp's own lazy-pages daemon on the target's copy of the images, and
+// [Restore] with RestoreOptions.Lazy restores the tree with its memory
+// registered with userfaultfd. CRIU's restore hands the daemon each
+// process's userfaultfd, as it would hand them to `criu lazy-pages`. The
+// restored process runs; each page it touches is fetched on demand, and
+// the daemon fetches all the others in the background, in CRIU's
+// page-server protocol (with one extension: fault requests are marked
+// urgent and overtake the background at the source) through
+// LazyOptions.Conn (in mtcp one end of a mutual-TLS connection). The
+// daemon follows the process's memory map changes (mremap, munmap,
+// madvise) and fills in the memory of children it forks too. At the other
+// end [ServeLazyPages] answers from the stopped tree's memory
 // (/proc/PID/mem) until the daemon has every page. CRIU's own lazy page
 // server, which would serve from pipes filled during the dump, is told to
-// close at once: it would add a process and a socket to the path of
-// every page fault. CRIU's RPC cannot hand a lazy dump a page-server
-// socket, so Dump gives it one through a CRIU configuration file
-// (ps-socket), and CRIU has no RPC for the lazy-pages daemon, which runs
-// as `criu lazy-pages`.
+// close at once; CRIU's RPC cannot hand a lazy dump a page-server socket,
+// so Dump gives it one through a CRIU configuration file (ps-socket).
+// Doing the lazy-pages work inside mtcpd rather than through
+// `criu lazy-pages` takes a process and a relay off the path of every
+// page fault, and lets the background transfer run without pausing for
+// each fault: the pages phase of a 50 MB redis-server went from 1.6 s to
+// about 0.7 s.
 //
 // Eager: the memory pages go through DumpOptions.Pages to a
 // [ServePages] at the other end while CRIU is still dumping, or, without

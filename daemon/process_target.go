@@ -228,7 +228,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	}
 	prepared := time.Since(t0)
 	if in.lazy {
-		lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Options: d.criuOpts(), Dir: in.dir, Conn: pagesConn})
+		lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Dir: in.dir, Conn: pagesConn})
 		if err != nil {
 			in.endLazy(err)
 			return nil, err
@@ -252,6 +252,9 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			wctx, cancel := context.WithTimeout(context.Background(), lazyPagesTimeout)
 			defer cancel()
 			err := in.lp.Wait(wctx)
+			st := in.lp.Stats()
+			d.log.Info("process migration: memory pages in place", "from", from, "tx", r.TxID, "err", err, "pages", st.Pages,
+				"faults", st.Faults, "fault_wait_mean", st.FaultWait/time.Duration(max(st.Faults, 1)), "fault_wait_max", st.FaultWaitMax, "processes", st.Processes)
 			if err != nil {
 				in.lp.Kill()
 				// Without the daemon the process's missing pages
