@@ -27,6 +27,11 @@
 // [List] enumerates the namespace's TCP connections through sock_diag, and
 // [TakeFD] copies another process's socket descriptor with pidfd_getfd.
 //
+// Process mode moves memory post-copy with userfaultfd(2): [UFFD] wraps
+// the descriptor CRIU's restore hands over, reads its page-fault and
+// memory-map events and fills pages in (UFFDIO_COPY). It lives here
+// because this package keeps the raw system calls.
+//
 // Privileges: TCP_REPAIR needs CAP_NET_ADMIN in the socket's network
 // namespace, the FIN injection a raw socket (CAP_NET_RAW), TakeFD ptrace
 // rights over the target. All TCP_REPAIR socket options are issued from one
