@@ -388,6 +388,13 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		if small, err = criu.Images(dir); err != nil {
 			return abort(err)
 		}
+		// The pages CRIU kept out of post-copy (the stack's, say) go
+		// with the images: count them.
+		for _, name := range small {
+			if fi, err := os.Stat(filepath.Join(dir, name)); err == nil && criu.IsPagesImage(name) {
+				rep.Pages += uint64(fi.Size()) / 4096
+			}
+		}
 	} else {
 		phase(admin.PhaseFreeze, res.Freezing)
 		phase(admin.PhaseDump, res.Took-res.Freezing)
