@@ -465,6 +465,85 @@ int main(void) {
 // the lazy-pages daemon must follow each change, fill the forked child's
 // memory too, and leave dropped memory zero.
 func TestLazyMemoryEvents(t *testing.T) {
+	s := runLazyProg(t, lazyEventsProg)
+	if s.Processes != 2 {
+		t.Errorf("the daemon served %d processes, want 2 (the program and the child it forked while pages were missing)", s.Processes)
+	}
+}
+
+// lazyTreeProg fills a mapping, forks a child that rewrites half of it
+// and fills one of its own, and says ready once both are done. On
+// SIGUSR1 both check their memory; the parent's exit status is its own
+// check's or the child's.
+const lazyTreeProg = `#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#define MB (1UL << 20)
+static volatile sig_atomic_t go;
+static void on(int s) { go = 1; }
+static unsigned char pat(size_t i, int seed) { return (unsigned char)(i * 131 + seed * 17 + (i >> 12)); }
+static int check(unsigned char *m, size_t from, size_t to, int seed) {
+	for (size_t i = from; i < to; i++)
+		if (m[i] != pat(i, seed)) return 0;
+	return 1;
+}
+static unsigned char *fill(size_t n, int seed) {
+	unsigned char *m = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED) _exit(2);
+	for (size_t i = 0; i < n; i++) m[i] = pat(i, seed);
+	return m;
+}
+int main(void) {
+	size_t n = 24 * MB;
+	struct sigaction sa = { .sa_handler = on };
+	sigaction(SIGUSR1, &sa, 0);
+	unsigned char *a = fill(n, 1);
+	int p[2];
+	if (pipe(p)) return 3;
+	pid_t ch = fork();
+	if (ch < 0) return 4;
+	if (ch == 0) {
+		unsigned char *b = fill(n, 4);
+		for (size_t i = 0; i < n / 2; i++) a[i] = pat(i, 5);
+		close(p[0]);
+		if (write(p[1], "x", 1) != 1) _exit(5);
+		close(p[1]);
+		while (!go) pause();
+		_exit(check(a, 0, n / 2, 5) && check(a, n / 2, n, 1) && check(b, 0, n, 4) ? 0 : 10);
+	}
+	char c;
+	close(p[1]);
+	if (read(p[0], &c, 1) != 1) return 6;
+	close(p[0]);
+	printf("ready\n");
+	fflush(stdout);
+	fclose(stdout);
+	while (!go) pause();
+	kill(ch, SIGUSR1);
+	if (!check(a, 0, n, 1)) return 11;
+	int st;
+	if (waitpid(ch, &st, 0) != ch || !WIFEXITED(st)) return 12;
+	return WEXITSTATUS(st);
+}
+`
+
+// TestLazyProcessTree moves a parent and its child post-copy, their
+// memory partly shared copy-on-write, partly each its own
+// (lazyTreeProg): each must get its own pages.
+func TestLazyProcessTree(t *testing.T) {
+	s := runLazyProg(t, lazyTreeProg)
+	if s.Processes != 2 {
+		t.Errorf("the daemon served %d processes, want 2", s.Processes)
+	}
+}
+
+// runLazyProg compiles the C program prog, runs it in s1 until it says
+// ready, moves its process tree to s2 post-copy, sends the restored root
+// SIGUSR1 and checks that it exits 0 and that every page arrived. It
+// returns what the lazy-pages daemon did.
+func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	testbed.RequireNetns(t)
 	skipUnlessCRIU(t)
 	cc, err := exec.LookPath("cc")
@@ -473,11 +552,11 @@ func TestLazyMemoryEvents(t *testing.T) {
 	}
 	bed := testbed.ForTest(t)
 	dir := t.TempDir()
-	if err := os.WriteFile(dir+"/events.c", []byte(lazyEventsProg), 0o600); err != nil {
+	if err := os.WriteFile(dir+"/prog.c", []byte(prog), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	bin := dir + "/mtcp-lazy-events"
-	if out, err := exec.Command(cc, "-O1", "-o", bin, dir+"/events.c").CombinedOutput(); err != nil {
+	bin := dir + "/mtcp-lazy-prog"
+	if out, err := exec.Command(cc, "-O1", "-o", bin, dir+"/prog.c").CombinedOutput(); err != nil {
 		t.Fatalf("cc: %v\n%s", err, out)
 	}
 	cmd := bed.S1.Command(context.Background(), "unshare", "--pid", "--fork", "--kill-child", "setsid", bin)
@@ -509,7 +588,7 @@ func TestLazyMemoryEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	procs, err := criu.CheckpointPIDs([]int{pid})
+	procs, err := criu.CheckpointPIDs(treePIDs(pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -544,7 +623,7 @@ func TestLazyMemoryEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	if st.ExitCode() != 0 {
-		t.Errorf("the restored program failed its check %d (%v): see lazyEventsProg", st.ExitCode(), st)
+		t.Errorf("the restored program failed its check %d (%v): see its source", st.ExitCode(), st)
 	}
 	if err := lp.Wait(ctx); err != nil {
 		t.Fatal(err)
@@ -554,7 +633,18 @@ func TestLazyMemoryEvents(t *testing.T) {
 	}
 	s := lp.Stats()
 	t.Logf("lazy pages: %+v", s)
-	if s.Processes != 2 {
-		t.Errorf("the daemon served %d processes, want 2 (the program and the child it forked while pages were missing)", s.Processes)
+	return s
+}
+
+// treePIDs lists pid and its descendants.
+func treePIDs(pid int) []int {
+	out := []int{pid}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	for _, f := range strings.Fields(string(b)) {
+		var c int
+		if _, err := fmt.Sscan(f, &c); err == nil {
+			out = append(out, treePIDs(c)...)
+		}
 	}
+	return out
 }
