@@ -164,7 +164,7 @@ func benchProcessMigration(b *testing.B, pages string) {
 		for _, ph := range rep.Phases {
 			phases[ph.Name] += ph.Took
 		}
-		b.Logf("migration %d to %s: held %v, longest client wait %v, phases %v", i, to.Name, rep.Pause.Round(time.Millisecond), gap.Round(time.Millisecond), rep.Phases)
+		b.Logf("migration %d to %s: held %v, longest client wait %v, images %d bytes (%d pages), lazy %v, phases %v", i, to.Name, rep.Pause.Round(time.Millisecond), gap.Round(time.Millisecond), rep.ImageBytes, rep.Pages, rep.Lazy, rep.Phases)
 		held += rep.Pause
 		clientPause += gap
 		pauses = append(pauses, gap)
@@ -258,21 +258,28 @@ func cliBaseline(b *testing.B, h *testbed.Host, r *pool.Redis) time.Duration {
 	if _, err := exec.LookPath(crit); err != nil {
 		crit = "/usr/local/sbin/criu"
 	}
-	run := func(args ...string) {
+	run := func(log string, args ...string) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		out, err := h.Command(ctx, args[0], args[1:]...).CombinedOutput()
 		if err != nil {
-			b.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+			l, _ := os.ReadFile(log)
+			b.Fatalf("%s: %v: %s\n%s ends with:\n%s", strings.Join(args, " "), err, out, log, tailLines(string(l), 15))
 		}
 	}
 	start := time.Now()
-	run(crit, "dump", "-t", fmt.Sprint(r.PID), "-D", dump, "--tcp-established", "--network-lock", "nftables", "-o", "dump.log")
-	run("cp", "-a", dump, cp)
-	run(crit, "restore", "-D", cp, "--tcp-established", "--network-lock", "nftables", "--restore-detached", "-o", "restore.log", "--pidfile", base+"/pid")
+	run(dump+"/dump.log", crit, "dump", "-t", fmt.Sprint(r.PID), "-D", dump, "--tcp-established", "--network-lock", "nftables", "-o", "dump.log")
+	run("", "cp", "-a", dump, cp)
+	run(cp+"/restore.log", crit, "restore", "-D", cp, "--tcp-established", "--network-lock", "nftables", "--restore-detached", "-o", "restore.log", "--pidfile", base+"/pid")
 	took := time.Since(start)
 	if pid := pool.ListenerPID(h, r.Port); pid > 0 {
 		r.PID = pid
 	}
 	return took
+}
+
+// tailLines returns the last n lines of s.
+func tailLines(s string, n int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(l[max(0, len(l)-n):], "\n")
 }
