@@ -238,6 +238,9 @@ func readMsg(c *net.UnixConn, b []byte) ([]int, int, error) {
 			}
 		}
 		n += k
+		if err == nil && k == 0 {
+			err = io.EOF
+		}
 		if err != nil {
 			if err == io.EOF && n > 0 {
 				err = io.ErrUnexpectedEOF
@@ -246,9 +249,6 @@ func readMsg(c *net.UnixConn, b []byte) ([]int, int, error) {
 				unix.Close(fd)
 			}
 			return nil, n, err
-		}
-		if k == 0 {
-			return nil, n, io.ErrUnexpectedEOF
 		}
 	}
 	return fds, n, nil
