@@ -406,14 +406,9 @@ func TestLazyDumpRestore(t *testing.T) {
 	waitState(t, pid, "T")
 }
 
-// lazyEventsProg fills three 24 MiB mappings with patterns, says ready and
-// waits for SIGUSR1. Then, while its memory is still arriving post-copy,
-// it forks a child that checks two of the mappings, moves the second
-// mapping elsewhere (mremap), drops half of the third (madvise), unmaps a
-// piece of the first, and checks what is left against the patterns and
-// the dropped half for zeros. Its exit status says which check failed.
-const lazyEventsProg = `#define _GNU_SOURCE
-#include <signal.h>
+// lazyProgHead is what the lazy test programs share: a SIGUSR1 flag,
+// and filling and checking memory with a pattern.
+const lazyProgHead = `#include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -433,7 +428,15 @@ static unsigned char *fill(size_t n, int seed) {
 	for (size_t i = 0; i < n; i++) m[i] = pat(i, seed);
 	return m;
 }
-int main(void) {
+`
+
+// lazyEventsProg fills three 24 MiB mappings with patterns, says ready and
+// waits for SIGUSR1. Then, while its memory is still arriving post-copy,
+// it forks a child that checks two of the mappings, moves the second
+// mapping elsewhere (mremap), drops half of the third (madvise), unmaps a
+// piece of the first, and checks what is left against the patterns and
+// the dropped half for zeros. Its exit status says which check failed.
+const lazyEventsProg = "#define _GNU_SOURCE\n" + lazyProgHead + `int main(void) {
 	size_t n = 24 * MB;
 	unsigned char *a = fill(n, 1), *b = fill(n, 2), *c = fill(n, 3);
 	struct sigaction sa = { .sa_handler = on };
@@ -475,27 +478,7 @@ func TestLazyMemoryEvents(t *testing.T) {
 // and fills one of its own, and says ready once both are done. On
 // SIGUSR1 both check their memory; the parent's exit status is its own
 // check's or the child's.
-const lazyTreeProg = `#include <signal.h>
-#include <stdio.h>
-#include <unistd.h>
-#include <sys/mman.h>
-#include <sys/wait.h>
-#define MB (1UL << 20)
-static volatile sig_atomic_t go;
-static void on(int s) { go = 1; }
-static unsigned char pat(size_t i, int seed) { return (unsigned char)(i * 131 + seed * 17 + (i >> 12)); }
-static int check(unsigned char *m, size_t from, size_t to, int seed) {
-	for (size_t i = from; i < to; i++)
-		if (m[i] != pat(i, seed)) return 0;
-	return 1;
-}
-static unsigned char *fill(size_t n, int seed) {
-	unsigned char *m = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (m == MAP_FAILED) _exit(2);
-	for (size_t i = 0; i < n; i++) m[i] = pat(i, seed);
-	return m;
-}
-int main(void) {
+const lazyTreeProg = lazyProgHead + `int main(void) {
 	size_t n = 24 * MB;
 	struct sigaction sa = { .sa_handler = on };
 	sigaction(SIGUSR1, &sa, 0);
