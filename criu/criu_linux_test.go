@@ -406,16 +406,19 @@ func TestLazyDumpRestore(t *testing.T) {
 	waitState(t, pid, "T")
 }
 
-// lazyProgHead is what the lazy test programs share: a SIGUSR1 flag,
-// and filling and checking memory with a pattern.
+// lazyProgHead is what the lazy test programs share: waiting for the
+// file named by their argument to appear (the test's go, once the
+// program is restored; a signal sent right after a restore can be lost
+// in CRIU's restorer), and filling and checking memory with a pattern.
 const lazyProgHead = `#include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #define MB (1UL << 20)
-static volatile sig_atomic_t go;
-static void on(int s) { go = 1; }
+static void wait_for(const char *path) {
+	while (access(path, F_OK)) usleep(1000);
+}
 static unsigned char pat(size_t i, int seed) { return (unsigned char)(i * 131 + seed * 17 + (i >> 12)); }
 static int check(unsigned char *m, size_t from, size_t to, int seed) {
 	for (size_t i = from; i < to; i++)
@@ -431,20 +434,18 @@ static unsigned char *fill(size_t n, int seed) {
 `
 
 // lazyEventsProg fills three 24 MiB mappings with patterns, says ready and
-// waits for SIGUSR1. Then, while its memory is still arriving post-copy,
+// waits for its go. Then, while its memory is still arriving post-copy,
 // it forks a child that checks two of the mappings, moves the second
 // mapping elsewhere (mremap), drops half of the third (madvise), unmaps a
 // piece of the first, and checks what is left against the patterns and
 // the dropped half for zeros. Its exit status says which check failed.
-const lazyEventsProg = "#define _GNU_SOURCE\n" + lazyProgHead + `int main(void) {
+const lazyEventsProg = "#define _GNU_SOURCE\n" + lazyProgHead + `int main(int argc, char **argv) {
 	size_t n = 24 * MB;
 	unsigned char *a = fill(n, 1), *b = fill(n, 2), *c = fill(n, 3);
-	struct sigaction sa = { .sa_handler = on };
-	sigaction(SIGUSR1, &sa, 0);
 	printf("ready\n");
 	fflush(stdout);
 	fclose(stdout);
-	while (!go) pause();
+	wait_for(argv[1]);
 	pid_t ch = fork();
 	if (ch < 0) return 3;
 	if (ch == 0) _exit(check(a, 0, n, 1) && check(c, 0, n, 3) ? 0 : 10);
@@ -475,13 +476,11 @@ func TestLazyMemoryEvents(t *testing.T) {
 }
 
 // lazyTreeProg fills a mapping, forks a child that rewrites half of it
-// and fills one of its own, and says ready once both are done. On
-// SIGUSR1 both check their memory; the parent's exit status is its own
+// and fills one of its own, and says ready once both are done. On the
+// go both check their memory; the parent's exit status is its own
 // check's or the child's.
-const lazyTreeProg = lazyProgHead + `int main(void) {
+const lazyTreeProg = lazyProgHead + `int main(int argc, char **argv) {
 	size_t n = 24 * MB;
-	struct sigaction sa = { .sa_handler = on };
-	sigaction(SIGUSR1, &sa, 0);
 	unsigned char *a = fill(n, 1);
 	int p[2];
 	if (pipe(p)) return 3;
@@ -493,7 +492,7 @@ const lazyTreeProg = lazyProgHead + `int main(void) {
 		close(p[0]);
 		if (write(p[1], "x", 1) != 1) _exit(5);
 		close(p[1]);
-		while (!go) pause();
+		wait_for(argv[1]);
 		_exit(check(a, 0, n / 2, 5) && check(a, n / 2, n, 1) && check(b, 0, n, 4) ? 0 : 10);
 	}
 	char c;
@@ -503,8 +502,7 @@ const lazyTreeProg = lazyProgHead + `int main(void) {
 	printf("ready\n");
 	fflush(stdout);
 	fclose(stdout);
-	while (!go) pause();
-	kill(ch, SIGUSR1);
+	wait_for(argv[1]);
 	if (!check(a, 0, n, 1)) return 11;
 	int st;
 	if (waitpid(ch, &st, 0) != ch || !WIFEXITED(st)) return 12;
@@ -523,9 +521,9 @@ func TestLazyProcessTree(t *testing.T) {
 }
 
 // runLazyProg compiles the C program prog, runs it in s1 until it says
-// ready, moves its process tree to s2 post-copy, sends the restored root
-// SIGUSR1 and checks that it exits 0 and that every page arrived. It
-// returns what the lazy-pages daemon did.
+// ready, moves its process tree to s2 post-copy, gives the restored
+// program its go and checks that it exits 0 (within 30 seconds) and that
+// every page arrived. It returns what the lazy-pages daemon did.
 func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	testbed.RequireNetns(t)
 	skipUnlessCRIU(t)
@@ -538,11 +536,11 @@ func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	if err := os.WriteFile(dir+"/prog.c", []byte(prog), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	bin := dir + "/mtcp-lazy-prog"
+	bin, trigger := dir+"/mtcp-lazy-prog", dir+"/go"
 	if out, err := exec.Command(cc, "-O1", "-o", bin, dir+"/prog.c").CombinedOutput(); err != nil {
 		t.Fatalf("cc: %v\n%s", err, out)
 	}
-	cmd := bed.S1.Command(context.Background(), "unshare", "--pid", "--fork", "--kill-child", "setsid", bin)
+	cmd := bed.S1.Command(context.Background(), "unshare", "--pid", "--fork", "--kill-child", "setsid", bin, trigger)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -597,10 +595,12 @@ func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	}
 	defer lp.Kill()
 	rr := restoreIn(t, ctx, bed.S2, criu.RestoreOptions{Dir: dst, Lazy: true})
-	if err := syscall.Kill(rr.PID, syscall.SIGUSR1); err != nil {
+	p, _ := os.FindProcess(rr.PID)
+	watchdog := time.AfterFunc(30*time.Second, func() { p.Kill() })
+	defer watchdog.Stop()
+	if err := os.WriteFile(trigger, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p, _ := os.FindProcess(rr.PID)
 	st, err := p.Wait()
 	if err != nil {
 		t.Fatal(err)
