@@ -127,6 +127,12 @@ func (d *Daemon) selectFlows(req *admin.MigrateRequest) ([]migrate.Flow, error) 
 // Migrate moves flows served here to the peer named to and reports what
 // happened. The report is nil only when the request itself is invalid.
 func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (*admin.Report, error) {
+	return d.migrate(ctx, flows, to, nil)
+}
+
+// migrate is Migrate; a drain's later collects the frozen sockets to
+// discard once it has moved everything.
+func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, later *laterDiscards) (*admin.Report, error) {
 	if to == d.cfg.Name {
 		return nil, fmt.Errorf("the connections are already on %s", to)
 	}
@@ -159,7 +165,7 @@ func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (
 	for svc, fs := range byApp {
 		tgt := &remoteTarget{d: d, name: to, cfg: cfg, c: c, tx: d.nextTx(), app: svc}
 		start := time.Now()
-		mr, err := migrate.Run(ctx, fs, source{d}, steering{d}, tgt, migrate.Deadlines{})
+		mr, err := migrate.Run(ctx, fs, source{d: d, later: later}, steering{d}, tgt, migrate.Deadlines{})
 		observe(mr, err, time.Since(start))
 		errs = append(errs, err)
 		for _, f := range mr.Moved {
@@ -195,6 +201,10 @@ func streamLines(w http.ResponseWriter) func(v any) {
 // holds its connections frozen (and their descriptors open) until it
 // commits, so it bounds what a drain holds at once.
 const drainInFlight = 4
+
+// drainDeferMax bounds the given-away sockets a drain keeps open until
+// its end (laterDiscards).
+const drainDeferMax = 50000
 
 // serveDrain moves everything away in batches, streaming progress lines.
 func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
@@ -245,6 +255,8 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		errs []error
 		wg   sync.WaitGroup
 		sem  = make(chan struct{}, drainInFlight)
+		// At most this many given-away sockets wait for the end.
+		later = &laterDiscards{maxOuts: drainDeferMax}
 	)
 	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
 		part := flows[i:min(i+batch, len(flows))]
@@ -254,7 +266,7 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			rep, err := d.Migrate(r.Context(), part, to)
+			rep, err := d.migrate(r.Context(), part, to, later)
 			mu.Lock()
 			defer mu.Unlock()
 			if rep == nil {
@@ -274,4 +286,9 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		p.Error = err.Error()
 	}
 	send(p)
+	// Every connection is on its target and the drain said so: the
+	// frozen copies go now, inert until then.
+	if err := later.flush(context.WithoutCancel(r.Context()), d); err != nil {
+		d.log.Warn("drain: discarding the frozen sockets", "err", err)
+	}
 }

@@ -25,7 +25,10 @@ type outgoing struct {
 }
 
 // source is this daemon as the migrate.Source of a transaction.
-type source struct{ d *Daemon }
+type source struct {
+	d     *Daemon
+	later *laterDiscards // a drain's: discards wait for its end
+}
 
 // locator returns a function that finds the local socket of a flow and the
 // application serving it. It works from one snapshot of the flows that
@@ -270,33 +273,86 @@ func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 // Discard drops the frozen sockets of flows the target owns now: the
 // application closes its descriptor, and ours is the last one, closed in
 // repair mode so that nothing reaches the client. The reply rewrite of a
-// flow that had migrated in goes too.
+// flow that had migrated in goes too. In a drain (s.later) that work
+// waits for the drain's end, off the path of the batches still moving.
 func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
 	outs := d.takeFrozen(flows)
+	var rm []*outgoing // flows whose rewrite goes
+	d.mu.Lock()
+	for _, o := range outs {
+		_, movedIn := d.moved[o.tuple]
+		delete(d.moved, o.tuple)
+		delete(d.adopted, o.tuple)
+		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
+			rm = append(rm, o)
+		}
+	}
+	d.mu.Unlock()
+	if s.later != nil && s.later.add(outs, rm) {
+		return nil
+	}
+	return d.discard(ctx, outs, rm)
+}
+
+// discard closes the frozen sockets outs (their applications first) and
+// removes the rewrites of rm.
+func (d *Daemon) discard(ctx context.Context, outs, rm []*outgoing) error {
 	exps := make([]*app.Exported, len(outs))
 	for i, o := range outs {
 		exps[i] = o.exp
 	}
 	errs := app.FinishMany(ctx, exps, true)
-	var b nat.Batch
-	d.mu.Lock()
 	for _, o := range outs {
 		if o.frozen != nil {
 			errs = append(errs, o.frozen.Discard())
 		}
-		_, movedIn := d.moved[o.tuple]
-		delete(d.moved, o.tuple)
-		delete(d.adopted, o.tuple)
-		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
+	}
+	if len(rm) > 0 {
+		var b nat.Batch
+		for _, o := range rm {
 			b.Remove(natFlow(o.flow))
 		}
-	}
-	d.mu.Unlock()
-	if b.Len() > 0 {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)
+}
+
+// laterDiscards collects the frozen sockets a drain gave away, to close
+// once every batch has moved: closing them (and the applications' copies)
+// is a tenth of a drain's CPU time, which the batches still moving need
+// more. The frozen sockets are inert meanwhile (repair mode, their flows
+// steered away).
+type laterDiscards struct {
+	mu      sync.Mutex
+	outs    []*outgoing
+	rm      []*outgoing
+	maxOuts int
+}
+
+// add keeps outs and rm for later, unless that would keep more than
+// l.maxOuts sockets open (false: discard them now).
+func (l *laterDiscards) add(outs, rm []*outgoing) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.outs)+len(outs) > l.maxOuts {
+		return false
+	}
+	l.outs = append(l.outs, outs...)
+	l.rm = append(l.rm, rm...)
+	return true
+}
+
+// flush discards what was kept.
+func (l *laterDiscards) flush(ctx context.Context, d *Daemon) error {
+	l.mu.Lock()
+	outs, rm := l.outs, l.rm
+	l.outs, l.rm = nil, nil
+	l.mu.Unlock()
+	if len(outs) == 0 && len(rm) == 0 {
+		return nil
+	}
+	return d.discard(ctx, outs, rm)
 }
 
 func natFlow(f migrate.Flow) nat.Flow { return nat.Flow{Client: f.Client, Service: f.Service} }

@@ -2,12 +2,14 @@ package tests
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"strconv"
 	"testing"
 	"time"
 
+	"github.com/mtcp-dev/mtcp/admin"
 	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
@@ -87,4 +89,51 @@ func TestEndedFlowRulesGo(t *testing.T) {
 		e1, e2 := flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")
 		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
 	})
+}
+
+// TestAdminDrain drains s1 to s2 through the admin API (`mtcpctl drain`),
+// 300 sessions of both address families in batches of 100 (several in
+// flight): every session is served by s2 afterwards with its state, no
+// client saw a RST, and s1 closes every frozen copy once the drain is done.
+func TestAdminDrain(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Quiet: true})
+	const n = 300
+	sessions := make([]*kv, n)
+	for i := range sessions {
+		c := p.Dial(bed.S1, i%2 == 1)
+		sessions[i] = &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		if got := sessions[i].do(fmt.Sprintf("SET k %d", i)); got != "OK" {
+			t.Fatalf("session %d: SET: %q", i, got)
+		}
+	}
+	pool.Eventually(t, 20*time.Second, "s1 to see every session", func() (bool, string) {
+		cs, err := p.Admin(bed.S1).Conns(context.Background())
+		return err == nil && len(cs) == n, fmt.Sprint(len(cs))
+	})
+	var reports int
+	prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 100}, func(admin.Progress) { reports++ })
+	if err != nil || prog.Done != n || prog.Failed != 0 {
+		t.Fatalf("drain: %v (%+v)", err, prog)
+	}
+	if reports < 3 {
+		t.Errorf("%d progress reports, want one per batch at least", reports)
+	}
+	for i, s := range sessions {
+		if got := s.do("HOST"); got != "s2" {
+			t.Fatalf("session %d after the drain: HOST = %q", i, got)
+		}
+		if got := s.do("GET k"); got != strconv.Itoa(i) {
+			t.Fatalf("session %d after the drain: GET k = %q", i, got)
+		}
+	}
+	port := uint16(sessions[0].c.RemoteAddr().(*net.TCPAddr).Port)
+	pool.Eventually(t, 10*time.Second, "s1 to close its frozen copies", func() (bool, string) {
+		k := connsOnPort(t, bed.S1, port)
+		return k == 0, fmt.Sprintf("%d left", k)
+	})
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
+	}
 }

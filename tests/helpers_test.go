@@ -219,3 +219,15 @@ func (f *flowRules) steer(t testing.TB) {
 	nft(t, f.src, fmt.Sprintf("delete table inet %s\ntable inet %s {\n chain pre {\n  type filter hook prerouting priority -300\n  %s %s daddr set %s\n }\n}\n",
 		f.table, f.table, f.match(f.srcAddr), p, f.dstAddr))
 }
+
+// connsOnPort counts h's connections whose local port is port (frozen
+// ones, in repair mode, included).
+func connsOnPort(t testing.TB, h *testbed.Host, port uint16) int {
+	t.Helper()
+	var conns []repair.Conn
+	in(t, h, func() (err error) {
+		conns, err = repair.List(context.Background(), repair.ListOptions{Port: port})
+		return err
+	})
+	return len(conns)
+}
