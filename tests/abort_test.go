@@ -59,6 +59,18 @@ func newAbortSession(t *testing.T, p *pool.Pool, bed *testbed.Bed, v6 bool) *abo
 	s.expect("SET colour "+s.colour, "OK")
 	s.expect("HOST", "s1")
 	s.expect("COUNT", "3")
+	// The application tells its mtcpd about a connection on its own
+	// time: wait until s1's daemon serves it, or the migration may not
+	// find it (seen once under CI's load).
+	eventually(t, 10*time.Second, "s1's mtcpd to serve "+s.String(), func() (bool, string) {
+		cs, err := p.Admin(bed.S1).Conns(context.Background())
+		for _, c := range cs {
+			if ap, perr := netip.ParseAddrPort(c.Client); perr == nil && unmapAP(ap) == s.client {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%d connections, %v", len(cs), err)
+	})
 	return s
 }
 
