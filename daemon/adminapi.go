@@ -288,7 +288,7 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	send(p)
 	// Every connection is on its target and the drain said so: the
 	// frozen copies go now, inert until then.
-	if err := later.flush(context.WithoutCancel(r.Context()), d); err != nil {
+	if err := later.flush(d); err != nil {
 		d.log.Warn("drain: discarding the frozen sockets", "err", err)
 	}
 }

@@ -273,8 +273,9 @@ func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 // Discard drops the frozen sockets of flows the target owns now: the
 // application closes its descriptor, and ours is the last one, closed in
 // repair mode so that nothing reaches the client. The reply rewrite of a
-// flow that had migrated in goes too. In a drain (s.later) that work
-// waits for the drain's end, off the path of the batches still moving.
+// flow that had migrated in goes too. In a drain (s.later) closing our
+// descriptors and removing the rewrites wait for the drain's end, off the
+// path of the batches still moving.
 func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
 	outs := d.takeFrozen(flows)
@@ -289,20 +290,22 @@ func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 		}
 	}
 	d.mu.Unlock()
-	if s.later != nil && s.later.add(outs, rm) {
-		return nil
-	}
-	return d.discard(ctx, outs, rm)
-}
-
-// discard closes the frozen sockets outs (their applications first) and
-// removes the rewrites of rm.
-func (d *Daemon) discard(ctx context.Context, outs, rm []*outgoing) error {
+	// The applications let go of them at once, so that nothing lists
+	// them here any more.
 	exps := make([]*app.Exported, len(outs))
 	for i, o := range outs {
 		exps[i] = o.exp
 	}
 	errs := app.FinishMany(ctx, exps, true)
+	if s.later == nil || !s.later.add(outs, rm) {
+		errs = append(errs, d.discard(outs, rm))
+	}
+	return errors.Join(errs...)
+}
+
+// discard closes the frozen sockets outs and removes the rewrites of rm.
+func (d *Daemon) discard(outs, rm []*outgoing) error {
+	var errs []error
 	for _, o := range outs {
 		if o.frozen != nil {
 			errs = append(errs, o.frozen.Discard())
@@ -319,10 +322,10 @@ func (d *Daemon) discard(ctx context.Context, outs, rm []*outgoing) error {
 }
 
 // laterDiscards collects the frozen sockets a drain gave away, to close
-// once every batch has moved: closing them (and the applications' copies)
-// is a tenth of a drain's CPU time, which the batches still moving need
-// more. The frozen sockets are inert meanwhile (repair mode, their flows
-// steered away).
+// once every batch has moved, when the batches still moving no longer
+// need the CPU time. The frozen sockets are inert meanwhile (repair mode,
+// their flows steered away); their applications have let go of them
+// already.
 type laterDiscards struct {
 	mu      sync.Mutex
 	outs    []*outgoing
@@ -344,7 +347,7 @@ func (l *laterDiscards) add(outs, rm []*outgoing) bool {
 }
 
 // flush discards what was kept.
-func (l *laterDiscards) flush(ctx context.Context, d *Daemon) error {
+func (l *laterDiscards) flush(d *Daemon) error {
 	l.mu.Lock()
 	outs, rm := l.outs, l.rm
 	l.outs, l.rm = nil, nil
@@ -352,7 +355,7 @@ func (l *laterDiscards) flush(ctx context.Context, d *Daemon) error {
 	if len(outs) == 0 && len(rm) == 0 {
 		return nil
 	}
-	return d.discard(ctx, outs, rm)
+	return d.discard(outs, rm)
 }
 
 func natFlow(f migrate.Flow) nat.Flow { return nat.Flow{Client: f.Client, Service: f.Service} }

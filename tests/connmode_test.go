@@ -94,7 +94,8 @@ func TestEndedFlowRulesGo(t *testing.T) {
 // TestAdminDrain drains s1 to s2 through the admin API (`mtcpctl drain`),
 // 300 sessions of both address families in batches of 100 (several in
 // flight): every session is served by s2 afterwards with its state, no
-// client saw a RST, and s1 closes every frozen copy once the drain is done.
+// client saw a RST, s1 lists none of them as soon as the drain is done,
+// and s1 closes every frozen copy after that.
 func TestAdminDrain(t *testing.T) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
@@ -116,6 +117,11 @@ func TestAdminDrain(t *testing.T) {
 	prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 100}, func(admin.Progress) { reports++ })
 	if err != nil || prog.Done != n || prog.Failed != 0 {
 		t.Fatalf("drain: %v (%+v)", err, prog)
+	}
+	// The drain is done: s1 serves none of them any more, although it
+	// closes its frozen copies only now.
+	if cs, err := p.Admin(bed.S1).Conns(context.Background()); err != nil || len(cs) != 0 {
+		t.Errorf("right after the drain s1 lists %d connections (%v), want none", len(cs), err)
 	}
 	if reports < 3 {
 		t.Errorf("%d progress reports, want one per batch at least", reports)
