@@ -81,28 +81,20 @@ func rewriteFiles(b []byte, addrs map[netip.Addr]netip.Addr) ([]byte, int, error
 			return nil, 0, fmt.Errorf("cannot rewrite %v to %v: both addresses must be of one family", k, v)
 		}
 	}
-	if len(b) < 8 || binary.LittleEndian.Uint32(b) != magicCommon || binary.LittleEndian.Uint32(b[4:]) != magicFiles {
-		return nil, 0, errors.New("not a CRIU files image (bad magic)")
+	ents, err := splitImage(b, magicFiles)
+	if err != nil {
+		return nil, 0, fmt.Errorf("files image: %w", err)
 	}
 	out := append(make([]byte, 0, len(b)+64), b[:8]...)
 	n := 0
-	for rest := b[8:]; len(rest) > 0; {
-		if len(rest) < 4 {
-			return nil, 0, errors.New("truncated entry size")
-		}
-		size := binary.LittleEndian.Uint32(rest)
-		if uint64(size) > uint64(len(rest)-4) {
-			return nil, 0, fmt.Errorf("entry of %d bytes, %d left", size, len(rest)-4)
-		}
-		ent := rest[4 : 4+size]
-		rest = rest[4+size:]
+	for _, ent := range ents {
 		var fe fdinfo.FileEntry
 		if err := partial.Unmarshal(ent, &fe); err != nil {
 			return nil, 0, fmt.Errorf("file entry: %w", err)
 		}
 		isk := fe.GetIsk()
 		if isk == nil || !rewriteAddr(&isk.SrcAddr, isk.GetFamily(), addrs) {
-			out = binary.LittleEndian.AppendUint32(out, size)
+			out = binary.LittleEndian.AppendUint32(out, uint32(len(ent)))
 			out = append(out, ent...)
 			continue
 		}
@@ -115,6 +107,27 @@ func rewriteFiles(b []byte, addrs map[netip.Addr]netip.Addr) ([]byte, int, error
 		n++
 	}
 	return out, n, nil
+}
+
+// splitImage checks that b is a CRIU image with the given magic and
+// returns its entries.
+func splitImage(b []byte, magic uint32) ([][]byte, error) {
+	if len(b) < 8 || binary.LittleEndian.Uint32(b) != magicCommon || binary.LittleEndian.Uint32(b[4:]) != magic {
+		return nil, errors.New("bad magic")
+	}
+	var out [][]byte
+	for rest := b[8:]; len(rest) > 0; {
+		if len(rest) < 4 {
+			return nil, errors.New("truncated entry size")
+		}
+		size := binary.LittleEndian.Uint32(rest)
+		if uint64(size) > uint64(len(rest)-4) {
+			return nil, fmt.Errorf("entry of %d bytes, %d left", size, len(rest)-4)
+		}
+		out = append(out, rest[4:4+size])
+		rest = rest[4+size:]
+	}
+	return out, nil
 }
 
 // rewriteAddr rewrites one socket address, kept by CRIU as the kernel's

@@ -1,7 +1,6 @@
 package criu
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -183,26 +182,11 @@ func readImage(path, kind string) ([][]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	want, ok := magics.ByName[kind]
-	if !ok {
-		return nil, fmt.Errorf("no magic for %s images", kind)
+	ents, err := splitImage(b, uint32(magics.ByName[kind]))
+	if err != nil {
+		return nil, fmt.Errorf("%s: not a CRIU %s image: %w", path, kind, err)
 	}
-	if len(b) < 8 || binary.LittleEndian.Uint32(b) != magicCommon || binary.LittleEndian.Uint32(b[4:]) != uint32(want) {
-		return nil, fmt.Errorf("%s: not a CRIU %s image (bad magic)", path, kind)
-	}
-	var out [][]byte
-	for rest := b[8:]; len(rest) > 0; {
-		if len(rest) < 4 {
-			return nil, fmt.Errorf("%s: truncated entry size", path)
-		}
-		size := binary.LittleEndian.Uint32(rest)
-		if uint64(size) > uint64(len(rest)-4) {
-			return nil, fmt.Errorf("%s: entry of %d bytes, %d left", path, size, len(rest)-4)
-		}
-		out = append(out, rest[4:4+size])
-		rest = rest[4+size:]
-	}
-	return out, nil
+	return ents, nil
 }
 
 // set moves page i of segment s to state st, keeping the count of missing

@@ -251,12 +251,11 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 	// captured here, so that both cores stay busy (with two, a drain of
 	// 10,000 connections left a fifth of the CPU time idle).
 	var (
-		mu   sync.Mutex
-		errs []error
-		wg   sync.WaitGroup
-		sem  = make(chan struct{}, drainInFlight)
-		// At most this many given-away sockets wait for the end.
-		later = &laterDiscards{maxOuts: drainDeferMax}
+		mu    sync.Mutex
+		errs  []error
+		wg    sync.WaitGroup
+		sem   = make(chan struct{}, drainInFlight)
+		later laterDiscards // the frozen sockets to close at the end
 	)
 	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
 		part := flows[i:min(i+batch, len(flows))]
@@ -266,7 +265,7 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			rep, err := d.migrate(r.Context(), part, to, later)
+			rep, err := d.migrate(r.Context(), part, to, &later)
 			mu.Lock()
 			defer mu.Unlock()
 			if rep == nil {

@@ -327,18 +327,17 @@ func (d *Daemon) discard(outs, rm []*outgoing) error {
 // their flows steered away); their applications have let go of them
 // already.
 type laterDiscards struct {
-	mu      sync.Mutex
-	outs    []*outgoing
-	rm      []*outgoing
-	maxOuts int
+	mu   sync.Mutex
+	outs []*outgoing
+	rm   []*outgoing
 }
 
 // add keeps outs and rm for later, unless that would keep more than
-// l.maxOuts sockets open (false: discard them now).
+// drainDeferMax sockets open (false: discard them now).
 func (l *laterDiscards) add(outs, rm []*outgoing) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if len(l.outs)+len(outs) > l.maxOuts {
+	if len(l.outs)+len(outs) > drainDeferMax {
 		return false
 	}
 	l.outs = append(l.outs, outs...)

@@ -264,7 +264,7 @@ func cliBaseline(b *testing.B, h *testbed.Host, r *pool.Redis) time.Duration {
 		out, err := h.Command(ctx, args[0], args[1:]...).CombinedOutput()
 		if err != nil {
 			l, _ := os.ReadFile(log)
-			b.Fatalf("%s: %v: %s\n%s ends with:\n%s", strings.Join(args, " "), err, out, log, tailLines(string(l), 15))
+			b.Fatalf("%s: %v: %s\n%s ends with: %s", strings.Join(args, " "), err, out, log, tail(string(l)))
 		}
 	}
 	start := time.Now()
@@ -276,10 +276,4 @@ func cliBaseline(b *testing.B, h *testbed.Host, r *pool.Redis) time.Duration {
 		r.PID = pid
 	}
 	return took
-}
-
-// tailLines returns the last n lines of s.
-func tailLines(s string, n int) string {
-	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(l[max(0, len(l)-n):], "\n")
 }
