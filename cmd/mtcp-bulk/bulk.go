@@ -106,17 +106,8 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	for st.Length == 0 || st.Sent < st.Length {
 		if h.rate > 0 {
 			due := start.Add(time.Duration(float64(st.Sent-sent0) / float64(h.rate) * float64(time.Second)))
-			if wait := time.Until(due); wait > 0 {
-				t := time.NewTimer(wait)
-				select {
-				case <-t.C:
-				case <-ctx.Done():
-					t.Stop()
-					werr = context.Cause(ctx)
-				}
-				if werr != nil {
-					break
-				}
+			if werr = pace(ctx, due); werr != nil {
+				break
 			}
 		}
 		select {
