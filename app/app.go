@@ -474,18 +474,28 @@ func (s *server) onVerdict(l *link, m *message) error {
 }
 
 // onImport checks an import request, which is a protocol error if a
-// descriptor is missing or one too many, and adopts its connections in
-// the background: adopting a socket takes a few system calls, and the
-// requests of a large batch, each in its goroutine, use every core.
+// descriptor is missing or one too many, and adopts its connections: a
+// few at once, on the goroutine that read the request, because their
+// clients wait for them; more in the background, because adopting a
+// socket takes a few system calls and the requests of a large batch, each
+// in its goroutine, use every core.
 func (s *server) onImport(l *link, m *message, fds []int) error {
 	items, _ := requestItems(m)
 	if fdCount(items) != len(items) || len(fds) != len(items) {
 		closeFDs(fds)
 		return fmt.Errorf("%w: %s request with %d items and %d descriptors", ErrProtocol, m.Type, len(items), len(fds))
 	}
+	if len(items) <= importInline {
+		s.importConns(l, m, fds)
+		return nil
+	}
 	s.bg.Go(func() { s.importConns(l, m, fds) })
 	return nil
 }
+
+// importInline is the largest import request adopted on the goroutine that
+// read it.
+const importInline = 4
 
 // importConns adopts the connections of an import request and answers
 // once for all.

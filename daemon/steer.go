@@ -75,6 +75,12 @@ func (s steering) Unhold(ctx context.Context, flows []migrate.Flow) error {
 	return s.each(ctx, flows, peer.SteerUnhold, netip.Addr{})
 }
 
+// RepliesNeedSwitch is true with gateway steering: the gateway gives the
+// target's replies the service address only from the switch on. With
+// forward steering the target installs its own rewrite before it answers
+// the transfer.
+func (s steering) RepliesNeedSwitch() bool { return s.d.cfg.Steering == "gateway" }
+
 // Steer is the peer request behind remote holds and switches.
 func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) error {
 	fs := make([]migrate.Flow, len(r.Flows))

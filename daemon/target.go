@@ -22,12 +22,33 @@ type incoming struct {
 }
 
 type inItem struct {
-	flow   migrate.Flow
-	app    string
-	snap   []byte
-	local  netip.AddrPort
-	r      *repair.Restored
-	rewrit bool // a reply-source rewrite was installed for it
+	flow  migrate.Flow
+	app   string
+	snap  []byte
+	local netip.AddrPort
+	r     *repair.Restored
+	rw    *rewrite // the reply-source rewrite being installed for it, if any
+}
+
+// rewrite is a batch of reply-source rewrites that Transfer installs after
+// it has answered: a restored socket stays in repair mode, silent, until
+// Commit, which waits for its rewrite first.
+type rewrite struct {
+	done chan struct{}
+	err  error
+}
+
+// wait returns the rewrite's outcome once it is in (nil for no rewrite).
+func (rw *rewrite) wait(ctx context.Context) error {
+	if rw == nil {
+		return nil
+	}
+	select {
+	case <-rw.done:
+		return rw.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // maxBlanks bounds the blank sockets kept ready per family.
@@ -111,7 +132,9 @@ func (d *Daemon) takeBlank(v6 bool) *repair.Blank {
 // Transfer restores the items in repair mode, on this host's own service
 // address, and installs the rewrite that gives their replies the address
 // the client dialled (forward steering; in gateway steering the gateway
-// rewrites).
+// rewrites). It answers once the sockets are restored; the rewrites go in
+// meanwhile, off the path of the client's pause, and Commit waits for
+// them.
 func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequest) (*peer.TransferReply, error) {
 	if d.apps == nil {
 		return nil, fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
@@ -122,7 +145,7 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 	in := &incoming{from: from}
 	results := make([]peer.ItemResult, len(r.Items))
 	var b nat.Batch
-	rules := 0
+	rw := &rewrite{done: make(chan struct{})}
 	for i, it := range r.Items {
 		item, err := d.restoreOne(it)
 		if err != nil {
@@ -133,17 +156,16 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 		in.items = append(in.items, item)
 		if item.local != item.flow.Service && d.cfg.Steering == "forward" {
 			b.ReplyFrom(natFlow(item.flow), item.local)
-			item.rewrit = true
-			rules++
+			item.rw = rw
 		}
 	}
-	if rules > 0 {
-		if err := d.nat.Apply(&b); err != nil {
-			for _, item := range in.items {
-				item.r.Abort()
+	if b.Len() > 0 {
+		go func() {
+			if err := d.nat.Apply(&b); err != nil {
+				rw.err = fmt.Errorf("installing reply rewrites: %w", err)
 			}
-			return nil, fmt.Errorf("installing reply rewrites: %w", err)
-		}
+			close(rw.done)
+		}()
 	}
 	if err := ctx.Err(); err != nil {
 		// The source gave up on this transfer (and may have sent its
@@ -216,7 +238,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 	files := make([]*os.File, len(in.items))
 	byApp := map[string][]int{}
 	for i, item := range in.items {
-		f, err := commitSocket(item)
+		f, err := commitSocket(ctx, item)
 		if err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
 			d.log.Error("commit failed", "flow", item.flow, "err", err)
@@ -266,9 +288,14 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 // tuple is the restored socket's own ends.
 func (item *inItem) tuple() app.Tuple { return app.Tuple{Local: item.local, Remote: item.flow.Client} }
 
-// commitSocket takes a restored socket out of repair mode and returns a
-// descriptor of it for its application.
-func commitSocket(item *inItem) (*os.File, error) {
+// commitSocket takes a restored socket out of repair mode, once its reply
+// rewrite is in, and returns a descriptor of it for its application. If
+// the rewrite failed the socket goes silently: its replies would reach
+// the client from an address it never dialled.
+func commitSocket(ctx context.Context, item *inItem) (*os.File, error) {
+	if err := item.rw.wait(ctx); err != nil {
+		return nil, errors.Join(err, item.r.Abort())
+	}
 	if err := item.r.Commit(); err != nil {
 		return nil, err
 	}
@@ -299,15 +326,16 @@ func (d *Daemon) Abort(ctx context.Context, from string, r *peer.AbortRequest) e
 func (d *Daemon) discardIncoming(in *incoming) error {
 	var errs []error
 	var b nat.Batch
-	rules := 0
 	for _, item := range in.items {
 		errs = append(errs, item.r.Abort())
-		if item.rewrit {
+		if item.rw != nil {
+			// Wait for the rewrite to be in (or to have failed), or
+			// removing it could come first and leave it behind.
+			<-item.rw.done
 			b.Remove(natFlow(item.flow))
-			rules++
 		}
 	}
-	if rules > 0 {
+	if b.Len() > 0 {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)

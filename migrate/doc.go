@@ -24,15 +24,24 @@
 //	switch    steering: send the flows to the target, re-deliver what was
 //	          queued
 //	commit    target: leave repair mode, hand over to the application;
-//	          source: discard the frozen sockets
+//	          source: discard the frozen sockets (after the switch)
+//
+// Where the target rewrites its own replies (forward steering), the
+// commit goes out at the same time as the switch rather than after it:
+// the client hears from the target one round trip sooner, and what it
+// sends meanwhile waits in the hold until the switch re-delivers it to the
+// target. Where the steering point rewrites the target's replies (gateway
+// steering), the target must not send before the switch, and the commit
+// waits for it.
 //
 // Any failure before the switch aborts: the target throws away what it
 // restored, the source thaws its sockets and gives them back to their
 // applications, and the steering point lets the queued packets through to
 // the source again. The connections carry on at the source. Flows the
 // target fails to restore are aborted one by one while the others move on.
-// After the switch the target owns the flows: a failure to commit is
-// reported, not rolled back.
+// After the switch, or once the commit is on its way, the target owns the
+// flows: a failure to switch or to commit then is reported (a failed
+// switch is tried once more), not rolled back.
 //
 // The package does no I/O of its own and needs no privileges.
 package migrate

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
 )
 
@@ -78,6 +79,15 @@ type Steering interface {
 	// Unhold lifts the hold and re-delivers what was queued to where the
 	// flows went before (abort).
 	Unhold(ctx context.Context, flows []Flow) error
+	// RepliesNeedSwitch reports whether the target's replies reach the
+	// client only once the switch is in, because the steering point
+	// rewrites them on their way out (gateway steering). If so, Run
+	// commits after the switch. If not, the target rewrites its own
+	// replies, and Run commits while the switch is under way: the
+	// client hears from the target one round trip sooner, and what it
+	// sends meanwhile waits in the hold until the switch re-delivers it
+	// to the target.
+	RepliesNeedSwitch() bool
 }
 
 // Deadlines bound each phase. Zero fields take the defaults.
@@ -151,12 +161,19 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	if len(flows) == 0 {
 		return rep, nil
 	}
-	phase := func(p Phase, fn func(ctx context.Context) error) error {
+	// within runs fn under phase p's deadline.
+	within := func(p Phase, fn func(ctx context.Context) error) error {
 		pctx, cancel := context.WithTimeout(ctx, d.get(p))
 		defer cancel()
+		return fn(pctx)
+	}
+	var timings sync.Mutex // the commit may run alongside the switch
+	phase := func(p Phase, fn func(ctx context.Context) error) error {
 		t := time.Now()
-		err := fn(pctx)
+		err := within(p, fn)
+		timings.Lock()
 		rep.Timings[p] += time.Since(t)
+		timings.Unlock()
 		if err != nil {
 			return &PhaseError{Phase: p, Err: err}
 		}
@@ -294,36 +311,68 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}
 
 	// The switch is the point of no return: once the steering point sends
-	// the flows to the target, the target owns them.
-	byFamily := map[int][]Flow{}
-	for _, f := range moving {
-		fam := 4
-		if f.Service.Addr().Is6() {
-			fam = 6
-		}
-		byFamily[fam] = append(byFamily[fam], f)
-	}
-	if err := phase(PhaseSwitch, func(ctx context.Context) error {
-		for fam, fs := range byFamily {
+	// the flows to the target, the target owns them. Where the target
+	// rewrites its own replies, the commit that brings them to life goes
+	// out with the switch: from then on too, the target owns them.
+	switchFlows := func(ctx context.Context) error {
+		for fam, fs := range byFamily(moving) {
 			if err := st.Switch(ctx, fs, tgt.Addr(fam)); err != nil {
 				return err
 			}
 		}
 		return nil
-	}); err != nil {
-		fail(moving, err)
-		rep.Aborted = true
-		return rep, errors.Join(err, cleanupErr, stay(moving, true))
+	}
+	commit := func(ctx context.Context) error { return tgt.Commit(ctx, moving) }
+	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
+	if st.RepliesNeedSwitch() {
+		if err := phase(PhaseSwitch, switchFlows); err != nil {
+			fail(moving, err)
+			rep.Aborted = true
+			return rep, errors.Join(err, cleanupErr, stay(moving, true))
+		}
+		rep.Moved = moving
+		// The target commits while the source discards its frozen
+		// copies, neither waiting for the other.
+		err := phase(PhaseCommit, func(ctx context.Context) error {
+			discarded := make(chan error, 1)
+			go func() { discarded <- discard(ctx) }()
+			return errors.Join(commit(ctx), <-discarded)
+		})
+		return rep, errors.Join(err, cleanupErr)
 	}
 	rep.Moved = moving
-	// The target owns the flows from the switch on: it commits while the
-	// source discards its frozen copies, neither waiting for the other.
-	err := phase(PhaseCommit, func(ctx context.Context) error {
-		discarded := make(chan error, 1)
-		go func() { discarded <- src.Discard(ctx, moving) }()
-		return errors.Join(tgt.Commit(ctx, moving), <-discarded)
-	})
-	return rep, errors.Join(err, cleanupErr)
+	// The commit is what the client waits for: it goes out from this
+	// goroutine, the switch from another.
+	switched := make(chan error, 1)
+	go func() {
+		err := phase(PhaseSwitch, switchFlows)
+		if err != nil && cleanup(switchFlows) == nil {
+			// The target may be live already, so there is no going
+			// back: one more try. If it fails too, the flows stay the
+			// target's with their packets held at the steering point.
+			err = nil
+		}
+		// The source lets go of its frozen copies once the steering
+		// point sends it nothing more of them (or, if the switch
+		// failed, holds their packets).
+		switched <- errors.Join(err, within(PhaseCommit, discard))
+	}()
+	err := phase(PhaseCommit, commit)
+	return rep, errors.Join(<-switched, err, cleanupErr)
+}
+
+// byFamily groups flows by the address family (4 or 6) of their service
+// address.
+func byFamily(fs []Flow) map[int][]Flow {
+	out := map[int][]Flow{}
+	for _, f := range fs {
+		fam := 4
+		if f.Service.Addr().Is6() {
+			fam = 6
+		}
+		out[fam] = append(out[fam], f)
+	}
+	return out
 }
 
 // FlowsOf returns the flows of items, in order.

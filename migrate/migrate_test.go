@@ -23,6 +23,7 @@ type world struct {
 	noCapture map[Flow]bool   // flows the source cannot capture
 	noQuiesce map[Flow]bool   // flows whose application refuses to let go
 	where     map[Flow]string // "src" or "tgt": who owns each flow
+	gateway   bool            // the steering's RepliesNeedSwitch
 }
 
 func (w *world) call(ctx context.Context, name string, fs []Flow) error {
@@ -124,6 +125,7 @@ func (s fakeSteering) Switch(ctx context.Context, fs []Flow, to netip.Addr) erro
 func (s fakeSteering) Unhold(ctx context.Context, fs []Flow) error {
 	return s.call(ctx, "st.Unhold", fs)
 }
+func (s fakeSteering) RepliesNeedSwitch() bool { return s.gateway }
 
 func flows(n int) []Flow {
 	fs := make([]Flow, n)
@@ -170,10 +172,16 @@ func TestRun(t *testing.T) {
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
-		{name: "switch fails", w: world{failAt: "st.Switch"}, wantErr: PhaseSwitch,
+		{name: "switch fails", w: world{failAt: "st.Switch", gateway: true}, wantErr: PhaseSwitch,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
+		// With forward steering the commit went out with the switch:
+		// the switch is tried once more, and the flows are the target's.
+		{name: "switch fails, target committing", w: world{failAt: "st.Switch"}, wantErr: PhaseSwitch, wantMoved: 3,
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Commit(40001,40002,40003)",
+				"st.Switch(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 		{name: "one flow not restored", w: world{refuse: map[Flow]bool{fs[1]: true}}, wantMoved: 2,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
@@ -187,40 +195,73 @@ func TestRun(t *testing.T) {
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
 				"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			w := &tc.w
-			w.where = map[Flow]string{}
-			w.mu = new(sync.Mutex)
-			d := Deadlines{Transfer: 20 * time.Millisecond}
-			rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
-			var pe *PhaseError
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("Run: %v", err)
-			case tc.wantErr != "" && (!errors.As(err, &pe) || pe.Phase != tc.wantErr):
-				t.Fatalf("Run error = %v, want a %s failure", err, tc.wantErr)
+		for _, gateway := range []bool{false, true} {
+			if tc.w.gateway && !gateway || strings.HasSuffix(tc.name, "committing") && gateway {
+				continue // the case is for one steering only
 			}
-			if len(rep.Moved) != tc.wantMoved || len(rep.Moved)+len(rep.Failed) != len(fs) {
-				t.Fatalf("moved %d, failed %d; want %d moved of %d", len(rep.Moved), len(rep.Failed), tc.wantMoved, len(fs))
+			w := tc.w
+			w.gateway = gateway
+			name := tc.name + "/forward"
+			if gateway {
+				name = tc.name + "/gateway"
 			}
-			var want []string
-			for _, c := range tc.wantCalls {
-				want = append(want, strings.Split(c, "\x00")...)
+			t.Run(name, func(t *testing.T) {
+				runCase(t, fs, &w, tc.wantErr, tc.wantMoved, tc.wantCalls)
+			})
+		}
+	}
+}
+
+// runCase runs one case of TestRun. After the transfer the switch, the
+// commit and the discard may run at the same time (the switch and the
+// commit only with forward steering): their order is not compared, only
+// that the discard comes after a switch.
+func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wantCalls []string) {
+	w.where = map[Flow]string{}
+	w.mu = new(sync.Mutex)
+	d := Deadlines{Transfer: 20 * time.Millisecond}
+	rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
+	var pe *PhaseError
+	switch {
+	case wantErr == "" && err != nil:
+		t.Fatalf("Run: %v", err)
+	case wantErr != "" && (!errors.As(err, &pe) || pe.Phase != wantErr):
+		t.Fatalf("Run error = %v, want a %s failure", err, wantErr)
+	}
+	if len(rep.Moved) != wantMoved || len(rep.Moved)+len(rep.Failed) != len(fs) {
+		t.Fatalf("moved %d, failed %d; want %d moved of %d", len(rep.Moved), len(rep.Failed), wantMoved, len(fs))
+	}
+	var want []string
+	for _, c := range wantCalls {
+		want = append(want, strings.Split(c, "\x00")...)
+	}
+	got := slices.Clone(w.calls)
+	// Quiesce and hold run at the same time.
+	if len(got) >= 3 {
+		slices.Sort(got[1:3])
+	}
+	if wantMoved > 0 {
+		i := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "tgt.Transfer") })
+		j := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "src.Discard") })
+		k := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "st.Switch") })
+		if j >= 0 && (k < 0 || k > j) {
+			t.Fatalf("the source discarded before the switch: %q", got)
+		}
+		if w.gateway {
+			if c := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "tgt.Commit") }); c >= 0 && c < k {
+				t.Fatalf("committed before the switch with gateway steering: %q", got)
 			}
-			tc.wantCalls = want
-			if len(w.calls) >= 3 {
-				slices.Sort(w.calls[1:3])
-			}
-			// Commit and discard run at the same time too.
-			if n := len(w.calls); n >= 2 && strings.HasPrefix(w.calls[n-2], "src.Discard") {
-				w.calls[n-2], w.calls[n-1] = w.calls[n-1], w.calls[n-2]
-			}
-			if !slices.Equal(w.calls, tc.wantCalls) {
-				t.Fatalf("calls:\n got %q\nwant %q", w.calls, tc.wantCalls)
-			}
-			if tc.w.blockAt != "" && !errors.Is(err, context.DeadlineExceeded) {
-				t.Fatalf("a timed-out phase should say so: %v", err)
-			}
-		})
+		}
+		if i >= 0 {
+			slices.Sort(got[i+1:])
+			wi := slices.IndexFunc(want, func(c string) bool { return strings.HasPrefix(c, "tgt.Transfer") })
+			slices.Sort(want[wi+1:])
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("calls:\n got %q\nwant %q", got, want)
+	}
+	if w.blockAt != "" && !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a timed-out phase should say so: %v", err)
 	}
 }

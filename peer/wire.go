@@ -763,7 +763,7 @@ func (w *wire) send(ctx context.Context, segs [][]byte, before func()) error {
 		w.conn.SetWriteDeadline(aLongTimeAgo)
 		close(fired)
 	})
-	bufs := net.Buffers(segs)
+	bufs := net.Buffers(coalesce(segs))
 	_, err := bufs.WriteTo(w.conn)
 	if !stop() {
 		<-fired
@@ -779,6 +779,31 @@ func (w *wire) send(ctx context.Context, segs [][]byte, before func()) error {
 		return err
 	}
 	return nil
+}
+
+// coalesceMax is the largest frame send copies into one buffer: what fits
+// in one TLS record.
+const coalesceMax = 16 << 10
+
+// coalesce joins a frame's segments into one when the frame is small
+// enough. A TLS connection writes each segment as records of its own, in
+// a system call of its own; the peer then needs as many reads.
+func coalesce(segs [][]byte) [][]byte {
+	if len(segs) < 2 {
+		return segs
+	}
+	n := 0
+	for _, s := range segs {
+		n += len(s)
+	}
+	if n > coalesceMax {
+		return segs
+	}
+	b := make([]byte, 0, n)
+	for _, s := range segs {
+		b = append(b, s...)
+	}
+	return [][]byte{b}
 }
 
 // sendBody encodes and sends a frame of type t carrying b.
