@@ -93,8 +93,9 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	return d.steerLocal(r.Op, fs, r.To)
 }
 
-// steerLocal changes this host's rules for flows it steers, in one
-// nftables transaction, then re-delivers the packets the hold had queued
+// steerLocal changes this host's rules for flows it steers (one nftables
+// transaction, and for a switch a second that lifts the holds once the new
+// destinations are in), then re-delivers the packets the hold had queued
 // so that they meet the new rules.
 func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) error {
 	var b nat.Batch

@@ -22,8 +22,12 @@
 // then forwards (daddr set), then rewrites gateway replies (saddr set);
 // postrouting at priority srcnat (100) rewrites the target's replies
 // (saddr set). A [Batch] collects element changes and [Table.Apply] makes
-// them one nftables transaction, so a switch from Hold to Forward is atomic
-// for packets; a batch of 10,000 Forwards takes about 60 ms here.
+// them one nftables transaction, so a switch from one Forward to another
+// is atomic for packets; a batch of 10,000 Forwards takes about 60 ms
+// here. The holds a batch lifts together with other changes are lifted in
+// a second transaction right after the first, once the flows' new
+// elements are fully in place: the packets a hold kept back meet only
+// finished rules (see [Table.Apply] for why).
 //
 // The roles of a migration of flow F from host A to host B:
 //

@@ -220,7 +220,8 @@ func (e *OpError) Error() string {
 func (e *OpError) Unwrap() error { return e.Err }
 
 // Batch is a change to the table built by the caller and applied by
-// [Table.Apply] as one atomic nftables transaction. The zero value is an
+// [Table.Apply] as one atomic nftables transaction (two when it lifts holds
+// together with other changes). The zero value is an
 // empty batch ready to use. Methods record the change only; flows are
 // checked by Apply, which refuses the whole batch if one is malformed.
 //

@@ -383,6 +383,52 @@ func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
 	return out
 }
 
+// phases splits the plan into the transactions that carry it out: holds
+// lifted in the same batch as other changes are lifted in a second
+// transaction, once the first has put every other change fully in place.
+//
+// The rules refresh the maps' timeouts from the packet path (dynset
+// "update"), and the kernel's refresh looks for the element active in
+// both generations. Within a transaction that adds a flow's element, the
+// element is active in only one of them until the commit is complete: a
+// packet of that flow getting through in between (its hold lifted by the
+// same transaction) finds the new element by lookup, misses it in the
+// refresh, and inserts a duplicate. The duplicate outlives a later
+// removal and makes a later replacement fail with EEXIST. With the hold
+// lifted only after the first transaction, no packet of the flow meets a
+// half-committed element.
+//
+// last is empty when the plan lifts no hold or changes nothing else.
+func (p *plan) phases(timeout time.Duration) (first, last [numSets]setChanges) {
+	first = p.bySet(timeout)
+	others := false
+	for id, sc := range first {
+		if setSpecs[id].kind != KindHold && len(sc.destroy)+len(sc.add) > 0 {
+			others = true
+		}
+	}
+	if !others {
+		return first, last
+	}
+	for _, id := range []setID{setHold4, setHold6} {
+		sc := &first[id]
+		kept := make(map[string]bool, len(sc.add))
+		for _, e := range sc.add {
+			kept[string(e.key)] = true
+		}
+		destroy := sc.destroy[:0:0]
+		for _, e := range sc.destroy {
+			if kept[string(e.key)] {
+				destroy = append(destroy, e)
+			} else {
+				last[id].destroy = append(last[id].destroy, e)
+			}
+		}
+		sc.destroy = destroy
+	}
+	return first, last
+}
+
 // commit folds the plan's index changes into the base index.
 func (p *plan) commit() {
 	for f, s := range p.reply {

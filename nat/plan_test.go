@@ -241,3 +241,62 @@ func FuzzPacketFlow(f *testing.F) {
 		}
 	})
 }
+
+// TestPlanPhases: a batch that lifts holds and changes other elements
+// lifts the holds in a second transaction; a batch of holds alone, or of
+// other changes alone, is one.
+func TestPlanPhases(t *testing.T) {
+	s2, s3 := netip.MustParseAddr("10.77.2.12"), netip.MustParseAddr("10.77.2.13")
+	other := Flow{Client: netip.MustParseAddrPort("10.77.1.2:40002"), Service: f4.Service}
+	count := func(ch [numSets]setChanges) (n int) {
+		for _, sc := range ch {
+			n += len(sc.destroy) + len(sc.add)
+		}
+		return n
+	}
+	for _, tc := range []struct {
+		name       string
+		batch      func(b *Batch)
+		first      map[setID][2]int // set: destroys, adds
+		last       map[setID][2]int
+		lastLifted int
+	}{
+		{name: "switch", batch: func(b *Batch) { b.Remove(f4); b.Forward(f4, s3) },
+			first: map[setID][2]int{setFwd4: {1, 1}}, last: map[setID][2]int{setHold4: {1, 0}}},
+		{name: "switch home", batch: func(b *Batch) { b.Remove(f4) },
+			first: map[setID][2]int{setFwd4: {1, 0}}, last: map[setID][2]int{setHold4: {1, 0}}},
+		{name: "switch beside a new hold", batch: func(b *Batch) { b.Remove(f4); b.Forward(f4, s2); b.Hold(other) },
+			first: map[setID][2]int{setFwd4: {1, 1}, setHold4: {1, 1}}, last: map[setID][2]int{setHold4: {1, 0}}},
+		{name: "holds only", batch: func(b *Batch) { b.Unhold(f4); b.Hold(other) },
+			first: map[setID][2]int{setHold4: {2, 1}}},
+		{name: "forward only", batch: func(b *Batch) { b.Forward(f4, s2) },
+			first: map[setID][2]int{setFwd4: {1, 1}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b Batch
+			tc.batch(&b)
+			p, err := makePlan(b.ops, newIndex())
+			if err != nil {
+				t.Fatal(err)
+			}
+			first, last := p.phases(time.Minute)
+			for i, want := range []map[setID][2]int{tc.first, tc.last} {
+				got := [][numSets]setChanges{first, last}[i]
+				n := 0
+				for id, dn := range want {
+					if len(got[id].destroy) != dn[0] || len(got[id].add) != dn[1] {
+						t.Errorf("transaction %d, %s: %d destroys, %d adds; want %d, %d", i+1, setSpecs[id].name, len(got[id].destroy), len(got[id].add), dn[0], dn[1])
+					}
+					n += dn[0] + dn[1]
+				}
+				if count(got) != n {
+					t.Errorf("transaction %d has %d changes; want %d", i+1, count(got), n)
+				}
+			}
+			// Together the two do what the plan does.
+			if all := p.bySet(time.Minute); count(all) != count(first)+count(last) {
+				t.Errorf("the transactions hold %d changes; the plan %d", count(first)+count(last), count(all))
+			}
+		})
+	}
+}

@@ -580,3 +580,86 @@ func TestReleaseRace(t *testing.T) {
 		t.Errorf("client retransmitted %d segments; want 0", r)
 	}
 }
+
+// TestSwitchUnderTraffic switches a flow back and forth between two
+// destinations 100 times (hold, then lift the hold and forward in one
+// Apply, then release) while its client floods s1 with segments of the
+// flow. The kernel refreshes the forward map's timeouts from the packet
+// path; a packet let through while the switch's transaction is still
+// committing made it insert a duplicate element (seen in the end-to-end
+// loop: the next switch failed with EEXIST). Every Apply must succeed and
+// the map must end with one element for the flow.
+func TestSwitchUnderTraffic(t *testing.T) {
+	skipUnlessRoot(t)
+	b := bed(t)
+	tb := openOn(t, b.S1, Options{})
+	q := openQueue(t, b.S1, Options{})
+	f := Flow{Client: netip.AddrPortFrom(b.Client.LAN4, 42101), Service: netip.AddrPortFrom(b.S1.LAN4, 7601)}
+
+	// Segments of f with a wrong checksum: s1's rules see them, and
+	// whoever they are forwarded to drops them.
+	var fd int
+	in(t, b.Client.NetNS, func() (err error) {
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		return err
+	})
+	defer unix.Close(fd)
+	pkt := make([]byte, 40)
+	pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_TCP
+	copy(pkt[12:16], f.Client.Addr().AsSlice())
+	copy(pkt[16:20], f.Service.Addr().AsSlice())
+	pkt[20], pkt[21] = byte(f.Client.Port()>>8), byte(f.Client.Port())
+	pkt[22], pkt[23] = byte(f.Service.Port()>>8), byte(f.Service.Port())
+	pkt[32], pkt[33] = 5<<4, 0x10 // data offset, ACK
+	to := &unix.SockaddrInet4{Addr: f.Service.Addr().As4()}
+	stop, sent := make(chan struct{}), make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				sent <- n
+				return
+			default:
+			}
+			if unix.Sendto(fd, pkt, 0, to) == nil {
+				n++
+			}
+		}
+	}()
+	defer func() {
+		close(stop)
+		t.Logf("%d segments sent", <-sent)
+	}()
+
+	dst := []netip.Addr{b.S2.LAN4, b.S3.LAN4}
+	for i := range 100 {
+		var h Batch
+		h.Hold(f)
+		if err := tb.Apply(&h); err != nil {
+			t.Fatalf("round %d: hold: %v", i, err)
+		}
+		var s Batch
+		s.Remove(f)
+		s.Forward(f, dst[i%2])
+		if err := tb.Apply(&s); err != nil {
+			t.Fatalf("round %d: switch to %v: %v", i, dst[i%2], err)
+		}
+		if _, err := q.Release(f); err != nil {
+			t.Fatalf("round %d: release: %v", i, err)
+		}
+	}
+	es, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fwd []Entry
+	for _, e := range es {
+		if e.Flow == f && e.Kind == KindForward {
+			fwd = append(fwd, e)
+		}
+	}
+	if len(fwd) != 1 || fwd[0].Addr != dst[1] {
+		t.Fatalf("forward elements of the flow after the switches: %v; want one, to %v", fwd, dst[1])
+	}
+}

@@ -83,11 +83,18 @@ func (t *Table) name() string { return "inet " + t.opts.Table }
 func (t *Table) Options() Options { return t.opts }
 
 // Apply applies b as one nftables transaction (a single netlink batch): all
-// of it takes effect at once, or none. A steering switch (Unhold plus
-// Forward, or one Forward replacing another) is therefore atomic for
-// packets. b is left unchanged; Apply refuses the whole batch, changing
-// nothing, if any change in it is malformed (error wrapping ErrInvalid).
-// An empty batch does nothing.
+// of it takes effect at once, or none. One Forward replacing another is
+// therefore atomic for packets. Holds that b lifts (Unhold, Remove)
+// together with other changes are lifted by a second transaction, once
+// the first has committed: the flows stay held, with their new elements
+// in place, in between. The kernel refreshes the maps' timeouts from the
+// packet path and does not see an element that a transaction under way
+// adds or removes; a packet let through by the same transaction would
+// make it insert a duplicate element, which outlives the flow's removal
+// and makes its next switch fail (EEXIST). If the second transaction
+// fails, the first stays applied and Apply says so. b is left unchanged;
+// Apply refuses the whole batch, changing nothing, if any change in it is
+// malformed (error wrapping ErrInvalid). An empty batch does nothing.
 func (t *Table) Apply(b *Batch) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -108,7 +115,8 @@ func (t *Table) applyLocked(ops []op) error {
 	if err != nil {
 		return err
 	}
-	reqs := t.nft.elemReqs(p.bySet(t.opts.Idle))
+	first, last := p.phases(t.opts.Idle)
+	reqs := t.nft.elemReqs(first)
 	if len(reqs) == 0 {
 		return nil
 	}
@@ -119,6 +127,11 @@ func (t *Table) applyLocked(ops []op) error {
 		return err
 	}
 	p.commit()
+	if reqs := t.nft.elemReqs(last); len(reqs) > 0 {
+		if err := t.nft.commit(reqs); err != nil {
+			return fmt.Errorf("lifting holds after the batch's other changes went in: %w", err)
+		}
+	}
 	return nil
 }
 

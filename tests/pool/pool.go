@@ -318,13 +318,19 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 		t.Fatalf("start %s: %v", name, err)
 	}
 	done := make(chan struct{})
+	var tail []string // a quiet process's last lines, for a failure
 	go func() {
 		defer close(done)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
 			if !p.opts.Quiet {
 				t.Logf("%s: %s", name, sc.Text())
+				continue
 			}
+			if len(tail) == quietTail {
+				tail = tail[1:]
+			}
+			tail = append(tail, sc.Text())
 		}
 	}()
 	p.procs[name] = cmd
@@ -339,9 +345,16 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 			<-waited
 		}
 		<-done
+		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() && len(tail) > 0 {
+			t.Logf("%s's last %d lines of output:\n%s", name, len(tail), strings.Join(tail, "\n"))
+		}
 	})
 	return cmd
 }
+
+// quietTail is how many lines of a quiet process's output a failed test
+// shows.
+const quietTail = 100
 
 // Dial connects from the client host to server s's application.
 func (p *Pool) Dial(s *testbed.Host, v6 bool) *net.TCPConn {
