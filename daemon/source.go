@@ -246,26 +246,30 @@ func (s source) Thaw(ctx context.Context, flows []migrate.Flow) error {
 	d := s.d
 	outs := d.takeFrozen(flows)
 	errs := make([]error, 0, len(outs)+1)
-	exps := make([]*app.Exported, len(outs))
+	// The switch did not happen: with gateway steering the gateway still
+	// rewrites the flows' replies, and the rewrites Capture added here go,
+	// while the sockets are still frozen: a packet of the flow leaving
+	// during the removal would have the kernel's timeout refresh put the
+	// element back (see nat.Table.Apply).
 	var b nat.Batch
+	for _, o := range outs {
+		if o.frozen != nil && d.cfg.Steering == "gateway" {
+			b.Remove(natFlow(o.flow))
+		}
+	}
+	if b.Len() > 0 {
+		errs = append(errs, d.nat.Apply(&b))
+	}
+	exps := make([]*app.Exported, len(outs))
 	for i, o := range outs {
 		if o.frozen != nil {
 			errs = append(errs, o.frozen.Thaw())
-			if d.cfg.Steering == "gateway" {
-				// The switch did not happen: the gateway still rewrites
-				// the flow's replies, and the rewrite Capture added here
-				// goes.
-				b.Remove(natFlow(o.flow))
-			}
 		}
 		exps[i] = o.exp
 	}
 	errs = append(errs, app.FinishMany(ctx, exps, false)...)
 	for _, o := range outs {
 		errs = append(errs, o.exp.Socket.Close())
-	}
-	if b.Len() > 0 {
-		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)
 }

@@ -91,7 +91,9 @@ func (t *Table) Options() Options { return t.opts }
 // packet path and does not see an element that a transaction under way
 // adds or removes; a packet let through by the same transaction would
 // make it insert a duplicate element, which outlives the flow's removal
-// and makes its next switch fail (EEXIST). If the second transaction
+// and makes its next switch fail (EEXIST). Removing an element while its
+// flow's packets still pass (not held, its socket not frozen) can leave a
+// copy behind the same way. If the second transaction
 // fails, the first stays applied and Apply says so. b is left unchanged;
 // Apply refuses the whole batch, changing nothing, if any change in it is
 // malformed (error wrapping ErrInvalid). An empty batch does nothing.
