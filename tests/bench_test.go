@@ -163,6 +163,7 @@ func benchPause(b *testing.B, appArgs ...string) {
 			phases[ph] = append(phases[ph], d)
 		}
 		pauses = append(pauses, g.stopAfter(b, time.Now().Add(5*time.Millisecond)))
+		b.Logf("%s -> %s: pause %v, took %v, phases %v", from.Name, to.Name, pauses[len(pauses)-1], took, rep.Timings)
 
 		b.StopTimer()
 		g.start()
