@@ -16,8 +16,9 @@
 //	prepare   target: can you take n connections? (it makes blank sockets)
 //	quiesce   source: applications stop serving the flows and give their
 //	          snapshots; the sockets stay live
-//	hold      steering: queue the flows' client packets (at the same time
-//	          as quiesce: neither waits for the other)
+//	hold      steering: queue the flows' client packets (once the
+//	          applications have stopped: acknowledgements held while an
+//	          application still writes only grow what capture carries)
 //	capture   source: sockets are frozen (TCP_REPAIR) and captured
 //	transfer  target: restore the sockets in repair mode, install the
 //	          reply-source rewrite
