@@ -171,7 +171,7 @@ func printReport(w io.Writer, rep *admin.Report) {
 		fmt.Fprintf(w, ", %d stayed here", len(rep.Failed))
 	}
 	fmt.Fprintln(w)
-	phases := []string{"prepare", "hold", "capture", "transfer", "switch", "commit"}
+	phases := []string{"prepare", "quiesce", "hold", "capture", "transfer", "switch", "commit"}
 	var parts []string
 	for _, p := range phases {
 		if d, ok := rep.Timings[p]; ok {
