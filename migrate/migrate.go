@@ -243,8 +243,8 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		rep.Aborted = true
 		return rep, errors.Join(err, stay(quiesced, false))
 	}
-	var cleanupErr error
 
+	var cleanupErr error
 	var items []Item
 	var perFlow []error
 	if err := phase(PhaseCapture, func(ctx context.Context) (err error) {
