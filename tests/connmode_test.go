@@ -25,6 +25,9 @@ func TestSessionMoves(t *testing.T) {
 	for _, v6 := range []bool{false, true} {
 		c := p.Dial(bed.S1, v6)
 		s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		// A migration asked for before the application has reported the
+		// connection to its mtcpd is refused.
+		waitServed(t, p, bed.S1, c)
 		if got := s.do("SET colour blue"); got != "OK" {
 			t.Fatalf("SET: %q", got)
 		}
@@ -74,6 +77,7 @@ func TestEndedFlowRulesGo(t *testing.T) {
 	c := p.Dial(bed.S1, false)
 	s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
 	s.do("SET k v")
+	waitServed(t, p, bed.S1, c)
 	p.Migrate(bed.S1, bed.S2, c)
 	client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort())
 	if len(flowElems(t, bed.S1, client, "")) == 0 || len(flowElems(t, bed.S2, client, "")) == 0 {
