@@ -20,8 +20,8 @@
 //	          applications have stopped: acknowledgements held while an
 //	          application still writes only grow what capture carries)
 //	capture   source: sockets are frozen (TCP_REPAIR) and captured
-//	transfer  target: restore the sockets in repair mode, install the
-//	          reply-source rewrite
+//	transfer  target: restore the sockets in repair mode (the reply-source
+//	          rewrite may go in after the answer, before the commit)
 //	switch    steering: send the flows to the target, re-deliver what was
 //	          queued
 //	commit    target: leave repair mode, hand over to the application;
