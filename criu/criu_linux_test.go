@@ -419,6 +419,17 @@ const lazyProgHead = `#include <signal.h>
 static void wait_for(const char *path) {
 	while (access(path, F_OK)) usleep(1000);
 }
+static void ready_then_wait(const char *go) {
+	printf("ready\n");
+	fflush(stdout);
+	fclose(stdout);
+	wait_for(go);
+}
+static int child_status(pid_t ch, int bad) {
+	int st;
+	if (waitpid(ch, &st, 0) != ch || !WIFEXITED(st)) return bad;
+	return WEXITSTATUS(st);
+}
 static unsigned char pat(size_t i, int seed) { return (unsigned char)(i * 131 + seed * 17 + (i >> 12)); }
 static int check(unsigned char *m, size_t from, size_t to, int seed) {
 	for (size_t i = from; i < to; i++)
@@ -442,10 +453,7 @@ static unsigned char *fill(size_t n, int seed) {
 const lazyEventsProg = "#define _GNU_SOURCE\n" + lazyProgHead + `int main(int argc, char **argv) {
 	size_t n = 24 * MB;
 	unsigned char *a = fill(n, 1), *b = fill(n, 2), *c = fill(n, 3);
-	printf("ready\n");
-	fflush(stdout);
-	fclose(stdout);
-	wait_for(argv[1]);
+	ready_then_wait(argv[1]);
 	pid_t ch = fork();
 	if (ch < 0) return 3;
 	if (ch == 0) _exit(check(a, 0, n, 1) && check(c, 0, n, 3) ? 0 : 10);
@@ -458,9 +466,7 @@ const lazyEventsProg = "#define _GNU_SOURCE\n" + lazyProgHead + `int main(int ar
 	if (!check(c, n / 2, n, 3)) return 14;
 	if (munmap(a + 8 * MB, 4 * MB)) return 15;
 	if (!check(a, 0, 8 * MB, 1) || !check(a, 12 * MB, n, 1)) return 16;
-	int st;
-	if (waitpid(ch, &st, 0) != ch || !WIFEXITED(st)) return 17;
-	return WEXITSTATUS(st);
+	return child_status(ch, 17);
 }
 `
 
@@ -499,14 +505,9 @@ const lazyTreeProg = lazyProgHead + `int main(int argc, char **argv) {
 	close(p[1]);
 	if (read(p[0], &c, 1) != 1) return 6;
 	close(p[0]);
-	printf("ready\n");
-	fflush(stdout);
-	fclose(stdout);
-	wait_for(argv[1]);
+	ready_then_wait(argv[1]);
 	if (!check(a, 0, n, 1)) return 11;
-	int st;
-	if (waitpid(ch, &st, 0) != ch || !WIFEXITED(st)) return 12;
-	return WEXITSTATUS(st);
+	return child_status(ch, 12);
 }
 `
 
