@@ -638,6 +638,63 @@ func appendElem(b []byte, e setElem) []byte {
 	return b
 }
 
+// getBatch bounds the lookups sent in one datagram: each answer (the
+// element, then an acknowledgement) must fit the socket's receive buffer
+// before it is read.
+const getBatch = 256
+
+// present returns those of elems (keys only) that the set holds, looked up
+// one by one (NFT_MSG_GETSETELEM), many lookups to a datagram.
+func (n *nftConn) present(id setID, elems []setElem) ([]setElem, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	name := setSpecs[id].name
+	var out []setElem
+	for len(elems) > 0 {
+		chunk := elems[:min(getBatch, len(elems))]
+		elems = elems[len(chunk):]
+		var w msgWriter
+		which := make(map[uint32]setElem, len(chunk))
+		for _, e := range chunk {
+			seq := n.sock.nextSeq()
+			which[seq] = e
+			w.add(nfMsgType(nfnlSubsysNFTables, unix.NFT_MSG_GETSETELEM), nlmRequest|nlmAck, seq, unix.NFPROTO_INET, 0, attrs(
+				netlink.Attribute{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: cstr(n.table)},
+				netlink.Attribute{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: cstr(name)},
+				netlink.Attribute{Type: unix.NLA_F_NESTED | unix.NFTA_SET_ELEM_LIST_ELEMENTS, Data: appendElem(nil, setElem{key: e.key})},
+			))
+		}
+		if err := n.sock.fitSndbuf(len(w.b)); err != nil {
+			return nil, err
+		}
+		if err := n.sock.send(ctx, w.b); err != nil {
+			return nil, fmt.Errorf("look up elements of %s: %w", name, err)
+		}
+		// Each lookup ends with an acknowledgement: an error of 0 after
+		// the element when it is there, ENOENT when it is not.
+		for len(which) > 0 {
+			msgs, err := n.sock.recv(ctx, n.buf)
+			if err != nil {
+				return nil, fmt.Errorf("look up elements of %s: %w", name, err)
+			}
+			for _, m := range msgs {
+				e, ok := which[m.seq]
+				if !ok || m.typ != nlmsgError {
+					continue
+				}
+				delete(which, m.seq)
+				switch err := ackError(m); {
+				case err == nil:
+					out = append(out, e)
+				case !isErrno(err, syscall.ENOENT):
+					return nil, fmt.Errorf("look up an element of %s: %w", name, err)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
 // rawElem is one element read back from the kernel.
 type rawElem struct {
 	key, data []byte

@@ -260,17 +260,22 @@ func TestPlanPhases(t *testing.T) {
 		first      map[setID][2]int // set: destroys, adds
 		last       map[setID][2]int
 		lastLifted int
+		removed    map[setID]int // what Apply sweeps afterwards
 	}{
 		{name: "switch", batch: func(b *Batch) { b.Remove(f4); b.Forward(f4, s3) },
 			first: map[setID][2]int{setFwd4: {1, 1}}, last: map[setID][2]int{setHold4: {1, 0}}},
 		{name: "switch home", batch: func(b *Batch) { b.Remove(f4) },
-			first: map[setID][2]int{setFwd4: {1, 0}}, last: map[setID][2]int{setHold4: {1, 0}}},
+			first: map[setID][2]int{setFwd4: {1, 0}}, last: map[setID][2]int{setHold4: {1, 0}},
+			removed: map[setID]int{setFwd4: 1}},
 		{name: "switch beside a new hold", batch: func(b *Batch) { b.Remove(f4); b.Forward(f4, s2); b.Hold(other) },
 			first: map[setID][2]int{setFwd4: {1, 1}, setHold4: {1, 1}}, last: map[setID][2]int{setHold4: {1, 0}}},
 		{name: "holds only", batch: func(b *Batch) { b.Unhold(f4); b.Hold(other) },
 			first: map[setID][2]int{setHold4: {2, 1}}},
 		{name: "forward only", batch: func(b *Batch) { b.Forward(f4, s2) },
 			first: map[setID][2]int{setFwd4: {1, 1}}},
+		{name: "remove, held or not", batch: func(b *Batch) { b.Remove(f4); b.Remove(other) },
+			first: map[setID][2]int{setFwd4: {2, 0}}, last: map[setID][2]int{setHold4: {2, 0}},
+			removed: map[setID]int{setFwd4: 2}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var b Batch
@@ -296,6 +301,18 @@ func TestPlanPhases(t *testing.T) {
 			// Together the two do what the plan does.
 			if all := p.bySet(time.Minute); count(all) != count(first)+count(last) {
 				t.Errorf("the transactions hold %d changes; the plan %d", count(first)+count(last), count(all))
+			}
+			// Removed elements are looked for again, holds aside.
+			removed, any := p.removed()
+			n := 0
+			for id, els := range removed {
+				if len(els) != tc.removed[setID(id)] {
+					t.Errorf("removed from %s: %d; want %d", setSpecs[id].name, len(els), tc.removed[setID(id)])
+				}
+				n += len(els)
+			}
+			if any != (n > 0) {
+				t.Errorf("removed says any=%v with %d elements", any, n)
 			}
 		})
 	}

@@ -596,41 +596,7 @@ func TestSwitchUnderTraffic(t *testing.T) {
 	q := openQueue(t, b.S1, Options{})
 	f := Flow{Client: netip.AddrPortFrom(b.Client.LAN4, 42101), Service: netip.AddrPortFrom(b.S1.LAN4, 7601)}
 
-	// Segments of f with a wrong checksum: s1's rules see them, and
-	// whoever they are forwarded to drops them.
-	var fd int
-	in(t, b.Client.NetNS, func() (err error) {
-		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
-		return err
-	})
-	defer unix.Close(fd)
-	pkt := make([]byte, 40)
-	pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_TCP
-	copy(pkt[12:16], f.Client.Addr().AsSlice())
-	copy(pkt[16:20], f.Service.Addr().AsSlice())
-	pkt[20], pkt[21] = byte(f.Client.Port()>>8), byte(f.Client.Port())
-	pkt[22], pkt[23] = byte(f.Service.Port()>>8), byte(f.Service.Port())
-	pkt[32], pkt[33] = 5<<4, 0x10 // data offset, ACK
-	to := &unix.SockaddrInet4{Addr: f.Service.Addr().As4()}
-	stop, sent := make(chan struct{}), make(chan int)
-	go func() {
-		n := 0
-		for {
-			select {
-			case <-stop:
-				sent <- n
-				return
-			default:
-			}
-			if unix.Sendto(fd, pkt, 0, to) == nil {
-				n++
-			}
-		}
-	}()
-	defer func() {
-		close(stop)
-		t.Logf("%d segments sent", <-sent)
-	}()
+	flood(t, b, f)
 
 	dst := []netip.Addr{b.S2.LAN4, b.S3.LAN4}
 	for i := range 100 {
@@ -661,5 +627,79 @@ func TestSwitchUnderTraffic(t *testing.T) {
 	}
 	if len(fwd) != 1 || fwd[0].Addr != dst[1] {
 		t.Fatalf("forward elements of the flow after the switches: %v; want one, to %v", fwd, dst[1])
+	}
+}
+
+// flood sends segments of f from its client to s1 as fast as it can until
+// the test ends. Their checksum is wrong: s1's rules see them, and whoever
+// they are forwarded to drops them.
+func flood(t *testing.T, b *testbed.Bed, f Flow) {
+	var fd int
+	in(t, b.Client.NetNS, func() (err error) {
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		return err
+	})
+	pkt := make([]byte, 40)
+	pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_TCP
+	copy(pkt[12:16], f.Client.Addr().AsSlice())
+	copy(pkt[16:20], f.Service.Addr().AsSlice())
+	pkt[20], pkt[21] = byte(f.Client.Port()>>8), byte(f.Client.Port())
+	pkt[22], pkt[23] = byte(f.Service.Port()>>8), byte(f.Service.Port())
+	pkt[32], pkt[33] = 5<<4, 0x10 // data offset, ACK
+	to := &unix.SockaddrInet4{Addr: f.Service.Addr().As4()}
+	stop, sent := make(chan struct{}), make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				sent <- n
+				return
+			default:
+			}
+			if unix.Sendto(fd, pkt, 0, to) == nil {
+				n++
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		close(stop)
+		t.Logf("%d segments sent", <-sent)
+		unix.Close(fd)
+	})
+
+}
+
+// TestRemoveUnderTraffic adds and removes a flow's forward 200 times
+// while its client floods s1 with segments of the flow, which is not
+// held. A packet passing while the removal commits made the kernel's
+// timeout refresh re-create the element (seen in round 21 without the
+// sweep in Apply); after every removal the flow must have no element.
+func TestRemoveUnderTraffic(t *testing.T) {
+	skipUnlessRoot(t)
+	b := bed(t)
+	tb := openOn(t, b.S1, Options{})
+	f := Flow{Client: netip.AddrPortFrom(b.Client.LAN4, 42102), Service: netip.AddrPortFrom(b.S1.LAN4, 7601)}
+	flood(t, b, f)
+	for i := range 200 {
+		var a Batch
+		a.Forward(f, b.S2.LAN4)
+		if err := tb.Apply(&a); err != nil {
+			t.Fatalf("round %d: forward: %v", i, err)
+		}
+		var r Batch
+		r.Remove(f)
+		if err := tb.Apply(&r); err != nil {
+			t.Fatalf("round %d: remove: %v", i, err)
+		}
+		es, err := tb.Flows()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range es {
+			if e.Flow == f {
+				t.Fatalf("round %d: still there after the removal: %v", i, e)
+			}
+		}
 	}
 }

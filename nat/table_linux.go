@@ -93,8 +93,9 @@ func (t *Table) Options() Options { return t.opts }
 // make it insert a duplicate element, which outlives the flow's removal
 // and makes its next switch fail (EEXIST). Removing an element while its
 // flow's packets still pass (not held, its socket not frozen) can leave a
-// copy behind the same way. If the second transaction
-// fails, the first stays applied and Apply says so. b is left unchanged;
+// copy behind the same way: Apply then looks up every element it removed
+// (and did not add back) and removes again those still there. If a later
+// transaction fails, the first stays applied and Apply says so. b is left unchanged;
 // Apply refuses the whole batch, changing nothing, if any change in it is
 // malformed (error wrapping ErrInvalid). An empty batch does nothing.
 func (t *Table) Apply(b *Batch) error {
@@ -134,7 +135,45 @@ func (t *Table) applyLocked(ops []op) error {
 			return fmt.Errorf("lifting holds after the batch's other changes went in: %w", err)
 		}
 	}
+	if gone, any := p.removed(); any {
+		return t.sweep(gone)
+	}
 	return nil
+}
+
+// sweepAttempts bounds the rounds of [Table.sweep].
+const sweepAttempts = 8
+
+// sweep removes again the elements a transaction removed that a packet
+// re-created while it committed (see [Table.Apply]): it looks each one up
+// and removes those still there, until none is. Each round's window for
+// the race is one commit, so a flow would have to keep sending through
+// every one of them to keep its element.
+func (t *Table) sweep(gone [numSets][]setElem) error {
+	n := 0
+	for range sweepAttempts {
+		var left [numSets]setChanges
+		n = 0
+		for id, els := range gone {
+			if len(els) == 0 {
+				continue
+			}
+			back, err := t.nft.present(setID(id), els)
+			if err != nil {
+				return fmt.Errorf("checking that removed elements stay removed: %w", err)
+			}
+			left[id].destroy = back
+			gone[id] = back
+			n += len(back)
+		}
+		if n == 0 {
+			return nil
+		}
+		if err := t.nft.commit(t.nft.elemReqs(left)); err != nil {
+			return fmt.Errorf("removing %d elements that packets re-created during their removal: %w", n, err)
+		}
+	}
+	return fmt.Errorf("%d removed elements keep being re-created by their flows' packets", n)
 }
 
 // Flows lists every element of the table (all kinds, both families) and
