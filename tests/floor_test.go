@@ -1,0 +1,297 @@
+package tests
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mtcp-dev/mtcp/internal/stream"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/repair"
+	"github.com/mtcp-dev/mtcp/tests/testbed"
+)
+
+// BenchmarkPauseFloor is the pause of BenchmarkMigrationPause/paced with
+// the control plane taken away: the server, every nftables table and the
+// migration are this one process, which moves the stream s1 -> s2 -> s3
+// -> s1 ... by calling repair and nat directly. Each migration stops the
+// paced writer, holds the flow at s1, freezes and captures the socket,
+// encodes and decodes its state, installs the reply rewrite and restores
+// the socket on the target, commits it and resumes the writer on it, then
+// switches the flow at s1 and releases what was held: the steps of
+// mtcpd's transaction with none of its messages between processes. What
+// the client sees then is what a migration costs on this machine in the
+// kernel and in the stream's own wakeups; BenchmarkMigrationPause/paced
+// minus this is the control plane's share. Same metrics and the same
+// stream (40 MB/s in 4 KiB writes) as BenchmarkMigrationPause.
+func BenchmarkPauseFloor(b *testing.B) {
+	testbed.RequireNetns(b)
+	bed := testbed.ForTest(b)
+	const port = 7300
+	hosts := []*testbed.Host{bed.S1, bed.S2, bed.S3}
+	tabs := map[*testbed.Host]*nat.Table{}
+	for _, h := range hosts {
+		in(b, h, func() (err error) {
+			tabs[h], err = nat.Open(nat.Options{})
+			return err
+		})
+		b.Cleanup(func() { tabs[h].Destroy() })
+	}
+	var q *nat.Queue
+	in(b, bed.S1, func() (err error) {
+		q, err = nat.OpenQueue(nat.Options{})
+		return err
+	})
+	b.Cleanup(func() { q.Close() })
+
+	var ln net.Listener
+	in(b, bed.S1, func() (err error) {
+		ln, err = net.Listen("tcp4", netip.AddrPortFrom(bed.S1.LAN4, port).String())
+		return err
+	})
+	defer ln.Close()
+	var client net.Conn
+	in(b, bed.Client, func() (err error) {
+		client, err = net.DialTimeout("tcp4", ln.Addr().String(), 10*time.Second)
+		return err
+	})
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := nat.Flow{Client: client.LocalAddr().(*net.TCPAddr).AddrPort(), Service: netip.AddrPortFrom(bed.S1.LAN4, port)}
+
+	seed := stream.Pattern(time.Now().UnixNano())
+	w := &pacedWriter{conn: server, pattern: seed, rate: 40e6, chunk: 4 << 10}
+	w.start()
+	defer w.stop()
+	g := meterStream(client, seed)
+	retrans0 := tcpRetrans(b, client)
+
+	var pauses, baseline []time.Duration
+	i := 0
+	for b.Loop() {
+		from, to := hosts[i%3], hosts[(i+1)%3]
+		i++
+		var blank *repair.Blank
+		in(b, to, func() (err error) {
+			blank, err = repair.NewBlank(false)
+			return err
+		})
+		g.start()
+		t0 := time.Now()
+		old := w.stop()
+		moved, frozen := floorMigrate(b, old, f, bed.S1, tabs, to, blank)
+		w.conn = moved
+		w.start()
+		floorSwitch(b, f, bed.S1, tabs[bed.S1], q, to)
+		took := time.Since(t0)
+		// Outside the pause: the source's copy goes, and with it the
+		// rewrite of its replies.
+		if err := frozen.Discard(); err != nil {
+			b.Fatal(err)
+		}
+		if from != bed.S1 {
+			var rb nat.Batch
+			rb.Remove(f)
+			if err := tabs[from].Apply(&rb); err != nil {
+				b.Fatal(err)
+			}
+		}
+		pauses = append(pauses, g.stopAfter(b, time.Now().Add(5*time.Millisecond)))
+		b.StopTimer()
+		g.start()
+		baseline = append(baseline, g.stopAfter(b, time.Now().Add(took+5*time.Millisecond)))
+		b.StartTimer()
+	}
+	w.stop()
+	if w.err != nil {
+		b.Fatalf("server: %v", w.err)
+	}
+	pct := func(ds []time.Duration, q float64) float64 {
+		s := slices.Clone(ds)
+		slices.Sort(s)
+		return float64(s[min(len(s)-1, int(q*float64(len(s))))].Microseconds()) / 1000
+	}
+	b.ReportMetric(pct(pauses, 0.5), "pause-p50-ms")
+	b.ReportMetric(pct(pauses, 0.99), "pause-p99-ms")
+	b.ReportMetric(pct(pauses, 1), "pause-max-ms")
+	b.ReportMetric(pct(baseline, 0.5), "baseline-p50-ms")
+	b.ReportMetric(pct(baseline, 0.99), "baseline-p99-ms")
+	b.ReportMetric(float64(tcpRetrans(b, client)-retrans0), "client-retrans")
+}
+
+// floorMigrate moves the server end of flow f, socket c, to host to, with
+// s1 as the steering point: hold, capture, restore, commit. It returns the
+// restored connection, live, and the source's frozen socket. blank is a
+// socket made on host to beforehand, as mtcpd makes them when a transfer
+// is announced, so that nothing here enters another namespace. The switch
+// (floorSwitch) is left to the caller, to do after it resumes writing, as
+// mtcpd's commit goes out beside the switch with forward steering.
+func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tabs map[*testbed.Host]*nat.Table, to *testbed.Host, blank *repair.Blank) (net.Conn, *repair.Frozen) {
+	var hb nat.Batch
+	hb.Hold(f)
+	if err := tabs[s1].Apply(&hb); err != nil {
+		tb.Fatal(err)
+	}
+	fr, err := repair.Freeze(c.(*net.TCPConn))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	st, err := fr.Capture()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	blob, err := st.MarshalBinary()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	got, err := repair.Decode(blob)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	local := f.Service
+	if to != s1 {
+		local = netip.AddrPortFrom(to.LAN4, f.Service.Port())
+		var rb nat.Batch
+		rb.ReplyFrom(f, local)
+		if err := tabs[to].Apply(&rb); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	r, err := repair.Restore(got, repair.RestoreOptions{Local: local, Remote: f.Client, Blank: blank})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := r.Commit(); err != nil {
+		tb.Fatal(err)
+	}
+	moved, err := r.Conn()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return moved, fr
+}
+
+// floorSwitch sends flow f to host to at the steering point s1 (tab, q)
+// and releases what the hold kept.
+func floorSwitch(tb testing.TB, f nat.Flow, s1 *testbed.Host, tab *nat.Table, q *nat.Queue, to *testbed.Host) {
+	var sb nat.Batch
+	sb.Remove(f)
+	if to != s1 {
+		sb.Forward(f, to.LAN4)
+	}
+	if err := tab.Apply(&sb); err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := q.Release(f); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// pacedWriter writes a pattern stream to conn at rate bytes/s in chunks,
+// paced with nanosleep(2) like mtcp-bulk --rate, until stopped.
+type pacedWriter struct {
+	conn    net.Conn
+	pattern stream.Pattern
+	rate    float64
+	chunk   int
+	sent    int64
+	err     error
+	quit    chan struct{}
+	done    chan struct{}
+}
+
+func (w *pacedWriter) start() {
+	w.quit, w.done = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(w.done)
+		buf := make([]byte, w.chunk)
+		t0, sent0 := time.Now(), w.sent
+		for {
+			select {
+			case <-w.quit:
+				return
+			default:
+			}
+			w.pattern.Fill(buf, w.sent)
+			n, err := w.conn.Write(buf)
+			w.sent += int64(n)
+			if err != nil {
+				w.err = err
+				return
+			}
+			due := t0.Add(time.Duration(float64(w.sent-sent0) / w.rate * float64(time.Second)))
+			if d := time.Until(due); d > 0 {
+				ts := unix.NsecToTimespec(int64(d))
+				for unix.Nanosleep(&ts, &ts) == unix.EINTR {
+				}
+			}
+		}
+	}()
+}
+
+// stop stops the writer at a chunk boundary and returns its connection.
+func (w *pacedWriter) stop() net.Conn {
+	if w.quit != nil {
+		select {
+		case <-w.quit:
+		default:
+			close(w.quit)
+		}
+		<-w.done
+	}
+	return w.conn
+}
+
+// meterStream reads and verifies the pattern stream of seed from c,
+// feeding a gap meter.
+func meterStream(c net.Conn, seed stream.Pattern) *gapMeter {
+	g := &gapMeter{}
+	go func() {
+		v := &stream.Verifier{Pattern: seed}
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(buf)
+			now := time.Now()
+			if n > 0 {
+				if _, verr := v.Write(buf[:n]); verr != nil {
+					err = verr
+				}
+				g.read(now, n)
+			}
+			if err != nil {
+				g.mu.Lock()
+				if g.err == nil && !errors.Is(err, net.ErrClosed) {
+					g.err = err
+				}
+				g.mu.Unlock()
+				return
+			}
+		}
+	}()
+	return g
+}
+
+// tcpRetrans is the retransmission count of c's socket (TCP_INFO).
+func tcpRetrans(tb testing.TB, c net.Conn) uint32 {
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		tb.Fatal(err)
+	}
+	if ierr != nil {
+		tb.Fatal(ierr)
+	}
+	return info.Total_retrans
+}
