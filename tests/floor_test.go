@@ -19,12 +19,13 @@ import (
 // BenchmarkPauseFloor is the pause of BenchmarkMigrationPause/paced with
 // the control plane taken away: the server, every nftables table and the
 // migration are this one process, which moves the stream s1 -> s2 -> s3
-// -> s1 ... by calling repair and nat directly. Each migration stops the
-// paced writer, holds the flow at s1, freezes and captures the socket,
-// encodes and decodes its state, installs the reply rewrite and restores
-// the socket on the target, commits it and resumes the writer on it, then
-// switches the flow at s1 and releases what was held: the steps of
-// mtcpd's transaction with none of its messages between processes. What
+// -> s1 ... by calling repair and nat directly. Before the pause, the
+// target gets a blank socket and the rewrite of its replies. Then each
+// migration stops the paced writer, holds the flow at s1, freezes and
+// captures the socket, encodes and decodes its state, restores it on the
+// target, commits it and resumes the writer on it, then switches the flow
+// at s1 and releases what was held: the steps of mtcpd's transaction with
+// none of its messages between processes. What
 // the client sees then is what a migration costs on this machine in the
 // kernel and in the stream's own wakeups; BenchmarkMigrationPause/paced
 // minus this is the control plane's share. Same metrics and the same
@@ -79,15 +80,11 @@ func BenchmarkPauseFloor(b *testing.B) {
 	for b.Loop() {
 		from, to := hosts[i%3], hosts[(i+1)%3]
 		i++
-		var blank *repair.Blank
-		in(b, to, func() (err error) {
-			blank, err = repair.NewBlank(false)
-			return err
-		})
+		blank := prepareFloor(b, f, bed.S1, tabs[to], to)
 		g.start()
 		t0 := time.Now()
 		old := w.stop()
-		moved, frozen := floorMigrate(b, old, f, bed.S1, tabs, to, blank)
+		moved, frozen := floorMigrate(b, old, f, bed.S1, tabs[bed.S1], to, blank)
 		w.conn = moved
 		w.start()
 		floorSwitch(b, f, bed.S1, tabs[bed.S1], q, to)
@@ -128,16 +125,17 @@ func BenchmarkPauseFloor(b *testing.B) {
 }
 
 // floorMigrate moves the server end of flow f, socket c, to host to, with
-// s1 as the steering point: hold, capture, restore, commit. It returns the
+// s1 (tab) as the steering point: hold, capture, restore, commit. It returns the
 // restored connection, live, and the source's frozen socket. blank is a
 // socket made on host to beforehand, as mtcpd makes them when a transfer
-// is announced, so that nothing here enters another namespace. The switch
+// is announced, so that nothing here enters another namespace; the rewrite
+// of the target's replies is in beforehand too (see prepareFloor). The switch
 // (floorSwitch) is left to the caller, to do after it resumes writing, as
 // mtcpd's commit goes out beside the switch with forward steering.
-func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tabs map[*testbed.Host]*nat.Table, to *testbed.Host, blank *repair.Blank) (net.Conn, *repair.Frozen) {
+func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tab *nat.Table, to *testbed.Host, blank *repair.Blank) (net.Conn, *repair.Frozen) {
 	var hb nat.Batch
 	hb.Hold(f)
-	if err := tabs[s1].Apply(&hb); err != nil {
+	if err := tab.Apply(&hb); err != nil {
 		tb.Fatal(err)
 	}
 	fr, err := repair.Freeze(c.(*net.TCPConn))
@@ -159,11 +157,6 @@ func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tabs 
 	local := f.Service
 	if to != s1 {
 		local = netip.AddrPortFrom(to.LAN4, f.Service.Port())
-		var rb nat.Batch
-		rb.ReplyFrom(f, local)
-		if err := tabs[to].Apply(&rb); err != nil {
-			tb.Fatal(err)
-		}
 	}
 	r, err := repair.Restore(got, repair.RestoreOptions{Local: local, Remote: f.Client, Blank: blank})
 	if err != nil {
@@ -177,6 +170,26 @@ func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tabs 
 		tb.Fatal(err)
 	}
 	return moved, fr
+}
+
+// prepareFloor readies host to (its table tab) for flow f before the
+// pause, which mtcpd could do as well: a blank socket made in its
+// namespace, and the rewrite of its replies to f's client, harmless while
+// no socket of to sends them.
+func prepareFloor(tb testing.TB, f nat.Flow, s1 *testbed.Host, tab *nat.Table, to *testbed.Host) *repair.Blank {
+	var blank *repair.Blank
+	in(tb, to, func() (err error) {
+		blank, err = repair.NewBlank(f.Is6())
+		return err
+	})
+	if to != s1 {
+		var rb nat.Batch
+		rb.ReplyFrom(f, netip.AddrPortFrom(to.LAN4, f.Service.Port()))
+		if err := tab.Apply(&rb); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return blank
 }
 
 // floorSwitch sends flow f to host to at the steering point s1 (tab, q)
