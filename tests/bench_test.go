@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -71,16 +72,9 @@ func (g *gapMeter) stopAfter(tb testing.TB, t time.Time) time.Duration {
 	return g.max
 }
 
-// streamClient asks mtcp-bulk on s1 for an endless stream and verifies it
-// as it reads, feeding the meter.
-func streamClient(tb testing.TB, p *pool.Pool, v6 bool) (*net.TCPConn, *gapMeter) {
-	c := p.Dial(p.Bed.S1, v6)
-	seed := stream.Pattern(time.Now().UnixNano())
-	var hdr [16]byte
-	binary.BigEndian.PutUint64(hdr[:], uint64(seed))
-	if _, err := c.Write(hdr[:]); err != nil {
-		tb.Fatal(err)
-	}
+// meterStream reads and verifies the pattern stream of seed from c,
+// feeding a gap meter.
+func meterStream(c net.Conn, seed stream.Pattern) *gapMeter {
 	g := &gapMeter{}
 	go func() {
 		v := &stream.Verifier{Pattern: seed}
@@ -96,7 +90,7 @@ func streamClient(tb testing.TB, p *pool.Pool, v6 bool) (*net.TCPConn, *gapMeter
 			}
 			if err != nil {
 				g.mu.Lock()
-				if g.err == nil {
+				if g.err == nil && !errors.Is(err, net.ErrClosed) {
 					g.err = err
 				}
 				g.mu.Unlock()
@@ -104,7 +98,20 @@ func streamClient(tb testing.TB, p *pool.Pool, v6 bool) (*net.TCPConn, *gapMeter
 			}
 		}
 	}()
-	return c, g
+	return g
+}
+
+// streamClient asks mtcp-bulk on s1 for an endless stream and verifies it
+// as it reads, feeding the meter.
+func streamClient(tb testing.TB, p *pool.Pool, v6 bool) (*net.TCPConn, *gapMeter) {
+	c := p.Dial(p.Bed.S1, v6)
+	seed := stream.Pattern(time.Now().UnixNano())
+	var hdr [16]byte
+	binary.BigEndian.PutUint64(hdr[:], uint64(seed))
+	if _, err := c.Write(hdr[:]); err != nil {
+		tb.Fatal(err)
+	}
+	return c, meterStream(c, seed)
 }
 
 // clientRetrans reads the client socket's retransmission count from
@@ -171,22 +178,28 @@ func benchPause(b *testing.B, appArgs ...string) {
 		baseline = append(baseline, g.stopAfter(b, base))
 		b.StartTimer()
 	}
-	retrans := clientRetrans(b, bed, c) - retrans0
-	pct := func(ds []time.Duration, q float64) float64 {
-		s := slices.Clone(ds)
-		slices.Sort(s)
-		return float64(s[min(len(s)-1, int(q*float64(len(s))))].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(pauses, 0.5), "pause-p50-ms")
-	b.ReportMetric(pct(pauses, 0.99), "pause-p99-ms")
-	b.ReportMetric(pct(pauses, 1), "pause-max-ms")
-	b.ReportMetric(pct(baseline, 0.5), "baseline-p50-ms")
-	b.ReportMetric(pct(baseline, 0.99), "baseline-p99-ms")
-	b.ReportMetric(float64(retrans), "client-retrans")
+	reportPauses(b, pauses, baseline, clientRetrans(b, bed, c)-retrans0)
 	b.ReportMetric(float64(g.n)/1e6, "MB-verified")
 	for ph, ds := range phases {
-		b.ReportMetric(pct(ds, 0.5), ph+"-p50-ms")
+		b.ReportMetric(pctMS(ds, 0.5), ph+"-p50-ms")
 	}
+}
+
+// pctMS is the q-quantile of ds (q = 1: the largest) in milliseconds.
+func pctMS(ds []time.Duration, q float64) float64 {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return float64(s[min(len(s)-1, int(q*float64(len(s))))].Microseconds()) / 1000
+}
+
+// reportPauses reports the pause benchmarks' common metrics.
+func reportPauses(b *testing.B, pauses, baseline []time.Duration, retrans uint32) {
+	b.ReportMetric(pctMS(pauses, 0.5), "pause-p50-ms")
+	b.ReportMetric(pctMS(pauses, 0.99), "pause-p99-ms")
+	b.ReportMetric(pctMS(pauses, 1), "pause-max-ms")
+	b.ReportMetric(pctMS(baseline, 0.5), "baseline-p50-ms")
+	b.ReportMetric(pctMS(baseline, 0.99), "baseline-p99-ms")
+	b.ReportMetric(float64(retrans), "client-retrans")
 }
 
 // BenchmarkDrain10k drains 10,000 idle kv sessions from s1 to s2 in one

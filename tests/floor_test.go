@@ -1,10 +1,8 @@
 package tests
 
 import (
-	"errors"
 	"net"
 	"net/netip"
-	"slices"
 	"testing"
 	"time"
 
@@ -73,7 +71,7 @@ func BenchmarkPauseFloor(b *testing.B) {
 	w.start()
 	defer w.stop()
 	g := meterStream(client, seed)
-	retrans0 := tcpRetrans(b, client)
+	retrans0 := clientRetrans(b, bed, client.(*net.TCPConn))
 
 	var pauses, baseline []time.Duration
 	i := 0
@@ -111,17 +109,7 @@ func BenchmarkPauseFloor(b *testing.B) {
 	if w.err != nil {
 		b.Fatalf("server: %v", w.err)
 	}
-	pct := func(ds []time.Duration, q float64) float64 {
-		s := slices.Clone(ds)
-		slices.Sort(s)
-		return float64(s[min(len(s)-1, int(q*float64(len(s))))].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(pauses, 0.5), "pause-p50-ms")
-	b.ReportMetric(pct(pauses, 0.99), "pause-p99-ms")
-	b.ReportMetric(pct(pauses, 1), "pause-max-ms")
-	b.ReportMetric(pct(baseline, 0.5), "baseline-p50-ms")
-	b.ReportMetric(pct(baseline, 0.99), "baseline-p99-ms")
-	b.ReportMetric(float64(tcpRetrans(b, client)-retrans0), "client-retrans")
+	reportPauses(b, pauses, baseline, clientRetrans(b, bed, client.(*net.TCPConn))-retrans0)
 }
 
 // floorMigrate moves the server end of flow f, socket c, to host to, with
@@ -261,50 +249,4 @@ func (w *pacedWriter) stop() net.Conn {
 		<-w.done
 	}
 	return w.conn
-}
-
-// meterStream reads and verifies the pattern stream of seed from c,
-// feeding a gap meter.
-func meterStream(c net.Conn, seed stream.Pattern) *gapMeter {
-	g := &gapMeter{}
-	go func() {
-		v := &stream.Verifier{Pattern: seed}
-		buf := make([]byte, 64<<10)
-		for {
-			n, err := c.Read(buf)
-			now := time.Now()
-			if n > 0 {
-				if _, verr := v.Write(buf[:n]); verr != nil {
-					err = verr
-				}
-				g.read(now, n)
-			}
-			if err != nil {
-				g.mu.Lock()
-				if g.err == nil && !errors.Is(err, net.ErrClosed) {
-					g.err = err
-				}
-				g.mu.Unlock()
-				return
-			}
-		}
-	}()
-	return g
-}
-
-// tcpRetrans is the retransmission count of c's socket (TCP_INFO).
-func tcpRetrans(tb testing.TB, c net.Conn) uint32 {
-	rc, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	var info *unix.TCPInfo
-	var ierr error
-	if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
-		tb.Fatal(err)
-	}
-	if ierr != nil {
-		tb.Fatal(ierr)
-	}
-	return info.Total_retrans
 }
