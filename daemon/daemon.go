@@ -113,7 +113,15 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("mtcpd: peer listener: %w", err)
 	}
-	serve("peer server", func() error { return peer.NewServer(d.tls, d).Serve(ctx, pln) })
+	var ph peer.Handler = d
+	if delay, err := peerDelay(); err != nil {
+		pln.Close()
+		return fmt.Errorf("mtcpd: %w", err)
+	} else if delay > 0 {
+		log.Warn("fault injected: peers answer as if far away", "one_way", delay)
+		ph = distant{d, delay}
+	}
+	serve("peer server", func() error { return peer.NewServer(d.tls, ph).Serve(ctx, pln) })
 
 	if cfg.Role == "server" {
 		d.apps = app.NewRegistry(log.With("part", "apps"))

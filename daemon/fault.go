@@ -6,6 +6,9 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/peer"
 )
 
 // FaultEnv names the environment variable that injects faults, for the
@@ -19,6 +22,11 @@ import (
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
+//	peer-delay=D     every connection-mode request from a peer (prepare,
+//	                 transfer, commit, abort, steer) and every heartbeat
+//	                 waits D before it is handled and D more before it is
+//	                 answered, as if the peers were D apart (a round trip
+//	                 of 2D); for benchmarks of distant pools
 //
 // Nothing else reads it; unset, it costs one slice lookup per request.
 const FaultEnv = "MTCP_FAULT"
@@ -38,4 +46,82 @@ func fault(ctx context.Context, point string) error {
 		return ctx.Err()
 	}
 	return nil
+}
+
+// peerDelay is the delay of a peer-delay=D fault, or 0.
+func peerDelay() (time.Duration, error) {
+	for _, f := range faults {
+		if v, ok := strings.CutPrefix(f, "peer-delay="); ok {
+			d, err := time.ParseDuration(v)
+			if err != nil || d < 0 {
+				return 0, fmt.Errorf("%s: bad peer-delay %q", FaultEnv, v)
+			}
+			return d, nil
+		}
+	}
+	return 0, nil
+}
+
+// distant is the peer handler of a daemon with a peer-delay fault.
+type distant struct {
+	*Daemon
+	delay time.Duration
+}
+
+// travel sleeps for one direction of the emulated distance, or until ctx
+// ends.
+func (d distant) travel(ctx context.Context) error {
+	t := time.NewTimer(d.delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Prepare is Daemon.Prepare, the emulated distance away.
+func (d distant) Prepare(ctx context.Context, from string, r *peer.PrepareRequest) (*peer.PrepareReply, error) {
+	return far(ctx, d, func() (*peer.PrepareReply, error) { return d.Daemon.Prepare(ctx, from, r) })
+}
+
+// Transfer is Daemon.Transfer, the emulated distance away.
+func (d distant) Transfer(ctx context.Context, from string, r *peer.TransferRequest) (*peer.TransferReply, error) {
+	return far(ctx, d, func() (*peer.TransferReply, error) { return d.Daemon.Transfer(ctx, from, r) })
+}
+
+// Commit is Daemon.Commit, the emulated distance away.
+func (d distant) Commit(ctx context.Context, from string, r *peer.CommitRequest) (*peer.CommitReply, error) {
+	return far(ctx, d, func() (*peer.CommitReply, error) { return d.Daemon.Commit(ctx, from, r) })
+}
+
+// Abort is Daemon.Abort, the emulated distance away.
+func (d distant) Abort(ctx context.Context, from string, r *peer.AbortRequest) error {
+	_, err := far(ctx, d, func() (struct{}, error) { return struct{}{}, d.Daemon.Abort(ctx, from, r) })
+	return err
+}
+
+// Status is Daemon.Status, the emulated distance away.
+func (d distant) Status(ctx context.Context, from string) (*peer.StatusReply, error) {
+	return far(ctx, d, func() (*peer.StatusReply, error) { return d.Daemon.Status(ctx, from) })
+}
+
+// Steer is Daemon.Steer, the emulated distance away.
+func (d distant) Steer(ctx context.Context, from string, r *peer.SteerRequest) error {
+	_, err := far(ctx, d, func() (struct{}, error) { return struct{}{}, d.Daemon.Steer(ctx, from, r) })
+	return err
+}
+
+// far runs fn after one leg of d's distance and answers after another.
+func far[T any](ctx context.Context, d distant, fn func() (T, error)) (T, error) {
+	var zero T
+	if err := d.travel(ctx); err != nil {
+		return zero, err
+	}
+	v, err := fn()
+	if terr := d.travel(ctx); terr != nil && err == nil {
+		return zero, terr
+	}
+	return v, err
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/internal/prof"
 	"github.com/mtcp-dev/mtcp/internal/stream"
 	"github.com/mtcp-dev/mtcp/repair"
@@ -145,14 +146,35 @@ func clientRetrans(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) uint32 {
 // (PHASE-p50-ms), and client-retrans, the client socket's retransmissions
 // over the whole run (an RTO caused by a migration would show there).
 func BenchmarkMigrationPause(b *testing.B) {
-	b.Run("paced", func(b *testing.B) { benchPause(b, "--rate", "40000000") })
-	b.Run("flat-out", func(b *testing.B) { benchPause(b) })
+	b.Run("paced", func(b *testing.B) { benchPause(b, pool.Options{AppArgs: pacedArgs}) })
+	b.Run("flat-out", func(b *testing.B) { benchPause(b, pool.Options{}) })
 }
 
-func benchPause(b *testing.B, appArgs ...string) {
+// pacedArgs make mtcp-bulk stream 40 MB/s in 4 KiB writes.
+var pacedArgs = []string{"--rate", "40000000"}
+
+// BenchmarkDistantPause is BenchmarkMigrationPause/paced in a pool whose
+// members answer each other as if 2 ms apart (MTCP_FAULT=peer-delay=2ms
+// on every mtcpd: with the timers' slack a control round trip takes about
+// 5 ms; the service network stays as fast as it is). It shows how many
+// control round trips a pause costs. The steering point is s1, the owner
+// of the address the client dialled, so two migrations of three hold and
+// switch at another host.
+func BenchmarkDistantPause(b *testing.B) {
+	env := map[string][]string{}
+	for _, h := range []string{"s1", "s2", "s3"} {
+		env["mtcpd-"+h] = []string{daemon.FaultEnv + "=peer-delay=2ms"}
+	}
+	benchPause(b, pool.Options{AppArgs: pacedArgs, Env: env})
+}
+
+// benchPause measures the pauses of migrations of an mtcp-bulk stream
+// around a pool started with o.
+func benchPause(b *testing.B, o pool.Options) {
 	testbed.RequireNetns(b) // reads the client socket from its namespace
 	bed := testbed.ForTest(b)
-	p := pool.Start(b, bed, pool.Options{App: "mtcp-bulk", AppArgs: appArgs, Quiet: true})
+	o.App, o.Quiet = "mtcp-bulk", true
+	p := pool.Start(b, bed, o)
 	c, g := streamClient(b, p, false)
 	hosts := []*testbed.Host{bed.S1, bed.S2, bed.S3}
 	retrans0 := clientRetrans(b, bed, c)
