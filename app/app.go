@@ -603,6 +603,12 @@ func (s *server) adopt(tcs []*net.TCPConn, snaps [][]byte) []error {
 			errs[i] = errors.New("the server is shutting down")
 			continue
 		}
+		if !c.tuple.valid() {
+			// Reset before it got here (an imported socket's addresses
+			// are read back from it): nothing left to serve.
+			errs[i] = errors.New("the connection ended before it was adopted (it has no peer address)")
+			continue
+		}
 		if _, dup := s.conns[c.tuple]; dup {
 			errs[i] = fmt.Errorf("already serving a connection %s", c.tuple)
 			continue

@@ -715,3 +715,65 @@ func TestAppRejectsBadBatches(t *testing.T) {
 		t.Fatalf("report of a new connection: %v", m)
 	}
 }
+
+// A connection the client reset between its commit and its import has no
+// peer address any more. The application refuses that one import and
+// takes the others of the batch; its link to mtcpd stays up (it used to
+// report the dead connection with an empty tuple, a protocol violation
+// for which mtcpd dropped the link and every import of the batch with it).
+func TestImportOfResetConnection(t *testing.T) {
+	a := apptest.Start(t, "A", counter("A", nil))
+	b := apptest.Start(t, "B", counter("B", nil))
+	cs, ts := dialN(t, a, 2)
+	exps, errs := a.Registry.ExportMany(ctxT(t), a.Service, ts)
+	t.Cleanup(func() { closeSockets(exps) })
+	noErrors(t, "export", errs)
+
+	// A TCP connection reset by its peer.
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dead, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dead.Close()
+	peer, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer.(*net.TCPConn).SetLinger(0)
+	peer.Close() // RST
+	dead.SetReadDeadline(time.Now().Add(apptest.Timeout))
+	if _, err := dead.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("reading the reset connection: %v, want ECONNRESET", err)
+	}
+
+	socks, snaps := socketsOf(exps)
+	socks = []syscall.Conn{socks[0], dead.(*net.TCPConn), socks[1]}
+	snaps = [][]byte{snaps[0], nil, snaps[1]}
+	ierrs := b.Registry.ImportMany(ctxT(t), b.Service, socks, snaps)
+	if ierrs[0] != nil || ierrs[2] != nil {
+		t.Fatalf("imports of live connections: %v", ierrs)
+	}
+	if ierrs[1] == nil || !strings.Contains(ierrs[1].Error(), "ended") {
+		t.Fatalf("import of a reset connection: %v, want an error saying it ended", ierrs[1])
+	}
+	noErrors(t, "commit", app.FinishMany(ctxT(t), exps, true))
+	closeSockets(exps)
+	for _, c := range cs {
+		c.do(t, "y", "2 B y")
+	}
+	// The link is up: B still reports its connections, and takes more.
+	if got := b.Registry.Conns(b.Service); len(got) != 2 {
+		t.Errorf("B reports %d connections, want 2", len(got))
+	}
+	c := dial(t, b)
+	c.do(t, "z", "1 B z")
+	apptest.Eventually(t, apptest.Timeout, "B to report 3 connections", func() (bool, string) {
+		got := len(b.Registry.Conns(b.Service))
+		return got == 3, fmt.Sprint(got)
+	})
+}
