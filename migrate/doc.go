@@ -20,8 +20,10 @@
 //	          applications have stopped: acknowledgements held while an
 //	          application still writes only grow what capture carries)
 //	capture   source: sockets are frozen (TCP_REPAIR) and captured
-//	transfer  target: restore the sockets in repair mode (the reply-source
-//	          rewrite may go in after the answer, before the commit)
+//	transfer  target: restore the sockets in repair mode, with their
+//	          reply-source rewrite in before the answer (a socket in
+//	          repair mode sends nothing of its own but acknowledges what
+//	          reaches it, which the switch may deliver at once)
 //	switch    steering: send the flows to the target, re-deliver what was
 //	          queued
 //	commit    target: leave repair mode, hand over to the application;

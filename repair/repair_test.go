@@ -329,6 +329,55 @@ func TestThawContinues(t *testing.T) {
 	}
 }
 
+// TestRestoredAnswersInRepairMode pins down a kernel behaviour mtcpd's
+// ordering relies on: a restored socket still in repair mode (before
+// Commit) acknowledges a segment that reaches it. Whatever it sends must
+// already be rewritten to the address the client dialled, so a target
+// installs its reply rewrites before its sockets can receive anything
+// (daemon.Transfer).
+func TestRestoredAnswersInRepairMode(t *testing.T) {
+	skipUnlessRoot(t)
+	client, server := pair(t, pairOpts{network: "tcp4"})
+	f, err := Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Capture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Discard(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Restore(st, RestoreOptions{Local: st.Local})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Abort()
+	if _, err := client.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := client.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var info *unix.TCPInfo
+		var gerr error
+		if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil || gerr != nil {
+			t.Fatal(err, gerr)
+		}
+		if info.Unacked == 0 {
+			return // acknowledged by the restored socket
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the client's segment is still unacknowledged (%d), so a socket in repair mode does not answer: the rewrite ordering in daemon.Transfer can be relaxed", info.Unacked)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func TestSockoptsSurvive(t *testing.T) {
 	skipUnlessRoot(t)
 	for _, network := range []string{"tcp4", "tcp6"} {
