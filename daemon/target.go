@@ -22,12 +22,36 @@ type incoming struct {
 }
 
 type inItem struct {
-	flow      migrate.Flow
-	app       string
-	snap      []byte
-	local     netip.AddrPort
-	r         *repair.Restored
-	rewritten bool // a reply-source rewrite was installed for it
+	flow  migrate.Flow
+	app   string
+	snap  []byte
+	local netip.AddrPort
+	r     *repair.Restored
+	rw    *rewrite // the reply-source rewrite being installed for it, if any
+	quiet bool     // restored quiet: it needs that rewrite
+}
+
+// rewrite is a batch of reply-source rewrites that Transfer installs after
+// its restores, answering without waiting for it. The sockets are restored
+// quiet (repair.RestoreOptions.Quiet): what they acknowledge in repair
+// mode is dropped, not sent from this host's own address. Commit waits
+// for the rewrite before a socket leaves repair mode.
+type rewrite struct {
+	done chan struct{}
+	err  error
+}
+
+// wait returns the rewrite's outcome once it is in (nil for no rewrite).
+func (rw *rewrite) wait(ctx context.Context) error {
+	if rw == nil {
+		return nil
+	}
+	select {
+	case <-rw.done:
+		return rw.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // maxBlanks bounds the blank sockets kept ready per family.
@@ -111,13 +135,13 @@ func (d *Daemon) takeBlank(v6 bool) *repair.Blank {
 // Transfer restores the items in repair mode, on this host's own service
 // address, and installs the rewrite that gives their replies the address
 // the client dialled (forward steering; in gateway steering the gateway
-// rewrites). The rewrites go in while the sockets are restored, and both
-// are done before Transfer answers: from the answer on the source may
-// switch the flows here, and a client segment that reaches a socket still
-// in repair mode is answered (an acknowledgement), which must leave with
-// the address the client dialled. From this host's own, the client
-// answers it with a RST that kills the connection (seen when the rewrites
-// went in after the answer).
+// rewrites). It answers once the sockets are restored; the rewrites go in
+// meanwhile, and Commit waits for them. From the answer on the source may
+// switch the flows here, and a socket in repair mode acknowledges the
+// client segments that reach it: the sockets are restored quiet (marked
+// for the nat table to drop what they send) until their commit, so that
+// no acknowledgement leaves from this host's own address, which the
+// client would answer with a RST.
 func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequest) (*peer.TransferReply, error) {
 	if d.apps == nil {
 		return nil, fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
@@ -128,57 +152,27 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 	in := &incoming{from: from}
 	results := make([]peer.ItemResult, len(r.Items))
 	var b nat.Batch
-	rewrites := make([]bool, len(r.Items))
-	if d.cfg.Steering == "forward" {
-		for i, it := range r.Items {
-			f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
-			own, err := d.ownAddr(f.Client.Addr().Is6())
-			if err != nil || !f.Client.IsValid() || !f.Service.IsValid() {
-				continue // restoreOne says why
-			}
-			if local := netip.AddrPortFrom(own, f.Service.Port()); local != f.Service {
-				b.ReplyFrom(natFlow(f), local)
-				rewrites[i] = true
-			}
-		}
-	}
-	rewritten := make(chan error, 1)
-	go func() {
-		if b.Len() == 0 {
-			rewritten <- nil
-			return
-		}
-		if err := d.nat.Apply(&b); err != nil {
-			rewritten <- fmt.Errorf("installing reply rewrites: %w", err)
-			return
-		}
-		rewritten <- nil
-	}()
-	var unused nat.Batch // rewrites of items that were not restored
+	rw := &rewrite{done: make(chan struct{})}
 	for i, it := range r.Items {
 		item, err := d.restoreOne(it)
 		if err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
-			if rewrites[i] {
-				unused.Remove(natFlow(migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}))
-			}
 			continue
 		}
 		results[i] = peer.ItemResult{OK: true}
-		item.rewritten = rewrites[i]
 		in.items = append(in.items, item)
-	}
-	if err := <-rewritten; err != nil {
-		// One transaction: none went in. Nothing restored may stay.
-		for _, item := range in.items {
-			item.rewritten = false
+		if item.quiet {
+			b.ReplyFrom(natFlow(item.flow), item.local)
+			item.rw = rw
 		}
-		return nil, errors.Join(err, d.discardIncoming(in))
 	}
-	if unused.Len() > 0 {
-		if err := d.nat.Apply(&unused); err != nil {
-			d.log.Warn("removing the reply rewrites of connections not restored", "err", err)
-		}
+	if b.Len() > 0 {
+		go func() {
+			if err := d.nat.Apply(&b); err != nil {
+				rw.err = fmt.Errorf("installing reply rewrites: %w", err)
+			}
+			close(rw.done)
+		}()
 	}
 	if err := ctx.Err(); err != nil {
 		// The source gave up on this transfer (and may have sent its
@@ -222,12 +216,13 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	if err != nil {
 		return nil, err
 	}
-	local := netip.AddrPortFrom(own, f.Service.Port())
-	r, err := repair.Restore(st, repair.RestoreOptions{Local: local, Remote: f.Client, Blank: d.takeBlank(v6)})
-	if err != nil {
+	item := &inItem{flow: f, app: it.Service, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
+	// A socket that needs a reply rewrite here stays quiet until it is in.
+	item.quiet = item.local != f.Service && d.cfg.Steering == "forward"
+	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: item.quiet}); err != nil {
 		return nil, err
 	}
-	return &inItem{flow: f, app: it.Service, snap: it.App, local: local, r: r}, nil
+	return item, nil
 }
 
 // Commit brings the transfer's connections to life and hands them to
@@ -251,7 +246,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 	files := make([]*os.File, len(in.items))
 	byApp := map[string][]int{}
 	for i, item := range in.items {
-		f, err := commitSocket(item)
+		f, err := commitSocket(ctx, item)
 		if err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
 			d.log.Error("commit failed", "flow", item.flow, "err", err)
@@ -301,10 +296,14 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 // tuple is the restored socket's own ends.
 func (item *inItem) tuple() app.Tuple { return app.Tuple{Local: item.local, Remote: item.flow.Client} }
 
-// commitSocket takes a restored socket out of repair mode (its reply
-// rewrite is in since Transfer) and returns a descriptor of it for its
-// application.
-func commitSocket(item *inItem) (*os.File, error) {
+// commitSocket takes a restored socket out of repair mode, once its reply
+// rewrite is in, and returns a descriptor of it for its application. If
+// the rewrite failed the socket goes silently: its replies would reach
+// the client from an address it never dialled.
+func commitSocket(ctx context.Context, item *inItem) (*os.File, error) {
+	if err := item.rw.wait(ctx); err != nil {
+		return nil, errors.Join(err, item.r.Abort())
+	}
 	if err := item.r.Commit(); err != nil {
 		return nil, err
 	}
@@ -337,7 +336,10 @@ func (d *Daemon) discardIncoming(in *incoming) error {
 	var b nat.Batch
 	for _, item := range in.items {
 		errs = append(errs, item.r.Abort())
-		if item.rewritten {
+		if item.rw != nil {
+			// Wait for the rewrite to be in (or to have failed), or
+			// removing it could come first and leave it behind.
+			<-item.rw.done
 			b.Remove(natFlow(item.flow))
 		}
 	}

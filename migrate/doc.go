@@ -20,10 +20,11 @@
 //	          applications have stopped: acknowledgements held while an
 //	          application still writes only grow what capture carries)
 //	capture   source: sockets are frozen (TCP_REPAIR) and captured
-//	transfer  target: restore the sockets in repair mode, with their
-//	          reply-source rewrite in before the answer (a socket in
+//	transfer  target: restore the sockets in repair mode (a socket in
 //	          repair mode sends nothing of its own but acknowledges what
-//	          reaches it, which the switch may deliver at once)
+//	          reaches it, which the switch may deliver at once: the target
+//	          drops that until the commit, which waits for the
+//	          reply-source rewrite; it may go in after the answer)
 //	switch    steering: send the flows to the target, re-deliver what was
 //	          queued
 //	commit    target: leave repair mode, hand over to the application;

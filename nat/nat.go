@@ -27,6 +27,14 @@ const (
 // repair, so the two constants are kept equal by hand.
 const InjectMark uint32 = 0x6d746370
 
+// QuietMark is the packet mark of a socket that must not be heard yet: the
+// table drops what such a socket sends. A target marks a restored socket so
+// until its commit, for a socket in repair mode acknowledges the segments
+// that reach it, and from the host's own address (its reply rewrite may
+// not be in yet) the client would answer them with a RST. It must equal
+// repair.QuietMark ("mtcq" in ASCII).
+const QuietMark uint32 = 0x6d746371
+
 // Flow is one TCP connection as its client sees it: the client's address and
 // the service address it dialled (the original server's).
 //

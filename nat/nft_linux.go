@@ -438,6 +438,16 @@ func match(v6 bool, extra ...expr.Any) []expr.Any {
 	)
 }
 
+// quietRule drops what sockets marked QuietMark send, before any rewrite.
+func (n *nftConn) quietRule() nftReq {
+	return n.ruleReq(chainPost, "quiet", ex(
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: uint32(regKey)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: uint32(regKey), Data: binary.NativeEndian.AppendUint32(nil, QuietMark)},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	)...)
+}
+
 // holdRule: packets of a held flow, unless marked InjectMark, go to
 // NFQUEUE q without the bypass flag: with no reader they are dropped,
 // never delivered to the frozen socket (which would answer with a RST).
@@ -518,6 +528,7 @@ func (n *nftConn) layout(o Options, how holdVerdict) []nftReq {
 		n.flushChainReq(chainPre),
 		n.flushChainReq(chainPost),
 	)
+	reqs = append(reqs, n.quietRule())
 	for _, v6 := range []bool{false, true} {
 		reqs = append(reqs, n.holdRule(v6, o.Queue, how))
 	}

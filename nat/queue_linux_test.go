@@ -115,3 +115,32 @@ func TestQueueBusy(t *testing.T) {
 	}
 	t.Logf("error: %v", err)
 }
+
+// TestQuietMarkDropped: what a socket marked QuietMark sends is dropped
+// (a restored socket in repair mode must not be heard before its reply
+// rewrite is in); once the mark is gone, TCP's retransmission delivers it.
+func TestQuietMarkDropped(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "quiet")
+	openIn(t, ns, Options{})
+	c, s := loopConn(t, ns, 40003, 7003, 0)
+	setMark := func(v int) {
+		t.Helper()
+		rc, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, v) }); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
+	}
+	setMark(int(QuietMark))
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // loopback delivers in microseconds
+	nothingToRead(t, s)
+	setMark(0)
+	readExactly(t, s, "x")
+}

@@ -29,13 +29,14 @@ func TestOpenIdempotent(t *testing.T) {
 		"table inet mtcp", "chain prerouting", "priority raw", "chain postrouting", "priority srcnat",
 		"set hold4", "set hold6", "map fwd4", "map fwd6", "map reply4", "map reply6", "map gwreply4", "map gwreply6",
 		"meta mark != 0x6d746370",
+		"meta mark 0x6d746371 counter packets 0 bytes 0 drop",
 	} {
 		if !strings.Contains(first, want) {
 			t.Errorf("ruleset after Open lacks %q:\n%s", want, first)
 		}
 	}
-	if n := strings.Count(first, "\n\t\tmeta "); n != 8 {
-		t.Errorf("ruleset after Open has %d rules; want 8:\n%s", n, first)
+	if n := strings.Count(first, "\n\t\tmeta "); n != 9 {
+		t.Errorf("ruleset after Open has %d rules; want 9:\n%s", n, first)
 	}
 
 	var b Batch

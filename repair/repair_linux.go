@@ -200,6 +200,7 @@ type Restored struct {
 	fd        int
 	raw       int // raw socket for injecting the peer's FIN, or -1
 	committed bool
+	quiet     bool     // marked QuietMark until Commit
 	bufs      [][2]int // buffer sizes to set back after commit
 	st        *State
 	local     netip.AddrPort
@@ -214,7 +215,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err := st.Validate(); err != nil {
 		return nil, opErr("restore", err)
 	}
-	r := &Restored{fd: -1, raw: -1, st: st, local: st.Local, remote: st.Remote}
+	r := &Restored{fd: -1, raw: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet}
 	if o.Local.IsValid() {
 		r.local = o.Local
 	}
@@ -376,7 +377,15 @@ func (r *Restored) build() error {
 		return err
 	}
 	r.bufs = bufs
-	return setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts)
+	if err := setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts); err != nil {
+		return err
+	}
+	if r.quiet {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
+			return fmt.Errorf("SO_MARK (quiet): %w", err)
+		}
+	}
+	return nil
 }
 
 // Local returns the restored socket's local address.
@@ -408,8 +417,15 @@ func (r *Restored) commit() error {
 	fd, st := r.fd, r.st
 	// With data in flight, the window probe sent on leaving repair mode
 	// makes the peer acknowledge at once what it holds; an idle connection
-	// needs none (on loopback the probe costs a fifth of the restore).
-	if err := repairOff(fd, len(st.SendQueue) > int(st.Unsent)); err != nil {
+	// needs none (on loopback the probe costs a fifth of the restore),
+	// unless the socket was quiet: then the probe also acknowledges what
+	// reached it in repair mode, whose acknowledgements were dropped.
+	if r.quiet {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(st.Sockopts.Mark)); err != nil {
+			return fmt.Errorf("SO_MARK: %w", err)
+		}
+	}
+	if err := repairOff(fd, r.quiet || len(st.SendQueue) > int(st.Unsent)); err != nil {
 		return err
 	}
 	if st.Unsent > 0 {

@@ -329,12 +329,12 @@ func TestThawContinues(t *testing.T) {
 	}
 }
 
-// TestRestoredAnswersInRepairMode pins down a kernel behaviour mtcpd's
-// ordering relies on: a restored socket still in repair mode (before
-// Commit) acknowledges a segment that reaches it. Whatever it sends must
-// already be rewritten to the address the client dialled, so a target
-// installs its reply rewrites before its sockets can receive anything
-// (daemon.Transfer).
+// TestRestoredAnswersInRepairMode pins down the kernel behaviour that
+// RestoreOptions.Quiet is for: a restored socket still in repair mode
+// (before Commit) acknowledges a segment that reaches it, from whatever
+// address it has, before the target's reply rewrite may be in
+// (daemon.Transfer). Then with Quiet, the socket is marked QuietMark until
+// Commit, and carries its captured mark after.
 func TestRestoredAnswersInRepairMode(t *testing.T) {
 	skipUnlessRoot(t)
 	client, server := pair(t, pairOpts{network: "tcp4"})
@@ -372,9 +372,68 @@ func TestRestoredAnswersInRepairMode(t *testing.T) {
 			return // acknowledged by the restored socket
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the client's segment is still unacknowledged (%d), so a socket in repair mode does not answer: the rewrite ordering in daemon.Transfer can be relaxed", info.Unacked)
+			t.Fatalf("the client's segment is still unacknowledged (%d), so a socket in repair mode does not answer: RestoreOptions.Quiet is not needed", info.Unacked)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestQuietRestoreMark(t *testing.T) {
+	skipUnlessRoot(t)
+	client, server := pair(t, pairOpts{network: "tcp4"})
+	const appMark = 42
+	rc, err := server.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setBuf(rc, unix.SO_MARK, appMark); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Capture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Discard(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Restore(st, RestoreOptions{Local: st.Local, Quiet: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark := func() int {
+		t.Helper()
+		v, err := unix.GetsockoptInt(r.fd, unix.SOL_SOCKET, unix.SO_MARK)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if m := mark(); m != QuietMark {
+		t.Fatalf("mark before Commit %#x, want QuietMark", m)
+	}
+	if err := r.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if m := mark(); m != appMark {
+		t.Fatalf("mark after Commit %d, want the captured %d", m, appMark)
+	}
+	conn, err := r.Conn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := client.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(conn, b); err != nil || string(b) != "ping" {
+		t.Fatalf("restored end read %q, %v", b, err)
 	}
 }
 

@@ -207,4 +207,16 @@ type RestoreOptions struct {
 	// Blank is a socket made ahead with NewBlank, so that the restore does
 	// not create one while the connection is frozen; nil makes one.
 	Blank *Blank
+	// Quiet marks the socket QuietMark (SO_MARK) until Commit, which sets
+	// the mark back to the captured one. A socket in repair mode sends
+	// nothing of its own, but it acknowledges the segments that reach it;
+	// a firewall that drops packets marked QuietMark (package nat's table
+	// does) keeps those acknowledgements from leaving before the rules
+	// that rewrite them are in. Commit then sends a window probe, whose
+	// acknowledgement field makes up for the dropped ones.
+	Quiet bool
 }
+
+// QuietMark is the SO_MARK of a socket restored with RestoreOptions.Quiet
+// until its Commit: "mtcq" in ASCII.
+const QuietMark = 0x6d746371
