@@ -417,15 +417,19 @@ func (r *Restored) commit() error {
 	fd, st := r.fd, r.st
 	// With data in flight, the window probe sent on leaving repair mode
 	// makes the peer acknowledge at once what it holds; an idle connection
-	// needs none (on loopback the probe costs a fifth of the restore),
-	// unless the socket was quiet: then the probe also acknowledges what
-	// reached it in repair mode, whose acknowledgements were dropped.
+	// needs none (on loopback the probe costs a fifth of the restore).
+	// A quiet socket that took data in while in repair mode needs one too:
+	// its acknowledgements were dropped, and the probe carries them.
+	probe := len(st.SendQueue) > int(st.Unsent)
 	if r.quiet {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(st.Sockopts.Mark)); err != nil {
 			return fmt.Errorf("SO_MARK: %w", err)
 		}
+		if n, err := unix.IoctlGetInt(fd, unix.SIOCINQ); err != nil || n > len(st.RecvQueue) {
+			probe = true
+		}
 	}
-	if err := repairOff(fd, r.quiet || len(st.SendQueue) > int(st.Unsent)); err != nil {
+	if err := repairOff(fd, probe); err != nil {
 		return err
 	}
 	if st.Unsent > 0 {

@@ -212,8 +212,9 @@ type RestoreOptions struct {
 	// nothing of its own, but it acknowledges the segments that reach it;
 	// a firewall that drops packets marked QuietMark (package nat's table
 	// does) keeps those acknowledgements from leaving before the rules
-	// that rewrite them are in. Commit then sends a window probe, whose
-	// acknowledgement field makes up for the dropped ones.
+	// that rewrite them are in. Commit then sends a window probe if the
+	// socket took data in meanwhile: its acknowledgement field makes up
+	// for the dropped ones.
 	Quiet bool
 }
 
