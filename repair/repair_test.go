@@ -333,22 +333,11 @@ func TestThawContinues(t *testing.T) {
 // RestoreOptions.Quiet is for: a restored socket still in repair mode
 // (before Commit) acknowledges a segment that reaches it, from whatever
 // address it has, before the target's reply rewrite may be in
-// (daemon.Transfer). Then with Quiet, the socket is marked QuietMark until
-// Commit, and carries its captured mark after.
+// (daemon.Transfer).
 func TestRestoredAnswersInRepairMode(t *testing.T) {
 	skipUnlessRoot(t)
 	client, server := pair(t, pairOpts{network: "tcp4"})
-	f, err := Freeze(server)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := f.Capture()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Discard(); err != nil {
-		t.Fatal(err)
-	}
+	st := takeOver(t, server)
 	r, err := Restore(st, RestoreOptions{Local: st.Local})
 	if err != nil {
 		t.Fatal(err)
@@ -378,6 +367,25 @@ func TestRestoredAnswersInRepairMode(t *testing.T) {
 	}
 }
 
+// takeOver freezes and captures c, then discards it (silently).
+func takeOver(t *testing.T, c *net.TCPConn) *State {
+	t.Helper()
+	f, err := Freeze(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Capture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Discard(); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// TestQuietRestoreMark: a socket restored Quiet carries QuietMark until
+// Commit and its captured mark after, and works.
 func TestQuietRestoreMark(t *testing.T) {
 	skipUnlessRoot(t)
 	client, server := pair(t, pairOpts{network: "tcp4"})
@@ -389,17 +397,7 @@ func TestQuietRestoreMark(t *testing.T) {
 	if err := setBuf(rc, unix.SO_MARK, appMark); err != nil {
 		t.Fatal(err)
 	}
-	f, err := Freeze(server)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := f.Capture()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Discard(); err != nil {
-		t.Fatal(err)
-	}
+	st := takeOver(t, server)
 	r, err := Restore(st, RestoreOptions{Local: st.Local, Quiet: true})
 	if err != nil {
 		t.Fatal(err)
