@@ -28,7 +28,6 @@ type inItem struct {
 	local netip.AddrPort
 	r     *repair.Restored
 	rw    *rewrite // the reply-source rewrite being installed for it, if any
-	quiet bool     // restored quiet: it needs that rewrite
 }
 
 // rewrite is a batch of reply-source rewrites that Transfer installs after
@@ -161,7 +160,7 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 		}
 		results[i] = peer.ItemResult{OK: true}
 		in.items = append(in.items, item)
-		if item.quiet {
+		if d.rewritesReplies(item.flow, item.local) {
 			b.ReplyFrom(natFlow(item.flow), item.local)
 			item.rw = rw
 		}
@@ -218,11 +217,18 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	}
 	item := &inItem{flow: f, app: it.Service, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
 	// A socket that needs a reply rewrite here stays quiet until it is in.
-	item.quiet = item.local != f.Service && d.cfg.Steering == "forward"
-	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: item.quiet}); err != nil {
+	quiet := d.rewritesReplies(f, item.local)
+	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: quiet}); err != nil {
 		return nil, err
 	}
 	return item, nil
+}
+
+// rewritesReplies reports whether this host gives the replies of flow f,
+// restored here on local, the address the client dialled: with forward
+// steering, when local is not that address.
+func (d *Daemon) rewritesReplies(f migrate.Flow, local netip.AddrPort) bool {
+	return local != f.Service && d.cfg.Steering == "forward"
 }
 
 // Commit brings the transfer's connections to life and hands them to

@@ -432,15 +432,14 @@ func (p *plan) phases(timeout time.Duration) (first, last [numSets]setChanges) {
 // removed lists, per set, the keys the plan removes and does not add
 // back, in the sets the packet path refreshes (all but the holds): those
 // a racing packet may have re-created (see [Table.Apply]).
-func (p *plan) removed() (out [numSets][]setElem, any bool) {
+func (p *plan) removed() (out [numSets][]setElem) {
 	for _, k := range p.order {
 		if setSpecs[k.set].kind == KindHold || p.changes[k].present {
 			continue
 		}
 		out[k.set] = append(out[k.set], setElem{key: []byte(k.key)})
-		any = true
 	}
-	return out, any
+	return out
 }
 
 // commit folds the plan's index changes into the base index.

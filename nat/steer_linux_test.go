@@ -679,7 +679,6 @@ func flood(t *testing.T, b *testbed.Bed, f Flow) {
 		t.Logf("%d segments sent", <-sent)
 		unix.Close(fd)
 	})
-
 }
 
 // TestRemoveUnderTraffic adds and removes a flow's forward 200 times

@@ -95,9 +95,10 @@ func (t *Table) Options() Options { return t.opts }
 // flow's packets still pass (not held, its socket not frozen) can leave a
 // copy behind the same way: Apply then looks up every element it removed
 // (and did not add back) and removes again those still there. If a later
-// transaction fails, the first stays applied and Apply says so. b is left unchanged;
-// Apply refuses the whole batch, changing nothing, if any change in it is
-// malformed (error wrapping ErrInvalid). An empty batch does nothing.
+// transaction fails, the first stays applied and Apply says so. b is left
+// unchanged; Apply refuses the whole batch, changing nothing, if any
+// change in it is malformed (error wrapping ErrInvalid). An empty batch
+// does nothing.
 func (t *Table) Apply(b *Batch) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -135,10 +136,7 @@ func (t *Table) applyLocked(ops []op) error {
 			return fmt.Errorf("lifting holds after the batch's other changes went in: %w", err)
 		}
 	}
-	if gone, any := p.removed(); any {
-		return t.sweep(gone)
-	}
-	return nil
+	return t.sweep(p.removed())
 }
 
 // sweepAttempts bounds the rounds of [Table.sweep].
@@ -146,7 +144,8 @@ const sweepAttempts = 8
 
 // sweep removes again the elements a transaction removed that a packet
 // re-created while it committed (see [Table.Apply]): it looks each one up
-// and removes those still there, until none is. Each round's window for
+// and removes those still there, until none is. With nothing removed it
+// does nothing. Each round's window for
 // the race is one commit, so a flow would have to keep sending through
 // every one of them to keep its element.
 func (t *Table) sweep(gone [numSets][]setElem) error {
