@@ -29,6 +29,9 @@ type Daemon struct {
 	nat  *nat.Table
 	q    *nat.Queue
 	apps *app.Registry
+	// inject sends restored sockets the segments their restore needs
+	// from the peer, for every restore here (one set of raw sockets).
+	inject *repair.Injector
 
 	peersMu sync.Mutex
 	peers   map[string]*peerConn
@@ -93,6 +96,10 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return fmt.Errorf("mtcpd: nfqueue: %w", err)
 	}
 	defer d.q.Close()
+	if d.inject, err = repair.NewInjector(); err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	defer d.inject.Close()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

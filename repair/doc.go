@@ -17,7 +17,14 @@
 // Half-closed connections (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING) are
 // captured with their FINs accounted for and rebuilt at commit: an outbound
 // FIN by shutdown(2), an inbound one by a FIN segment injected through a raw
-// socket, in the order the state machine needs.
+// socket ([Injector]), in the order the state machine needs.
+//
+// A socket in repair mode sends nothing of its own but acknowledges what
+// reaches it. [RestoreOptions.Quiet] marks a restored socket so that a
+// firewall can drop those acknowledgements until the socket's address
+// rewrite is in; if it took anything in meanwhile, [Restored.Commit] makes
+// it acknowledge again, with a stale segment injected from the peer, which
+// the kernel answers with an acknowledgement of what it holds.
 //
 // MPTCP sockets (the default for Go ≥ 1.24 listeners), sockets with an
 // upper-layer protocol such as kTLS, listening sockets and anything that is
@@ -33,7 +40,7 @@
 // because this package keeps the raw system calls.
 //
 // Privileges: TCP_REPAIR needs CAP_NET_ADMIN in the socket's network
-// namespace, the FIN injection a raw socket (CAP_NET_RAW), TakeFD ptrace
+// namespace, the injected segments a raw socket (CAP_NET_RAW), TakeFD ptrace
 // rights over the target. All TCP_REPAIR socket options are issued from one
 // file (sockopt_linux.go); the rest of the package speaks in State values.
 //

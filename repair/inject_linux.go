@@ -2,6 +2,7 @@ package repair
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"golang.org/x/sys/unix"
@@ -18,32 +19,75 @@ const (
 	tcpACK = 0x10
 )
 
-// injectFIN delivers the peer's FIN to a restored socket. No socket option
-// can put a socket into CLOSE_WAIT, LAST_ACK or CLOSING, so the FIN the
-// source socket had received is replayed as a segment from the peer's
-// address, through a raw socket, looped back to the local socket. Its
-// sequence number is the first one after the receive queue and it
-// acknowledges only what the peer had acknowledged at capture, so the
-// kernel accepts it as the next in-order segment.
-func injectFIN(r *Restored) error {
-	st := r.st
-	seq := st.RecvSeq + uint32(len(st.RecvQueue))
-	ack := st.SendSeq
-	win := st.Window.SndWnd >> st.SndWScale
-	win = min(win, 0xffff)
+// Injector sends segments to restored sockets as if from their peers,
+// through raw sockets made in the network namespace NewInjector ran in
+// (the restored sockets' namespace). A restore that may need one (a peer's
+// FIN to replay, a quiet socket) takes it from RestoreOptions.Injector, or
+// makes its own for the one socket. It is safe for concurrent use.
+type Injector struct {
+	fd4, fd6 int
+	err6     error // why there is no IPv6 raw socket
+}
 
+// NewInjector opens an Injector's raw sockets in the calling thread's
+// network namespace. It needs CAP_NET_RAW. A namespace without IPv6 gets
+// an Injector for IPv4 only.
+func NewInjector() (*Injector, error) {
+	fd4, err := rawSocket(unix.AF_INET)
+	if err != nil {
+		return nil, opErr("injector", err)
+	}
+	i := &Injector{fd4: fd4}
+	if i.fd6, i.err6 = rawSocket(unix.AF_INET6); i.err6 != nil {
+		i.fd6 = -1
+	}
+	return i, nil
+}
+
+// newInjector opens an Injector for one address family.
+func newInjector(v6 bool) (*Injector, error) {
+	i := &Injector{fd4: -1, fd6: -1}
+	var err error
+	if v6 {
+		i.fd6, err = rawSocket(unix.AF_INET6)
+	} else {
+		i.fd4, err = rawSocket(unix.AF_INET)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return i, nil
+}
+
+// Close closes the raw sockets.
+func (i *Injector) Close() error {
+	var errs []error
+	for _, fd := range []*int{&i.fd4, &i.fd6} {
+		if *fd >= 0 {
+			errs = append(errs, unix.Close(*fd))
+			*fd = -1
+		}
+	}
+	return opErr("injector: close", errors.Join(errs...))
+}
+
+// send delivers one segment to r's socket from r's peer.
+func (i *Injector) send(r *Restored, seq, ack uint32, flags byte) error {
+	st := r.st
+	win := min(st.Window.SndWnd>>st.SndWScale, 0xffff)
 	tcp := make([]byte, 20)
 	binary.BigEndian.PutUint16(tcp[0:], r.remote.Port())
 	binary.BigEndian.PutUint16(tcp[2:], r.local.Port())
 	binary.BigEndian.PutUint32(tcp[4:], seq)
 	binary.BigEndian.PutUint32(tcp[8:], ack)
 	tcp[12] = 5 << 4
-	tcp[13] = tcpFIN | tcpACK
+	tcp[13] = flags
 	binary.BigEndian.PutUint16(tcp[14:], uint16(win))
 
 	src, dst := r.remote.Addr().AsSlice(), r.local.Addr().AsSlice()
 	var pkt []byte
 	var to unix.Sockaddr
+	fd := i.fd4
 	if r.local.Addr().Is4() {
 		pkt = make([]byte, 20, 40)
 		pkt[0] = 0x45
@@ -56,6 +100,10 @@ func injectFIN(r *Restored) error {
 		// The kernel fills in the IP checksum and ID of IP_HDRINCL packets.
 		to = &unix.SockaddrInet4{Addr: r.local.Addr().As4()}
 	} else {
+		fd = i.fd6
+		if fd < 0 {
+			return fmt.Errorf("no IPv6 raw socket: %w", i.err6)
+		}
 		pkt = make([]byte, 40, 60)
 		pkt[0] = 0x60
 		binary.BigEndian.PutUint16(pkt[4:], 20)
@@ -65,22 +113,51 @@ func injectFIN(r *Restored) error {
 		copy(pkt[24:], dst)
 		to = &unix.SockaddrInet6{Addr: r.local.Addr().As16()}
 	}
+	if fd < 0 {
+		return errors.New("no IPv4 raw socket")
+	}
 	binary.BigEndian.PutUint16(tcp[16:], tcpChecksum(src, dst, tcp))
-	pkt = append(pkt, tcp...)
+	return unix.Sendto(fd, append(pkt, tcp...), 0, to)
+}
 
-	if err := unix.Sendto(r.raw, pkt, 0, to); err != nil {
+// injectFIN delivers the peer's FIN to a restored socket. No socket option
+// can put a socket into CLOSE_WAIT, LAST_ACK or CLOSING, so the FIN the
+// source socket had received is replayed as a segment from the peer's
+// address, through a raw socket, looped back to the local socket. Its
+// sequence number is the first one after the receive queue and it
+// acknowledges only what the peer had acknowledged at capture, so the
+// kernel accepts it as the next in-order segment.
+func injectFIN(r *Restored) error {
+	st := r.st
+	if err := r.inj.send(r, st.RecvSeq+uint32(len(st.RecvQueue)), st.SendSeq, tcpFIN|tcpACK); err != nil {
 		return fmt.Errorf("inject FIN: send: %w", err)
 	}
 	return nil
 }
 
-// rawSocket opens the socket injectFIN sends through. IPPROTO_RAW implies
+// injectStaleACK makes a committed socket acknowledge at once what it has
+// received: it delivers a bare acknowledgement from the peer whose
+// sequence number lies before the socket's receive window, and the kernel
+// answers a segment it cannot accept with an acknowledgement of its own
+// (RFC 9293 §3.10.7.4), carrying rcv_nxt. Nothing of the injected segment
+// is taken in. A socket that has not sent such an answer in the last
+// half second (net.ipv4.tcp_invalid_ratelimit) sends it; a restored one
+// has sent none.
+func injectStaleACK(r *Restored) error {
+	st := r.st
+	if err := r.inj.send(r, st.RecvSeq+uint32(len(st.RecvQueue))-1, st.SendSeq, tcpACK); err != nil {
+		return fmt.Errorf("inject a stale acknowledgement: send: %w", err)
+	}
+	return nil
+}
+
+// rawSocket opens a socket the Injector sends through. IPPROTO_RAW implies
 // IP_HDRINCL (IPV6_HDRINCL for IPv6): the packet carries the peer's address
 // as its source.
 func rawSocket(domain int) (int, error) {
 	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
-		return -1, fmt.Errorf("raw socket for the FIN (needs CAP_NET_RAW): %w", err)
+		return -1, fmt.Errorf("raw socket to inject the peer's segments (needs CAP_NET_RAW): %w", err)
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, InjectMark); err != nil {
 		unix.Close(fd)

@@ -198,7 +198,8 @@ func capture(fd int, local, remote netip.AddrPort) (*State, error) {
 // it over; [Restored.Abort] throws it away (silently, before Commit).
 type Restored struct {
 	fd        int
-	raw       int // raw socket for injecting the peer's FIN, or -1
+	inj       *Injector // for the peer's FIN and a quiet socket's acknowledgement
+	ownInj    bool      // inj is this socket's own, closed with it
 	committed bool
 	quiet     bool     // marked QuietMark until Commit
 	bufs      [][2]int // buffer sizes to set back after commit
@@ -215,7 +216,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err := st.Validate(); err != nil {
 		return nil, opErr("restore", err)
 	}
-	r := &Restored{fd: -1, raw: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet}
+	r := &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet, inj: o.Injector}
 	if o.Local.IsValid() {
 		r.local = o.Local
 	}
@@ -242,10 +243,11 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	b.fd = -1 // the Restored owns it now, whatever happens
 	r.fd = fd
 	err := r.build()
-	if err == nil && st.TCPState.inboundFIN() {
+	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || r.quiet) {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.
-		r.raw, err = rawSocket(domain)
+		r.inj, err = newInjector(domain == unix.AF_INET6)
+		r.ownInj = err == nil
 	}
 	if err != nil {
 		unix.Close(fd) // in repair mode: nothing is sent
@@ -406,10 +408,7 @@ func (r *Restored) Commit() error {
 		return opErr("commit", err)
 	}
 	r.committed = true
-	if r.raw >= 0 {
-		unix.Close(r.raw)
-		r.raw = -1
-	}
+	r.closeInjector()
 	return nil
 }
 
@@ -418,19 +417,32 @@ func (r *Restored) commit() error {
 	// With data in flight, the window probe sent on leaving repair mode
 	// makes the peer acknowledge at once what it holds; an idle connection
 	// needs none (on loopback the probe costs a fifth of the restore).
-	// A quiet socket that took data in while in repair mode needs one too:
-	// its acknowledgements were dropped, and the probe carries them.
 	probe := len(st.SendQueue) > int(st.Unsent)
+	// A quiet socket that took something in while in repair mode (data,
+	// a FIN) had its acknowledgement dropped: it acknowledges again once
+	// out of repair mode. (The window probe would not do: it lies before
+	// the peer's window, and the peer discards it with its acknowledgement
+	// field unread.)
+	var tookIn bool
 	if r.quiet {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(st.Sockopts.Mark)); err != nil {
 			return fmt.Errorf("SO_MARK: %w", err)
 		}
-		if n, err := unix.IoctlGetInt(fd, unix.SIOCINQ); err != nil || n > len(st.RecvQueue) {
-			probe = true
+		info, err := unix.GetsockoptTCPInfo(fd, unix.SOL_TCP, unix.TCP_INFO)
+		if err != nil {
+			return fmt.Errorf("TCP_INFO: %w", err)
 		}
+		// bytes_received counts the restored queue and every sequence
+		// number taken in since, a FIN's included.
+		tookIn = info.Bytes_received > uint64(len(st.RecvQueue))
 	}
 	if err := repairOff(fd, probe); err != nil {
 		return err
+	}
+	if tookIn {
+		if err := injectStaleACK(r); err != nil {
+			return err
+		}
 	}
 	if st.Unsent > 0 {
 		if err := writeQueue(fd, queueNone, st.SendQueue[len(st.SendQueue)-int(st.Unsent):]); err != nil {
@@ -534,12 +546,18 @@ func (r *Restored) Abort() error {
 	return opErr("abort", r.closeAll())
 }
 
+// closeInjector closes the socket's own Injector, if it has one.
+func (r *Restored) closeInjector() {
+	if r.ownInj {
+		r.inj.Close()
+		r.ownInj = false
+	}
+	r.inj = nil
+}
+
 func (r *Restored) closeAll() error {
 	var err error
-	if r.raw >= 0 {
-		unix.Close(r.raw)
-		r.raw = -1
-	}
+	r.closeInjector()
 	if r.fd >= 0 {
 		err = unix.Close(r.fd)
 		r.fd = -1

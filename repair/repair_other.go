@@ -59,6 +59,16 @@ func (r *Restored) Conn() (*net.TCPConn, error) { return nil, opErr("conn", ErrU
 // Abort reports ErrUnsupported.
 func (r *Restored) Abort() error { return opErr("abort", ErrUnsupported) }
 
+// Injector sends segments to restored sockets. TCP_REPAIR exists on Linux
+// only.
+type Injector struct{}
+
+// NewInjector reports ErrUnsupported.
+func NewInjector() (*Injector, error) { return nil, opErr("injector", ErrUnsupported) }
+
+// Close does nothing.
+func (i *Injector) Close() error { return nil }
+
 // InjectMark is the SO_MARK of segments the Linux implementation injects.
 const InjectMark = 0x6d746370
 

@@ -212,10 +212,16 @@ type RestoreOptions struct {
 	// nothing of its own, but it acknowledges the segments that reach it;
 	// a firewall that drops packets marked QuietMark (package nat's table
 	// does) keeps those acknowledgements from leaving before the rules
-	// that rewrite them are in. Commit then sends a window probe if the
-	// socket took data in meanwhile: its acknowledgement field makes up
-	// for the dropped ones.
+	// that rewrite them are in. If the socket took anything in meanwhile
+	// (data or the peer's FIN), Commit makes it acknowledge that at once,
+	// through the Injector, so that the peer need not retransmit it.
 	Quiet bool
+	// Injector sends the segments a restore needs from the peer (its FIN,
+	// for a connection the peer had half-closed; what makes a quiet socket
+	// acknowledge); it must be of the namespace the socket is restored in.
+	// Nil makes one for this socket when it needs one, at a cost of a few
+	// system calls: a caller restoring many sockets shares one.
+	Injector *Injector
 }
 
 // QuietMark is the SO_MARK of a socket restored with RestoreOptions.Quiet
