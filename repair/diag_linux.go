@@ -294,6 +294,7 @@ const (
 	offBytesRecv    = unsafe.Offsetof(unix.TCPInfo{}.Bytes_received)
 	offMinRTT       = unsafe.Offsetof(unix.TCPInfo{}.Min_rtt)
 	offDeliveryRate = unsafe.Offsetof(unix.TCPInfo{}.Delivery_rate)
+	offTotalRTO     = unsafe.Offsetof(unix.TCPInfo{}.Total_rto)
 )
 
 // parseTCPInfo reads the figures of a struct tcp_info of any length;
@@ -329,6 +330,9 @@ func parseTCPInfo(b []byte) TCPInfo {
 	ti.BytesReceived = u64(offBytesRecv)
 	ti.MinRTT = usec(offMinRTT)
 	ti.DeliveryRate = u64(offDeliveryRate)
+	if offTotalRTO+2 <= uintptr(len(b)) {
+		ti.TotalRTO = binary.NativeEndian.Uint16(b[offTotalRTO:])
+	}
 	return ti
 }
 

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -709,5 +710,24 @@ func BenchmarkList1000(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestParseTCPInfo: the figures come from their offsets in struct
+// tcp_info, and a shorter struct (an older kernel's) leaves the fields
+// beyond its end zero.
+func TestParseTCPInfo(t *testing.T) {
+	in := unix.TCPInfo{Retransmits: 2, Total_retrans: 7, Unacked: 3, Snd_cwnd: 10, Bytes_received: 1 << 40, Total_rto: 5}
+	b := unsafe.Slice((*byte)(unsafe.Pointer(&in)), unsafe.Sizeof(in))
+	got := parseTCPInfo(b)
+	want := TCPInfo{Retransmits: 2, TotalRetrans: 7, Unacked: 3, SndCwnd: 10, BytesReceived: 1 << 40, TotalRTO: 5}
+	if got != want {
+		t.Errorf("parseTCPInfo = %+v, want %+v", got, want)
+	}
+	// Linux 6.6's tcp_info ends before tcpi_total_rto.
+	old := parseTCPInfo(b[:offTotalRTO])
+	want.TotalRTO = 0
+	if old != want {
+		t.Errorf("parseTCPInfo of a struct without tcpi_total_rto = %+v, want %+v", old, want)
 	}
 }

@@ -111,6 +111,12 @@ type TCPInfo struct {
 	// Unacked those sent but not acknowledged (in segments, not bytes).
 	TotalRetrans, Lost, Unacked uint32
 
+	// TotalRTO counts the connection's retransmission timeouts
+	// (tcpi_total_rto, Linux 6.7 and later; zero before): the
+	// retransmissions the connection waited a timeout for, as opposed to
+	// fast retransmits and tail loss probes, which TotalRetrans counts too.
+	TotalRTO uint16
+
 	// SndCwnd is the congestion window in segments.
 	SndCwnd uint32
 

@@ -115,9 +115,9 @@ func streamClient(tb testing.TB, p *pool.Pool, v6 bool) (*net.TCPConn, *gapMeter
 	return c, meterStream(c, seed)
 }
 
-// clientRetrans reads the client socket's retransmission count from
-// sock_diag in the client's namespace.
-func clientRetrans(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) uint32 {
+// clientInfo reads the client socket's TCP_INFO from sock_diag in the
+// client's namespace.
+func clientInfo(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) repair.TCPInfo {
 	port := uint16(c.LocalAddr().(*net.TCPAddr).Port)
 	var conns []repair.Conn
 	in(tb, bed.Client, func() (err error) {
@@ -126,11 +126,11 @@ func clientRetrans(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) uint32 {
 	})
 	for _, cn := range conns {
 		if cn.Local.Port() == port {
-			return cn.Info.TotalRetrans
+			return cn.Info
 		}
 	}
 	tb.Fatalf("client socket on port %d not found", port)
-	return 0
+	return repair.TCPInfo{}
 }
 
 // BenchmarkMigrationPause moves a streaming connection around the pool
@@ -143,8 +143,9 @@ func clientRetrans(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) uint32 {
 // as the client reads, which keeps both cores busy with the stream
 // itself). Metrics: pause-p50-ms, pause-p99-ms, pause-max-ms,
 // baseline-p50-ms, baseline-p99-ms, the median of each transaction phase
-// (PHASE-p50-ms), and client-retrans, the client socket's retransmissions
-// over the whole run (an RTO caused by a migration would show there).
+// (PHASE-p50-ms), client-rto, the client socket's retransmission timeouts
+// over the whole run, and client-retrans, every segment it retransmitted
+// (timeouts, tail loss probes, fast retransmits).
 func BenchmarkMigrationPause(b *testing.B) {
 	b.Run("paced", func(b *testing.B) { benchPause(b, pool.Options{AppArgs: pacedArgs}) })
 	b.Run("flat-out", func(b *testing.B) { benchPause(b, pool.Options{}) })
@@ -177,7 +178,7 @@ func benchPause(b *testing.B, o pool.Options) {
 	p := pool.Start(b, bed, o)
 	c, g := streamClient(b, p, false)
 	hosts := []*testbed.Host{bed.S1, bed.S2, bed.S3}
-	retrans0 := clientRetrans(b, bed, c)
+	info0 := clientInfo(b, bed, c)
 	var pauses, baseline []time.Duration
 	phases := map[string][]time.Duration{}
 	i := 0
@@ -200,7 +201,7 @@ func benchPause(b *testing.B, o pool.Options) {
 		baseline = append(baseline, g.stopAfter(b, base))
 		b.StartTimer()
 	}
-	reportPauses(b, pauses, baseline, clientRetrans(b, bed, c)-retrans0)
+	reportPauses(b, pauses, baseline, info0, clientInfo(b, bed, c))
 	b.ReportMetric(float64(g.n)/1e6, "MB-verified")
 	for ph, ds := range phases {
 		b.ReportMetric(pctMS(ds, 0.5), ph+"-p50-ms")
@@ -215,13 +216,16 @@ func pctMS(ds []time.Duration, q float64) float64 {
 }
 
 // reportPauses reports the pause benchmarks' common metrics.
-func reportPauses(b *testing.B, pauses, baseline []time.Duration, retrans uint32) {
+// before and after are the client socket's TCP_INFO at the start and the
+// end of the run.
+func reportPauses(b *testing.B, pauses, baseline []time.Duration, before, after repair.TCPInfo) {
 	b.ReportMetric(pctMS(pauses, 0.5), "pause-p50-ms")
 	b.ReportMetric(pctMS(pauses, 0.99), "pause-p99-ms")
 	b.ReportMetric(pctMS(pauses, 1), "pause-max-ms")
 	b.ReportMetric(pctMS(baseline, 0.5), "baseline-p50-ms")
 	b.ReportMetric(pctMS(baseline, 0.99), "baseline-p99-ms")
-	b.ReportMetric(float64(retrans), "client-retrans")
+	b.ReportMetric(float64(after.TotalRetrans-before.TotalRetrans), "client-retrans")
+	b.ReportMetric(float64(after.TotalRTO-before.TotalRTO), "client-rto")
 }
 
 // BenchmarkDrain10k drains 10,000 idle kv sessions from s1 to s2 in one

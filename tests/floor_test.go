@@ -71,7 +71,7 @@ func BenchmarkPauseFloor(b *testing.B) {
 	w.start()
 	defer w.stop()
 	g := meterStream(client, seed)
-	retrans0 := clientRetrans(b, bed, client.(*net.TCPConn))
+	info0 := clientInfo(b, bed, client.(*net.TCPConn))
 
 	var pauses, baseline []time.Duration
 	i := 0
@@ -109,7 +109,7 @@ func BenchmarkPauseFloor(b *testing.B) {
 	if w.err != nil {
 		b.Fatalf("server: %v", w.err)
 	}
-	reportPauses(b, pauses, baseline, clientRetrans(b, bed, client.(*net.TCPConn))-retrans0)
+	reportPauses(b, pauses, baseline, info0, clientInfo(b, bed, client.(*net.TCPConn)))
 }
 
 // floorMigrate moves the server end of flow f, socket c, to host to, with
