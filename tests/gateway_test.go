@@ -38,7 +38,8 @@ func TestStreamLoopForward(t *testing.T) {
 // client verifies every byte (exactly once, in order) as it reads; before
 // each hop it waits for step more verified bytes (the stream flows from
 // wherever the connection lives) and sends upload bytes of its own (in
-// flight around the move; mtcp-bulk only counts them). At the end it
+// flight around the move), which mtcp-bulk checks byte by byte: at the
+// first wrong one it ends the session, and the stream stops. At the end it
 // closes its side, reads and verifies the rest up to the server's FIN (the
 // server has consumed everything the client sent), and checks that it had
 // no retransmission timeout and saw no RST and no packet of the flow from
@@ -78,7 +79,14 @@ func streamLoop(t *testing.T, steering string, hops int, step int64) {
 			sent += upload
 			waitServed(t, p, to, s.c)
 		}
-		s.waitFor(t, s.verified()+step)
+		// Once the server host has acknowledged the whole upload, its
+		// check has read it by the time more of the stream arrives: a
+		// wrong byte would have stopped the stream.
+		eventually(t, 20*time.Second, "the upload to be acknowledged", func() (bool, string) {
+			acked := clientInfo(t, bed, s.c).BytesAcked
+			return acked >= 1+16+uint64(sent), fmt.Sprintf("%d bytes acknowledged", acked) // SYN, request, upload
+		})
+		s.waitFor(t, s.verified()+4*step)
 		// The testbed loses no packet: a retransmission timeout of the
 		// client's is a migration's doing. (Fast retransmits are not
 		// counted against it: held segments re-delivered after the
@@ -118,7 +126,7 @@ func startStream(t *testing.T, p *pool.Pool, v6 bool) *clientStream {
 	c := p.Dial(p.Bed.S1, v6)
 	s := &clientStream{c: c, seed: stream.Pattern(time.Now().UnixNano()), done: make(chan struct{})}
 	req := binary.BigEndian.AppendUint64(nil, uint64(s.seed))
-	req = binary.BigEndian.AppendUint64(req, 0) // endless
+	req = binary.BigEndian.AppendUint64(req, 1<<63) // endless, the upload checked
 	if _, err := c.Write(req); err != nil {
 		t.Fatal(err)
 	}

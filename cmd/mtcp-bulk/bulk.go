@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"sync/atomic"
 	"time"
@@ -19,6 +18,16 @@ import (
 // headerLen is the client's request: seed and length, 8 bytes each,
 // big-endian.
 const headerLen = 16
+
+// checkUpload is the length's top bit: the client's upload is the pattern
+// of seed^uploadSalt, and the server checks it.
+const (
+	checkUpload = 1 << 63
+	uploadSalt  = 0xfeed
+)
+
+// errBadUpload is the session's error when a checked upload is wrong.
+var errBadUpload = errors.New("mtcp-bulk: the client's upload is not the pattern it asked to be checked against")
 
 // state is the per-connection state, and its JSON is the snapshot.
 type state struct {
@@ -34,6 +43,9 @@ type state struct {
 	Sent int64 `json:"sent"`
 	// Received counts the bytes the client sent after its request.
 	Received int64 `json:"received"`
+	// Check is set when the client asked for its upload to be checked
+	// against the pattern of Seed^uploadSalt.
+	Check bool `json:"check,omitempty"`
 }
 
 // bulk is the mtcp-bulk handler.
@@ -64,9 +76,7 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 		if len(st.Header) == headerLen {
 			st.Seed = binary.BigEndian.Uint64(st.Header)
 			l := binary.BigEndian.Uint64(st.Header[8:])
-			if l > math.MaxInt64 {
-				l = 0 // longer than anyone will read: endless
-			}
+			st.Check, l = l&checkUpload != 0, l&^checkUpload
 			st.Length, st.Started, st.Header = int64(l), true, nil
 		}
 		if err != nil {
@@ -84,10 +94,24 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	received.Store(st.Received)
 	recvDone := make(chan error, 1)
 	go func() {
+		var check *stream.Verifier
+		if st.Check {
+			check = &stream.Verifier{Pattern: stream.Pattern(st.Seed ^ uploadSalt), N: st.Received}
+		}
 		b := make([]byte, 32<<10)
 		for {
 			n, err := conn.Read(b)
 			received.Add(int64(n))
+			if check != nil && n > 0 {
+				if _, verr := check.Write(b[:n]); verr != nil {
+					// Not what the client sent: end the session,
+					// which the client sees as its stream ending
+					// too early.
+					conn.Close()
+					recvDone <- fmt.Errorf("%w: %w", errBadUpload, verr)
+					return
+				}
+			}
 			if err != nil {
 				recvDone <- err
 				return
@@ -141,6 +165,8 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	}
 	st.Received = received.Load()
 	switch {
+	case errors.Is(rerr, errBadUpload):
+		return nil, rerr
 	case migrating || errors.Is(rerr, app.ErrMigrating):
 		return json.Marshal(&st)
 	case werr != nil:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"testing"
@@ -210,4 +211,65 @@ func TestFlags(t *testing.T) {
 	if code := run([]string{"extra"}, io.Discard); code != 2 {
 		t.Errorf("extra argument: exit %d, want 2", code)
 	}
+}
+
+// TestCheckedUpload: with the length's top bit set, the server checks the
+// client's upload against the pattern of seed^0xfeed across migrations,
+// and ends the session at the first wrong byte.
+func TestCheckedUpload(t *testing.T) {
+	const seed = 0xc0ffee
+	up := stream.Pattern(seed ^ 0xfeed)
+	a := apptest.Start(t, "A", bulk{})
+	b := apptest.Start(t, "B", bulk{})
+	c := a.Dial(t)
+	v := &stream.Verifier{Pattern: seed}
+	c.Write(request(seed, -1<<63)) // endless, upload checked
+	tup := a.WaitConn(t, c)
+	from, to := a, b
+	var sent int64
+	for range 6 {
+		if _, err := io.Copy(c, up.Reader(sent, 10_007)); err != nil {
+			t.Fatal(err)
+		}
+		sent += 10_007
+		receive(t, c, v, 100_001)
+		apptest.Migrate(t, from, to, tup)
+		from, to = to, from
+	}
+	_, st := exportStateAfter(t, from, tup, sent)
+	if !st.Check || st.Length != 0 {
+		t.Fatalf("snapshot %+v: want an endless stream with its upload checked", st)
+	}
+	// One wrong byte: the server ends the session.
+	if _, err := c.Write([]byte{^byte(0) ^ pick(up, sent)}); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(apptest.Timeout))
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		t.Fatalf("the session did not end cleanly after a wrong upload byte: %v", err)
+	}
+}
+
+// pick returns the pattern's byte at off.
+func pick(p stream.Pattern, off int64) byte {
+	var b [1]byte
+	p.Fill(b[:], off)
+	return b[0]
+}
+
+// exportStateAfter waits until from has counted n uploaded bytes of tup,
+// then exports and puts it back, returning its state.
+func exportStateAfter(t *testing.T, from *apptest.Server, tup app.Tuple, n int64) (*app.Exported, state) {
+	t.Helper()
+	var st state
+	var e *app.Exported
+	apptest.Eventually(t, apptest.Timeout, "the server to count the upload", func() (bool, string) {
+		e, st = exportState(t, from, tup)
+		if err := e.Finish(context.Background(), false); err != nil {
+			t.Fatal(err)
+		}
+		e.Socket.Close()
+		return st.Received == n, fmt.Sprintf("%d of %d", st.Received, n)
+	})
+	return e, st
 }

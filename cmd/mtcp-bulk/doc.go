@@ -6,7 +6,11 @@
 // big-endian. The server answers with N bytes (endlessly if N is 0) of
 // the deterministic pattern of package internal/stream for that seed, in
 // which every byte depends on its offset, and consumes and counts
-// whatever else the client sends. The session ends when the client
+// whatever else the client sends. With the top bit of the length set
+// (N is then the other 63 bits), what the client sends must be the
+// pattern for the seed XOR 0xfeed, from its first byte on: the server
+// checks it, and at the first wrong byte (lost, duplicated or reordered
+// data) ends the session at once. The session ends when the client
 // closes the connection.
 //
 // When mtcpd migrates a session, the seed, the offset reached and the
