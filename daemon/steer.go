@@ -95,8 +95,11 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 
 // steerLocal changes this host's rules for flows it steers (one nftables
 // transaction, and for a switch a second that lifts the holds once the new
-// destinations are in), then re-delivers the packets the hold had queued
-// so that they meet the new rules.
+// destinations are in). A switch or an unhold re-delivers the packets the
+// holds queued before it lifts them, so that they meet the new rules (or
+// the old ones) ahead of the packets that come once the holds are gone:
+// overtaken, they would look lost to the receiver, which would have the
+// client send them again.
 func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) error {
 	var b nat.Batch
 	for _, mf := range flows {
@@ -124,12 +127,16 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 			return fmt.Errorf("unknown steering operation %q", op)
 		}
 	}
-	if err := d.nat.Apply(&b); err != nil {
-		return err
-	}
 	if op == peer.SteerHold {
-		return nil
+		return d.nat.Apply(&b)
 	}
-	_, err := d.q.Release(natFlows(flows)...)
-	return err
+	fs := natFlows(flows)
+	err := d.nat.ApplyThen(&b, func() error {
+		_, err := d.q.Pass(fs...)
+		return err
+	})
+	// Ends the pass, and sends on anything left held (if the pass
+	// failed, or the holds could not be lifted).
+	_, rerr := d.q.Release(fs...)
+	return errors.Join(err, rerr)
 }

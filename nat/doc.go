@@ -33,7 +33,7 @@
 //
 //	A: Apply(Hold(F))                      before the freeze
 //	B: Apply(ReplyFrom(F, B's socket))     after the restore
-//	A: Apply(Unhold(F), Forward(F, B)); Queue.Release(F)   the switch
+//	A: ApplyThen(Unhold(F), Forward(F, B), Queue.Pass(F)); Queue.Release(F)   the switch
 //	gateway instead of A: Forward(F, B) and GatewayReply(F, B)
 //
 // # Holding with NFQUEUE
@@ -43,12 +43,16 @@
 // nobody reading the queue they are dropped, never delivered to the
 // frozen socket, which would answer with a RST. [Queue] reads them and
 // keeps them in the kernel; [Queue.Release] gives them the verdict
-// NF_REPEAT, which sends them through the prerouting hook again, where
-// they meet whatever replaced the hold: seen here, a packet held on s1 and
-// released after its hold was replaced by a Forward to s2 reached s2, and
-// held segments released after Unhold reached the local socket once each,
-// in order, with no retransmission by the client (about 0.2 ms from
-// Apply(Unhold) to the end of Release for three segments).
+// NF_REPEAT and the mark InjectMark, which sends them through the
+// prerouting hook again, past the hold, where they meet whatever follows
+// it: seen here, a packet held on s1 and released after its hold was
+// replaced by a Forward to s2 reached s2, and held segments released after
+// Unhold reached the local socket once each, in order, with no
+// retransmission by the client (about 0.2 ms from Apply(Unhold) to the end
+// of Release for three segments). A switch releases them before it lifts
+// the hold ([Table.ApplyThen], [Queue.Pass]): released after, they would
+// be overtaken by the flow's new packets, which go straight on, and the
+// receiver, seeing a gap, would have the client retransmit.
 //
 // This kernel is built without nf_tables' queue expression
 // (CONFIG_NFT_QUEUE unset) and rejects a QUEUE verdict from an immediate.

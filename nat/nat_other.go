@@ -18,6 +18,11 @@ func (t *Table) Options() Options { return Options{} }
 // Apply returns an error wrapping ErrUnsupported.
 func (t *Table) Apply(b *Batch) error { return &OpError{Op: "apply", Err: ErrUnsupported} }
 
+// ApplyThen returns an error wrapping ErrUnsupported.
+func (t *Table) ApplyThen(b *Batch, then func() error) error {
+	return &OpError{Op: "apply", Err: ErrUnsupported}
+}
+
 // Flows returns an error wrapping ErrUnsupported.
 func (t *Table) Flows() ([]Entry, error) { return nil, &OpError{Op: "flows", Err: ErrUnsupported} }
 
@@ -48,6 +53,11 @@ func (q *Queue) Held() int { return 0 }
 // Release returns an error wrapping ErrUnsupported.
 func (q *Queue) Release(flows ...Flow) (int, error) {
 	return 0, &OpError{Op: "release", Err: ErrUnsupported}
+}
+
+// Pass returns an error wrapping ErrUnsupported.
+func (q *Queue) Pass(flows ...Flow) (int, error) {
+	return 0, &OpError{Op: "pass", Err: ErrUnsupported}
 }
 
 // ReleaseAll returns an error wrapping ErrUnsupported.

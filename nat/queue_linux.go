@@ -36,6 +36,7 @@ type nfqAttr uint16
 const (
 	nfqaPacketHdr  nfqAttr = 1  // NFQA_PACKET_HDR: struct nfqnl_msg_packet_hdr
 	nfqaVerdictHdr nfqAttr = 2  // NFQA_VERDICT_HDR: struct nfqnl_msg_verdict_hdr
+	nfqaMark       nfqAttr = 3  // NFQA_MARK: the packet's new mark (big endian)
 	nfqaPayload    nfqAttr = 10 // NFQA_PAYLOAD: the packet from its network header
 
 	nfqaCfgCmd         nfqAttr = 1 // NFQA_CFG_CMD: struct nfqnl_msg_config_cmd
@@ -80,9 +81,10 @@ const queueAckTimeout = 10 * time.Second
 //
 // The kernel keeps each held packet; Queue only remembers its id and flow
 // (from the first 128 bytes the kernel copies). Releasing issues the
-// verdict NF_REPEAT: the packet goes through the prerouting hook again,
-// where it meets the rules that replaced its hold (a Forward, or nothing,
-// and then it is delivered locally).
+// verdict NF_REPEAT with the packet marked InjectMark: it goes through the
+// prerouting hook again, passes the hold, whether or not the hold is still
+// there, and meets the rules after it (a Forward, or nothing, and then it
+// is delivered locally).
 type Queue struct {
 	num  uint16
 	sock *nlSock
@@ -92,6 +94,7 @@ type Queue struct {
 	held     map[Flow][]uint32 // packet ids, in arrival order
 	nheld    int
 	released map[Flow]uint32 // flow -> barrier seq until which its packets are repeated at once
+	passing  map[Flow]bool   // flows whose packets are repeated at once until their Release (Pass)
 	allUntil uint32          // barrier seq until which every packet is repeated at once (ReleaseAll, Close)
 	closing  bool
 	waiters  map[uint32]*waiter // barrier seq -> release waiting for it
@@ -125,7 +128,7 @@ func OpenQueue(o Options) (*Queue, error) {
 		return nil, &OpError{Op: "open", Table: name, Err: err}
 	}
 	q := &Queue{num: o.Queue, sock: s, done: make(chan struct{}),
-		held: map[Flow][]uint32{}, released: map[Flow]uint32{}, waiters: map[uint32]*waiter{}}
+		held: map[Flow][]uint32{}, released: map[Flow]uint32{}, passing: map[Flow]bool{}, waiters: map[uint32]*waiter{}}
 	if err := q.bind(o.QueueMaxLen); err != nil {
 		s.close()
 		return nil, &OpError{Op: "open", Table: name, Err: err}
@@ -304,7 +307,7 @@ func (q *Queue) packet(data []byte) {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if _, rel := q.released[f]; !ok || rel || q.closing || q.allUntil != 0 {
+	if _, rel := q.released[f]; !ok || rel || q.passing[f] || q.closing || q.allUntil != 0 {
 		// Released (or unreadable, which no hold rule queues): send it
 		// on at once, under the lock so it cannot overtake packets of
 		// its flow that a Release is re-injecting.
@@ -318,12 +321,15 @@ func (q *Queue) packet(data []byte) {
 	q.nheld++
 }
 
+// verdict adds the verdict v for packet id to w. The packet is marked
+// InjectMark: repeated, it passes the hold that queued it.
 func (q *Queue) verdict(w *msgWriter, id uint32, v nfVerdict) uint32 {
 	seq := q.sock.nextSeq()
 	hdr := binary.BigEndian.AppendUint32(nil, uint32(v))
 	hdr = binary.BigEndian.AppendUint32(hdr, id)
 	w.add(nfMsgType(nfnlSubsysQueue, uint8(nfqnlMsgVerdict)), nlmRequest, seq, unix.AF_UNSPEC, q.num,
-		attrs(netlink.Attribute{Type: uint16(nfqaVerdictHdr), Data: hdr}))
+		attrs(netlink.Attribute{Type: uint16(nfqaVerdictHdr), Data: hdr},
+			netlink.Attribute{Type: uint16(nfqaMark), Data: binary.BigEndian.AppendUint32(nil, InjectMark)}))
 	return seq
 }
 
@@ -335,34 +341,57 @@ func (q *Queue) Held() int {
 }
 
 // Release sends every held packet of the flows on with the verdict
-// NF_REPEAT, in the order they arrived, and returns how many. Call it
-// after Table.Apply removed the flows' holds: a packet still held by the
-// rules would be queued again.
+// NF_REPEAT, in the order they arrived, and returns how many. The packets
+// pass the flows' holds (they are marked InjectMark), so the rules that
+// follow the holds decide where they go; call it once those are the flows'
+// new rules.
 //
-// Packets of these flows that the kernel queued before the hold was
-// removed but the reader had not read yet are sent on as soon as they are
-// read. Release returns once the kernel has acknowledged the verdicts.
+// Packets of these flows that the kernel queued before the call but the
+// reader had not read yet are sent on as soon as they are read. Release
+// returns once the kernel has acknowledged the verdicts. It ends a Pass.
 func (q *Queue) Release(flows ...Flow) (int, error) {
+	fs, err := normalizeAll(flows)
+	if err != nil {
+		return 0, &OpError{Op: "release", Table: q.name(), Err: err}
+	}
+	return q.release(fs, false, false)
+}
+
+// Pass is Release, and then sends the flows' packets that their holds
+// queue on as soon as they are read, in order, until Release is called
+// for the flows. A switch calls it once the flows' new rules are in but
+// before their holds are lifted ([Table.ApplyThen]): the held packets go
+// on ahead of the packets that arrive once the holds are gone, instead of
+// being overtaken by them, which the receiver would take for losses.
+func (q *Queue) Pass(flows ...Flow) (int, error) {
+	fs, err := normalizeAll(flows)
+	if err != nil {
+		return 0, &OpError{Op: "pass", Table: q.name(), Err: err}
+	}
+	return q.release(fs, false, true)
+}
+
+func normalizeAll(flows []Flow) ([]Flow, error) {
 	fs := make([]Flow, 0, len(flows))
 	for _, f := range flows {
 		n, err := f.normalize()
 		if err != nil {
-			return 0, &OpError{Op: "release", Table: q.name(), Err: err}
+			return nil, err
 		}
 		fs = append(fs, n)
 	}
-	return q.release(fs, false)
+	return fs, nil
 }
 
 // ReleaseAll sends every held packet on with NF_REPEAT, like Release for
 // every flow, and returns how many.
-func (q *Queue) ReleaseAll() (int, error) { return q.release(nil, true) }
+func (q *Queue) ReleaseAll() (int, error) { return q.release(nil, true, false) }
 
 // maxVerdictDatagram keeps each verdict datagram well inside the default
 // netlink send buffer.
 const maxVerdictDatagram = 32 << 10
 
-func (q *Queue) release(flows []Flow, all bool) (int, error) {
+func (q *Queue) release(flows []Flow, all, pass bool) (int, error) {
 	q.mu.Lock()
 	if q.readErr != nil || q.closingDone() {
 		err := q.readErr
@@ -373,6 +402,18 @@ func (q *Queue) release(flows []Flow, all bool) (int, error) {
 		return 0, &OpError{Op: "release", Table: q.name(), Err: err}
 	}
 	w, n, err := q.releaseLocked(flows, all)
+	switch {
+	case all:
+		clear(q.passing)
+	case pass:
+		for _, f := range flows {
+			q.passing[f] = true
+		}
+	default:
+		for _, f := range flows {
+			delete(q.passing, f)
+		}
+	}
 	q.mu.Unlock()
 	if err != nil {
 		return 0, &OpError{Op: "release", Table: q.name(), Err: err}

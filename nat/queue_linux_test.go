@@ -144,3 +144,74 @@ func TestQuietMarkDropped(t *testing.T) {
 	setMark(0)
 	readExactly(t, s, "x")
 }
+
+// TestPassWhileHeld: ApplyThen runs its step while the hold it lifts is
+// still installed, and Pass sends the held packets on through it (marked
+// InjectMark), then the packets that arrive meanwhile as soon as they are
+// read, until Release; after that a new hold holds again.
+func TestPassWhileHeld(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "pass")
+	tb := openIn(t, ns, Options{})
+	var q *Queue
+	in(t, ns, func() (err error) { q, err = OpenQueue(Options{}); return err })
+	defer q.Close()
+	c, s := loopConn(t, ns, 40020, 7020, 0)
+	f := flowOf(c)
+	write := func(p string) {
+		t.Helper()
+		if _, err := c.Write([]byte(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var b Batch
+	b.Hold(f)
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	write("a")
+	eventually(t, 5*time.Second, "a to be held", func() bool { return q.Held() == 1 })
+
+	b.Reset()
+	b.Unhold(f)
+	err := tb.ApplyThen(&b, func() error {
+		// The hold is still there: b is held too.
+		write("b")
+		eventually(t, 5*time.Second, "b to be held", func() bool { return q.Held() == 2 })
+		nothingToRead(t, s)
+		if n, err := q.Pass(f); err != nil || n != 2 {
+			t.Errorf("Pass = %d, %v; want 2 packets", n, err)
+		}
+		readExactly(t, s, "ab")
+		write("c") // queued by the hold, passed on as soon as read
+		readExactly(t, s, "c")
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Release(f); err != nil {
+		t.Fatal(err)
+	}
+	write("d") // no hold
+	readExactly(t, s, "d")
+
+	// Release ended the pass: a new hold holds.
+	b.Reset()
+	b.Hold(f)
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	write("e")
+	eventually(t, 5*time.Second, "e to be held", func() bool { return q.Held() == 1 })
+	nothingToRead(t, s)
+	b.Reset()
+	b.Unhold(f)
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Release(f); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, s, "e")
+}

@@ -105,15 +105,43 @@ func (t *Table) Apply(b *Batch) error {
 	if t.nft == nil {
 		return &OpError{Op: "apply", Table: t.name(), Err: ErrClosed}
 	}
-	if err := t.applyLocked(b.ops); err != nil {
+	if err := t.applyLocked(b.ops, nil); err != nil {
 		return &OpError{Op: "apply", Table: t.name(), Err: err}
 	}
 	return nil
 }
 
-func (t *Table) applyLocked(ops []op) error {
+// ApplyThen is Apply with a step of the caller's at the moment the
+// batch's holds are about to be lifted: then runs once every other change
+// of b is in and while the holds it lifts still queue their flows'
+// packets (between the two transactions; before the only one if b changes
+// nothing but holds; after it if b lifts no hold). A switch re-delivers
+// the held packets there ([Queue.Pass]), so that they go on ahead of the
+// packets that arrive once the holds are gone. The holds are lifted even
+// if then fails; its error is returned with Apply's.
+func (t *Table) ApplyThen(b *Batch, then func() error) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return &OpError{Op: "apply", Table: t.name(), Err: ErrClosed}
+	}
+	if err := t.applyLocked(b.ops, then); err != nil {
+		return &OpError{Op: "apply", Table: t.name(), Err: err}
+	}
+	return nil
+}
+
+func (t *Table) applyLocked(ops []op, then func() error) error {
+	var thenErr error
+	step := func() {
+		if then != nil {
+			thenErr = then()
+			then = nil
+		}
+	}
 	if len(ops) == 0 {
-		return nil
+		step()
+		return thenErr
 	}
 	p, err := makePlan(ops, t.idx)
 	if err != nil {
@@ -122,21 +150,27 @@ func (t *Table) applyLocked(ops []op) error {
 	first, last := p.phases(t.opts.Idle)
 	reqs := t.nft.elemReqs(first)
 	if len(reqs) == 0 {
-		return nil
+		step()
+		return thenErr
+	}
+	lastReqs := t.nft.elemReqs(last)
+	if len(lastReqs) == 0 && len(first[setHold4].destroy)+len(first[setHold6].destroy) > 0 {
+		step() // only holds change: the lifting is this transaction
 	}
 	if err := t.nft.commit(reqs); err != nil {
 		if isErrno(err, syscall.ENOENT) {
 			err = fmt.Errorf("%w: the table or one of its sets is missing (deleted by someone else?); Open it again", err)
 		}
-		return err
+		return errors.Join(err, thenErr)
 	}
 	p.commit()
-	if reqs := t.nft.elemReqs(last); len(reqs) > 0 {
-		if err := t.nft.commit(reqs); err != nil {
-			return fmt.Errorf("lifting holds after the batch's other changes went in: %w", err)
+	step()
+	if len(lastReqs) > 0 {
+		if err := t.nft.commit(lastReqs); err != nil {
+			return errors.Join(fmt.Errorf("lifting holds after the batch's other changes went in: %w", err), thenErr)
 		}
 	}
-	return t.sweep(p.removed())
+	return errors.Join(t.sweep(p.removed()), thenErr)
 }
 
 // sweepAttempts bounds the rounds of [Table.sweep].
@@ -231,7 +265,7 @@ func (t *Table) Reconcile(keep func(Entry) bool) error {
 			b.deleteEntry(e)
 		}
 	}
-	if err := t.applyLocked(b.ops); err != nil {
+	if err := t.applyLocked(b.ops, nil); err != nil {
 		return &OpError{Op: "reconcile", Table: t.name(), Err: err}
 	}
 	return nil
