@@ -99,17 +99,7 @@ func (t *Table) Options() Options { return t.opts }
 // unchanged; Apply refuses the whole batch, changing nothing, if any
 // change in it is malformed (error wrapping ErrInvalid). An empty batch
 // does nothing.
-func (t *Table) Apply(b *Batch) error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.nft == nil {
-		return &OpError{Op: "apply", Table: t.name(), Err: ErrClosed}
-	}
-	if err := t.applyLocked(b.ops, nil); err != nil {
-		return &OpError{Op: "apply", Table: t.name(), Err: err}
-	}
-	return nil
-}
+func (t *Table) Apply(b *Batch) error { return t.ApplyThen(b, nil) }
 
 // ApplyThen is Apply with a step of the caller's at the moment the
 // batch's holds are about to be lifted: then runs once every other change
@@ -118,7 +108,8 @@ func (t *Table) Apply(b *Batch) error {
 // nothing but holds; after it if b lifts no hold). A switch re-delivers
 // the held packets there ([Queue.Pass]), so that they go on ahead of the
 // packets that arrive once the holds are gone. The holds are lifted even
-// if then fails; its error is returned with Apply's.
+// if then fails; its error is returned with Apply's. then runs with the
+// Table locked: it must not use the Table. Nil then is Apply.
 func (t *Table) ApplyThen(b *Batch, then func() error) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
