@@ -79,3 +79,41 @@ func packetFlow(p []byte) (f Flow, ok bool) {
 		Service: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:4])),
 	}, true
 }
+
+// takesSeq reports whether the TCP segment in IP packet p (from its
+// network header, possibly cut short after the TCP header) occupies
+// sequence space: it carries data, a SYN or a FIN. Those are the segments
+// whose order the receiver cares about; bare acknowledgements may arrive
+// in any order. A packet it cannot read counts as one that does.
+func takesSeq(p []byte) bool {
+	if len(p) < 1 {
+		return true
+	}
+	var total, hdr int // IP payload length and the headers before TCP within it
+	var tcp []byte
+	switch p[0] >> 4 {
+	case 4:
+		if len(p) < 20 {
+			return true
+		}
+		ihl := int(p[0]&0x0f) * 4
+		if ihl < 20 || len(p) < ihl+14 {
+			return true
+		}
+		total = int(binary.BigEndian.Uint16(p[2:4])) - ihl
+		tcp = p[ihl:]
+	case 6:
+		if len(p) < 40+14 || p[6] != protoTCP {
+			return true // extension headers: not worth reading here
+		}
+		total = int(binary.BigEndian.Uint16(p[4:6]))
+		tcp = p[40:]
+	default:
+		return true
+	}
+	if tcp[13]&0x03 != 0 { // SYN or FIN
+		return true
+	}
+	hdr = int(tcp[12]>>4) * 4
+	return total > hdr
+}

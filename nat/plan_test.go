@@ -311,3 +311,42 @@ func TestPlanPhases(t *testing.T) {
 		})
 	}
 }
+
+// TestTakesSeq: data, SYN and FIN take sequence space; a bare
+// acknowledgement does not; what cannot be read counts as taking it.
+func TestTakesSeq(t *testing.T) {
+	// seg builds f's packet with the given TCP flags and payload length,
+	// the lengths in the IP header set as a real packet's would be.
+	seg := func(f Flow, flags byte, payload int) []byte {
+		p := tcpPacket(f)
+		ip := 40
+		if f.Client.Addr().Is4() {
+			ip = 20
+			binary.BigEndian.PutUint16(p[2:], uint16(ip+20+payload))
+		} else {
+			binary.BigEndian.PutUint16(p[4:], uint16(20+payload))
+		}
+		p[ip+12] = 5 << 4
+		p[ip+13] = flags
+		return p // the payload itself is cut off, as the queue's copy range would
+	}
+	for _, f := range []Flow{f4, f6} {
+		for _, c := range []struct {
+			flags   byte
+			payload int
+			want    bool
+		}{
+			{0x10, 0, false},   // bare ACK
+			{0x18, 1448, true}, // data
+			{0x11, 0, true},    // FIN
+			{0x02, 0, true},    // SYN
+		} {
+			if got := takesSeq(seg(f, c.flags, c.payload)); got != c.want {
+				t.Errorf("%v flags %#x payload %d: takesSeq = %v, want %v", f, c.flags, c.payload, got, c.want)
+			}
+		}
+	}
+	if !takesSeq([]byte{0x45}) || !takesSeq(nil) {
+		t.Error("an unreadable packet must count as taking sequence space")
+	}
+}
