@@ -97,9 +97,7 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 // settleQuiet and settleMax bound how long a switch waits for the flows'
 // segments in the queue to settle before it lifts their holds (see
 // nat.Queue.Settle): a pause of settleQuiet in the client's data is enough,
-// and a flow that sends without pause is lifted after settleMax. Only with
-// forward steering, where the target commits while the switch is under
-// way: with gateway steering the client would wait for it.
+// and a flow that sends without pause is lifted after settleMax.
 const (
 	settleQuiet = 500 * time.Microsecond
 	settleMax   = 10 * time.Millisecond
@@ -146,11 +144,6 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 	err := d.nat.ApplyThen(&b, func() error {
 		if _, err := d.q.Pass(fs...); err != nil {
 			return err
-		}
-		if d.cfg.Steering == "gateway" {
-			// The target commits only once the switch is done: the
-			// client would wait for the settling too.
-			return nil
 		}
 		_, err := d.q.Settle(settleQuiet, settleMax, fs...)
 		return err
