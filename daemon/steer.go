@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
 
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/nat"
@@ -94,15 +93,6 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	return d.steerLocal(r.Op, fs, r.To)
 }
 
-// settleQuiet and settleMax bound how long a switch waits for the flows'
-// segments in the queue to settle before it lifts their holds (see
-// nat.Queue.Settle): a pause of settleQuiet in the client's data is enough,
-// and a flow that sends without pause is lifted after settleMax.
-const (
-	settleQuiet = 500 * time.Microsecond
-	settleMax   = 10 * time.Millisecond
-)
-
 // steerLocal changes this host's rules for flows it steers (one nftables
 // transaction, and for a switch a second that lifts the holds once the new
 // destinations are in). A switch or an unhold re-delivers the packets the
@@ -142,10 +132,7 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 	}
 	fs := natFlows(flows)
 	err := d.nat.ApplyThen(&b, func() error {
-		if _, err := d.q.Pass(fs...); err != nil {
-			return err
-		}
-		_, err := d.q.Settle(settleQuiet, settleMax, fs...)
+		_, err := d.q.Pass(fs...)
 		return err
 	})
 	// Ends the pass, and sends on anything left held (if the pass

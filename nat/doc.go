@@ -33,7 +33,7 @@
 //
 //	A: Apply(Hold(F))                      before the freeze
 //	B: Apply(ReplyFrom(F, B's socket))     after the restore
-//	A: ApplyThen(Unhold(F), Forward(F, B), Pass(F), Settle(F)); Release(F)   the switch
+//	A: ApplyThen(Unhold(F), Forward(F, B), Queue.Pass(F)); Queue.Release(F)   the switch
 //	gateway instead of A: Forward(F, B) and GatewayReply(F, B)
 //
 // # Holding with NFQUEUE
@@ -50,13 +50,9 @@
 // Unhold reached the local socket once each, in order, with no
 // retransmission by the client (about 0.2 ms from Apply(Unhold) to the end
 // of Release for three segments). A switch releases them before it lifts
-// the hold ([Table.ApplyThen], [Queue.Pass]), and lifts it once the flow's
-// data has paused ([Queue.Settle]): released after, they would be
-// overtaken by the flow's new packets, which go straight on, and the
-// receiver, seeing a gap, would have the client retransmit; a segment
-// resent with a later timestamp can then make the receiver discard the
-// older held ones as old (PAWS), and the client waits for its
-// retransmission timeout.
+// the hold ([Table.ApplyThen], [Queue.Pass]): released after, they would
+// be overtaken by the flow's new packets, which go straight on, and the
+// receiver, seeing a gap, would have the client retransmit.
 //
 // This kernel is built without nf_tables' queue expression
 // (CONFIG_NFT_QUEUE unset) and rejects a QUEUE verdict from an immediate.

@@ -2,8 +2,6 @@
 
 package nat
 
-import "time"
-
 // Table is mtcp's nftables table. nftables exists only on Linux: elsewhere
 // Open returns an error wrapping ErrUnsupported and no Table exists.
 type Table struct{}
@@ -60,11 +58,6 @@ func (q *Queue) Release(flows ...Flow) (int, error) {
 // Pass returns an error wrapping ErrUnsupported.
 func (q *Queue) Pass(flows ...Flow) (int, error) {
 	return 0, &OpError{Op: "pass", Err: ErrUnsupported}
-}
-
-// Settle returns an error wrapping ErrUnsupported.
-func (q *Queue) Settle(quiet, max time.Duration, flows ...Flow) (bool, error) {
-	return false, &OpError{Op: "settle", Err: ErrUnsupported}
 }
 
 // ReleaseAll returns an error wrapping ErrUnsupported.

@@ -94,7 +94,7 @@ type Queue struct {
 	held     map[Flow][]uint32 // packet ids, in arrival order
 	nheld    int
 	released map[Flow]uint32 // flow -> barrier seq until which its packets are repeated at once
-	passing  map[Flow]int    // flows whose packets are repeated at once until their Release (Pass) -> how many of them took sequence space so far
+	passing  map[Flow]bool   // flows whose packets are repeated at once until their Release (Pass)
 	allUntil uint32          // barrier seq until which every packet is repeated at once (ReleaseAll, Close)
 	closing  bool
 	waiters  map[uint32]*waiter // barrier seq -> release waiting for it
@@ -128,7 +128,7 @@ func OpenQueue(o Options) (*Queue, error) {
 		return nil, &OpError{Op: "open", Table: name, Err: err}
 	}
 	q := &Queue{num: o.Queue, sock: s, done: make(chan struct{}),
-		held: map[Flow][]uint32{}, released: map[Flow]uint32{}, passing: map[Flow]int{}, waiters: map[uint32]*waiter{}}
+		held: map[Flow][]uint32{}, released: map[Flow]uint32{}, passing: map[Flow]bool{}, waiters: map[uint32]*waiter{}}
 	if err := q.bind(o.QueueMaxLen); err != nil {
 		s.close()
 		return nil, &OpError{Op: "open", Table: name, Err: err}
@@ -307,11 +307,7 @@ func (q *Queue) packet(data []byte) {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	passing, pass := q.passing[f]
-	if pass && takesSeq(payload) {
-		q.passing[f] = passing + 1
-	}
-	if _, rel := q.released[f]; !ok || rel || pass || q.closing || q.allUntil != 0 {
+	if _, rel := q.released[f]; !ok || rel || q.passing[f] || q.closing || q.allUntil != 0 {
 		// Released (or unreadable, which no hold rule queues): send it
 		// on at once, under the lock so it cannot overtake packets of
 		// its flow that a Release is re-injecting.
@@ -375,50 +371,6 @@ func (q *Queue) Pass(flows ...Flow) (int, error) {
 	return q.release(fs, false, true)
 }
 
-// Settle waits, during a Pass of the flows, until their segments that
-// take sequence space (data, SYN, FIN) have stopped reaching the queue:
-// until a check finds none of them read since the check before, or until
-// max has passed. Each check waits for every packet the kernel queued
-// before it to be read; after a check that found some, the next comes
-// quiet later. A switch settles before it lifts the holds, so that no
-// segment is still on its way through the queue when the flows' new ones
-// start to go straight on and could overtake it: the receiver would take
-// the gap for a loss and the client would send again, and a resent
-// segment, stamped later, can make the receiver discard the older ones
-// still to come as old (PAWS). Bare acknowledgements may be overtaken. A
-// flow that never pauses is lifted after max. It reports whether the
-// flows settled.
-func (q *Queue) Settle(quiet, max time.Duration, flows ...Flow) (bool, error) {
-	fs, err := normalizeAll(flows)
-	if err != nil {
-		return false, &OpError{Op: "settle", Table: q.name(), Err: err}
-	}
-	count := func() (n int) {
-		q.mu.Lock()
-		defer q.mu.Unlock()
-		for _, f := range fs {
-			n += q.passing[f]
-		}
-		return n
-	}
-	deadline := time.Now().Add(max)
-	last := count()
-	for {
-		if _, err := q.release(nil, false, false); err != nil { // a barrier
-			return false, err
-		}
-		n := count()
-		if n == last {
-			return true, nil
-		}
-		if time.Now().After(deadline) {
-			return false, nil
-		}
-		last = n
-		time.Sleep(quiet)
-	}
-}
-
 func normalizeAll(flows []Flow) ([]Flow, error) {
 	fs := make([]Flow, 0, len(flows))
 	for _, f := range flows {
@@ -455,7 +407,7 @@ func (q *Queue) release(flows []Flow, all, pass bool) (int, error) {
 		clear(q.passing)
 	case pass:
 		for _, f := range flows {
-			q.passing[f] = 0
+			q.passing[f] = true
 		}
 	default:
 		for _, f := range flows {

@@ -5,7 +5,6 @@ package nat
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"strings"
@@ -215,58 +214,4 @@ func TestPassWhileHeld(t *testing.T) {
 		t.Fatal(err)
 	}
 	readExactly(t, s, "e")
-}
-
-// TestSettle: during a Pass, Settle returns at once for a flow that sends
-// nothing, waits out a flow that keeps sending data (and says it did not
-// settle), and returns once that flow pauses.
-func TestSettle(t *testing.T) {
-	skipUnlessRoot(t)
-	ns := newNamespace(t, "settle")
-	tb := openIn(t, ns, Options{})
-	var q *Queue
-	in(t, ns, func() (err error) { q, err = OpenQueue(Options{}); return err })
-	defer q.Close()
-	c, s := loopConn(t, ns, 40030, 7030, 0)
-	f := flowOf(c)
-	go io.Copy(io.Discard, s)
-	var b Batch
-	b.Hold(f)
-	if err := tb.Apply(&b); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := q.Pass(f); err != nil {
-		t.Fatal(err)
-	}
-	defer q.Release(f)
-	start := time.Now()
-	if ok, err := q.Settle(2*time.Millisecond, 5*time.Second, f); err != nil || !ok {
-		t.Fatalf("idle flow: Settle = %v, %v; want settled", ok, err)
-	}
-	if d := time.Since(start); d > time.Second {
-		t.Errorf("an idle flow took %v to settle", d)
-	}
-	stop := make(chan struct{})
-	sent := make(chan struct{})
-	go func() {
-		defer close(sent)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := c.Write([]byte("x")); err != nil {
-				return
-			}
-		}
-	}()
-	if ok, err := q.Settle(2*time.Millisecond, 50*time.Millisecond, f); err != nil || ok {
-		t.Errorf("a flow sending without pause: Settle = %v, %v; want not settled", ok, err)
-	}
-	close(stop)
-	<-sent
-	if ok, err := q.Settle(2*time.Millisecond, 5*time.Second, f); err != nil || !ok {
-		t.Errorf("once the flow paused: Settle = %v, %v; want settled", ok, err)
-	}
 }
