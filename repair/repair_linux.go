@@ -428,13 +428,11 @@ func (r *Restored) commit() error {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(st.Sockopts.Mark)); err != nil {
 			return fmt.Errorf("SO_MARK: %w", err)
 		}
-		info, err := unix.GetsockoptTCPInfo(fd, unix.SOL_TCP, unix.TCP_INFO)
+		n, err := bytesReceived(fd)
 		if err != nil {
-			return fmt.Errorf("TCP_INFO: %w", err)
+			return err
 		}
-		// bytes_received counts the restored queue and every sequence
-		// number taken in since, a FIN's included.
-		tookIn = info.Bytes_received > uint64(len(st.RecvQueue))
+		tookIn = n > uint64(len(st.RecvQueue))
 	}
 	if err := repairOff(fd, probe); err != nil {
 		return err
