@@ -401,13 +401,7 @@ func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
 // last is empty when the plan lifts no hold or changes nothing else.
 func (p *plan) phases(timeout time.Duration) (first, last [numSets]setChanges) {
 	first = p.bySet(timeout)
-	others := false
-	for id, sc := range first {
-		if setSpecs[id].kind != KindHold && len(sc.destroy)+len(sc.add) > 0 {
-			others = true
-		}
-	}
-	if !others {
+	if onlyHolds(first) {
 		return first, last
 	}
 	for _, id := range []setID{setHold4, setHold6} {
@@ -427,6 +421,16 @@ func (p *plan) phases(timeout time.Duration) (first, last [numSets]setChanges) {
 		sc.destroy = destroy
 	}
 	return first, last
+}
+
+// onlyHolds reports whether ch changes no set but the holds.
+func onlyHolds(ch [numSets]setChanges) bool {
+	for id, sc := range ch {
+		if setSpecs[id].kind != KindHold && len(sc.destroy)+len(sc.add) > 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // removed lists, per set, the keys the plan removes and does not add

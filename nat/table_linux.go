@@ -145,7 +145,7 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 		return thenErr
 	}
 	lastReqs := t.nft.elemReqs(last)
-	if len(lastReqs) == 0 && len(first[setHold4].destroy)+len(first[setHold6].destroy) > 0 {
+	if onlyHolds(first) && len(first[setHold4].destroy)+len(first[setHold6].destroy) > 0 {
 		step() // only holds change: the lifting is this transaction
 	}
 	if err := t.nft.commit(reqs); err != nil {
