@@ -11,7 +11,7 @@ import (
 //
 //	magic     "MTCS"
 //	version   u16 (1)
-//	flags     u16 (0; reserved)
+//	flags     u16 (1 AckPending; the other bits reserved, 0)
 //	bodyLen   u32 (length of body)
 //	body:
 //	  family  u8 (4 or 6)
@@ -41,6 +41,9 @@ const (
 	// fixedBodyLen is the body length without addresses, congestion name and
 	// queues.
 	fixedBodyLen = 1 + 2 + 2 + 1 + 3*4 + 3 + 4 + 5*4 + 1 + 4*4 + 3*4 + 1 + 4 + 4 + 1 + 4 + 4 + 4
+
+	flagAckPending = 1
+	knownFlags     = flagAckPending
 
 	sockoptNoDelay   = 1
 	sockoptCork      = 2
@@ -73,7 +76,11 @@ func (st *State) AppendBinary(b []byte) ([]byte, error) {
 	b = append(make([]byte, 0, start+headerLen+body+trailerLen), b...)
 	b = append(b, magic...)
 	b = binary.BigEndian.AppendUint16(b, formatVersion)
-	b = binary.BigEndian.AppendUint16(b, 0)
+	var hflags uint16
+	if st.AckPending {
+		hflags |= flagAckPending
+	}
+	b = binary.BigEndian.AppendUint16(b, hflags)
 	b = binary.BigEndian.AppendUint32(b, uint32(body))
 
 	if alen == 4 {
@@ -141,7 +148,8 @@ func Decode(b []byte) (*State, error) {
 	if v := binary.BigEndian.Uint16(b[4:]); v != formatVersion {
 		return nil, fmt.Errorf("%w: version %d (this build reads %d)", ErrVersion, v, formatVersion)
 	}
-	if f := binary.BigEndian.Uint16(b[6:]); f != 0 {
+	hflags := binary.BigEndian.Uint16(b[6:])
+	if f := hflags &^ knownFlags; f != 0 {
 		return nil, fmt.Errorf("%w: unknown flags %#x", ErrMalformed, f)
 	}
 	if n := binary.BigEndian.Uint32(b[8:]); uint64(n) != uint64(len(b)-headerLen-trailerLen) {
@@ -152,7 +160,7 @@ func Decode(b []byte) (*State, error) {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrMalformed)
 	}
 	d := decoder{b: b[headerLen:end]}
-	st := new(State)
+	st := &State{AckPending: hflags&flagAckPending != 0}
 	var alen int
 	switch d.u8() {
 	case 4:

@@ -40,7 +40,9 @@ func TestEncodeRoundTrip(t *testing.T) {
 	empty.SendQueue, empty.RecvQueue, empty.Unsent = nil, nil, 0
 	empty.Options, empty.SndWScale, empty.RcvWScale, empty.Timestamp = 0, 0, 0, 0
 	empty.Sockopts = Sockopts{}
-	for name, st := range map[string]*State{"v4": sampleState(), "v6": v6, "empty": empty} {
+	pending := sampleState()
+	pending.AckPending = true
+	for name, st := range map[string]*State{"v4": sampleState(), "v6": v6, "empty": empty, "ack pending": pending} {
 		b, err := st.MarshalBinary()
 		if err != nil {
 			t.Fatalf("%s: marshal: %v", name, err)
@@ -84,7 +86,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"trailing", append(append([]byte(nil), good...), 0), ErrMalformed},
 		{"magic", edit(func(b []byte) []byte { b[0] = 'X'; return reseal(b) }), ErrMalformed},
 		{"version", edit(func(b []byte) []byte { b[5] = 9; return reseal(b) }), ErrVersion},
-		{"flags", edit(func(b []byte) []byte { b[7] = 1; return reseal(b) }), ErrMalformed},
+		{"unknown flags", edit(func(b []byte) []byte { b[7] = 2; return reseal(b) }), ErrMalformed},
 		{"checksum", edit(func(b []byte) []byte { b[len(b)-10] ^= 1; return b }), ErrMalformed},
 		{"family", edit(func(b []byte) []byte { b[body] = 5; return reseal(b) }), ErrMalformed},
 		{"state", edit(func(b []byte) []byte { b[body+13] = byte(StateListen); return reseal(b) }), ErrMalformed},

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,6 +22,15 @@ type Frozen struct {
 	c    syscall.Conn
 	rc   syscall.RawConn
 	done bool
+	// sinceData is how long before the last Capture data last came in,
+	// and gotData whether any came in over the socket's own life.
+	sinceData time.Duration
+	gotData   bool
+	// quiet: marked QuietMark (Quiet), over the application's mark;
+	// quietRecv is tcpi_bytes_received then.
+	quiet     bool
+	mark      int
+	quietRecv uint64
 }
 
 // Freeze puts the connection c (typically a *net.TCPConn) into repair mode
@@ -60,14 +70,83 @@ func (f *Frozen) Capture() (*State, error) {
 	}
 	var st *State
 	err := control(f.rc, func(fd int) (err error) {
-		st, err = capture(fd, local, remote)
+		var info tcpInfoHead
+		st, info, err = capture(fd, local, remote)
+		f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
+		f.gotData = info.dataSegsIn > 0
+		if err != nil || !f.quiet {
+			return err
+		}
+		// Read after the queues: anything counted here that came in
+		// since Quiet is unacknowledged, whether the queues have it
+		// or it came too late for them.
+		n, err := bytesReceived(fd)
+		st.AckPending = n > f.quietRecv
 		return err
 	})
 	if err != nil {
 		return nil, opErr("capture", err)
 	}
+	if f.quiet {
+		st.Sockopts.Mark = uint32(f.mark)
+	}
 	return st, nil
 }
+
+// Quiet marks the frozen socket QuietMark (SO_MARK), so that a firewall
+// rule like package nat's drops whatever it still sends, until Thaw sets
+// the application's mark back (Capture reports that one).
+//
+// A socket in repair mode still takes in the segments that reach it and
+// acknowledges them. Those that arrive after the capture are not in the
+// captured state: acknowledged, the peer would never send them again, and
+// they would be lost. The steering point's hold stops new ones, but some
+// may still be on their way to the source when it captures. Quiet, the
+// socket's acknowledgements go nowhere, and the peer resends what they
+// would have covered to wherever the connection lives by then.
+//
+// On Thaw, what the socket took in while quiet is the peer's to resend
+// too: the socket acknowledges it when the next segment comes.
+func (f *Frozen) Quiet() error {
+	if f.done {
+		return opErr("quiet", ErrDone)
+	}
+	if f.quiet {
+		return nil
+	}
+	err := control(f.rc, func(fd int) error {
+		m, err := getInt(fd, unix.SOL_SOCKET, unix.SO_MARK)
+		if err != nil {
+			return fmt.Errorf("SO_MARK: %w", err)
+		}
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
+			return fmt.Errorf("SO_MARK: %w", err)
+		}
+		// Read once the mark is on: whatever comes in from now on goes
+		// unacknowledged.
+		n, err := bytesReceived(fd)
+		if err != nil {
+			return err
+		}
+		f.mark, f.quietRecv = m, n
+		return nil
+	})
+	if err != nil {
+		return opErr("quiet", err)
+	}
+	f.quiet = true
+	return nil
+}
+
+// SinceData reports how long before the last Capture the socket last
+// received data from its peer (tcpi_last_data_recv; the kernel counts in
+// jiffies, so the resolution is a few milliseconds). A short time means
+// the peer was sending when the connection froze, and more of its data
+// may be on its way. ok is false if the socket has taken in no data
+// segment of its own (tcpi_data_segs_in is zero), as a restored socket
+// before its peer sends again: the kernel then counts from the restore.
+// Before the first Capture it returns 0, false.
+func (f *Frozen) SinceData() (d time.Duration, ok bool) { return f.sinceData, f.gotData }
 
 // Thaw leaves repair mode: the connection carries on where it was, as if it
 // had never been frozen. This is the abort path of a migration.
@@ -76,7 +155,14 @@ func (f *Frozen) Thaw() error {
 		return opErr("thaw", ErrDone)
 	}
 	f.done = true
-	return opErr("thaw", control(f.rc, func(fd int) error { return repairOff(fd, false) }))
+	return opErr("thaw", control(f.rc, func(fd int) error {
+		if f.quiet {
+			if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, f.mark); err != nil {
+				return fmt.Errorf("SO_MARK: %w", err)
+			}
+		}
+		return repairOff(fd, false)
+	}))
 }
 
 // Discard closes the frozen socket. In repair mode the kernel tears the
@@ -116,12 +202,19 @@ func tcpAddrPortOf(a net.Addr) netip.AddrPort {
 }
 
 // capture reads a socket already in repair mode. local and remote are the
-// socket's addresses if the caller knows them, zero otherwise.
-func capture(fd int, local, remote netip.AddrPort) (*State, error) {
+// socket's addresses if the caller knows them, zero otherwise. It also
+// returns the head of the socket's tcp_info, which it reads first.
+func capture(fd int, local, remote netip.AddrPort) (*State, tcpInfoHead, error) {
 	info, err := infoHead(fd)
 	if err != nil {
-		return nil, err
+		return nil, info, err
 	}
+	st, err := captureState(fd, info, local, remote)
+	return st, info, err
+}
+
+func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort) (*State, error) {
+	var err error
 	st := &State{TCPState: TCPState(info.state)}
 	if !st.TCPState.migratable() {
 		return nil, fmt.Errorf("%w: %v", ErrState, st.TCPState)
@@ -243,7 +336,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	b.fd = -1 // the Restored owns it now, whatever happens
 	r.fd = fd
 	err := r.build()
-	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || r.quiet) {
+	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || r.quiet || st.AckPending) {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.
 		r.inj, err = newInjector(domain == unix.AF_INET6)
@@ -420,10 +513,11 @@ func (r *Restored) commit() error {
 	probe := len(st.SendQueue) > int(st.Unsent)
 	// A quiet socket that took something in while in repair mode (data,
 	// a FIN) had its acknowledgement dropped: it acknowledges again once
-	// out of repair mode. (The window probe would not do: it lies before
-	// the peer's window, and the peer discards it with its acknowledgement
-	// field unread.)
-	var tookIn bool
+	// out of repair mode. So does one whose state came in unacknowledged
+	// (State.AckPending: the source was quiet). (The window probe would
+	// not do: it lies before the peer's window, and the peer discards it
+	// with its acknowledgement field unread.)
+	tookIn := st.AckPending
 	if r.quiet {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(st.Sockopts.Mark)); err != nil {
 			return fmt.Errorf("SO_MARK: %w", err)
@@ -432,7 +526,7 @@ func (r *Restored) commit() error {
 		if err != nil {
 			return err
 		}
-		tookIn = n > uint64(len(st.RecvQueue))
+		tookIn = tookIn || n > uint64(len(st.RecvQueue))
 	}
 	if err := repairOff(fd, probe); err != nil {
 		return err

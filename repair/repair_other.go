@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 )
 
 // Frozen is a socket in repair mode. TCP_REPAIR exists on Linux only.
@@ -17,6 +18,13 @@ func Freeze(c syscall.Conn) (*Frozen, error) { return nil, opErr("freeze", ErrUn
 
 // Capture reports ErrUnsupported.
 func (f *Frozen) Capture() (*State, error) { return nil, opErr("capture", ErrUnsupported) }
+
+// Quiet marks the frozen socket QuietMark.
+func (f *Frozen) Quiet() error { return opErr("quiet", ErrUnsupported) }
+
+// SinceData reports how long before the last Capture the socket last
+// received data; never here.
+func (f *Frozen) SinceData() (d time.Duration, ok bool) { return 0, false }
 
 // Thaw reports ErrUnsupported.
 func (f *Frozen) Thaw() error { return opErr("thaw", ErrUnsupported) }

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"os/exec"
 	"strings"
@@ -329,6 +330,66 @@ func TestThawContinues(t *testing.T) {
 	}
 }
 
+// TestSinceData: Capture tells how long ago the socket last received
+// data, which a migration uses to tell a client that is sending from one
+// that is not; and that a restored socket has received none of its own
+// until its peer sends again.
+func TestSinceData(t *testing.T) {
+	skipUnlessRoot(t)
+	for _, f := range []struct {
+		name string
+		a, b uintptr
+	}{
+		{"lastDataRecv", unsafe.Offsetof(tcpInfoHead{}.lastDataRecv), unsafe.Offsetof(unix.TCPInfo{}.Last_data_recv)},
+		{"dataSegsIn", unsafe.Offsetof(tcpInfoHead{}.dataSegsIn), unsafe.Offsetof(unix.TCPInfo{}.Data_segs_in)},
+	} {
+		if f.a != f.b {
+			t.Fatalf("tcpInfoHead.%s at offset %d, struct tcp_info has it at %d", f.name, f.a, f.b)
+		}
+	}
+	client, server := pair(t, pairOpts{network: "tcp4"})
+	capture := func(c *net.TCPConn) (time.Duration, bool) {
+		t.Helper()
+		f, err := Freeze(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.Capture(); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Thaw(); err != nil {
+			t.Fatal(err)
+		}
+		return f.SinceData()
+	}
+	send := func(server *net.TCPConn) {
+		t.Helper()
+		if _, err := client.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the byte to arrive", func() bool { _, inq := sockInfo(t, server); return inq > 0 })
+		if _, err := io.ReadFull(server, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(server)
+	if d, ok := capture(server); !ok || d >= 500*time.Millisecond {
+		t.Fatalf("SinceData = %v, %v just after data came in", d, ok)
+	}
+	time.Sleep(600 * time.Millisecond)
+	if d, ok := capture(server); !ok || d < 500*time.Millisecond {
+		t.Fatalf("SinceData = %v, %v, but no data came in for 600ms", d, ok)
+	}
+	_, restored := migrateInPlace(t, "", server)
+	if d, ok := capture(restored); ok {
+		t.Fatalf("SinceData = %v, %v on a restored socket that has received nothing", d, ok)
+	}
+	send(restored)
+	if d, ok := capture(restored); !ok || d >= 500*time.Millisecond {
+		t.Fatalf("SinceData = %v, %v on a restored socket just after data came in", d, ok)
+	}
+}
+
 // TestRestoredAnswersInRepairMode pins down the kernel behaviour that
 // RestoreOptions.Quiet is for: a restored socket still in repair mode
 // (before Commit) acknowledges a segment that reaches it, from whatever
@@ -432,6 +493,120 @@ func TestQuietRestoreMark(t *testing.T) {
 	b := make([]byte, 4)
 	if _, err := io.ReadFull(conn, b); err != nil || string(b) != "ping" {
 		t.Fatalf("restored end read %q, %v", b, err)
+	}
+}
+
+// TestFrozenQuiet: a quiet frozen socket's acknowledgement of a segment
+// that reaches it is dropped (the peer still counts the segment as
+// unacknowledged), and the capture says so (AckPending) and reports the
+// application's mark. Thawed, the socket has its mark back and carries on;
+// restored, it acknowledges the segment on Commit, before the peer has to
+// send it again.
+func TestFrozenQuiet(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := privateNetns(t)
+	nsExec(t, ns, fmt.Sprintf("table inet quiet {\n counter dropped {}\n chain out {\n  type filter hook output priority -300\n  meta mark %#x counter name dropped drop\n }\n}\n", QuietMark), "nft", "-f", "-")
+	dropped := func() int {
+		t.Helper()
+		out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "counter", "inet", "quiet", "dropped").CombinedOutput()
+		if err != nil {
+			t.Fatalf("nft: %v: %s", err, out)
+		}
+		var n int
+		if i := strings.Index(string(out), "packets "); i >= 0 {
+			fmt.Sscan(string(out[i+len("packets "):]), &n)
+		}
+		return n
+	}
+	const appMark = 42
+	for _, thaw := range []bool{true, false} {
+		client, server := pair(t, pairOpts{ns: ns, network: "tcp4"})
+		rc, err := server.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := setBuf(rc, unix.SO_MARK, appMark); err != nil {
+			t.Fatal(err)
+		}
+		info := func() *unix.TCPInfo {
+			t.Helper()
+			crc, err := client.SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var info *unix.TCPInfo
+			var gerr error
+			if err := crc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil || gerr != nil {
+				t.Fatal(err, gerr)
+			}
+			return info
+		}
+		f, err := Freeze(server)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Quiet(); err != nil {
+			t.Fatal(err)
+		}
+		if st, err := f.Capture(); err != nil || st.AckPending {
+			t.Fatalf("capture before anything came in: AckPending %v, %v", st != nil && st.AckPending, err)
+		}
+		before := dropped()
+		if _, err := client.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the frozen socket's acknowledgement to be dropped", func() bool { return dropped() > before })
+		if n := info().Unacked; n == 0 {
+			t.Fatal("the client's segment was acknowledged while the socket was quiet")
+		}
+		st, err := f.Capture()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Sockopts.Mark != appMark || !st.AckPending || string(st.RecvQueue) != "x" {
+			t.Fatalf("captured mark %#x, AckPending %v, receive queue %q; want %d, true, \"x\"", st.Sockopts.Mark, st.AckPending, st.RecvQueue, appMark)
+		}
+		var conn *net.TCPConn
+		if thaw {
+			if err := f.Thaw(); err != nil {
+				t.Fatal(err)
+			}
+			var m int
+			if err := control(rc, func(fd int) (err error) { m, err = getInt(fd, unix.SOL_SOCKET, unix.SO_MARK); return err }); err != nil || m != appMark {
+				t.Fatalf("mark after Thaw %d, %v; want %d", m, err, appMark)
+			}
+			conn = server
+		} else {
+			if err := f.Discard(); err != nil {
+				t.Fatal(err)
+			}
+			var r *Restored
+			err := inNetns(ns, func() (err error) {
+				if r, err = Restore(st, RestoreOptions{}); err != nil {
+					return err
+				}
+				if err := r.Commit(); err != nil {
+					return err
+				}
+				conn, err = r.Conn()
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+		}
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(conn, b); err != nil || string(b) != "x" {
+			t.Fatalf("thaw %v: read %q, %v", thaw, b, err)
+		}
+		// Thawed, the socket answers the client's retransmission; restored,
+		// it acknowledges on Commit, so the client resends nothing.
+		waitFor(t, "the client's segment to be acknowledged", func() bool { return info().Unacked == 0 })
+		if r := info().Total_retrans; !thaw && r != 0 {
+			t.Fatalf("the client retransmitted %d segments: the commit did not acknowledge", r)
+		}
 	}
 }
 

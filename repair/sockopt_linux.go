@@ -30,12 +30,17 @@ type tcpRepairWindow struct {
 	sndWL1, sndWnd, maxWindow, rcvWnd, rcvWup uint32
 }
 
-// tcpInfoHead mirrors the first 8 bytes of struct tcp_info (linux/tcp.h):
-// all that capture needs, and cheaper to copy than the whole struct.
+// tcpInfoHead mirrors the first 156 bytes of struct tcp_info
+// (linux/tcp.h), up to tcpi_data_segs_in: all that capture needs, and
+// cheaper to copy than the whole struct.
 type tcpInfoHead struct {
 	state, caState, retransmits, probes, backoff, options uint8
 	wscale                                                uint8 // snd_wscale:4 (low), rcv_wscale:4
 	_                                                     uint8
+	_                                                     [11]uint32 // tcpi_rto ... tcpi_last_ack_sent
+	lastDataRecv                                          uint32     // tcpi_last_data_recv: ms since data last came in
+	_                                                     [96]byte   // tcpi_last_ack_recv ... tcpi_min_rtt
+	dataSegsIn                                            uint32     // tcpi_data_segs_in: segments with data taken in
 }
 
 // checkSocket refuses sockets TCP_REPAIR cannot migrate, naming why. It

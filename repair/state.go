@@ -35,6 +35,11 @@ type State struct {
 	// RecvQueue holds the bytes received and acknowledged that the
 	// application has not read yet.
 	RecvQueue []byte
+	// AckPending reports that some of what the socket received (data or
+	// a FIN) reached it while it was quiet ([Frozen.Quiet]), so the peer
+	// may never have heard it acknowledged: the restored socket
+	// acknowledges on Commit.
+	AckPending bool
 
 	// MSS is the maximum segment size clamp negotiated in the handshake.
 	MSS uint32
