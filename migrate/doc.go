@@ -36,7 +36,12 @@
 // sends meanwhile waits in the hold until the switch re-delivers it to the
 // target. Where the steering point rewrites the target's replies (gateway
 // steering), the target must not send before the switch, and the commit
-// waits for it.
+// waits for it. So it does when a client was sending data as its socket
+// froze ([Item].Receiving): its segments still in the hold's queue when
+// the hold is lifted can be overtaken by its next ones, and a target
+// already live would have the client resend them, to its harm (see the
+// comment on receiving in migrate.go). Before its commit the target takes
+// them in silently and then acknowledges them in order.
 //
 // Any failure before the switch aborts: the target throws away what it
 // restored, the source thaws its sockets and gives them back to their

@@ -29,6 +29,10 @@ type Item struct {
 	State []byte
 	// Snapshot is the application's per-connection state, opaque here.
 	Snapshot []byte
+	// Receiving reports that the client was sending data when its socket
+	// froze, so that more of it may be on its way through the hold. A
+	// batch with such a flow commits only after the switch (see Run).
+	Receiving bool
 }
 
 // Source is the server the connections leave.
@@ -83,10 +87,10 @@ type Steering interface {
 	// client only once the switch is in, because the steering point
 	// rewrites them on their way out (gateway steering). If so, Run
 	// commits after the switch. If not, the target rewrites its own
-	// replies, and Run commits while the switch is under way: the
-	// client hears from the target one round trip sooner, and what it
-	// sends meanwhile waits in the hold until the switch re-delivers it
-	// to the target.
+	// replies, and Run commits while the switch is under way (unless a
+	// flow is receiving, see Item): the client hears from the target one
+	// round trip sooner, and what it sends meanwhile waits in the hold
+	// until the switch re-delivers it to the target.
 	RepliesNeedSwitch() bool
 }
 
@@ -311,7 +315,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}
 	commit := func(ctx context.Context) error { return tgt.Commit(ctx, moving) }
 	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
-	if st.RepliesNeedSwitch() {
+	if st.RepliesNeedSwitch() || receiving(items, moving) {
 		if err := phase(PhaseSwitch, switchFlows); err != nil {
 			fail(moving, err)
 			rep.Aborted = true
@@ -346,6 +350,29 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}()
 	err := phase(PhaseCommit, commit)
 	return rep, errors.Join(<-switched, err, cleanupErr)
+}
+
+// receiving reports whether any of the items whose flows are in moving was
+// receiving data when captured. Such a client's segments may still be in
+// the steering point's queue when the switch lifts the hold, and its new
+// ones, no longer held, can overtake them. A target that is live already
+// would see the gap and report it (SACK): the client would resend segments
+// that are only late, stamped with a newer timestamp, and the target would
+// then discard the late originals as old (PAWS, RFC 7323) and leave the
+// client waiting for its retransmission timeout. Committed after the
+// switch, the target takes the late segments in while it still sends
+// nothing, and acknowledges them in order.
+func receiving(items []Item, moving []Flow) bool {
+	m := make(map[Flow]bool, len(moving))
+	for _, f := range moving {
+		m[f] = true
+	}
+	for _, it := range items {
+		if it.Receiving && m[it.Flow] {
+			return true
+		}
+	}
+	return false
 }
 
 // byFamily groups flows by the address family (4 or 6) of their service

@@ -24,6 +24,17 @@ type world struct {
 	noQuiesce map[Flow]bool   // flows whose application refuses to let go
 	where     map[Flow]string // "src" or "tgt": who owns each flow
 	gateway   bool            // the steering's RepliesNeedSwitch
+	receiving map[Flow]bool   // flows captured while their client was sending
+
+	// switched counts the switches done; committedEarly is set by a
+	// commit that came before any. If concurrent is set, a switch waits
+	// (a while) for a commit to begin before it returns, and notes in
+	// serialized if none did.
+	switched       int
+	committedEarly bool
+	concurrent     bool
+	commitBegun    chan struct{}
+	serialized     bool
 }
 
 func (w *world) call(ctx context.Context, name string, fs []Flow) error {
@@ -70,7 +81,7 @@ func (s fakeSource) Capture(ctx context.Context, fs []Flow) ([]Item, []error, er
 			errs[i] = errors.New("app refused")
 			continue
 		}
-		items = append(items, Item{Flow: f, App: ":7000", State: []byte("state"), Snapshot: []byte("snap")})
+		items = append(items, Item{Flow: f, App: ":7000", State: []byte("state"), Snapshot: []byte("snap"), Receiving: s.receiving[f]})
 	}
 	return items, errs, nil
 }
@@ -103,6 +114,15 @@ func (t fakeTarget) Transfer(ctx context.Context, items []Item) ([]error, error)
 }
 
 func (t fakeTarget) Commit(ctx context.Context, fs []Flow) error {
+	t.mu.Lock()
+	if t.switched == 0 {
+		t.committedEarly = true
+	}
+	if t.commitBegun != nil {
+		close(t.commitBegun)
+		t.commitBegun = nil
+	}
+	t.mu.Unlock()
 	if err := t.call(ctx, "tgt.Commit", fs); err != nil {
 		return err
 	}
@@ -120,7 +140,25 @@ type fakeSteering struct{ *world }
 
 func (s fakeSteering) Hold(ctx context.Context, fs []Flow) error { return s.call(ctx, "st.Hold", fs) }
 func (s fakeSteering) Switch(ctx context.Context, fs []Flow, to netip.Addr) error {
-	return s.call(ctx, "st.Switch", fs)
+	if err := s.call(ctx, "st.Switch", fs); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	begun := s.commitBegun
+	s.mu.Unlock()
+	if s.concurrent && begun != nil {
+		select {
+		case <-begun:
+		case <-time.After(2 * time.Second):
+			s.mu.Lock()
+			s.serialized = true
+			s.mu.Unlock()
+		}
+	}
+	s.mu.Lock()
+	s.switched++
+	s.mu.Unlock()
+	return nil
 }
 func (s fakeSteering) Unhold(ctx context.Context, fs []Flow) error {
 	return s.call(ctx, "st.Unhold", fs)
@@ -185,6 +223,12 @@ func TestRun(t *testing.T) {
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
 				"st.Switch(40001,40003)", "tgt.Commit(40001,40003)", "src.Discard(40001,40003)"}},
+		// The one client that was sending stays: the others need not
+		// wait for the switch.
+		{name: "receiving flow not restored", w: world{refuse: map[Flow]bool{fs[1]: true}, receiving: map[Flow]bool{fs[1]: true}}, wantMoved: 2,
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
+				"st.Switch(40001,40003)", "tgt.Commit(40001,40003)", "src.Discard(40001,40003)"}},
 		{name: "one flow not captured", w: world{noCapture: map[Flow]bool{fs[0]: true}}, wantMoved: 2,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"src.Thaw(40001)", "st.Unhold(40001)", "tgt.Transfer(40002,40003)",
@@ -194,17 +238,26 @@ func TestRun(t *testing.T) {
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
 				"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 	} {
-		for _, gateway := range []bool{false, true} {
-			if tc.w.gateway && !gateway || strings.HasSuffix(tc.name, "committing") && gateway {
-				continue // the case is for one steering only
+		// "receiving": forward steering, with every client sending when
+		// captured: the commit waits for the switch as with gateway
+		// steering. A case that names its own receiving flows runs with
+		// forward steering only.
+		for _, mode := range []string{"forward", "gateway", "receiving"} {
+			ordered := mode != "forward"
+			switch {
+			case tc.w.gateway && !ordered, strings.HasSuffix(tc.name, "committing") && ordered,
+				tc.w.receiving != nil && mode != "forward":
+				continue // the case is for one kind of commit only
 			}
 			w := tc.w
-			w.gateway = gateway
-			name := tc.name + "/forward"
-			if gateway {
-				name = tc.name + "/gateway"
+			w.gateway = mode == "gateway"
+			if mode == "receiving" {
+				w.receiving = map[Flow]bool{}
+				for _, f := range fs {
+					w.receiving[f] = true
+				}
 			}
-			t.Run(name, func(t *testing.T) {
+			t.Run(tc.name+"/"+mode, func(t *testing.T) {
 				runCase(t, fs, &w, tc.wantErr, tc.wantMoved, tc.wantCalls)
 			})
 		}
@@ -213,11 +266,20 @@ func TestRun(t *testing.T) {
 
 // runCase runs one case of TestRun. After the transfer the switch, the
 // commit and the discard may run at the same time (the switch and the
-// commit only with forward steering): their order is not compared, only
-// that the discard comes after a switch.
+// commit only with forward steering and no client sending): their order
+// is not compared, only that the discard comes after a switch, that a
+// commit that must wait for the switch does, and that one that need not
+// does not.
 func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wantCalls []string) {
 	w.where = map[Flow]string{}
 	w.mu = new(sync.Mutex)
+	ordered := w.gateway
+	for _, f := range fs {
+		ordered = ordered || w.receiving[f] && !w.refuse[f] && !w.noCapture[f] && !w.noQuiesce[f]
+	}
+	// A commit that goes out with the switch must not wait for it.
+	w.concurrent = !ordered && w.failAt != "st.Switch"
+	w.commitBegun = make(chan struct{})
 	d := Deadlines{Transfer: 20 * time.Millisecond}
 	rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
 	var pe *PhaseError
@@ -242,10 +304,11 @@ func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wa
 		if j >= 0 && (k < 0 || k > j) {
 			t.Fatalf("the source discarded before the switch: %q", got)
 		}
-		if w.gateway {
-			if c := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "tgt.Commit") }); c >= 0 && c < k {
-				t.Fatalf("committed before the switch with gateway steering: %q", got)
-			}
+		if ordered && w.committedEarly {
+			t.Fatalf("committed before the switch was done: %q", got)
+		}
+		if w.serialized {
+			t.Fatalf("the commit waited for the switch: %q", got)
 		}
 		if i >= 0 {
 			slices.Sort(got[i+1:])
