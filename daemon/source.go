@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -179,6 +180,12 @@ func captureOne(o *outgoing) (migrate.Item, error) {
 	if err != nil {
 		return migrate.Item{}, err
 	}
+	// Segments still on their way here despite the hold reach the frozen
+	// socket after the capture: its acknowledgements of them must not
+	// reach the client, which would then never send them to the target.
+	if err := fr.Quiet(); err != nil {
+		return migrate.Item{}, errors.Join(err, fr.Thaw())
+	}
 	st, err := fr.Capture()
 	if err == nil && (st.Local != o.tuple.Local || st.Remote != o.tuple.Remote) {
 		err = fmt.Errorf("the application gave socket %v->%v for flow %v", st.Local, st.Remote, o.flow)
@@ -191,8 +198,18 @@ func captureOne(o *outgoing) (migrate.Item, error) {
 		return migrate.Item{}, errors.Join(err, fr.Thaw())
 	}
 	o.frozen = fr
-	return migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot}, nil
+	since, got := fr.SinceData()
+	return migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot,
+		Receiving: got && since <= sendingWithin}, nil
 }
+
+// sendingWithin: a client whose data reached the socket this shortly
+// before the capture is taken to be sending, with more on its way
+// (migrate.Item.Receiving). A bulk upload's data arrives every few
+// microseconds; a connection that only downloads, or sits idle between
+// requests, has received none for far longer. The kernel measures in
+// jiffies (4 ms with HZ=250).
+const sendingWithin = 20 * time.Millisecond
 
 func (d *Daemon) frozenTuple(f migrate.Flow) app.Tuple {
 	d.mu.Lock()

@@ -73,8 +73,16 @@ func streamLoop(t *testing.T, steering string, hops int, step int64) {
 				uploaded <- err
 			}(sent)
 			p.Migrate(from, to, s.c)
-			if err := <-uploaded; err != nil {
-				t.Fatalf("%s hop %d: client upload: %v", family, i, err)
+			select {
+			case err := <-uploaded:
+				if err != nil {
+					t.Fatalf("%s hop %d: client upload: %v", family, i, err)
+				}
+			case <-time.After(20 * time.Second):
+				// The connection is stuck: the pool's logs follow.
+				info := clientInfo(t, bed, s.c)
+				t.Fatalf("%s hop %d (%s -> %s): the client's upload is stuck after 20s; client: %d bytes acknowledged of %d, %d unacknowledged segments, %d RTOs, %d retransmissions",
+					family, i, from.Name, to.Name, info.BytesAcked, 1+16+sent+upload, info.Unacked, info.TotalRTO, info.TotalRetrans)
 			}
 			sent += upload
 			waitServed(t, p, to, s.c)
