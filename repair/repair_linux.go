@@ -26,11 +26,12 @@ type Frozen struct {
 	// and gotData whether any came in over the socket's own life.
 	sinceData time.Duration
 	gotData   bool
-	// quiet: marked QuietMark (Quiet), over the application's mark;
-	// quietRecv is tcpi_bytes_received then.
-	quiet     bool
-	mark      int
-	quietRecv uint64
+	// quiet: Quiet was called; marked: the socket is marked QuietMark
+	// over the application's mark, since tcpi_bytes_received was at most
+	// markedRecv.
+	quiet, marked bool
+	mark          int
+	markedRecv    uint64
 }
 
 // Freeze puts the connection c (typically a *net.TCPConn) into repair mode
@@ -70,30 +71,54 @@ func (f *Frozen) Capture() (*State, error) {
 	}
 	var st *State
 	err := control(f.rc, func(fd int) (err error) {
-		var info tcpInfoHead
-		st, info, err = capture(fd, local, remote)
-		f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
-		f.gotData = info.dataSegsIn > 0
-		if err != nil || !f.quiet {
+		info, err := infoHead(fd)
+		if err != nil {
 			return err
 		}
-		// Read after the queues: anything counted here that came in
-		// since Quiet is unacknowledged, whether the queues have it
-		// or it came too late for them.
+		f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
+		f.gotData = info.dataSegsIn > 0
+		mark := -1 // unknown: captureState reads it
+		if f.quiet {
+			if err := f.markQuiet(fd, info.bytesReceived); err != nil {
+				return err
+			}
+			mark = f.mark
+		}
+		if st, err = captureState(fd, info, local, remote, mark); err != nil || !f.marked {
+			return err
+		}
+		// Read after the queues: anything counted here beyond what had
+		// come in before the mark went on is unacknowledged, whether
+		// the queues have it or it came too late for them.
 		n, err := bytesReceived(fd)
-		st.AckPending = n > f.quietRecv
+		st.AckPending = n > f.markedRecv
 		return err
 	})
 	if err != nil {
 		return nil, opErr("capture", err)
 	}
-	if f.quiet {
-		st.Sockopts.Mark = uint32(f.mark)
-	}
 	return st, nil
 }
 
-// Quiet marks the frozen socket QuietMark (SO_MARK), so that a firewall
+// markQuiet marks the socket QuietMark, once. recv is tcpi_bytes_received
+// read before: segments counted after it may have gone unacknowledged.
+func (f *Frozen) markQuiet(fd int, recv uint64) error {
+	if f.marked {
+		return nil
+	}
+	m, err := getInt(fd, unix.SOL_SOCKET, unix.SO_MARK)
+	if err != nil {
+		return fmt.Errorf("SO_MARK: %w", err)
+	}
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
+		return fmt.Errorf("SO_MARK: %w", err)
+	}
+	f.marked, f.mark, f.markedRecv = true, m, recv
+	return nil
+}
+
+// Quiet has the frozen socket marked QuietMark (SO_MARK) from its next
+// Capture on, before the capture reads its queues, so that a firewall
 // rule like package nat's drops whatever it still sends, until Thaw sets
 // the application's mark back (Capture reports that one).
 //
@@ -103,36 +128,14 @@ func (f *Frozen) Capture() (*State, error) {
 // they would be lost. The steering point's hold stops new ones, but some
 // may still be on their way to the source when it captures. Quiet, the
 // socket's acknowledgements go nowhere, and the peer resends what they
-// would have covered to wherever the connection lives by then.
+// would have covered to wherever the connection lives by then. Captured
+// data that came in once the mark was on is flagged State.AckPending.
 //
 // On Thaw, what the socket took in while quiet is the peer's to resend
 // too: the socket acknowledges it when the next segment comes.
 func (f *Frozen) Quiet() error {
 	if f.done {
 		return opErr("quiet", ErrDone)
-	}
-	if f.quiet {
-		return nil
-	}
-	err := control(f.rc, func(fd int) error {
-		m, err := getInt(fd, unix.SOL_SOCKET, unix.SO_MARK)
-		if err != nil {
-			return fmt.Errorf("SO_MARK: %w", err)
-		}
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
-			return fmt.Errorf("SO_MARK: %w", err)
-		}
-		// Read once the mark is on: whatever comes in from now on goes
-		// unacknowledged.
-		n, err := bytesReceived(fd)
-		if err != nil {
-			return err
-		}
-		f.mark, f.quietRecv = m, n
-		return nil
-	})
-	if err != nil {
-		return opErr("quiet", err)
 	}
 	f.quiet = true
 	return nil
@@ -156,7 +159,7 @@ func (f *Frozen) Thaw() error {
 	}
 	f.done = true
 	return opErr("thaw", control(f.rc, func(fd int) error {
-		if f.quiet {
+		if f.marked {
 			if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, f.mark); err != nil {
 				return fmt.Errorf("SO_MARK: %w", err)
 			}
@@ -201,19 +204,10 @@ func tcpAddrPortOf(a net.Addr) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// capture reads a socket already in repair mode. local and remote are the
-// socket's addresses if the caller knows them, zero otherwise. It also
-// returns the head of the socket's tcp_info, which it reads first.
-func capture(fd int, local, remote netip.AddrPort) (*State, tcpInfoHead, error) {
-	info, err := infoHead(fd)
-	if err != nil {
-		return nil, info, err
-	}
-	st, err := captureState(fd, info, local, remote)
-	return st, info, err
-}
-
-func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort) (*State, error) {
+// captureState reads a socket already in repair mode, whose tcp_info head
+// is info. local and remote are the socket's addresses if the caller knows
+// them, zero otherwise; mark is its SO_MARK, or -1 to read it.
+func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, mark int) (*State, error) {
 	var err error
 	st := &State{TCPState: TCPState(info.state)}
 	if !st.TCPState.migratable() {
@@ -265,7 +259,7 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort) (*Stat
 		return nil, err
 	}
 	st.RecvQueue, st.SendQueue, st.Unsent = recvQ, sendQ, unsent
-	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0); err != nil {
+	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0, mark); err != nil {
 		return nil, err
 	}
 	if st.TCPState.inboundFIN() {

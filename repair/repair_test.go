@@ -342,6 +342,7 @@ func TestSinceData(t *testing.T) {
 	}{
 		{"lastDataRecv", unsafe.Offsetof(tcpInfoHead{}.lastDataRecv), unsafe.Offsetof(unix.TCPInfo{}.Last_data_recv)},
 		{"dataSegsIn", unsafe.Offsetof(tcpInfoHead{}.dataSegsIn), unsafe.Offsetof(unix.TCPInfo{}.Data_segs_in)},
+		{"bytesReceived", unsafe.Offsetof(tcpInfoHead{}.bytesReceived), unsafe.Offsetof(unix.TCPInfo{}.Bytes_received)},
 	} {
 		if f.a != f.b {
 			t.Fatalf("tcpInfoHead.%s at offset %d, struct tcp_info has it at %d", f.name, f.a, f.b)

@@ -39,7 +39,9 @@ type tcpInfoHead struct {
 	_                                                     uint8
 	_                                                     [11]uint32 // tcpi_rto ... tcpi_last_ack_sent
 	lastDataRecv                                          uint32     // tcpi_last_data_recv: ms since data last came in
-	_                                                     [96]byte   // tcpi_last_ack_recv ... tcpi_min_rtt
+	_                                                     [72]byte   // tcpi_last_ack_recv ... tcpi_bytes_acked
+	bytesReceived                                         uint64     // tcpi_bytes_received: sequence numbers taken in
+	_                                                     [16]byte   // tcpi_segs_out ... tcpi_min_rtt
 	dataSegsIn                                            uint32     // tcpi_data_segs_in: segments with data taken in
 }
 
@@ -302,8 +304,8 @@ func setRepairOptions(fd int, st *State) error {
 // getSockopts reads the options an application may have set.
 // The buffer sizes are read only when queued data will need them (withBufs):
 // restore sizes buffers only then, and leaves an idle connection's to the
-// kernel's autotuning.
-func getSockopts(fd int, v6, withBufs bool) (Sockopts, error) {
+// kernel's autotuning. mark is SO_MARK if the caller knows it, else -1.
+func getSockopts(fd int, v6, withBufs bool, mark int) (Sockopts, error) {
 	var o Sockopts
 	var err error
 	geti := func(level, opt int) uint32 {
@@ -337,7 +339,11 @@ func getSockopts(fd int, v6, withBufs bool) (Sockopts, error) {
 	} else {
 		o.TOS = uint8(geti(unix.SOL_IP, unix.IP_TOS))
 	}
-	o.Mark = geti(unix.SOL_SOCKET, unix.SO_MARK)
+	if mark >= 0 {
+		o.Mark = uint32(mark) // known already
+	} else {
+		o.Mark = geti(unix.SOL_SOCKET, unix.SO_MARK)
+	}
 	o.Priority = geti(unix.SOL_SOCKET, unix.SO_PRIORITY)
 	if err != nil {
 		return o, err

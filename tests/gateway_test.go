@@ -42,19 +42,21 @@ func TestStreamLoopForward(t *testing.T) {
 // first wrong one it ends the session, and the stream stops. At the end it
 // closes its side, reads and verifies the rest up to the server's FIN (the
 // server has consumed everything the client sent), and checks that it had
-// no retransmission timeout and saw no RST and no packet of the flow from
-// or to any address but s1's.
+// no retransmission timeout, saw no RST of the flow up to the end of the
+// orderly close, and saw no packet of the flow from or to any address but
+// s1's.
 func streamLoop(t *testing.T, steering string, hops int, step int64) {
 	const upload = 64 << 10
 	bed := testbed.ForTest(t)
-	rsts := watchRSTs(t, bed.Client)
 	foreign := watchForeign(t, bed.Client, bed.S1, 7000)
 	p := pool.Start(t, bed, pool.Options{Steering: steering, App: "mtcp-bulk", Quiet: true})
 	loop := []*testbed.Host{bed.S1, bed.S2, bed.S3}
+	var late []func() (int, int)
 	// No subtests: the pool reports its failures to t.
 	for _, v6 := range []bool{false, true} {
 		family := map[bool]string{false: "IPv4", true: "IPv6"}[v6]
 		s := startStream(t, p, v6)
+		rsts := watchFlowRSTs(t, bed.Client, s.c)
 		waitServed(t, p, bed.S1, s.c)
 		up := stream.Pattern(s.seed ^ 0xfeed)
 		var sent int64
@@ -105,10 +107,20 @@ func streamLoop(t *testing.T, steering string, hops int, step int64) {
 			t.Errorf("%s: the client had %d retransmission timeouts (%d segments retransmitted in all)", family, info.TotalRTO, info.TotalRetrans)
 		}
 		s.finish(t)
+		// Counted up to the orderly close. Once the server's socket has
+		// closed (the passive closer keeps no TIME_WAIT), a segment of
+		// the client's that arrives late, reordered on the way, draws a
+		// RST the client ignores, as on any network.
+		if in, out := rsts(); in != 0 || out != 0 {
+			t.Errorf("%s: the client saw %d RSTs and sent %d", family, in, out)
+		}
+		late = append(late, rsts)
 		t.Logf("%s: %d migrations (%s steering), %d bytes verified, %d bytes uploaded, %d segments retransmitted by the client", family, hops, steering, s.verified(), sent, info.TotalRetrans)
 	}
-	if in, out := rsts(); in != 0 || out != 0 {
-		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	for _, rsts := range late {
+		if in, out := rsts(); in+out != 0 {
+			t.Logf("after the close: %d RSTs to the client and %d from it (late segments)", in, out)
+		}
 	}
 	if in, out := foreign(); in != 0 || out != 0 {
 		t.Errorf("the client received %d packets of the service from an address other than s1's and sent %d to one", in, out)

@@ -123,6 +123,14 @@ func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, 
 		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port))
 }
 
+// watchFlowRSTs counts the resets of client connection c only: from its
+// server and from the client.
+func watchFlowRSTs(t testing.TB, client *testbed.Host, c *net.TCPConn) func() (in, out int) {
+	port := c.LocalAddr().(*net.TCPAddr).Port
+	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatchflow%d", port),
+		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port))
+}
+
 func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch string) func() (in, out int) {
 	t.Helper()
 	nft(t, client, fmt.Sprintf(`table inet %s {
