@@ -305,12 +305,10 @@ func runStreamCase(t *testing.T, tc streamCase) {
 	}
 }
 
-func TestThawContinues(t *testing.T) {
-	skipUnlessRoot(t)
-	client, server := pair(t, pairOpts{network: "tcp4"})
-	up, down := stream.Pattern(1), stream.Pattern(2)
-	io.Copy(client, up.Reader(0, 100))
-	f, err := Freeze(server)
+// freezeThaw freezes c, captures it and thaws it.
+func freezeThaw(t *testing.T, c *net.TCPConn) *Frozen {
+	t.Helper()
+	f, err := Freeze(c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,6 +318,15 @@ func TestThawContinues(t *testing.T) {
 	if err := f.Thaw(); err != nil {
 		t.Fatal(err)
 	}
+	return f
+}
+
+func TestThawContinues(t *testing.T) {
+	skipUnlessRoot(t)
+	client, server := pair(t, pairOpts{network: "tcp4"})
+	up, down := stream.Pattern(1), stream.Pattern(2)
+	io.Copy(client, up.Reader(0, 100))
+	f := freezeThaw(t, server)
 	if err := f.Thaw(); !errors.Is(err, ErrDone) {
 		t.Fatalf("second Thaw = %v, want ErrDone", err)
 	}
@@ -351,17 +358,7 @@ func TestSinceData(t *testing.T) {
 	client, server := pair(t, pairOpts{network: "tcp4"})
 	capture := func(c *net.TCPConn) (time.Duration, bool) {
 		t.Helper()
-		f, err := Freeze(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.Capture(); err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Thaw(); err != nil {
-			t.Fatal(err)
-		}
-		return f.SinceData()
+		return freezeThaw(t, c).SinceData()
 	}
 	send := func(server *net.TCPConn) {
 		t.Helper()
