@@ -178,7 +178,8 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 			rep.Timings[string(p)] += t
 		}
 		rep.Aborted = rep.Aborted || mr.Aborted
-		d.log.Info("migration", "to", to, "app", svc, "moved", len(mr.Moved), "failed", len(mr.Failed), "aborted", mr.Aborted, "err", err)
+		d.log.Info("migration", "to", to, "app", svc, "moved", len(mr.Moved), "failed", len(mr.Failed), "aborted", mr.Aborted,
+			"commit_after_switch", mr.CommitAfterSwitch, "err", err)
 	}
 	return rep, errors.Join(errs...)
 }

@@ -143,6 +143,10 @@ type Report struct {
 	Timings map[Phase]time.Duration
 	// Aborted is set when the whole transaction was rolled back.
 	Aborted bool
+	// CommitAfterSwitch is set when the commit waited for the switch
+	// (gateway steering, or a client was sending: see Item.Receiving)
+	// instead of going out with it.
+	CommitAfterSwitch bool
 }
 
 // PhaseError says which phase failed.
@@ -316,6 +320,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	commit := func(ctx context.Context) error { return tgt.Commit(ctx, moving) }
 	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
 	if st.RepliesNeedSwitch() || receiving(items, moving) {
+		rep.CommitAfterSwitch = true
 		if err := phase(PhaseSwitch, switchFlows); err != nil {
 			fail(moving, err)
 			rep.Aborted = true

@@ -304,6 +304,9 @@ func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wa
 		if j >= 0 && (k < 0 || k > j) {
 			t.Fatalf("the source discarded before the switch: %q", got)
 		}
+		if rep.CommitAfterSwitch != ordered {
+			t.Fatalf("CommitAfterSwitch %v, want %v", rep.CommitAfterSwitch, ordered)
+		}
 		if ordered && w.committedEarly {
 			t.Fatalf("committed before the switch was done: %q", got)
 		}
