@@ -11,7 +11,10 @@ import (
 //
 //	magic     "MTCS"
 //	version   u16 (1)
-//	flags     u16 (1 AckPending; the other bits reserved, 0)
+//	flags     u16 (1 AckPending; the other bits reserved, 0. Builds
+//	          before AckPending refuse a state that sets it, as
+//	          malformed: such a transfer aborts and the connection stays
+//	          at its source, so upgrade a pool's targets first)
 //	bodyLen   u32 (length of body)
 //	body:
 //	  family  u8 (4 or 6)

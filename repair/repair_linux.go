@@ -27,11 +27,12 @@ type Frozen struct {
 	sinceData time.Duration
 	gotData   bool
 	// quiet: Quiet was called; marked: the socket is marked QuietMark
-	// over the application's mark, since tcpi_bytes_received was at most
-	// markedRecv.
+	// over the application's mark. Just before, tcpi_bytes_received was
+	// at most markedRecv and rcv_wup was markedWup.
 	quiet, marked bool
-	mark          int
+	mark          uint32
 	markedRecv    uint64
+	markedWup     uint32
 }
 
 // Freeze puts the connection c (typically a *net.TCPConn) into repair mode
@@ -77,21 +78,7 @@ func (f *Frozen) Capture() (*State, error) {
 		}
 		f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
 		f.gotData = info.dataSegsIn > 0
-		mark := -1 // unknown: captureState reads it
-		if f.quiet {
-			if err := f.markQuiet(fd, info.bytesReceived); err != nil {
-				return err
-			}
-			mark = f.mark
-		}
-		if st, err = captureState(fd, info, local, remote, mark); err != nil || !f.marked {
-			return err
-		}
-		// Read after the queues: anything counted here beyond what had
-		// come in before the mark went on is unacknowledged, whether
-		// the queues have it or it came too late for them.
-		n, err := bytesReceived(fd)
-		st.AckPending = n > f.markedRecv
+		st, err = captureState(fd, info, local, remote, f)
 		return err
 	})
 	if err != nil {
@@ -100,9 +87,11 @@ func (f *Frozen) Capture() (*State, error) {
 	return st, nil
 }
 
-// markQuiet marks the socket QuietMark, once. recv is tcpi_bytes_received
-// read before: segments counted after it may have gone unacknowledged.
-func (f *Frozen) markQuiet(fd int, recv uint64) error {
+// markQuiet marks the socket QuietMark, once. recv (tcpi_bytes_received)
+// and wup (rcv_wup) were read before: segments counted after recv may have
+// gone unacknowledged, and so may the ones before rcv_nxt if rcv_wup lags
+// it (a delayed acknowledgement still to come).
+func (f *Frozen) markQuiet(fd int, recv uint64, wup uint32) error {
 	if f.marked {
 		return nil
 	}
@@ -113,7 +102,8 @@ func (f *Frozen) markQuiet(fd int, recv uint64) error {
 	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
 		return fmt.Errorf("SO_MARK: %w", err)
 	}
-	f.marked, f.mark, f.markedRecv = true, m, recv
+	// The bits as the kernel keeps them (getInt gives an int32's value).
+	f.marked, f.mark, f.markedRecv, f.markedWup = true, uint32(m), recv, wup
 	return nil
 }
 
@@ -159,12 +149,15 @@ func (f *Frozen) Thaw() error {
 	}
 	f.done = true
 	return opErr("thaw", control(f.rc, func(fd int) error {
+		var merr error
 		if f.marked {
-			if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, f.mark); err != nil {
-				return fmt.Errorf("SO_MARK: %w", err)
+			if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(f.mark)); err != nil {
+				merr = fmt.Errorf("SO_MARK: %w", err)
 			}
 		}
-		return repairOff(fd, false)
+		// Out of repair mode whatever the mark: a socket left frozen
+		// would be lost to its application.
+		return errors.Join(merr, repairOff(fd, false))
 	}))
 }
 
@@ -206,8 +199,10 @@ func tcpAddrPortOf(a net.Addr) netip.AddrPort {
 
 // captureState reads a socket already in repair mode, whose tcp_info head
 // is info. local and remote are the socket's addresses if the caller knows
-// them, zero otherwise; mark is its SO_MARK, or -1 to read it.
-func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, mark int) (*State, error) {
+// them, zero otherwise. If f.quiet, the socket is marked quiet before its
+// queues are read, and the state says whether an acknowledgement may be
+// owed (AckPending).
+func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, f *Frozen) (*State, error) {
 	var err error
 	st := &State{TCPState: TCPState(info.state)}
 	if !st.TCPState.migratable() {
@@ -246,6 +241,11 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, mark i
 	if st.Window, err = window(fd); err != nil {
 		return nil, err
 	}
+	if f.quiet {
+		if err := f.markQuiet(fd, info.bytesReceived, st.Window.RcvWup); err != nil {
+			return nil, err
+		}
+	}
 
 	// Segments still reach a frozen socket unless the flow is held: ACKs
 	// shrink the send queue, data grows the receive queue. readQueue
@@ -259,8 +259,19 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, mark i
 		return nil, err
 	}
 	st.RecvQueue, st.SendQueue, st.Unsent = recvQ, sendQ, unsent
-	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0, mark); err != nil {
+	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0, f.mark, f.marked); err != nil {
 		return nil, err
+	}
+	if f.marked {
+		// Read after the queues: anything counted here beyond what had
+		// come in before the mark went on is unacknowledged, whether
+		// the queues have it or it came too late for them; so is what
+		// rcv_wup lagged behind then.
+		n, err := bytesReceived(fd)
+		if err != nil {
+			return nil, err
+		}
+		st.AckPending = n > f.markedRecv || f.markedWup != rcvNxt
 	}
 	if st.TCPState.inboundFIN() {
 		rcvNxt--

@@ -19,7 +19,8 @@ func Freeze(c syscall.Conn) (*Frozen, error) { return nil, opErr("freeze", ErrUn
 // Capture reports ErrUnsupported.
 func (f *Frozen) Capture() (*State, error) { return nil, opErr("capture", ErrUnsupported) }
 
-// Quiet marks the frozen socket QuietMark.
+// Quiet would have the frozen socket marked QuietMark; TCP_REPAIR exists
+// on Linux only.
 func (f *Frozen) Quiet() error { return opErr("quiet", ErrUnsupported) }
 
 // SinceData reports how long before the last Capture the socket last

@@ -30,9 +30,11 @@ type tcpRepairWindow struct {
 	sndWL1, sndWnd, maxWindow, rcvWnd, rcvWup uint32
 }
 
-// tcpInfoHead mirrors the first 156 bytes of struct tcp_info
-// (linux/tcp.h), up to tcpi_data_segs_in: all that capture needs, and
-// cheaper to copy than the whole struct.
+// tcpInfoHead mirrors struct tcp_info (linux/tcp.h) up to
+// tcpi_data_segs_in (156 bytes, 160 with Go's padding): all that capture
+// needs, and cheaper to copy than the whole struct. Kernels before 4.6
+// copy less; the fields beyond what they have stay zero (no data seen, no
+// bytes received).
 type tcpInfoHead struct {
 	state, caState, retransmits, probes, backoff, options uint8
 	wscale                                                uint8 // snd_wscale:4 (low), rcv_wscale:4
@@ -304,8 +306,8 @@ func setRepairOptions(fd int, st *State) error {
 // getSockopts reads the options an application may have set.
 // The buffer sizes are read only when queued data will need them (withBufs):
 // restore sizes buffers only then, and leaves an idle connection's to the
-// kernel's autotuning. mark is SO_MARK if the caller knows it, else -1.
-func getSockopts(fd int, v6, withBufs bool, mark int) (Sockopts, error) {
+// kernel's autotuning. If markKnown, mark is SO_MARK and is not read.
+func getSockopts(fd int, v6, withBufs bool, mark uint32, markKnown bool) (Sockopts, error) {
 	var o Sockopts
 	var err error
 	geti := func(level, opt int) uint32 {
@@ -339,8 +341,8 @@ func getSockopts(fd int, v6, withBufs bool, mark int) (Sockopts, error) {
 	} else {
 		o.TOS = uint8(geti(unix.SOL_IP, unix.IP_TOS))
 	}
-	if mark >= 0 {
-		o.Mark = uint32(mark) // known already
+	if markKnown {
+		o.Mark = mark
 	} else {
 		o.Mark = geti(unix.SOL_SOCKET, unix.SO_MARK)
 	}

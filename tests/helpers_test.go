@@ -123,11 +123,15 @@ func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, 
 		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port))
 }
 
-// watchFlowRSTs counts the resets of client connection c only: from its
-// server and from the client.
+// watchFlowRSTs counts the resets of client connection c only (by its
+// port; a table per family and port): from its server and from the client.
 func watchFlowRSTs(t testing.TB, client *testbed.Host, c *net.TCPConn) func() (in, out int) {
-	port := c.LocalAddr().(*net.TCPAddr).Port
-	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatchflow%d", port),
+	la := c.LocalAddr().(*net.TCPAddr)
+	port, fam := la.Port, 4
+	if la.IP.To4() == nil {
+		fam = 6
+	}
+	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatchflow%d_%d", fam, port),
 		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port))
 }
 
