@@ -142,12 +142,13 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 		outs[i] = d.frozen[f]
 	}
 	d.mu.Unlock()
+	start := time.Now()
 	parallel(len(flows), func(i int) {
 		if outs[i] == nil {
 			errs[i] = fmt.Errorf("flow %v was not quiesced", flows[i])
 			return
 		}
-		got[i], errs[i] = captureOne(outs[i])
+		got[i], errs[i] = captureOne(outs[i], start)
 	})
 	items := make([]migrate.Item, 0, len(flows))
 	var b nat.Batch
@@ -173,9 +174,10 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 	return items, errs, nil
 }
 
-// captureOne freezes and captures the socket of a quiesced flow. On error
-// the socket is live again (o.frozen is nil) and the flow stays quiesced.
-func captureOne(o *outgoing) (migrate.Item, error) {
+// captureOne freezes and captures the socket of a quiesced flow, one of a
+// batch whose capture began at start. On error the socket is live again
+// (o.frozen is nil) and the flow stays quiesced.
+func captureOne(o *outgoing, start time.Time) (migrate.Item, error) {
 	fr, err := repair.Freeze(o.exp.Socket)
 	if err != nil {
 		return migrate.Item{}, err
@@ -198,9 +200,11 @@ func captureOne(o *outgoing) (migrate.Item, error) {
 		return migrate.Item{}, errors.Join(err, fr.Thaw())
 	}
 	o.frozen = fr
+	// Data within sendingWithin before the batch's capture began: in a
+	// large batch a flow may be captured well after the hold.
 	since, got := fr.SinceData()
 	return migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot,
-		Receiving: got && since <= sendingWithin}, nil
+		Receiving: got && since <= sendingWithin+time.Since(start)}, nil
 }
 
 // sendingWithin: a client whose data reached the socket this shortly

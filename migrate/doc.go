@@ -50,7 +50,11 @@
 // target fails to restore are aborted one by one while the others move on.
 // After the switch, or once the commit is on its way, the target owns the
 // flows: a failure to switch or to commit then is reported (a failed
-// switch is tried once more), not rolled back.
+// switch is tried once more), not rolled back. With forward steering that
+// holds even when the commit waits for the switch (a sending client): a
+// switch that failed may still have sent some flows on (another steering
+// point, an answer lost), which lifting the holds would not take back.
+// Only gateway steering rolls back a failed switch, as before it.
 //
 // The package does no I/O of its own and needs no privileges.
 package migrate

@@ -319,7 +319,14 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}
 	commit := func(ctx context.Context) error { return tgt.Commit(ctx, moving) }
 	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
-	if st.RepliesNeedSwitch() || receiving(items, moving) {
+	// After the switch: the target commits while the source discards its
+	// frozen copies, neither waiting for the other.
+	commitAndDiscard := func(ctx context.Context) error {
+		discarded := make(chan error, 1)
+		go func() { discarded <- discard(ctx) }()
+		return errors.Join(commit(ctx), <-discarded)
+	}
+	if st.RepliesNeedSwitch() {
 		rep.CommitAfterSwitch = true
 		if err := phase(PhaseSwitch, switchFlows); err != nil {
 			fail(moving, err)
@@ -327,16 +334,22 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			return rep, errors.Join(err, cleanupErr, stay(moving, true))
 		}
 		rep.Moved = moving
-		// The target commits while the source discards its frozen
-		// copies, neither waiting for the other.
-		err := phase(PhaseCommit, func(ctx context.Context) error {
-			discarded := make(chan error, 1)
-			go func() { discarded <- discard(ctx) }()
-			return errors.Join(commit(ctx), <-discarded)
-		})
-		return rep, errors.Join(err, cleanupErr)
+		return rep, errors.Join(phase(PhaseCommit, commitAndDiscard), cleanupErr)
 	}
 	rep.Moved = moving
+	if receiving(items, moving) {
+		// The commit waits for the switch, but as with the commit going
+		// out at once, a failed switch is tried once more and not rolled
+		// back: it may have sent some of the flows to the target
+		// already (another steering point, a reply lost), and Unhold
+		// would not take that back.
+		rep.CommitAfterSwitch = true
+		err := phase(PhaseSwitch, switchFlows)
+		if err != nil && cleanup(switchFlows) == nil {
+			err = nil
+		}
+		return rep, errors.Join(err, phase(PhaseCommit, commitAndDiscard), cleanupErr)
+	}
 	// The commit is what the client waits for: it goes out from this
 	// goroutine, the switch from another.
 	switched := make(chan error, 1)

@@ -26,8 +26,8 @@ type world struct {
 	gateway   bool            // the steering's RepliesNeedSwitch
 	receiving map[Flow]bool   // flows captured while their client was sending
 
-	// switched counts the switches done; committedEarly is set by a
-	// commit that came before any. If concurrent is set, a switch waits
+	// switched counts the switches done or failed; committedEarly is
+	// set by a commit that came before any. If concurrent is set, a switch waits
 	// (a while) for a commit to begin before it returns, and notes in
 	// serialized if none did.
 	switched       int
@@ -141,6 +141,9 @@ type fakeSteering struct{ *world }
 func (s fakeSteering) Hold(ctx context.Context, fs []Flow) error { return s.call(ctx, "st.Hold", fs) }
 func (s fakeSteering) Switch(ctx context.Context, fs []Flow, to netip.Addr) error {
 	if err := s.call(ctx, "st.Switch", fs); err != nil {
+		s.mu.Lock()
+		s.switched++
+		s.mu.Unlock()
 		return err
 	}
 	s.mu.Lock()
@@ -213,8 +216,10 @@ func TestRun(t *testing.T) {
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
 				"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
-		// With forward steering the commit went out with the switch:
-		// the switch is tried once more, and the flows are the target's.
+		// With forward steering the commit went out with the switch (or
+		// waits for it, for a sending client): either way the switch is
+		// tried once more and not rolled back, as it may have sent some
+		// flows on already, and the flows are the target's.
 		{name: "switch fails, target committing", w: world{failAt: "st.Switch"}, wantErr: PhaseSwitch, wantMoved: 3,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Commit(40001,40002,40003)",
@@ -241,11 +246,11 @@ func TestRun(t *testing.T) {
 		// "receiving": forward steering, with every client sending when
 		// captured: the commit waits for the switch as with gateway
 		// steering. A case that names its own receiving flows runs with
-		// forward steering only.
+		// forward steering only; a case with w.gateway set, with gateway
+		// steering only.
 		for _, mode := range []string{"forward", "gateway", "receiving"} {
-			ordered := mode != "forward"
 			switch {
-			case tc.w.gateway && !ordered, strings.HasSuffix(tc.name, "committing") && ordered,
+			case tc.w.gateway && mode != "gateway", strings.HasSuffix(tc.name, "committing") && mode == "gateway",
 				tc.w.receiving != nil && mode != "forward":
 				continue // the case is for one kind of commit only
 			}
