@@ -87,8 +87,11 @@ func (i *Injector) send(r *Restored, seq, ack uint32, flags byte) error {
 	src, dst := r.remote.Addr().AsSlice(), r.local.Addr().AsSlice()
 	var pkt []byte
 	var to unix.Sockaddr
-	fd := i.fd4
+	var fd int
 	if r.local.Addr().Is4() {
+		if fd = i.fd4; fd < 0 {
+			return errors.New("no IPv4 raw socket")
+		}
 		pkt = make([]byte, 20, 40)
 		pkt[0] = 0x45
 		binary.BigEndian.PutUint16(pkt[2:], 40)
@@ -100,8 +103,7 @@ func (i *Injector) send(r *Restored, seq, ack uint32, flags byte) error {
 		// The kernel fills in the IP checksum and ID of IP_HDRINCL packets.
 		to = &unix.SockaddrInet4{Addr: r.local.Addr().As4()}
 	} else {
-		fd = i.fd6
-		if fd < 0 {
+		if fd = i.fd6; fd < 0 {
 			return fmt.Errorf("no IPv6 raw socket: %w", i.err6)
 		}
 		pkt = make([]byte, 40, 60)
@@ -112,9 +114,6 @@ func (i *Injector) send(r *Restored, seq, ack uint32, flags byte) error {
 		copy(pkt[8:], src)
 		copy(pkt[24:], dst)
 		to = &unix.SockaddrInet6{Addr: r.local.Addr().As16()}
-	}
-	if fd < 0 {
-		return errors.New("no IPv4 raw socket")
 	}
 	binary.BigEndian.PutUint16(tcp[16:], tcpChecksum(src, dst, tcp))
 	return unix.Sendto(fd, append(pkt, tcp...), 0, to)

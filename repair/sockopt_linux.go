@@ -226,14 +226,10 @@ func infoHead(fd int) (tcpInfoHead, error) {
 
 // bytesReceived returns tcpi_bytes_received: every sequence number the
 // socket has taken in (data and a FIN), its restored receive queue
-// included. tcp_info is copied only up to that field.
+// included.
 func bytesReceived(fd int) (uint64, error) {
-	var info unix.TCPInfo
-	l := uint32(unsafe.Offsetof(info.Bytes_received) + unsafe.Sizeof(info.Bytes_received))
-	if err := getsockopt(fd, unix.SOL_TCP, unix.TCP_INFO, unsafe.Pointer(&info), &l); err != nil {
-		return 0, fmt.Errorf("TCP_INFO: %w", err)
-	}
-	return info.Bytes_received, nil
+	h, err := infoHead(fd)
+	return h.bytesReceived, err
 }
 
 // mssClamp returns TCP_MAXSEG, which in repair mode reports the MSS clamp
