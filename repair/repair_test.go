@@ -199,8 +199,15 @@ func migrateInPlace(t testing.TB, ns string, server *net.TCPConn) (*State, *net.
 		t.Fatal(err)
 	}
 	release()
+	return st, commitConn(t, ns, r)
+}
+
+// commitConn commits r in namespace ns and hands it over as a connection,
+// closed when the test ends.
+func commitConn(t testing.TB, ns string, r *Restored) *net.TCPConn {
+	t.Helper()
 	var c *net.TCPConn
-	err = inNetns(ns, func() error {
+	err := inNetns(ns, func() (err error) {
 		if err := r.Commit(); err != nil {
 			return err
 		}
@@ -211,7 +218,7 @@ func migrateInPlace(t testing.TB, ns string, server *net.TCPConn) (*State, *net.
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return st, c
+	return c
 }
 
 // streamCase is one loopback migration: what each side does before the
@@ -405,17 +412,9 @@ func TestRestoredAnswersInRepairMode(t *testing.T) {
 	if _, err := client.Write([]byte("hello")); err != nil {
 		t.Fatal(err)
 	}
-	rc, err := client.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		var info *unix.TCPInfo
-		var gerr error
-		if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil || gerr != nil {
-			t.Fatal(err, gerr)
-		}
+		info := tcpInfo(t, client)
 		if info.Unacked == 0 {
 			return // acknowledged by the restored socket
 		}
@@ -529,19 +528,7 @@ func TestFrozenQuiet(t *testing.T) {
 		if err := setBuf(rc, unix.SO_MARK, appMark); err != nil {
 			t.Fatal(err)
 		}
-		info := func() *unix.TCPInfo {
-			t.Helper()
-			crc, err := client.SyscallConn()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var info *unix.TCPInfo
-			var gerr error
-			if err := crc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil || gerr != nil {
-				t.Fatal(err, gerr)
-			}
-			return info
-		}
+		info := func() *unix.TCPInfo { t.Helper(); return tcpInfo(t, client) }
 		if tc.delayed {
 			var serr error
 			if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_TCP, unix.TCP_QUICKACK, 0) }); err != nil || serr != nil {
@@ -600,20 +587,10 @@ func TestFrozenQuiet(t *testing.T) {
 				t.Fatal(err)
 			}
 			var r *Restored
-			err := inNetns(ns, func() (err error) {
-				if r, err = Restore(st, RestoreOptions{}); err != nil {
-					return err
-				}
-				if err := r.Commit(); err != nil {
-					return err
-				}
-				conn, err = r.Conn()
-				return err
-			})
-			if err != nil {
+			if err := inNetns(ns, func() (err error) { r, err = Restore(st, RestoreOptions{}); return err }); err != nil {
 				t.Fatal(err)
 			}
-			defer conn.Close()
+			conn = commitConn(t, ns, r)
 		}
 		conn.SetDeadline(time.Now().Add(10 * time.Second))
 		b := make([]byte, 1)
@@ -781,7 +758,10 @@ func TestRestoreBadInput(t *testing.T) {
 func netip4(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 // sndMSS is the segment size c sends (tcpi_snd_mss).
-func sndMSS(t testing.TB, c *net.TCPConn) uint32 {
+func sndMSS(t testing.TB, c *net.TCPConn) uint32 { return tcpInfo(t, c).Snd_mss }
+
+// tcpInfo reads c's TCP_INFO.
+func tcpInfo(t testing.TB, c *net.TCPConn) *unix.TCPInfo {
 	t.Helper()
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -789,11 +769,8 @@ func sndMSS(t testing.TB, c *net.TCPConn) uint32 {
 	}
 	var info *unix.TCPInfo
 	var gerr error
-	if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil {
-		t.Fatal(err)
+	if err := rc.Control(func(fd uintptr) { info, gerr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) }); err != nil || gerr != nil {
+		t.Fatal(err, gerr)
 	}
-	if gerr != nil {
-		t.Fatal(gerr)
-	}
-	return info.Snd_mss
+	return info
 }
