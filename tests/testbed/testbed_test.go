@@ -504,6 +504,16 @@ func TestSweep(t *testing.T) {
 	}
 	slept := make(chan error, 1)
 	go func() { slept <- sleeper.Wait() }()
+	// nsenter holds the namespace open before it enters it: swept before
+	// that, the sleep would run on in the unnamed namespace, out of any
+	// sweep's sight. The test is about a process inside the bed.
+	inside := fmt.Sprintf("pid %d ", sleeper.Process.Pid)
+	if err := waitFor(ctx, func() bool {
+		left, _ := testbed.Leftovers(ctx, dead)
+		return slices.ContainsFunc(left, func(s string) bool { return strings.HasPrefix(s, inside) })
+	}); err != nil {
+		t.Fatalf("the sleep never entered %s: %v", b.S1.NetNS, err)
+	}
 
 	if err := testbed.Sweep(ctx); err != nil {
 		t.Fatal(err)
