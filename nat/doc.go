@@ -71,7 +71,11 @@
 // daemon removes a flow's elements ([Batch.Remove]) when the connection
 // ends, and runs [Table.Reconcile] at start. A packet that races the
 // Remove of its element can re-create it through the refresh (with the
-// same value); it then times out after Options.Idle.
+// same value): Apply looks for such elements right after its commit, and
+// a goroutine once more after an RCU grace period (synchronize_rcu,
+// through membarrier(2)), when no packet evaluated across the commit can
+// still be under way, and removes them. Only a flow that keeps sending
+// through several such removals keeps its element, until Options.Idle.
 //
 // # Checksums
 //

@@ -26,6 +26,16 @@ type Table struct {
 	mu  sync.Mutex
 	nft *nftConn // nil once closed
 	idx *index
+
+	// The late sweep (late_linux.go): removed elements to look for again
+	// after an RCU grace period, the current epoch, the running sweeper's
+	// end (nil when none runs), how it waits, and how many elements it has
+	// removed.
+	late        map[elemKey]lateEntry
+	lateEpoch   uint64
+	lateDone    chan struct{}
+	lateGrace   func()
+	lateRemoved int
 }
 
 // Open creates mtcp's table in the calling thread's network namespace, or
@@ -50,7 +60,7 @@ func Open(o Options) (*Table, error) {
 	if err != nil {
 		return nil, &OpError{Op: "open", Table: name, Err: err}
 	}
-	t := &Table{opts: o, nft: n, idx: newIndex()}
+	t := &Table{opts: o, nft: n, idx: newIndex(), late: map[elemKey]lateEntry{}, lateGrace: rcuGrace}
 	err = n.commit(n.layout(o, holdNative))
 	var te *txError
 	if errors.As(err, &te) && isErrno(err, syscall.ENOENT) && strings.HasPrefix(te.what, "add rule hold") {
@@ -94,7 +104,10 @@ func (t *Table) Options() Options { return t.opts }
 // and makes its next switch fail (EEXIST). Removing an element while its
 // flow's packets still pass (not held, its socket not frozen) can leave a
 // copy behind the same way: Apply then looks up every element it removed
-// (and did not add back) and removes again those still there. If a later
+// (and did not add back) and removes again those still there; and since
+// a packet evaluated across the commit can put one back even after that,
+// a goroutine looks for them once more after an RCU grace period (a few
+// milliseconds later), unless a later batch has added them back. If a later
 // transaction fails, the first stays applied and Apply says so. b is left
 // unchanged; Apply refuses the whole batch, changing nothing, if any
 // change in it is malformed (error wrapping ErrInvalid). An empty batch
@@ -155,6 +168,7 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 		return errors.Join(err, thenErr)
 	}
 	p.commit()
+	t.queueLateLocked(p)
 	step()
 	if len(lastReqs) > 0 {
 		if err := t.nft.commit(lastReqs); err != nil {
@@ -264,8 +278,16 @@ func (t *Table) Reconcile(keep func(Entry) bool) error {
 
 // Close closes the Table's netlink sockets. The table and its elements
 // stay in the kernel (and keep steering traffic); Open adopts them again.
-// Close is idempotent.
+// Close is idempotent. It first lets the late sweep (see [Table.Apply])
+// finish with the elements already removed, which takes an RCU grace
+// period or a few (milliseconds).
 func (t *Table) Close() error {
+	t.mu.Lock()
+	done := t.lateDone
+	t.mu.Unlock()
+	if done != nil {
+		<-done
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.nft == nil {

@@ -327,3 +327,67 @@ func BenchmarkSwitchOne(b *testing.B) {
 		}
 	}
 }
+
+// TestLateSweep plays a packet that was evaluated across a removal's commit
+// and put its element back after Apply's own sweep had looked (the late
+// race of TestRemoveUnderTraffic, which traffic alone hits too rarely to
+// test): the element re-created behind Apply's back must be removed once
+// the grace period has passed, and a flow that a later batch added back
+// must keep its element.
+func TestLateSweep(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "late")
+	tb := openIn(t, ns, Options{})
+	release := make(chan struct{})
+	tb.mu.Lock()
+	tb.lateGrace = func() { <-release }
+	tb.mu.Unlock()
+	to := netip.MustParseAddr("192.0.2.7")
+	back := Flow{Client: netip.MustParseAddrPort("198.51.100.9:40001"), Service: f4.Service}
+
+	apply := func(fill func(*Batch)) {
+		t.Helper()
+		var b Batch
+		fill(&b)
+		if err := tb.Apply(&b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	apply(func(b *Batch) { b.Forward(f4, to); b.Forward(back, to) })
+	apply(func(b *Batch) { b.Remove(f4); b.Remove(back) })
+	apply(func(b *Batch) { b.Forward(back, to) }) // wanted again
+
+	// The packet's refresh: f4's element, as the rule's dynset would
+	// insert it, with no batch of the Table's.
+	var add [numSets]setChanges
+	add[setOf(KindForward, false)].add = []setElem{{key: flowKey(f4), data: to.AsSlice(), timeout: tb.opts.Idle}}
+	tb.mu.Lock()
+	err := tb.nft.commit(tb.nft.elemReqs(add))
+	done := tb.lateDone
+	tb.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done == nil {
+		t.Fatal("no late sweep is running after a removal")
+	}
+	close(release)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the late sweep did not end")
+	}
+	es, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || es[0].Flow != back || es[0].Kind != KindForward {
+		t.Errorf("after the late sweep: %v; want only %v's forward", es, back)
+	}
+	tb.mu.Lock()
+	removed := tb.lateRemoved
+	tb.mu.Unlock()
+	if removed != 1 {
+		t.Errorf("the late sweep removed %d elements, want 1", removed)
+	}
+}
