@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -123,6 +124,76 @@ func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, 
 		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port))
 }
 
+// watchStaleRSTs counts, apart, the resets the client sends for port's
+// connection to svc (either family's address) after the connection has
+// ended on its side: a passive closer keeps no TIME_WAIT, so a segment of
+// the connection that arrives once its last ACK came in (reordered on the
+// way, or a duplicate ACK the server sends for a retransmission that
+// crossed the close) is answered with a reset carrying the segment's
+// acknowledgement number and no ACK flag. A live socket never sends that
+// kind (its resets carry ACK), an unrewritten reply has another source
+// address, and a socket killed by unexpected data after the FIN is
+// counted by [clientAborts]. The watch of [watchPortRSTs] counts these
+// too; subtract them.
+func watchStaleRSTs(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) func() int {
+	t.Helper()
+	table := fmt.Sprintf("mtcpstale%d", port)
+	var rules strings.Builder
+	for _, a := range svc {
+		fmt.Fprintf(&rules, "\t\t%s daddr %s tcp dport %d tcp flags & (rst | ack) == rst counter name stale\n", l3(a), a, port)
+	}
+	nft(t, client, fmt.Sprintf("table inet %s {\n\tcounter stale {}\n\tchain out {\n\t\ttype filter hook output priority 0\n%s\t}\n}\n", table, rules.String()))
+	return func() int { return nftCounter(t, client, table, "stale") }
+}
+
+// clientAborts reads the client host's TcpExt counters of connections the
+// kernel aborted (TCPAbortOnData, ...OnClose, ...OnMemory, ...OnTimeout,
+// ...OnLinger, TCPAbortFailed) and returns a function giving how many
+// were added since, by name. The host's namespace is the test's own.
+func clientAborts(t testing.TB, client *testbed.Host) func() map[string]int {
+	t.Helper()
+	read := func() map[string]int {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		out, err := client.Run(ctx, "cat", "/proc/net/netstat")
+		if err != nil {
+			t.Fatalf("reading the client's /proc/net/netstat: %v", err)
+		}
+		var names, values []string
+		for line := range strings.Lines(string(out)) {
+			f := strings.Fields(line)
+			if len(f) == 0 || f[0] != "TcpExt:" {
+				continue
+			}
+			if names == nil {
+				names = f[1:]
+			} else {
+				values = f[1:]
+			}
+		}
+		m := map[string]int{}
+		for i, n := range names {
+			if strings.HasPrefix(n, "TCPAbort") && i < len(values) {
+				m[n], _ = strconv.Atoi(values[i])
+			}
+		}
+		if len(m) == 0 {
+			t.Fatalf("no TCPAbort counters in the client's /proc/net/netstat:\n%s", out)
+		}
+		return m
+	}
+	before := read()
+	return func() map[string]int {
+		d := map[string]int{}
+		for n, v := range read() {
+			if v != before[n] {
+				d[n] = v - before[n]
+			}
+		}
+		return d
+	}
+}
+
 // watchFlowRSTs counts the resets of client connection c only (by its
 // port; a table per family and port): from its server and from the client.
 func watchFlowRSTs(t testing.TB, client *testbed.Host, c *net.TCPConn) func() (in, out int) {
@@ -150,21 +221,25 @@ func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMa
 	}
 }
 `, table, inMatch, outMatch))
-	read := func(name string) int {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		out, err := client.Run(ctx, "nft", "list", "counter", "inet", table, name)
-		if err != nil {
-			t.Fatalf("reading counter %s: %v", name, err)
-		}
-		m := regexp.MustCompile(`packets (\d+)`).FindSubmatch(out)
-		if m == nil {
-			t.Fatalf("counter %s: no packet count in %q", name, out)
-		}
-		n, _ := strconv.Atoi(string(m[1]))
-		return n
+	return func() (int, int) { return nftCounter(t, client, table, "rst_in"), nftCounter(t, client, table, "rst_out") }
+}
+
+// nftCounter reads the packet count of the named counter of table inet
+// table on h.
+func nftCounter(t testing.TB, h *testbed.Host, table, name string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "nft", "list", "counter", "inet", table, name)
+	if err != nil {
+		t.Fatalf("reading counter %s: %v", name, err)
 	}
-	return func() (int, int) { return read("rst_in"), read("rst_out") }
+	m := regexp.MustCompile(`packets (\d+)`).FindSubmatch(out)
+	if m == nil {
+		t.Fatalf("counter %s: no packet count in %q", name, out)
+	}
+	n, _ := strconv.Atoi(string(m[1]))
+	return n
 }
 
 // flowRules names one flow's nftables rules on every host involved.
