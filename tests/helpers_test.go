@@ -221,7 +221,9 @@ func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMa
 	}
 }
 `, table, inMatch, outMatch))
-	return func() (int, int) { return nftCounter(t, client, table, "rst_in"), nftCounter(t, client, table, "rst_out") }
+	return func() (int, int) {
+		return nftCounter(t, client, table, "rst_in"), nftCounter(t, client, table, "rst_out")
+	}
 }
 
 // nftCounter reads the packet count of the named counter of table inet
