@@ -76,6 +76,9 @@
 // through membarrier(2)), when no packet evaluated across the commit can
 // still be under way, and removes them. Only a flow that keeps sending
 // through several such removals keeps its element, until Options.Idle.
+// That goroutine removes what it finds under the removed keys unless a
+// later batch of the same Table added them back: another process that
+// adds the same flow's element within those few milliseconds loses it.
 //
 // # Checksums
 //

@@ -3,6 +3,9 @@
 package nat
 
 import (
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,18 +38,62 @@ type lateEntry struct {
 }
 
 // membarrierCmdGlobal is MEMBARRIER_CMD_GLOBAL (include/uapi/linux/membarrier.h),
-// which returns after synchronize_rcu().
+// which returns after synchronize_rcu() when more than one CPU is online.
 const membarrierCmdGlobal = 1
 
+// graceFallback stands in for a grace period where membarrier cannot give
+// one: far beyond any packet's evaluation, and a sleep, so that a reader
+// preempted on the only CPU gets to run and finish.
+const graceFallback = 50 * time.Millisecond
+
 // rcuGrace waits for an RCU grace period: membarrier(MEMBARRIER_CMD_GLOBAL)
-// is synchronize_rcu() (about 8 ms on a 2-core virtual machine). Where the
-// kernel refuses it (nohz_full CPUs), a pause well beyond any packet's
-// evaluation stands in.
+// is synchronize_rcu() (about 8 ms on a 2-core virtual machine). With one
+// CPU online it returns at once without one, and with nohz_full CPUs the
+// kernel refuses it: then graceFallback.
 func rcuGrace() {
-	if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e != 0 {
-		time.Sleep(50 * time.Millisecond)
+	if onlineCPUs() > 1 {
+		if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e == 0 {
+			return
+		}
 	}
+	time.Sleep(graceFallback)
 }
+
+// onlineCPUs counts the CPUs online, or returns 0 if it cannot tell.
+func onlineCPUs() int {
+	b, err := os.ReadFile("/sys/devices/system/cpu/online")
+	if err != nil {
+		return 0
+	}
+	return countCPUs(string(b))
+}
+
+// countCPUs counts the CPUs of a kernel CPU list such as "0-3,5\n", or
+// returns 0 if it is malformed.
+func countCPUs(list string) int {
+	n := 0
+	for r := range strings.SplitSeq(strings.TrimSpace(list), ",") {
+		lo, hi, isRange := strings.Cut(r, "-")
+		if !isRange {
+			hi = lo
+		}
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			return 0
+		}
+		z, err := strconv.Atoi(hi)
+		if err != nil || z < a {
+			return 0
+		}
+		n += z - a + 1
+	}
+	return n
+}
+
+// lateChunk bounds the elements one step of a late round looks up with
+// the Table locked, so that a batch applied meanwhile (a switch, its
+// flows held) waits for at most that many lookups.
+const lateChunk = 256
 
 // queueLateLocked records what plan p removed (and did not add back) for
 // the late sweep, forgets the keys p puts back, and starts the sweeper if
@@ -70,7 +117,7 @@ func (t *Table) queueLateLocked(p *plan) {
 
 // lateSweep runs until no removed element waits for it, or the Table is
 // closed: each round starts a new epoch, waits for a grace period, then
-// deals with the elements queued before that epoch.
+// deals with the elements queued before that epoch, a chunk at a time.
 func (t *Table) lateSweep(done chan struct{}) {
 	defer close(done)
 	for {
@@ -82,34 +129,46 @@ func (t *Table) lateSweep(done chan struct{}) {
 
 		grace()
 
-		t.mu.Lock()
-		if t.nft == nil || len(t.late) == 0 {
-			t.lateDone = nil
+		for {
+			t.mu.Lock()
+			if t.nft == nil || len(t.late) == 0 {
+				t.lateDone = nil
+				t.mu.Unlock()
+				return
+			}
+			more := t.lateStepLocked(cut)
 			t.mu.Unlock()
-			return
+			if !more {
+				break
+			}
 		}
-		t.lateRoundLocked(cut)
-		if len(t.late) == 0 {
-			t.lateDone = nil
-			t.mu.Unlock()
-			return
-		}
-		t.mu.Unlock()
 	}
 }
 
-// lateRoundLocked looks up the queued elements of epochs up to cut, removes
-// those still there and queues them again (their removal is a new commit
-// that a packet may race); the others are done. t.mu is held. An error
-// leaves the elements to Options.Idle: no caller is left to tell.
-func (t *Table) lateRoundLocked(cut uint64) {
+// lateStepLocked takes up to lateChunk queued elements of epochs up to
+// cut, looks them up, removes those still there and queues them again
+// (their removal is a new commit that a packet may race; up to
+// lateAttempts times). It reports whether elements up to cut are left.
+// If the kernel cannot be asked, the elements are queued again, as many
+// times. t.mu is held.
+func (t *Table) lateStepLocked(cut uint64) (more bool) {
 	var due [numSets][]setElem
 	tries := map[elemKey]int{}
 	for k, e := range t.late {
-		if e.epoch <= cut {
-			due[k.set] = append(due[k.set], setElem{key: []byte(k.key)})
-			tries[k] = e.attempts
-			delete(t.late, k)
+		if e.epoch > cut {
+			continue
+		}
+		if len(tries) == lateChunk {
+			more = true
+			break
+		}
+		due[k.set] = append(due[k.set], setElem{key: []byte(k.key)})
+		tries[k] = e.attempts
+		delete(t.late, k)
+	}
+	again := func(k elemKey) {
+		if a := tries[k] + 1; a < lateAttempts {
+			t.late[k] = lateEntry{epoch: t.lateEpoch, attempts: a}
 		}
 	}
 	var back [numSets]setChanges
@@ -120,24 +179,24 @@ func (t *Table) lateRoundLocked(cut uint64) {
 		}
 		found, err := t.nft.present(setID(id), els)
 		if err != nil {
-			return
+			for _, e := range els {
+				again(elemKey{setID(id), string(e.key)})
+			}
+			continue
 		}
 		back[id].destroy = found
 		n += len(found)
 	}
 	if n == 0 {
-		return
+		return more
 	}
-	if err := t.nft.commit(t.nft.elemReqs(back)); err != nil {
-		return
+	if err := t.nft.commit(t.nft.elemReqs(back)); err == nil {
+		t.lateRemoved += n
 	}
-	t.lateRemoved += n
 	for id, sc := range back {
 		for _, e := range sc.destroy {
-			k := elemKey{setID(id), string(e.key)}
-			if a := tries[k] + 1; a < lateAttempts {
-				t.late[k] = lateEntry{epoch: t.lateEpoch, attempts: a}
-			}
+			again(elemKey{setID(id), string(e.key)})
 		}
 	}
+	return more
 }

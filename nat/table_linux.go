@@ -280,7 +280,9 @@ func (t *Table) Reconcile(keep func(Entry) bool) error {
 // stay in the kernel (and keep steering traffic); Open adopts them again.
 // Close is idempotent. It first lets the late sweep (see [Table.Apply])
 // finish with the elements already removed, which takes an RCU grace
-// period or a few (milliseconds).
+// period or a few (milliseconds); a sweep that a concurrent Apply starts
+// meanwhile, or one still running at Destroy, finds the Table closed
+// and ends by itself.
 func (t *Table) Close() error {
 	t.mu.Lock()
 	done := t.lateDone

@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -328,22 +329,29 @@ func BenchmarkSwitchOne(b *testing.B) {
 	}
 }
 
-// TestLateSweep plays a packet that was evaluated across a removal's commit
-// and put its element back after Apply's own sweep had looked (the late
-// race of TestRemoveUnderTraffic, which traffic alone hits too rarely to
-// test): the element re-created behind Apply's back must be removed once
-// the grace period has passed, and a flow that a later batch added back
-// must keep its element.
+// TestLateSweep plays packets that were evaluated across a removal's
+// commit and put their elements back after Apply's own sweep had looked
+// (the late race of TestRemoveUnderTraffic, which traffic alone hits too
+// rarely to test). An element re-created behind Apply's back must be
+// removed once a grace period that began after its removal has passed,
+// and not earlier; a flow that a later batch added back must keep its
+// element.
 func TestLateSweep(t *testing.T) {
 	skipUnlessRoot(t)
 	ns := newNamespace(t, "late")
 	tb := openIn(t, ns, Options{})
-	release := make(chan struct{})
+	// Each grace period says it began, then waits for the test.
+	began, release := make(chan struct{}, 16), make(chan struct{})
 	tb.mu.Lock()
-	tb.lateGrace = func() { <-release }
+	tb.lateGrace = func() { began <- struct{}{}; <-release }
 	tb.mu.Unlock()
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) }) // before Close, which waits for the sweeper
 	to := netip.MustParseAddr("192.0.2.7")
-	back := Flow{Client: netip.MustParseAddrPort("198.51.100.9:40001"), Service: f4.Service}
+	flow := func(port uint16) Flow {
+		return Flow{Client: netip.AddrPortFrom(f4.Client.Addr(), port), Service: f4.Service}
+	}
+	first, second, back := flow(40001), flow(40002), flow(40003)
 
 	apply := func(fill func(*Batch)) {
 		t.Helper()
@@ -353,41 +361,77 @@ func TestLateSweep(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	apply(func(b *Batch) { b.Forward(f4, to); b.Forward(back, to) })
-	apply(func(b *Batch) { b.Remove(f4); b.Remove(back) })
-	apply(func(b *Batch) { b.Forward(back, to) }) // wanted again
+	// A packet's refresh: the flows' elements, as the rule's dynset would
+	// insert them, with no batch of the Table's.
+	recreate := func(fs ...Flow) {
+		t.Helper()
+		var add [numSets]setChanges
+		for _, f := range fs {
+			add[setOf(KindForward, false)].add = append(add[setOf(KindForward, false)].add, setElem{key: flowKey(f), data: to.AsSlice(), timeout: tb.opts.Idle})
+		}
+		tb.mu.Lock()
+		err := tb.nft.commit(tb.nft.elemReqs(add))
+		tb.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	wait := func(what string, c <-chan struct{}) {
+		t.Helper()
+		select {
+		case <-c:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the late sweep: %s did not come", what)
+		}
+	}
+	forwards := func() (fs []Flow) {
+		t.Helper()
+		es, err := tb.Flows()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range es {
+			if e.Kind == KindForward {
+				fs = append(fs, e.Flow)
+			}
+		}
+		slices.SortFunc(fs, func(a, b Flow) int { return int(a.Client.Port()) - int(b.Client.Port()) })
+		return fs
+	}
 
-	// The packet's refresh: f4's element, as the rule's dynset would
-	// insert it, with no batch of the Table's.
-	var add [numSets]setChanges
-	add[setOf(KindForward, false)].add = []setElem{{key: flowKey(f4), data: to.AsSlice(), timeout: tb.opts.Idle}}
+	apply(func(b *Batch) { b.Forward(first, to); b.Forward(second, to); b.Forward(back, to) })
+	apply(func(b *Batch) { b.Remove(first); b.Remove(back) })
+	wait("the first grace period", began)
+	// Removed while that grace period runs: it does not cover them.
+	apply(func(b *Batch) { b.Remove(second) })
+	apply(func(b *Batch) { b.Forward(back, to) }) // wanted again
+	recreate(first, second)
+
+	release <- struct{}{}
+	wait("the second grace period", began) // the first round is done
+	if got, want := forwards(), []Flow{second, back}; !slices.Equal(got, want) {
+		t.Errorf("after the first round: forwards %v, want %v (only the first removal's grace period has passed)", got, want)
+	}
 	tb.mu.Lock()
-	err := tb.nft.commit(tb.nft.elemReqs(add))
 	done := tb.lateDone
 	tb.mu.Unlock()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done == nil {
-		t.Fatal("no late sweep is running after a removal")
-	}
-	close(release)
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the late sweep did not end")
-	}
-	es, err := tb.Flows()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(es) != 1 || es[0].Flow != back || es[0].Kind != KindForward {
-		t.Errorf("after the late sweep: %v; want only %v's forward", es, back)
+	once.Do(func() { close(release) }) // every grace period from now on
+	wait("its end", done)
+	if got, want := forwards(), []Flow{back}; !slices.Equal(got, want) {
+		t.Errorf("after the late sweep: forwards %v, want %v", got, want)
 	}
 	tb.mu.Lock()
 	removed := tb.lateRemoved
 	tb.mu.Unlock()
-	if removed != 1 {
-		t.Errorf("the late sweep removed %d elements, want 1", removed)
+	if removed != 2 {
+		t.Errorf("the late sweep removed %d elements, want 2", removed)
+	}
+}
+
+func TestCountCPUs(t *testing.T) {
+	for list, want := range map[string]int{"0\n": 1, "0-1\n": 2, "0-3,5,7-8": 7, "": 0, "1-0": 0, "x": 0, "0-": 0} {
+		if got := countCPUs(list); got != want {
+			t.Errorf("countCPUs(%q) = %d, want %d", list, got, want)
+		}
 	}
 }
