@@ -113,7 +113,7 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 // watchRSTs counts the TCP resets the client host sends and receives.
 // It returns a function reading both counters.
 func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
-	return watchRSTsMatching(t, client, "mtcpwatch", "", "")
+	return watchRSTsMatching(t, client, "mtcpwatch", "", "", "")
 }
 
 // watchPortRSTs counts only the resets of connections to the server port
@@ -121,29 +121,46 @@ func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
 // earlier case sends late.
 func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, out int) {
 	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatch%d", port),
-		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port))
+		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port), "")
 }
 
-// watchStaleRSTs counts, apart, the resets the client sends for port's
-// connection to svc (either family's address) after the connection has
-// ended on its side: a passive closer keeps no TIME_WAIT, so a segment of
-// the connection that arrives once its last ACK came in (reordered on the
-// way, or a duplicate ACK the server sends for a retransmission that
-// crossed the close) is answered with a reset carrying the segment's
-// acknowledgement number and no ACK flag. A live socket never sends that
-// kind (its resets carry ACK), an unrewritten reply has another source
-// address, and a socket killed by unexpected data after the FIN is
-// counted by [clientAborts]. The watch of [watchPortRSTs] counts these
-// too; subtract them.
-func watchStaleRSTs(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) func() int {
+// watchPortRSTsApart is watchPortRSTs that counts apart (stale, not in
+// out) the resets the client sends for the connection to svc (either
+// family's address) after the connection has ended on its side: a passive
+// closer keeps no TIME_WAIT, so a segment of the connection that arrives
+// once its last ACK came in (reordered on the way, or a duplicate ACK the
+// server sends for a retransmission that crossed the close) is answered
+// with a reset carrying the segment's acknowledgement number and no ACK
+// flag. A live socket never sends that kind (its resets carry ACK), an
+// unrewritten reply has another source address, a socket killed by
+// unexpected data after the FIN is counted by [clientAborts], and a
+// source that still sends after it let go of the connection by
+// [countLocalOut]. One chain counts both, so reading them at different
+// moments cannot put a reset in out.
+func watchPortRSTsApart(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) (rsts func() (in, out int), stale func() int) {
 	t.Helper()
-	table := fmt.Sprintf("mtcpstale%d", port)
-	var rules strings.Builder
+	table := fmt.Sprintf("mtcpwatch%d", port)
+	var first strings.Builder
 	for _, a := range svc {
-		fmt.Fprintf(&rules, "\t\t%s daddr %s tcp dport %d tcp flags & (rst | ack) == rst counter name stale\n", l3(a), a, port)
+		fmt.Fprintf(&first, "%s daddr %s tcp dport %d tcp flags & (rst | ack) == rst counter name stale return\n\t\t", l3(a), a, port)
 	}
-	nft(t, client, fmt.Sprintf("table inet %s {\n\tcounter stale {}\n\tchain out {\n\t\ttype filter hook output priority 0\n%s\t}\n}\n", table, rules.String()))
-	return func() int { return nftCounter(t, client, table, "stale") }
+	rsts = watchRSTsMatching(t, client, table, fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port), first.String())
+	return rsts, func() int { return nftCounter(t, client, table, "stale") }
+}
+
+// countLocalOut counts the segments h itself sends from port (not those
+// it forwards), from now on: a host that let go of its connections on
+// port must send none.
+func countLocalOut(t testing.TB, h *testbed.Host, port uint16) func() int {
+	t.Helper()
+	table := fmt.Sprintf("mtcplocalout%d", port)
+	nft(t, h, fmt.Sprintf("table inet %s {\n\tcounter sent {}\n\tchain out {\n\t\ttype filter hook output priority 0\n\t\ttcp sport %d counter name sent\n\t}\n}\n", table, port))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		h.Nft(ctx, "delete table inet "+table)
+	})
+	return func() int { return nftCounter(t, h, table, "sent") }
 }
 
 // clientAborts reads the client host's TcpExt counters of connections the
@@ -203,24 +220,29 @@ func watchFlowRSTs(t testing.TB, client *testbed.Host, c *net.TCPConn) func() (i
 		fam = 6
 	}
 	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatchflow%d_%d", fam, port),
-		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port))
+		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port), "")
 }
 
-func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch string) func() (in, out int) {
+// watchRSTsMatching installs table (counters rst_in, rst_out and stale)
+// on the client host: resets in matching inMatch, resets out matching
+// outMatch. outFirst holds rules evaluated before the rst_out count (a
+// rule ending in return keeps what it matched out of rst_out).
+func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch, outFirst string) func() (in, out int) {
 	t.Helper()
 	nft(t, client, fmt.Sprintf(`table inet %s {
 	counter rst_in {}
 	counter rst_out {}
+	counter stale {}
 	chain in {
 		type filter hook input priority 0
 		%stcp flags & rst == rst counter name rst_in
 	}
 	chain out {
 		type filter hook output priority 0
-		%stcp flags & rst == rst counter name rst_out
+		%s%stcp flags & rst == rst counter name rst_out
 	}
 }
-`, table, inMatch, outMatch))
+`, table, inMatch, outFirst, outMatch))
 	return func() (int, int) {
 		return nftCounter(t, client, table, "rst_in"), nftCounter(t, client, table, "rst_out")
 	}

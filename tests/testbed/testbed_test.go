@@ -491,28 +491,15 @@ func TestSweep(t *testing.T) {
 	t.Cleanup(func() { testbed.Describe(dead).Down(context.Background()) })
 
 	// Another process's ForTest may sweep the dead bed at any moment:
-	// build it in one step that tolerates that (Up would fail half-way).
+	// build it in one step that tolerates that (Up would fail half-way),
+	// and build it again if that happens before the sleep is inside.
 	b := testbed.Describe(dead)
-	for _, h := range []*testbed.Host{b.S1, b.Switch} {
-		if out, err := exec.CommandContext(ctx, "ip", "netns", "add", h.NetNS).CombinedOutput(); err != nil {
-			t.Fatalf("ip netns add %s: %v: %s", h.NetNS, err, out)
+	var slept chan error
+	for attempt := 1; slept == nil; attempt++ {
+		if attempt > 5 {
+			t.Fatalf("%s was swept by other processes before its sleep got in, 5 times", dead)
 		}
-	}
-	sleeper := b.S1.Command(ctx, "sleep", "1000")
-	if err := sleeper.Start(); err != nil {
-		t.Fatal(err)
-	}
-	slept := make(chan error, 1)
-	go func() { slept <- sleeper.Wait() }()
-	// nsenter holds the namespace open before it enters it: swept before
-	// that, the sleep would run on in the unnamed namespace, out of any
-	// sweep's sight. The test is about a process inside the bed.
-	inside := fmt.Sprintf("pid %d ", sleeper.Process.Pid)
-	if err := waitFor(ctx, func() bool {
-		left, _ := testbed.Leftovers(ctx, dead)
-		return slices.ContainsFunc(left, func(s string) bool { return strings.HasPrefix(s, inside) })
-	}); err != nil {
-		t.Fatalf("the sleep never entered %s: %v", b.S1.NetNS, err)
+		slept = sleepInside(t, ctx, b)
 	}
 
 	if err := testbed.Sweep(ctx); err != nil {
@@ -534,6 +521,41 @@ func TestSweep(t *testing.T) {
 			t.Errorf("Sweep deleted %s of a live process's bed", h.NetNS)
 		}
 	}
+}
+
+// sleepInside makes the namespaces of b's s1 and switch and starts a
+// sleep in s1's, returning the channel that gets its end once it is
+// inside, or nil if another process swept the bed before that (the sleep
+// is then killed: nsenter holds the namespace open before it enters it,
+// so it may run on in the unnamed namespace, out of any sweep's sight).
+func sleepInside(t *testing.T, ctx context.Context, b *testbed.Bed) chan error {
+	t.Helper()
+	for _, h := range []*testbed.Host{b.S1, b.Switch} {
+		if out, err := exec.CommandContext(ctx, "ip", "netns", "add", h.NetNS).CombinedOutput(); err != nil && !h.Exists() {
+			t.Fatalf("ip netns add %s: %v: %s", h.NetNS, err, out)
+		}
+	}
+	sleeper := b.S1.Command(ctx, "sleep", "1000")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	slept := make(chan error, 1)
+	go func() { slept <- sleeper.Wait() }()
+	inside := fmt.Sprintf("pid %d ", sleeper.Process.Pid)
+	in := false
+	if err := waitFor(ctx, func() bool {
+		left, _ := testbed.Leftovers(ctx, b.Prefix)
+		in = slices.ContainsFunc(left, func(s string) bool { return strings.HasPrefix(s, inside) })
+		return in || !b.S1.Exists()
+	}); err != nil {
+		t.Fatalf("the sleep never entered %s: %v", b.S1.NetNS, err)
+	}
+	if in {
+		return slept
+	}
+	sleeper.Process.Kill()
+	<-slept
+	return nil
 }
 
 // TestRootNamespaceUntouched checks that a bed's life leaves the root
