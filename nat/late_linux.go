@@ -2,27 +2,35 @@
 
 package nat
 
-import (
-	"os"
-	"strconv"
-	"strings"
-	"time"
-
-	"golang.org/x/sys/unix"
-)
+import "time"
 
 // The late sweep closes what [Table.sweep] leaves open. A packet whose
 // evaluation began before a removal committed still sees the element, and
 // its timeout refresh (dynset "update") puts the element back if it runs
 // after the commit took the element out, which can be after sweep has
 // looked: the packet's CPU may have been interrupted, or its virtual CPU
-// descheduled, in between. Every such evaluation runs inside an RCU
-// read-side critical section (netfilter hooks run under rcu_read_lock), so
-// once an RCU grace period has passed after a commit, none of them is
-// still under way. The late sweep waits for one, off the caller's path,
-// then looks up the removed elements again and removes those still there.
-// Without it a re-created element would stay until Options.Idle and steer
-// a new connection that reuses the 4-tuple.
+// descheduled, in between. The late sweep waits lateDelay, off the
+// caller's path, then looks up the removed elements again and removes
+// those still there. Without it a re-created element would stay until
+// Options.Idle and steer a new connection that reuses the 4-tuple.
+//
+// Every such evaluation runs inside an RCU read-side critical section
+// (netfilter hooks run under rcu_read_lock), so an RCU grace period would
+// be the exact wait, and membarrier(MEMBARRIER_CMD_GLOBAL) gives one
+// (synchronize_rcu, about 8 ms here). It was tried and measured: forcing
+// a grace period after each removal disturbed the machine's streams
+// (BenchmarkPauseFloor's median pause went from 0.57-0.62 ms to 1.6-2.5
+// ms, and its no-migration baseline's 99th percentile from under 1 ms to
+// 14-15 ms), while a plain sleep of the same length did not. A packet
+// held up for longer than lateDelay in the middle of one rule's
+// evaluation can still leave its element behind.
+
+// lateDelay is how long the late sweep waits after a removal before it
+// looks again: far beyond a packet's evaluation, even with its virtual
+// CPU descheduled for a while.
+const lateDelay = 50 * time.Millisecond
+
+func lateWait() { time.Sleep(lateDelay) }
 
 // lateAttempts bounds how many times the late sweep removes the same
 // element: each removal is another commit that a packet may race, so a
@@ -31,63 +39,10 @@ import (
 const lateAttempts = 4
 
 // lateEntry is a removed element that the late sweep will look for: the
-// grace period it waits for must begin after epoch was current.
+// wait before the look must begin after epoch was current.
 type lateEntry struct {
 	epoch    uint64
 	attempts int
-}
-
-// membarrierCmdGlobal is MEMBARRIER_CMD_GLOBAL (include/uapi/linux/membarrier.h),
-// which returns after synchronize_rcu() when more than one CPU is online.
-const membarrierCmdGlobal = 1
-
-// graceFallback stands in for a grace period where membarrier cannot give
-// one: far beyond any packet's evaluation, and a sleep, so that a reader
-// preempted on the only CPU gets to run and finish.
-const graceFallback = 50 * time.Millisecond
-
-// rcuGrace waits for an RCU grace period: membarrier(MEMBARRIER_CMD_GLOBAL)
-// is synchronize_rcu() (about 8 ms on a 2-core virtual machine). With one
-// CPU online it returns at once without one, and with nohz_full CPUs the
-// kernel refuses it: then graceFallback.
-func rcuGrace() {
-	if onlineCPUs() > 1 {
-		if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e == 0 {
-			return
-		}
-	}
-	time.Sleep(graceFallback)
-}
-
-// onlineCPUs counts the CPUs online, or returns 0 if it cannot tell.
-func onlineCPUs() int {
-	b, err := os.ReadFile("/sys/devices/system/cpu/online")
-	if err != nil {
-		return 0
-	}
-	return countCPUs(string(b))
-}
-
-// countCPUs counts the CPUs of a kernel CPU list such as "0-3,5\n", or
-// returns 0 if it is malformed.
-func countCPUs(list string) int {
-	n := 0
-	for r := range strings.SplitSeq(strings.TrimSpace(list), ",") {
-		lo, hi, isRange := strings.Cut(r, "-")
-		if !isRange {
-			hi = lo
-		}
-		a, err := strconv.Atoi(lo)
-		if err != nil {
-			return 0
-		}
-		z, err := strconv.Atoi(hi)
-		if err != nil || z < a {
-			return 0
-		}
-		n += z - a + 1
-	}
-	return n
 }
 
 // lateChunk bounds the elements one step of a late round looks up with
@@ -116,18 +71,18 @@ func (t *Table) queueLateLocked(p *plan) {
 }
 
 // lateSweep runs until no removed element waits for it, or the Table is
-// closed: each round starts a new epoch, waits for a grace period, then
-// deals with the elements queued before that epoch, a chunk at a time.
+// closed: each round starts a new epoch, waits (lateWait), then deals
+// with the elements queued before that epoch, a chunk at a time.
 func (t *Table) lateSweep(done chan struct{}) {
 	defer close(done)
 	for {
 		t.mu.Lock()
 		cut := t.lateEpoch
 		t.lateEpoch++
-		grace := t.lateGrace
+		wait := t.lateWait
 		t.mu.Unlock()
 
-		grace()
+		wait()
 
 		for {
 			t.mu.Lock()

@@ -28,13 +28,13 @@ type Table struct {
 	idx *index
 
 	// The late sweep (late_linux.go): removed elements to look for again
-	// after an RCU grace period, the current epoch, the running sweeper's
+	// after a while (lateDelay), the current epoch, the running sweeper's
 	// end (nil when none runs), how it waits, and how many elements it has
 	// removed.
 	late        map[elemKey]lateEntry
 	lateEpoch   uint64
 	lateDone    chan struct{}
-	lateGrace   func()
+	lateWait    func()
 	lateRemoved int
 }
 
@@ -60,7 +60,7 @@ func Open(o Options) (*Table, error) {
 	if err != nil {
 		return nil, &OpError{Op: "open", Table: name, Err: err}
 	}
-	t := &Table{opts: o, nft: n, idx: newIndex(), late: map[elemKey]lateEntry{}, lateGrace: rcuGrace}
+	t := &Table{opts: o, nft: n, idx: newIndex(), late: map[elemKey]lateEntry{}, lateWait: lateWait}
 	err = n.commit(n.layout(o, holdNative))
 	var te *txError
 	if errors.As(err, &te) && isErrno(err, syscall.ENOENT) && strings.HasPrefix(te.what, "add rule hold") {
@@ -106,8 +106,7 @@ func (t *Table) Options() Options { return t.opts }
 // copy behind the same way: Apply then looks up every element it removed
 // (and did not add back) and removes again those still there; and since
 // a packet evaluated across the commit can put one back even after that,
-// a goroutine looks for them once more after an RCU grace period (a few
-// milliseconds later), unless a later batch has added them back. If a later
+// a goroutine looks for them once more 50 ms later, unless a later batch has added them back. If a later
 // transaction fails, the first stays applied and Apply says so. b is left
 // unchanged; Apply refuses the whole batch, changing nothing, if any
 // change in it is malformed (error wrapping ErrInvalid). An empty batch
@@ -279,8 +278,8 @@ func (t *Table) Reconcile(keep func(Entry) bool) error {
 // Close closes the Table's netlink sockets. The table and its elements
 // stay in the kernel (and keep steering traffic); Open adopts them again.
 // Close is idempotent. It first lets the late sweep (see [Table.Apply])
-// finish with the elements already removed, which takes an RCU grace
-// period or a few (milliseconds); a sweep that a concurrent Apply starts
+// finish with the elements already removed, which takes 50 ms or a
+// few times that; a sweep that a concurrent Apply starts
 // meanwhile, or one still running at Destroy, finds the Table closed
 // and ends by itself.
 func (t *Table) Close() error {

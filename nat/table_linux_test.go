@@ -333,17 +333,17 @@ func BenchmarkSwitchOne(b *testing.B) {
 // commit and put their elements back after Apply's own sweep had looked
 // (the late race of TestRemoveUnderTraffic, which traffic alone hits too
 // rarely to test). An element re-created behind Apply's back must be
-// removed once a grace period that began after its removal has passed,
+// removed once a wait that began after its removal has passed,
 // and not earlier; a flow that a later batch added back must keep its
 // element.
 func TestLateSweep(t *testing.T) {
 	skipUnlessRoot(t)
 	ns := newNamespace(t, "late")
 	tb := openIn(t, ns, Options{})
-	// Each grace period says it began, then waits for the test.
+	// Each wait says it began, then waits for the test.
 	began, release := make(chan struct{}, 16), make(chan struct{})
 	tb.mu.Lock()
-	tb.lateGrace = func() { began <- struct{}{}; <-release }
+	tb.lateWait = func() { began <- struct{}{}; <-release }
 	tb.mu.Unlock()
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) }) // before Close, which waits for the sweeper
@@ -401,21 +401,21 @@ func TestLateSweep(t *testing.T) {
 
 	apply(func(b *Batch) { b.Forward(first, to); b.Forward(second, to); b.Forward(back, to) })
 	apply(func(b *Batch) { b.Remove(first); b.Remove(back) })
-	wait("the first grace period", began)
-	// Removed while that grace period runs: it does not cover them.
+	wait("the first wait", began)
+	// Removed while that wait runs: it does not cover them.
 	apply(func(b *Batch) { b.Remove(second) })
 	apply(func(b *Batch) { b.Forward(back, to) }) // wanted again
 	recreate(first, second)
 
 	release <- struct{}{}
-	wait("the second grace period", began) // the first round is done
+	wait("the second wait", began) // the first round is done
 	if got, want := forwards(), []Flow{second, back}; !slices.Equal(got, want) {
-		t.Errorf("after the first round: forwards %v, want %v (only the first removal's grace period has passed)", got, want)
+		t.Errorf("after the first round: forwards %v, want %v (only the first removal's wait has passed)", got, want)
 	}
 	tb.mu.Lock()
 	done := tb.lateDone
 	tb.mu.Unlock()
-	once.Do(func() { close(release) }) // every grace period from now on
+	once.Do(func() { close(release) }) // every wait from now on
 	wait("its end", done)
 	if got, want := forwards(), []Flow{back}; !slices.Equal(got, want) {
 		t.Errorf("after the late sweep: forwards %v, want %v", got, want)
@@ -425,13 +425,5 @@ func TestLateSweep(t *testing.T) {
 	tb.mu.Unlock()
 	if removed != 2 {
 		t.Errorf("the late sweep removed %d elements, want 2", removed)
-	}
-}
-
-func TestCountCPUs(t *testing.T) {
-	for list, want := range map[string]int{"0\n": 1, "0-1\n": 2, "0-3,5,7-8": 7, "": 0, "1-0": 0, "x": 0, "0-": 0} {
-		if got := countCPUs(list); got != want {
-			t.Errorf("countCPUs(%q) = %d, want %d", list, got, want)
-		}
 	}
 }
