@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"regexp"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -259,19 +257,7 @@ func watchForeign(t *testing.T, client, s *testbed.Host, port uint16) func() (in
 	}
 }
 `, port, s.LAN4, s.LAN6))
-	read := func(name string) int {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		out, err := client.Run(ctx, "nft", "list", "counter", "inet", "mtcpforeign", name)
-		if err != nil {
-			t.Fatalf("reading counter %s: %v", name, err)
-		}
-		m := regexp.MustCompile(`packets (\d+)`).FindSubmatch(out)
-		if m == nil {
-			t.Fatalf("counter %s: no packet count in %q", name, out)
-		}
-		n, _ := strconv.Atoi(string(m[1]))
-		return n
+	return func() (int, int) {
+		return nftCounter(t, client, "mtcpforeign", "from_other"), nftCounter(t, client, "mtcpforeign", "to_other")
 	}
-	return func() (int, int) { return read("from_other"), read("to_other") }
 }
