@@ -72,13 +72,14 @@
 // ends, and runs [Table.Reconcile] at start. A packet that races the
 // Remove of its element can re-create it through the refresh (with the
 // same value): Apply looks for such elements right after its commit, and
-// a goroutine once more 50 ms later, long after any packet evaluated
-// across the commit is done (unless its CPU was held up that long in the
-// middle of it), and removes them. Only a flow that keeps sending through
-// several such removals keeps its element, until Options.Idle. That
-// goroutine removes what it finds under the removed keys unless a later
-// batch of the same Table added them back: another process that adds the
-// same flow's element within those 50 ms loses it.
+// a goroutine once more 50 to 100 ms later, long after any packet
+// evaluated across the commit is done (unless its CPU was held up that
+// long in the middle of it), and removes them. Only a flow that keeps
+// sending through several such removals keeps its element, until
+// Options.Idle. That goroutine removes what it finds under the removed
+// keys unless a later batch of the same Table added them back: another
+// process that adds the same flow's element in that time (longer while
+// the element keeps coming back) loses it.
 //
 // # Checksums
 //

@@ -29,13 +29,14 @@ type Table struct {
 
 	// The late sweep (late_linux.go): removed elements to look for again
 	// after a while (lateDelay), the current epoch, the running sweeper's
-	// end (nil when none runs), how it waits, and how many elements it has
-	// removed.
+	// end (nil when none runs), how it waits, how many elements it has
+	// removed, and whether Close is waiting for it.
 	late        map[elemKey]lateEntry
 	lateEpoch   uint64
 	lateDone    chan struct{}
 	lateWait    func()
 	lateRemoved int
+	lateClosing bool
 }
 
 // Open creates mtcp's table in the calling thread's network namespace, or
@@ -106,11 +107,11 @@ func (t *Table) Options() Options { return t.opts }
 // copy behind the same way: Apply then looks up every element it removed
 // (and did not add back) and removes again those still there; and since
 // a packet evaluated across the commit can put one back even after that,
-// a goroutine looks for them once more 50 ms later, unless a later batch has added them back. If a later
-// transaction fails, the first stays applied and Apply says so. b is left
-// unchanged; Apply refuses the whole batch, changing nothing, if any
-// change in it is malformed (error wrapping ErrInvalid). An empty batch
-// does nothing.
+// a goroutine looks for them once more 50 to 100 ms later, unless a later
+// batch has added them back. If a later transaction fails, the first
+// stays applied and Apply says so. b is left unchanged; Apply refuses the
+// whole batch, changing nothing, if any change in it is malformed (error
+// wrapping ErrInvalid). An empty batch does nothing.
 func (t *Table) Apply(b *Batch) error { return t.ApplyThen(b, nil) }
 
 // ApplyThen is Apply with a step of the caller's at the moment the
@@ -278,12 +279,13 @@ func (t *Table) Reconcile(keep func(Entry) bool) error {
 // Close closes the Table's netlink sockets. The table and its elements
 // stay in the kernel (and keep steering traffic); Open adopts them again.
 // Close is idempotent. It first lets the late sweep (see [Table.Apply])
-// finish with the elements already removed, which takes 50 ms or a
-// few times that; a sweep that a concurrent Apply starts
-// meanwhile, or one still running at Destroy, finds the Table closed
-// and ends by itself.
+// finish its round under way, with the elements already removed, which
+// takes up to about 100 ms; a sweep that a concurrent Apply starts
+// meanwhile, or one still running at Destroy, finds the Table closed and
+// ends by itself.
 func (t *Table) Close() error {
 	t.mu.Lock()
+	t.lateClosing = true
 	done := t.lateDone
 	t.mu.Unlock()
 	if done != nil {

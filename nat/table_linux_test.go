@@ -427,3 +427,48 @@ func TestLateSweep(t *testing.T) {
 		t.Errorf("the late sweep removed %d elements, want 2", removed)
 	}
 }
+
+// TestLateSweepClose checks that Close waits for the late sweep's round
+// under way only, not for a table that goes on removing elements.
+func TestLateSweepClose(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "lateclose")
+	tb := openIn(t, ns, Options{})
+	tb.mu.Lock()
+	tb.lateWait = func() { time.Sleep(time.Millisecond) }
+	tb.mu.Unlock()
+	stop := make(chan struct{})
+	removing := make(chan struct{})
+	go func() {
+		defer close(removing)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			// A flow removed every time, so that the sweep always has
+			// one to look for.
+			var b Batch
+			b.Remove(Flow{Client: netip.AddrPortFrom(f4.Client.Addr(), uint16(1024+i%60000)), Service: f4.Service})
+			if tb.Apply(&b) != nil {
+				return // closed
+			}
+		}
+	}()
+	time.Sleep(20 * time.Millisecond)
+	closed := make(chan error, 1)
+	go func() { closed <- tb.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Error(err)
+		}
+	case <-time.After(5 * time.Second):
+		close(stop)
+		<-removing
+		<-closed
+		t.Fatal("Close waited for the late sweep while Applies went on removing")
+	}
+	<-removing
+}

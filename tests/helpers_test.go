@@ -139,7 +139,7 @@ func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, 
 // moments cannot put a reset in out.
 func watchPortRSTsApart(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) (rsts func() (in, out int), stale func() int) {
 	t.Helper()
-	table := fmt.Sprintf("mtcpwatch%d", port)
+	table := fmt.Sprintf("mtcpwatchapart%d", port)
 	var first strings.Builder
 	for _, a := range svc {
 		fmt.Fprintf(&first, "%s daddr %s tcp dport %d tcp flags & (rst | ack) == rst counter name stale return\n\t\t", l3(a), a, port)

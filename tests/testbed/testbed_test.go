@@ -539,13 +539,18 @@ func sleepInside(t *testing.T, ctx context.Context, b *testbed.Bed) chan error {
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)
 	}
-	slept := make(chan error, 1)
-	go func() { slept <- sleeper.Wait() }()
+	slept, exited := make(chan error, 1), make(chan struct{})
+	go func() { err := sleeper.Wait(); slept <- err; close(exited) }()
 	inside := fmt.Sprintf("pid %d ", sleeper.Process.Pid)
 	in := false
 	if err := waitFor(ctx, func() bool {
 		left, _ := testbed.Leftovers(ctx, b.Prefix)
 		in = slices.ContainsFunc(left, func(s string) bool { return strings.HasPrefix(s, inside) })
+		select {
+		case <-exited:
+			return true
+		default:
+		}
 		return in || !b.S1.Exists()
 	}); err != nil {
 		t.Fatalf("the sleep never entered %s: %v", b.S1.NetNS, err)
@@ -554,7 +559,10 @@ func sleepInside(t *testing.T, ctx context.Context, b *testbed.Bed) chan error {
 		return slept
 	}
 	sleeper.Process.Kill()
-	<-slept
+	<-exited
+	if b.S1.Exists() {
+		t.Fatalf("the sleep in %s ended before it was seen inside: %v", b.S1.NetNS, <-slept)
+	}
 	return nil
 }
 
