@@ -17,7 +17,10 @@
 // Half-closed connections (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING) are
 // captured with their FINs accounted for and rebuilt at commit: an outbound
 // FIN by shutdown(2), an inbound one by a FIN segment injected through a raw
-// socket ([Injector]), in the order the state machine needs.
+// socket ([Injector]), in the order the state machine needs. An outbound
+// FIN the peer has acknowledged (FIN_WAIT2) is not sent again: the socket
+// shuts down still in repair mode, which counts the FIN as sent, and an
+// injected acknowledgement of it moves the socket on.
 //
 // A socket in repair mode sends nothing of its own but acknowledges what
 // reaches it. [RestoreOptions.Quiet] marks a restored socket so that a

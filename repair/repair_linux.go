@@ -341,7 +341,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	b.fd = -1 // the Restored owns it now, whatever happens
 	r.fd = fd
 	err := r.build()
-	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || r.quiet || st.AckPending) {
+	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || st.TCPState == StateFinWait2 || r.quiet || st.AckPending) {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.
 		r.inj, err = newInjector(domain == unix.AF_INET6)
@@ -533,8 +533,29 @@ func (r *Restored) commit() error {
 		}
 		tookIn = tookIn || n > uint64(len(st.RecvQueue))
 	}
+	// FIN_WAIT2: the peer has acknowledged our FIN. Shut down still in
+	// repair mode, with the send queue selected, and the kernel counts
+	// the FIN as sent without sending it; an injected acknowledgement of
+	// it then moves the socket on. Shut down once out of repair mode, the
+	// FIN would go to the peer again: a duplicate, and with IPv6 one
+	// whose new flow label makes Linux peers change their own (a
+	// duplicate with another label reads as a path failure).
+	finAcked := st.TCPState == StateFinWait2
+	if finAcked {
+		if err := selectQueue(fd, queueSend); err != nil {
+			return err
+		}
+		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
+			return fmt.Errorf("shutdown in repair mode: %w", err)
+		}
+	}
 	if err := repairOff(fd, probe); err != nil {
 		return err
+	}
+	if finAcked {
+		if err := ourFINAcked(r); err != nil {
+			return err
+		}
 	}
 	if tookIn {
 		if err := injectStaleACK(r); err != nil {
@@ -567,13 +588,34 @@ func (r *Restored) commit() error {
 			return err
 		}
 		return shutdown()
-	case StateFinWait1, StateFinWait2:
+	case StateFinWait1:
 		return shutdown()
 	case StateClosing:
 		if err := shutdown(); err != nil {
 			return err
 		}
 		return peerFIN(r)
+	}
+	return nil
+}
+
+// ourFINAcked replays the peer's acknowledgement of our FIN, which a
+// socket shut down in repair mode counts as sent, if the socket still
+// waits for it (FIN_WAIT1). A peer's FIN that reached the socket in
+// repair mode has moved it to LAST_ACK instead: acknowledging our FIN
+// there would close it before the peer's FIN is acknowledged on the
+// wire, so the kernel's own retransmission of our FIN is left to do it.
+func ourFINAcked(r *Restored) error {
+	h, err := infoHead(r.fd)
+	if err != nil {
+		return err
+	}
+	if TCPState(h.state) != StateFinWait1 {
+		return nil
+	}
+	st := r.st
+	if err := r.inj.send(r, st.RecvSeq+uint32(len(st.RecvQueue)), st.SendSeq+uint32(len(st.SendQueue))+1, tcpACK); err != nil {
+		return fmt.Errorf("inject the acknowledgement of our FIN: send: %w", err)
 	}
 	return nil
 }

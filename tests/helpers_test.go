@@ -168,6 +168,19 @@ func countLocalOut(t testing.TB, h *testbed.Host, port uint16) func() int {
 // ...OnLinger, TCPAbortFailed) and returns a function giving how many
 // were added since, by name. The host's namespace is the test's own.
 func clientAborts(t testing.TB, client *testbed.Host) func() map[string]int {
+	return clientTCPExtGrowth(t, client, func(n string) bool { return strings.HasPrefix(n, "TCPAbort") })
+}
+
+// clientTCPExt returns a function giving how much the client host's TcpExt
+// counter name grew since the call.
+func clientTCPExt(t testing.TB, client *testbed.Host, name string) func() int {
+	grown := clientTCPExtGrowth(t, client, func(n string) bool { return n == name })
+	return func() int { return grown()[name] }
+}
+
+// clientTCPExtGrowth reads the client host's TcpExt counters that pick
+// selects and returns a function giving, by name, those that grew since.
+func clientTCPExtGrowth(t testing.TB, client *testbed.Host, pick func(string) bool) func() map[string]int {
 	t.Helper()
 	read := func() map[string]int {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -190,12 +203,12 @@ func clientAborts(t testing.TB, client *testbed.Host) func() map[string]int {
 		}
 		m := map[string]int{}
 		for i, n := range names {
-			if strings.HasPrefix(n, "TCPAbort") && i < len(values) {
+			if pick(n) && i < len(values) {
 				m[n], _ = strconv.Atoi(values[i])
 			}
 		}
 		if len(m) == 0 {
-			t.Fatalf("no TCPAbort counters in the client's /proc/net/netstat:\n%s", out)
+			t.Fatalf("none of the wanted TcpExt counters in the client's /proc/net/netstat:\n%s", out)
 		}
 		return m
 	}
