@@ -540,7 +540,18 @@ func (r *Restored) commit() error {
 	// FIN would go to the peer again: a duplicate, and with IPv6 one
 	// whose new flow label makes Linux peers change their own (a
 	// duplicate with another label reads as a path failure).
-	finAcked := st.TCPState == StateFinWait2
+	//
+	// A peer's FIN that reached the socket in repair mode has made it
+	// CLOSE_WAIT: it then shuts down once out of repair mode, as before,
+	// so that the FIN it sends draws the peer's last acknowledgement.
+	finAcked := false
+	if st.TCPState == StateFinWait2 {
+		h, err := infoHead(fd)
+		if err != nil {
+			return err
+		}
+		finAcked = TCPState(h.state) == StateEstablished
+	}
 	if finAcked {
 		if err := selectQueue(fd, queueSend); err != nil {
 			return err
@@ -590,6 +601,10 @@ func (r *Restored) commit() error {
 		return shutdown()
 	case StateFinWait1:
 		return shutdown()
+	case StateFinWait2:
+		if !finAcked {
+			return shutdown()
+		}
 	case StateClosing:
 		if err := shutdown(); err != nil {
 			return err
@@ -602,9 +617,10 @@ func (r *Restored) commit() error {
 // ourFINAcked replays the peer's acknowledgement of our FIN, which a
 // socket shut down in repair mode counts as sent, if the socket still
 // waits for it (FIN_WAIT1). A peer's FIN that reached the socket in
-// repair mode has moved it to LAST_ACK instead: acknowledging our FIN
-// there would close it before the peer's FIN is acknowledged on the
-// wire, so the kernel's own retransmission of our FIN is left to do it.
+// between, once out of repair mode, has moved it to LAST_ACK instead:
+// acknowledging our FIN there would close it before the peer's FIN is
+// acknowledged on the wire, so the kernel's own retransmission of our FIN
+// is left to do it.
 func ourFINAcked(r *Restored) error {
 	h, err := infoHead(r.fd)
 	if err != nil {
