@@ -114,8 +114,8 @@ func (t *Table) lateSweep(done chan struct{}) {
 // cut, looks them up, removes those still there and queues them again
 // (their removal is a new commit that a packet may race; up to
 // lateAttempts times). It reports whether elements up to cut are left.
-// If the kernel cannot be asked, the elements are queued again, as many
-// times. t.mu is held.
+// If the kernel cannot be asked, the elements are all queued again, as
+// many times. t.mu is held.
 func (t *Table) lateStepLocked(cut uint64) (more bool) {
 	var due [numSets][]setElem
 	tries := map[elemKey]int{}
@@ -131,36 +131,18 @@ func (t *Table) lateStepLocked(cut uint64) (more bool) {
 		tries[k] = e.attempts
 		delete(t.late, k)
 	}
-	again := func(k elemKey) {
-		if a := tries[k] + 1; a < lateAttempts {
-			t.late[k] = lateEntry{epoch: t.lateEpoch, attempts: a}
-		}
-	}
-	var back [numSets]setChanges
-	n := 0
-	for id, els := range due {
-		if len(els) == 0 {
-			continue
-		}
-		found, err := t.nft.present(setID(id), els)
-		if err != nil {
-			for _, e := range els {
-				again(elemKey{setID(id), string(e.key)})
-			}
-			continue
-		}
-		back[id].destroy = found
-		n += len(found)
-	}
-	if n == 0 {
-		return more
-	}
-	if err := t.nft.commit(t.nft.elemReqs(back)); err == nil {
+	found, n, err := t.removeStillThere(due)
+	if err != nil {
+		found = due
+	} else {
 		t.lateRemoved += n
 	}
-	for id, sc := range back {
-		for _, e := range sc.destroy {
-			again(elemKey{setID(id), string(e.key)})
+	for id, els := range found {
+		for _, e := range els {
+			k := elemKey{setID(id), string(e.key)}
+			if a := tries[k] + 1; a < lateAttempts {
+				t.late[k] = lateEntry{epoch: t.lateEpoch, attempts: a}
+			}
 		}
 	}
 	return more

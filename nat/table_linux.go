@@ -184,34 +184,43 @@ const sweepAttempts = 8
 // sweep removes again the elements a transaction removed that a packet
 // re-created while it committed (see [Table.Apply]): it looks each one up
 // and removes those still there, until none is. With nothing removed it
-// does nothing. Each round's window for
-// the race is one commit, so a flow would have to keep sending through
-// every one of them to keep its element.
+// does nothing. Each round's window for the race is one commit, so a flow
+// would have to keep sending through every one of them to keep its
+// element.
 func (t *Table) sweep(gone [numSets][]setElem) error {
 	n := 0
 	for range sweepAttempts {
-		var left [numSets]setChanges
-		n = 0
-		for id, els := range gone {
-			if len(els) == 0 {
-				continue
-			}
-			back, err := t.nft.present(setID(id), els)
-			if err != nil {
-				return fmt.Errorf("checking that removed elements stay removed: %w", err)
-			}
-			left[id].destroy = back
-			gone[id] = back
-			n += len(back)
-		}
-		if n == 0 {
-			return nil
-		}
-		if err := t.nft.commit(t.nft.elemReqs(left)); err != nil {
-			return fmt.Errorf("removing %d elements that packets re-created during their removal: %w", n, err)
+		var err error
+		if gone, n, err = t.removeStillThere(gone); err != nil || n == 0 {
+			return err
 		}
 	}
 	return fmt.Errorf("%d removed elements keep being re-created by their flows' packets", n)
+}
+
+// removeStillThere looks up els, per set, and removes in one transaction
+// those still there, which found lists (n of them). On error found may be
+// incomplete, and those found may still be there.
+func (t *Table) removeStillThere(els [numSets][]setElem) (found [numSets][]setElem, n int, err error) {
+	var del [numSets]setChanges
+	for id, e := range els {
+		if len(e) == 0 {
+			continue
+		}
+		back, err := t.nft.present(setID(id), e)
+		if err != nil {
+			return found, n, fmt.Errorf("checking that removed elements stay removed: %w", err)
+		}
+		del[id].destroy, found[id] = back, back
+		n += len(back)
+	}
+	if n == 0 {
+		return found, 0, nil
+	}
+	if err := t.nft.commit(t.nft.elemReqs(del)); err != nil {
+		return found, n, fmt.Errorf("removing %d elements that packets re-created during their removal: %w", n, err)
+	}
+	return found, n, nil
 }
 
 // Flows lists every element of the table (all kinds, both families) and
