@@ -133,10 +133,10 @@ func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, 
 // with a reset carrying the segment's acknowledgement number and no ACK
 // flag. A live socket never sends that kind (its resets carry ACK), an
 // unrewritten reply has another source address, a socket killed by
-// unexpected data after the FIN is counted by [clientAborts], and a
-// source that still sends after it let go of the connection by
-// [countLocalOut]. One chain counts both, so reading them at different
-// moments cannot put a reset in out.
+// unexpected data after the FIN shows in the kernel's TCPAbortOnData (see
+// [clientTCPExtGrowth]), and a source that still sends after it let go of
+// the connection in [countLocalOut]. One chain counts both, so reading
+// them at different moments cannot put a reset in out.
 func watchPortRSTsApart(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) (rsts func() (in, out int), stale func() int) {
 	t.Helper()
 	table := fmt.Sprintf("mtcpwatchapart%d", port)
@@ -163,23 +163,9 @@ func countLocalOut(t testing.TB, h *testbed.Host, port uint16) func() int {
 	return func() int { return nftCounter(t, h, table, "sent") }
 }
 
-// clientAborts reads the client host's TcpExt counters of connections the
-// kernel aborted (TCPAbortOnData, ...OnClose, ...OnMemory, ...OnTimeout,
-// ...OnLinger, TCPAbortFailed) and returns a function giving how many
-// were added since, by name. The host's namespace is the test's own.
-func clientAborts(t testing.TB, client *testbed.Host) func() map[string]int {
-	return clientTCPExtGrowth(t, client, func(n string) bool { return strings.HasPrefix(n, "TCPAbort") })
-}
-
-// clientTCPExt returns a function giving how much the client host's TcpExt
-// counter name grew since the call.
-func clientTCPExt(t testing.TB, client *testbed.Host, name string) func() int {
-	grown := clientTCPExtGrowth(t, client, func(n string) bool { return n == name })
-	return func() int { return grown()[name] }
-}
-
 // clientTCPExtGrowth reads the client host's TcpExt counters that pick
 // selects and returns a function giving, by name, those that grew since.
+// The host's namespace is the test's own.
 func clientTCPExtGrowth(t testing.TB, client *testbed.Host, pick func(string) bool) func() map[string]int {
 	t.Helper()
 	read := func() map[string]int {
