@@ -196,24 +196,52 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 // reply rewrites of sockets that no longer exist here. Forward entries stay:
 // connections living on other servers still need them (their idle timeout
 // removes the dead ones).
+//
+// A reply rewrite whose socket lives on is a connection that migrated in
+// before the restart: it is remembered as such again, with the address
+// its client dialled, so that it is listed, migrated on and reaped as one.
 func (d *Daemon) reconcile() error {
 	conns, err := repair.List(context.Background(), repair.ListOptions{})
 	if err != nil {
 		return err
 	}
-	live := map[netip.AddrPort]bool{}
+	live := map[app.Tuple]bool{}
 	for _, c := range conns {
-		live[c.Local] = true
+		live[app.Tuple{Local: unmapAP(c.Local), Remote: unmapAP(c.Remote)}] = true
 	}
-	return d.nat.Reconcile(func(e nat.Entry) bool {
+	var in []nat.Entry
+	err = d.nat.Reconcile(func(e nat.Entry) bool {
 		switch e.Kind {
 		case nat.KindHold:
 			return false
 		case nat.KindReplyFrom:
-			return live[netip.AddrPortFrom(e.Addr, e.Flow.Service.Port())]
+			if !live[replyTuple(e)] {
+				return false
+			}
+			in = append(in, e)
 		}
 		return true
 	})
+	d.mu.Lock()
+	for _, e := range in {
+		t := replyTuple(e)
+		d.moved[t] = migrate.Flow{Client: e.Flow.Client, Service: e.Flow.Service}
+		d.adopted[t] = true
+	}
+	d.mu.Unlock()
+	if len(in) > 0 {
+		d.log.Info("found connections that migrated in before a restart", "conns", len(in))
+	}
+	return err
+}
+
+// replyTuple is the local socket's tuple of a reply rewrite entry.
+func replyTuple(e nat.Entry) app.Tuple {
+	port := e.LocalPort
+	if port == 0 {
+		port = e.Flow.Service.Port()
+	}
+	return app.Tuple{Local: netip.AddrPortFrom(e.Addr, port), Remote: e.Flow.Client}
 }
 
 // ownAddr returns this host's service address of f's family.

@@ -50,7 +50,12 @@ func (d *Daemon) peer(ctx context.Context, name string) (*peer.Client, error) {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	if pc.client != nil {
-		return pc.client, nil
+		if pc.client.Err() == nil {
+			return pc.client, nil
+		}
+		// The peer closed it (a restart): dial again rather than fail
+		// the call with the old connection's end.
+		pc.client = nil
 	}
 	c, err := peer.Dial(ctx, pc.cfg.Addr, name, d.tls)
 	if err != nil {

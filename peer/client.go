@@ -158,6 +158,11 @@ func (c *Client) Close() error {
 	return nil
 }
 
+// Err returns why the connection ended (wrapping [ErrClosed]), or nil
+// while it is open. A connection the peer closed (it restarted, say)
+// ends as soon as this side reads the end, not at the next call.
+func (c *Client) Err() error { return c.closedErr() }
+
 // fail ends the connection with cause, once.
 func (c *Client) fail(cause error) {
 	c.mu.Lock()

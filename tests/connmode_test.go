@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"testing"
 	"time"
@@ -93,6 +94,45 @@ func TestEndedFlowRulesGo(t *testing.T) {
 		e1, e2 := flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")
 		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
 	})
+}
+
+// TestRestartRemembersMovedIn: mtcpd restarted on a host that received
+// a connection still knows the address the client dialled (from its
+// reply rewrite), lists the connection with it, and moves it on intact.
+func TestRestartRemembersMovedIn(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	for _, v6 := range []bool{false, true} {
+		c := p.Dial(bed.S1, v6)
+		s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		s.do("SET k v")
+		waitServed(t, p, bed.S1, c)
+		p.Migrate(bed.S1, bed.S2, c)
+		p.RestartDaemon(bed.S2)
+		waitServed(t, p, bed.S2, c) // the application has reconnected
+		client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+		service := netip.AddrPortFrom(addr(bed.S1, v6), 7000).String()
+		cs, err := p.Admin(bed.S2).Conns(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, cn := range cs {
+			if cn.Client == client && cn.Service != service {
+				t.Fatalf("after the restart s2 lists %s as a connection to %s, want %s", client, cn.Service, service)
+			}
+		}
+		p.Migrate(bed.S2, bed.S3, c)
+		if got := s.do("HOST"); got != "s3" {
+			t.Fatalf("HOST after the move from the restarted s2: %q", got)
+		}
+		if got := s.do("GET k"); got != "v" {
+			t.Fatalf("GET k after the move from the restarted s2: %q", got)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
 }
 
 // TestAdminDrain drains s1 to s2 through the admin API (`mtcpctl drain`),

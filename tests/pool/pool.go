@@ -76,6 +76,7 @@ type Pool struct {
 	Bed   *testbed.Bed
 	dir   string
 	procs map[string]*exec.Cmd
+	ended map[string]chan struct{} // closed once the named process has exited
 	ca    *peer.CA
 	opts  Options
 
@@ -130,7 +131,7 @@ func Start(t TB, bed *testbed.Bed, o Options) *Pool {
 		o.Port = 7000
 	}
 	Binaries(t)
-	p := &Pool{t: t, Bed: bed, dir: t.TempDir(), procs: map[string]*exec.Cmd{}, opts: o, fwd: map[*testbed.Host]string{}}
+	p := &Pool{t: t, Bed: bed, dir: t.TempDir(), procs: map[string]*exec.Cmd{}, ended: map[string]chan struct{}{}, opts: o, fwd: map[*testbed.Host]string{}}
 	var err error
 	if p.ca, err = peer.NewCA("mtcp-test-pool", time.Hour); err != nil {
 		t.Fatalf("%v", err)
@@ -317,10 +318,10 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)
 	}
-	done := make(chan struct{})
+	ended := make(chan struct{})
 	var tail []string // a quiet process's last lines, for a failure
 	go func() {
-		defer close(done)
+		defer close(ended)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
 			if !p.opts.Quiet {
@@ -332,24 +333,44 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 			}
 			tail = append(tail, sc.Text())
 		}
+		cmd.Wait() // after the last read of its output
 	}()
-	p.procs[name] = cmd
+	p.procs[name], p.ended[name] = cmd, ended
 	t.Cleanup(func() {
 		testbed.Signal(cmd, syscall.SIGTERM)
-		waited := make(chan error, 1)
-		go func() { waited <- cmd.Wait() }()
 		select {
-		case <-waited:
+		case <-ended:
 		case <-time.After(5 * time.Second):
 			cmd.Process.Kill()
-			<-waited
+			<-ended
 		}
-		<-done
 		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() && len(tail) > 0 {
 			t.Logf("%s's last %d lines of output:\n%s", name, len(tail), strings.Join(tail, "\n"))
 		}
 	})
 	return cmd
+}
+
+// RestartDaemon stops h's mtcpd (SIGTERM, as an operator would) and starts
+// it again with the same configuration; the applications stay up and
+// reconnect to it.
+func (p *Pool) RestartDaemon(h *testbed.Host) {
+	p.t.Helper()
+	name := "mtcpd-" + h.Name
+	if err := p.Signal(name, syscall.SIGTERM); err != nil {
+		p.t.Fatalf("stop %s: %v", name, err)
+	}
+	select {
+	case <-p.ended[name]:
+	case <-time.After(15 * time.Second):
+		p.t.Fatalf("%s did not exit on SIGTERM", name)
+	}
+	cfg := filepath.Join(p.hostDir(h), "mtcpd.yaml")
+	p.Spawn(h, name, p.Bin(h, "mtcpd"), "-config", cfg)
+	Eventually(p.t, 15*time.Second, h.Name+"'s restarted mtcpd to answer", func() (bool, string) {
+		_, err := p.Admin(h).Status(context.Background())
+		return err == nil, fmt.Sprint(err)
+	})
 }
 
 // quietTail is how many lines of a quiet process's output a failed test
