@@ -95,9 +95,12 @@ func (ps *policyState) reload(cause string, force bool) {
 		}
 		return
 	}
+	// A file that comes back after a failed read is read as a change,
+	// even with the same content: the metric said it failed.
+	readFailed := ps.readErr != ""
 	ps.readErr = ""
 	sum := sha256.Sum256(b)
-	if sum == ps.tried && !force {
+	if sum == ps.tried && !force && !readFailed {
 		return
 	}
 	ps.tried = sum

@@ -1,12 +1,16 @@
 package daemon
 
 import (
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/policy"
+	dto "github.com/prometheus/client_model/go"
 )
 
 func TestPolicyConfig(t *testing.T) {
@@ -49,5 +53,42 @@ func TestFigures(t *testing.T) {
 	paths := pathsOf(f)
 	if len(paths) != 2 || paths[v4] != 5*time.Millisecond || paths[v6] != 7*time.Millisecond {
 		t.Fatalf("paths %v from %v (want the medians 5ms and 7ms)", paths, f)
+	}
+}
+
+// TestPolicyReloadAfterReadError: a policy file that disappears and comes
+// back with the content it had is read again, and the reload metric says
+// so.
+func TestPolicyReloadAfterReadError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	good := []byte("rules:\n  - name: hot\n    when: {cpu: {above: 0.5}}\n    migrate: {count: 3, by: cpu, margin: 0.1}\n")
+	if err := os.WriteFile(path, good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := newPolicyState(&Config{Policy: path}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok := func() float64 {
+		var m dto.Metric
+		if err := policyOK.Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetGauge().GetValue()
+	}
+	if got := ok(); got != 1 {
+		t.Fatalf("reload_ok %v after the start, want 1", got)
+	}
+	os.Remove(path)
+	ps.reload("change", false)
+	if got := ok(); got != 0 {
+		t.Fatalf("reload_ok %v with the file gone, want 0", got)
+	}
+	if err := os.WriteFile(path, good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ps.reload("change", false)
+	if got := ok(); got != 1 {
+		t.Fatalf("reload_ok %v once the same file is back, want 1", got)
 	}
 }

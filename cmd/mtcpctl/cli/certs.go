@@ -193,7 +193,8 @@ func newCertsIssueCmd() *cobra.Command {
 		Short: "Issue a member's certificate: DIR/NAME.pem and DIR/NAME-key.pem",
 		Long: `Issue a certificate for the pool member NAME, signed by the pool CA in DIR
 (ca.pem and ca-key.pem, made by 'mtcpctl certs init'), with a new private
-key. It writes DIR/NAME.pem and DIR/NAME-key.pem (mode 0600).
+key. It writes DIR/NAME.pem and DIR/NAME-key.pem (the key readable by its owner
+only, mode 0600).
 
 NAME is the member's name in the pool: the name in its mtcpd.yaml and in its
 peers' lists. It goes in the certificate as common name and DNS name; a
@@ -218,6 +219,10 @@ keys off the CA's machine, sign certificate requests with openssl instead
 			}
 			if strings.ContainsAny(name, `/\`) {
 				return usageErrorf("--name %q: a member name cannot contain '/'", name)
+			}
+			if name == "ca" || name == "ca-key" {
+				// Its files would be the CA's own: ca.pem, ca-key.pem.
+				return usageErrorf("--name %q: the pool CA's files are %s.pem; choose another member name", name, name)
 			}
 			if err := checkDays(days); err != nil {
 				return err

@@ -112,11 +112,6 @@ must exist on both servers.`,
 			if pid != 0 || process {
 				return migrateProcess(cmd, sock, output, pid, service, process, len(flows) > 0 || all, to)
 			}
-			if service != "" && to != "" {
-				if port, ok := processService(cmd, sock, service); ok {
-					return migrateProcess(cmd, sock, output, 0, ":"+fmt.Sprint(port), true, false, to)
-				}
-			}
 			n := 0
 			for _, set := range []bool{len(flows) > 0, service != "", all} {
 				if set {
@@ -125,6 +120,11 @@ must exist on both servers.`,
 			}
 			if n != 1 {
 				return usageErrorf("give exactly one of --flow, --service and --all")
+			}
+			if service != "" && to != "" {
+				if port, ok := processService(cmd, sock, service); ok {
+					return migrateProcess(cmd, sock, output, 0, ":"+fmt.Sprint(port), true, false, to)
+				}
 			}
 			if to == "" {
 				return usageErrorf("--to PEER is required")
@@ -228,7 +228,10 @@ are listed at the end; the exit status is then 3.`,
 			for i := range p.Reports {
 				printReport(cmd.OutOrStdout(), &p.Reports[i])
 			}
-			if p.Failed > 0 {
+			switch {
+			case p.Failed > 0 && p.Done == 0:
+				return fmt.Errorf("none of %d connections could move", p.Total)
+			case p.Failed > 0:
 				return &partialError{fmt.Sprintf("%d of %d connections could not move", p.Failed, p.Total)}
 			}
 			return nil
