@@ -85,6 +85,42 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if d.pol, err = newPolicyState(cfg, log); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
+
+	// Claim what is this daemon's alone first: the admin socket, the
+	// listeners and the queue. Another mtcpd started by mistake with the
+	// same configuration then stops here, before it touches the nftables
+	// table, the holds or the application socket of the one running.
+	adm, err := admin.Listen(cfg.AdminSocket)
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	defer os.Remove(cfg.AdminSocket)
+	defer adm.Close()
+	pln, err := net.Listen("tcp", cfg.PeerListen)
+	if err != nil {
+		return fmt.Errorf("mtcpd: peer listener: %w", err)
+	}
+	defer pln.Close()
+	var mln net.Listener
+	if cfg.Metrics != "" {
+		if mln, err = net.Listen("tcp", cfg.Metrics); err != nil {
+			return fmt.Errorf("mtcpd: metrics listener: %w", err)
+		}
+		defer mln.Close()
+	}
+	if d.q, err = nat.OpenQueue(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
+		return fmt.Errorf("mtcpd: nfqueue: %w", err)
+	}
+	defer d.q.Close()
+	var aln *net.UnixListener
+	if cfg.Role == "server" {
+		if aln, err = listenApps(cfg.AppSocket); err != nil {
+			return fmt.Errorf("mtcpd: %w", err)
+		}
+		defer os.Remove(cfg.AppSocket)
+		defer aln.Close()
+	}
+
 	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}
@@ -92,10 +128,6 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
 	}
-	if d.q, err = nat.OpenQueue(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
-		return fmt.Errorf("mtcpd: nfqueue: %w", err)
-	}
-	defer d.q.Close()
 	if d.inject, err = repair.NewInjector(); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
@@ -116,13 +148,8 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}()
 	}
 
-	pln, err := net.Listen("tcp", cfg.PeerListen)
-	if err != nil {
-		return fmt.Errorf("mtcpd: peer listener: %w", err)
-	}
 	var ph peer.Handler = d
 	if delay, err := peerDelay(); err != nil {
-		pln.Close()
 		return fmt.Errorf("mtcpd: %w", err)
 	} else if delay > 0 {
 		log.Warn("fault injected: peers answer as if far away", "one_way", delay)
@@ -132,28 +159,12 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 
 	if cfg.Role == "server" {
 		d.apps = app.NewRegistry(log.With("part", "apps"))
-		if err := os.MkdirAll(filepath.Dir(cfg.AppSocket), 0o755); err != nil {
-			return fmt.Errorf("mtcpd: app socket: %w", err)
-		}
-		os.Remove(cfg.AppSocket)
-		aln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.AppSocket, Net: "unix"})
-		if err != nil {
-			return fmt.Errorf("mtcpd: app socket: %w", err)
-		}
 		serve("app registry", func() error { return d.apps.Serve(ctx, aln) })
 	}
 
-	adm, err := admin.Listen(cfg.AdminSocket)
-	if err != nil {
-		return fmt.Errorf("mtcpd: %w", err)
-	}
 	hs := &http.Server{Handler: d.adminHandler(), BaseContext: func(net.Listener) context.Context { return ctx }}
 	serve("admin", func() error { return hs.Serve(adm) })
-	if cfg.Metrics != "" {
-		mln, err := net.Listen("tcp", cfg.Metrics)
-		if err != nil {
-			return fmt.Errorf("mtcpd: metrics listener: %w", err)
-		}
+	if mln != nil {
 		ms := &http.Server{Handler: metricsHandler()}
 		serve("metrics", func() error { return ms.Serve(mln) })
 		go func() { <-ctx.Done(); ms.Close() }()
@@ -179,16 +190,35 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	clear(d.blanks)
 	d.blanksClosed = true
 	d.mu.Unlock()
-	os.Remove(cfg.AdminSocket)
-	if cfg.Role == "server" {
-		os.Remove(cfg.AppSocket)
-	}
 	close(errc)
 	var errs []error
 	for err := range errc {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// listenApps listens on the application socket at path, replacing a
+// stale socket file but not one a running daemon answers on.
+func listenApps(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("app socket: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("app socket: %s exists and is not a socket", path)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("app socket: %s is in use (is another mtcpd running?)", path)
+		}
+		os.Remove(path)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("app socket: %w", err)
+	}
+	return ln, nil
 }
 
 // reconcile clears what a previous run may have left: holds (nothing is

@@ -263,12 +263,27 @@ func resultErrors(rs []peer.ItemResult, n int) []error {
 	return errs
 }
 
+// Commit reports the flows the target could not bring to life as
+// migrate.FlowErrors (its results follow the restored items, in the order
+// of flows).
 func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 	r, err := t.c.Commit(ctx, &peer.CommitRequest{TxID: t.tx})
 	if err != nil {
 		return err
 	}
-	return errors.Join(resultErrors(r.Results, len(r.Results))...)
+	fe := migrate.FlowErrors{}
+	for i, err := range resultErrors(r.Results, len(flows)) {
+		if err != nil {
+			fe[flows[i]] = err
+		}
+	}
+	if len(r.Results) > len(flows) {
+		return fmt.Errorf("the target answered %d results for %d flows", len(r.Results), len(flows))
+	}
+	if len(fe) > 0 {
+		return fe
+	}
+	return nil
 }
 
 func (t *remoteTarget) Abort(ctx context.Context, flows []migrate.Flow) error {

@@ -200,7 +200,15 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 
 func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
-	if _, ok := d.appFor(servicePort(it.Service)); !ok {
+	port := servicePort(it.Service)
+	if port != f.Service.Port() {
+		return nil, fmt.Errorf("flow %v is not one of service %s (port %d)", f, it.Service, port)
+	}
+	// The application here may listen on another address than the
+	// source's (its own, say): the port decides, and the import goes to
+	// the name it registered under.
+	svc, ok := d.appFor(port)
+	if !ok {
 		return nil, fmt.Errorf("no application registered on %s for service %s", d.cfg.Name, it.Service)
 	}
 	st, err := repair.Decode(it.State)
@@ -215,7 +223,7 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	if err != nil {
 		return nil, err
 	}
-	item := &inItem{flow: f, app: it.Service, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
+	item := &inItem{flow: f, app: svc, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
 	// A socket that needs a reply rewrite here stays quiet until it is in.
 	quiet := d.rewritesReplies(f, item.local)
 	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: quiet, Injector: d.inject}); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 )
@@ -67,7 +68,8 @@ type Target interface {
 	// Transfer restores the items in repair mode. It returns an error per
 	// item (nil where restored).
 	Transfer(ctx context.Context, items []Item) ([]error, error)
-	// Commit brings restored flows to life and hands them over.
+	// Commit brings restored flows to life and hands them over. A
+	// commit that failed for some flows only returns FlowErrors.
 	Commit(ctx context.Context, flows []Flow) error
 	// Abort throws restored flows away silently.
 	Abort(ctx context.Context, flows []Flow) error
@@ -160,6 +162,23 @@ func (e *PhaseError) Error() string { return "migrate: " + string(e.Phase) + ": 
 
 // Unwrap returns the underlying error.
 func (e *PhaseError) Unwrap() error { return e.Err }
+
+// FlowErrors is the error of a step that failed for some of its flows
+// only: a Target's Commit returns it for the flows it could not bring to
+// life, which Run then reports failed rather than moved.
+type FlowErrors map[Flow]error
+
+// Error lists the flows and why each failed.
+func (e FlowErrors) Error() string {
+	var b strings.Builder
+	for f, err := range e {
+		if b.Len() > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%v: %v", f, err)
+	}
+	return b.String()
+}
 
 // Run moves flows from src to tgt through the steering point st. On error
 // before the switch every flow stays at the source; the report says which
@@ -317,7 +336,26 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		}
 		return nil
 	}
-	commit := func(ctx context.Context) error { return tgt.Commit(ctx, moving) }
+	commit := func(ctx context.Context) error {
+		err := tgt.Commit(ctx, moving)
+		var fe FlowErrors
+		if errors.As(err, &fe) {
+			// Lost: past the switch the source has let them go.
+			timings.Lock()
+			for f, ferr := range fe {
+				rep.Failed[f] = fmt.Errorf("commit on %s: %w", tgt.Name(), ferr)
+			}
+			kept := make([]Flow, 0, len(rep.Moved)) // not in place: moving is shared
+			for _, f := range rep.Moved {
+				if fe[f] == nil {
+					kept = append(kept, f)
+				}
+			}
+			rep.Moved = kept
+			timings.Unlock()
+		}
+		return err
+	}
 	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
 	// After the switch: the target commits while the source discards its
 	// frozen copies, neither waiting for the other.

@@ -25,6 +25,7 @@ type world struct {
 	where     map[Flow]string // "src" or "tgt": who owns each flow
 	gateway   bool            // the steering's RepliesNeedSwitch
 	receiving map[Flow]bool   // flows captured while their client was sending
+	lost      map[Flow]bool   // flows the target fails to commit
 
 	// switched counts the switches done or failed; committedEarly is
 	// set by a commit that came before any. If concurrent is set, a switch waits
@@ -128,8 +129,16 @@ func (t fakeTarget) Commit(ctx context.Context, fs []Flow) error {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	fe := FlowErrors{}
 	for _, f := range fs {
+		if t.lost[f] {
+			fe[f] = errors.New("no application took it")
+			continue
+		}
 		t.where[f] = "tgt"
+	}
+	if len(fe) > 0 {
+		return fe
 	}
 	return nil
 }
@@ -238,6 +247,11 @@ func TestRun(t *testing.T) {
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"src.Thaw(40001)", "st.Unhold(40001)", "tgt.Transfer(40002,40003)",
 				"st.Switch(40002,40003)", "tgt.Commit(40002,40003)", "src.Discard(40002,40003)"}},
+		// Past the point of no return: lost, and reported failed.
+		{name: "one flow lost at commit", w: world{lost: map[Flow]bool{fs[1]: true}}, wantErr: PhaseCommit, wantMoved: 2,
+			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
+				"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
 		{name: "commit fails after switch", w: world{failAt: "tgt.Commit"}, wantErr: PhaseCommit, wantMoved: 3,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",

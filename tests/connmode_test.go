@@ -135,6 +135,69 @@ func TestRestartRemembersMovedIn(t *testing.T) {
 	}
 }
 
+// TestAddrSpecificServices: applications that listen on their own
+// host's address (10.77.2.11:7001 on s1, 10.77.2.12:7001 on s2) rather
+// than on every address: a session moves between them, the target's
+// application taking it under its own name.
+func TestAddrSpecificServices(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		p.StartApp(h, "kv7001-"+h.Name, netip.AddrPortFrom(h.LAN4, 7001).String())
+	}
+	c := p.DialAddr(netip.AddrPortFrom(bed.S1.LAN4, 7001))
+	s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+	if got := s.do("SET k v"); got != "OK" {
+		t.Fatalf("SET: %q", got)
+	}
+	waitServed(t, p, bed.S1, c)
+	p.Migrate(bed.S1, bed.S2, c)
+	if got := s.do("HOST"); got != "s2" {
+		t.Fatalf("HOST after the move: %q", got)
+	}
+	if got := s.do("GET k"); got != "v" {
+		t.Fatalf("GET k after the move: %q", got)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestSecondDaemonRefused: a second mtcpd started with the configuration
+// of one running exits before it changes anything of the first's: its
+// nftables rules (listed with their handles, which a rewrite changes),
+// its application socket, its migrations.
+func TestSecondDaemonRefused(t *testing.T) {
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{})
+	table := func() string {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		out, err := bed.S1.Run(ctx, "nft", "-a", "list", "table", "inet", "mtcp")
+		if err != nil {
+			t.Fatalf("nft: %v", err)
+		}
+		return string(out)
+	}
+	before := table()
+	if code := p.RunDaemonAgain(bed.S1); code == 0 {
+		t.Fatal("the second mtcpd exited 0")
+	}
+	if after := table(); after != before {
+		t.Fatalf("the second mtcpd changed the running one's table:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	p.StartApp(bed.S1, "kv7002-s1", ":7002") // the application socket is still there
+	c := p.Dial(bed.S1, false)
+	s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+	s.do("SET k v")
+	waitServed(t, p, bed.S1, c)
+	p.Migrate(bed.S1, bed.S2, c)
+	if got := s.do("GET k"); got != "v" {
+		t.Fatalf("GET k after a move: %q", got)
+	}
+}
+
 // TestAdminDrain drains s1 to s2 through the admin API (`mtcpctl drain`),
 // 300 sessions of both address families in batches of 100 (several in
 // flight): every session is served by s2 afterwards with its state, no

@@ -300,6 +300,20 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 	})
 }
 
+// StartApp starts one more application (Options.App, mtcp-kv by default)
+// on h, listening on listen (":7001", "10.77.2.11:7001") and registered
+// with h's mtcpd as that service; name names it in the log.
+func (p *Pool) StartApp(h *testbed.Host, name, listen string) {
+	p.Spawn(h, name, p.Bin(h, p.opts.App), "--listen", listen, "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name)
+	Eventually(p.t, 15*time.Second, h.Name+" to register "+listen, func() (bool, string) {
+		st, err := p.Admin(h).Status(context.Background())
+		if err != nil {
+			return false, err.Error()
+		}
+		return slices.Contains(st.Services, listen), strings.Join(st.Services, ", ")
+	})
+}
+
 func (p *Pool) startApp(h *testbed.Host) {
 	args := append([]string{"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name}, p.opts.AppArgs...)
 	p.Spawn(h, "app-"+h.Name, p.Bin(h, p.opts.App), args...)
@@ -373,15 +387,34 @@ func (p *Pool) RestartDaemon(h *testbed.Host) {
 	})
 }
 
+// RunDaemonAgain starts a second mtcpd on h with h's configuration, as an
+// operator might by mistake while the first runs, and returns its exit
+// code once it has exited.
+func (p *Pool) RunDaemonAgain(h *testbed.Host) int {
+	p.t.Helper()
+	name := "mtcpd-" + h.Name + "-again"
+	cmd := p.Spawn(h, name, p.Bin(h, "mtcpd"), "-config", filepath.Join(p.hostDir(h), "mtcpd.yaml"))
+	select {
+	case <-p.ended[name]:
+	case <-time.After(15 * time.Second):
+		p.t.Fatalf("the second mtcpd on %s keeps running", h.Name)
+	}
+	return cmd.ProcessState.ExitCode()
+}
+
 // quietTail is how many lines of a quiet process's output a failed test
 // shows.
 const quietTail = 100
 
 // Dial connects from the client host to server s's application.
 func (p *Pool) Dial(s *testbed.Host, v6 bool) *net.TCPConn {
+	return p.DialAddr(netip.AddrPortFrom(Addr(s, v6), p.opts.Port))
+}
+
+// DialAddr connects from the client host to ap.
+func (p *Pool) DialAddr(ap netip.AddrPort) *net.TCPConn {
 	t := p.t
 	var c net.Conn
-	ap := netip.AddrPortFrom(Addr(s, v6), p.opts.Port)
 	err := netns.Do(p.Bed.Client.NetNSPath(), func() (err error) {
 		c, err = net.DialTimeout("tcp", ap.String(), 10*time.Second)
 		return err
