@@ -47,6 +47,9 @@ type Daemon struct {
 	missing map[app.Tuple]int
 	// restoring are transfers restored here, waiting for commit or abort.
 	restoring map[uint64]*incoming
+	// remoteHolds are the holds peers asked this steering point for
+	// (expire.go).
+	remoteHolds map[migrate.Flow]remoteHold
 	// blanks are sockets made ahead of restores, by family.
 	blanks map[bool][]*repair.Blank
 	// blankWant is how many blanks of each family the goroutine making
@@ -71,7 +74,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{},
 		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
 	var err error
@@ -136,7 +139,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errc := make(chan error, 4)
+	errc := make(chan error, 16) // one per serve, at most
 	serve := func(name string, fn func() error) {
 		wg.Add(1)
 		go func() {
@@ -169,6 +172,14 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		serve("metrics", func() error { return ms.Serve(mln) })
 		go func() { <-ctx.Done(); ms.Close() }()
 	}
+	orphanAfter, err := faultDuration("orphan-after")
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	if orphanAfter == 0 {
+		orphanAfter = OrphanTimeout
+	}
+	serve("expiry", func() error { d.expire(ctx, orphanAfter); return nil })
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
 	serve("policy", func() error { d.runPolicy(ctx); return nil })
 	if d.apps != nil {

@@ -22,6 +22,9 @@ import (
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
+//	orphan-after=D   transactions of other daemons left without their end
+//	                 (see expire.go) expire after D instead of
+//	                 OrphanTimeout; for tests
 //	peer-delay=D     every connection-mode request from a peer (prepare,
 //	                 transfer, commit, abort, steer) and every heartbeat
 //	                 waits D before it is handled and D more before it is
@@ -49,12 +52,15 @@ func fault(ctx context.Context, point string) error {
 }
 
 // peerDelay is the delay of a peer-delay=D fault, or 0.
-func peerDelay() (time.Duration, error) {
+func peerDelay() (time.Duration, error) { return faultDuration("peer-delay") }
+
+// faultDuration is the D of a name=D fault, or 0.
+func faultDuration(name string) (time.Duration, error) {
 	for _, f := range faults {
-		if v, ok := strings.CutPrefix(f, "peer-delay="); ok {
+		if v, ok := strings.CutPrefix(f, name+"="); ok {
 			d, err := time.ParseDuration(v)
 			if err != nil || d < 0 {
-				return 0, fmt.Errorf("%s: bad peer-delay %q", FaultEnv, v)
+				return 0, fmt.Errorf("%s: bad %s %q", FaultEnv, name, v)
 			}
 			return d, nil
 		}

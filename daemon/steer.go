@@ -90,7 +90,11 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 			return fmt.Errorf("%s is not the steering point of %v", d.cfg.Name, fs[i])
 		}
 	}
-	return d.steerLocal(r.Op, fs, r.To)
+	if err := d.steerLocal(r.Op, fs, r.To); err != nil {
+		return err
+	}
+	d.noteHolds(from, r.Op, fs)
+	return nil
 }
 
 // steerLocal changes this host's rules for flows it steers (one nftables

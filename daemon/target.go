@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -17,8 +18,9 @@ import (
 
 // incoming is a transfer restored here, waiting for commit or abort.
 type incoming struct {
-	from  string
-	items []*inItem
+	from    string
+	started time.Time // for OrphanTimeout
+	items   []*inItem
 }
 
 type inItem struct {
@@ -148,7 +150,7 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 	if err := fault(ctx, "transfer"); err != nil {
 		return nil, err
 	}
-	in := &incoming{from: from}
+	in := &incoming{from: from, started: time.Now()}
 	results := make([]peer.ItemResult, len(r.Items))
 	var b nat.Batch
 	rw := &rewrite{done: make(chan struct{})}

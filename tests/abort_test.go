@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/peer"
 	"github.com/mtcp-dev/mtcp/repair"
 	"github.com/mtcp-dev/mtcp/tests/pool"
@@ -813,5 +814,67 @@ func TestRefuseGarbledState(t *testing.T) {
 	})
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestOrphansExpire: a member that transfers a connection to s2 and then
+// goes away without a commit or an abort, and one that holds a flow at
+// its steering point (s1) and never switches it, leave nothing behind
+// once their transactions expire (MTCP_FAULT=orphan-after=2s here,
+// daemon.OrphanTimeout otherwise): s2 throws the restored socket and its
+// reply rewrite away, s1 lifts the hold, and the session carries on at s1.
+func TestOrphansExpire(t *testing.T) {
+	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	env := map[string][]string{}
+	for _, h := range []string{"s1", "s2"} {
+		env["mtcpd-"+h] = []string{daemon.FaultEnv + "=orphan-after=2s"}
+	}
+	p := pool.Start(t, bed, pool.Options{Env: env})
+	s := newAbortSession(t, p, bed, false)
+	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	dial := func(h *testbed.Host) *peer.Client {
+		var c *peer.Client
+		in(t, bed.S3, func() (err error) {
+			c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(h.Ctl4, abortPeerPort).String(), h.Name, cfg)
+			return err
+		})
+		return c
+	}
+	flow := peer.FlowID{Client: s.client, Service: s.service}
+
+	c2 := dial(bed.S2)
+	tx := uint64(0x0f0f_0000_0000_0000) + uint64(time.Now().UnixNano()&0xffff)<<16
+	if rep, err := c2.Prepare(abortCtx(t, 5*time.Second), &peer.PrepareRequest{TxID: tx, Service: ":7000", Count: 1}); err != nil || !rep.OK {
+		t.Fatalf("Prepare: %+v, %v", rep, err)
+	}
+	tr, err := c2.Transfer(abortCtx(t, 10*time.Second), &peer.TransferRequest{TxID: tx, Items: []peer.Item{{Flow: flow, Service: ":7000",
+		State: sampleState(t, s), App: []byte(`{"data":{"colour":"red"},"count":1}`)}}})
+	if err != nil || len(tr.Results) != 1 || !tr.Results[0].OK {
+		t.Fatalf("Transfer: %+v, %v", tr, err)
+	}
+	if len(socketsOf(t, bed.S2, s.client)) == 0 || len(flowElems(t, bed.S2, s.client, "reply")) == 0 {
+		t.Fatal("s2 restored nothing for the transfer")
+	}
+	c2.Close()
+
+	c1 := dial(bed.S1)
+	if err := c1.Steer(abortCtx(t, 5*time.Second), &peer.SteerRequest{Op: peer.SteerHold, Flows: []peer.FlowID{flow}}); err != nil {
+		t.Fatalf("Steer hold: %v", err)
+	}
+	if len(flowElems(t, bed.S1, s.client, "hold")) == 0 {
+		t.Fatal("s1 did not hold the flow")
+	}
+	c1.Close()
+
+	eventually(t, 15*time.Second, "the orphans to expire", func() (bool, string) {
+		sock, reply, hold := socketsOf(t, bed.S2, s.client), flowElems(t, bed.S2, s.client, ""), flowElems(t, bed.S1, s.client, "hold")
+		return len(sock) == 0 && len(reply) == 0 && len(hold) == 0, fmt.Sprintf("s2 sockets %q, s2 elements %v, s1 holds %v", sock, reply, hold)
+	})
+	s.check(t)
+	assertNoTrace(t, p, bed, false, s)
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
