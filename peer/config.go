@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"time"
 )
 
@@ -95,7 +96,7 @@ func (c *Config) serverTLS() *tls.Config {
 				return fmt.Errorf("client does not speak %s (ALPN): it is not an mtcp peer", alpn)
 			}
 			if len(cs.PeerCertificates) == 0 || identity(cs.PeerCertificates[0]) == "" {
-				return errors.New("client certificate names no peer (no common name, no DNS name)")
+				return errors.New("client certificate names no peer for sure (its common name must be one of its DNS names, or it must have one DNS name and no common name)")
 			}
 			return nil
 		},
@@ -120,13 +121,20 @@ func (c *Config) clientTLS(peerName string) *tls.Config {
 	}
 }
 
-// identity is the pool member a verified certificate names: its common
-// name, or else its first DNS name.
+// identity is the pool member a verified certificate names, or "" if it
+// names none for sure: the name a peer checks when it dials the member
+// is a DNS name of the certificate (its subject alternative names), so
+// the member's identity must be one of those too. It is the common name
+// if that is one of the DNS names, or else the only DNS name of a
+// certificate without a common name. A common name that is not among
+// the DNS names would let a member be one name when it dials and another
+// when it is dialled.
 func identity(cert *x509.Certificate) string {
-	if cert.Subject.CommonName != "" {
-		return cert.Subject.CommonName
-	}
-	if len(cert.DNSNames) > 0 {
+	cn := cert.Subject.CommonName
+	switch {
+	case cn != "" && slices.Contains(cert.DNSNames, cn):
+		return cn
+	case cn == "" && len(cert.DNSNames) == 1:
 		return cert.DNSNames[0]
 	}
 	return ""
@@ -175,10 +183,14 @@ func (f TLSFiles) Config(name string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("certificate %s is not valid for the pool whose CA is %s: %w (issue a new one: mtcpctl certs issue)", f.Cert, f.CA, err)
 	}
-	if name == "" {
-		name = identity(leaf)
-	} else if err := leaf.VerifyHostname(name); err != nil {
-		return nil, fmt.Errorf("certificate %s is issued to %q, not to this server %q: peers dialling %q would refuse it (issue one for %q: mtcpctl certs issue --name %s)", f.Cert, identity(leaf), name, name, name, name)
+	id := identity(leaf)
+	switch {
+	case id == "":
+		return nil, fmt.Errorf("certificate %s names no member for sure (common name %q, DNS names %q): its common name must be one of its DNS names (issue one: mtcpctl certs issue)", f.Cert, leaf.Subject.CommonName, leaf.DNSNames)
+	case name == "":
+		name = id
+	case leaf.VerifyHostname(name) != nil || id != name:
+		return nil, fmt.Errorf("certificate %s is issued to %q, not to this server %q: peers dialling %q would refuse it (issue one for %q: mtcpctl certs issue --name %s)", f.Cert, id, name, name, name, name)
 	}
 	return &Config{Name: name, Certificate: cert, Roots: roots}, nil
 }

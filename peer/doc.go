@@ -60,7 +60,11 @@
 //	    -days 365 -sha256 -extfile s1.ext -out s1.pem
 //
 // The subject alternative name must contain the member's name as a DNS
-// name: TLS clients check names there, not in the common name. Both
+// name: TLS clients check names there, not in the common name. The common
+// name, if any, must be one of those DNS names: it is the name the member
+// acts under towards its peers, and a certificate whose common name is
+// not among them is refused (signing a request, check that the -subj of
+// its CN matches the subjectAltName you give it). Both
 // extended key usages are needed, as each member is a server and a
 // client. mtcpd loads these files with [TLSFiles.Config].
 //

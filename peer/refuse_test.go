@@ -2,9 +2,14 @@ package peer
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
+	"math/big"
 	"net/netip"
 	"strings"
 	"testing"
@@ -69,6 +74,14 @@ func TestRefused(t *testing.T) {
 		raw:       forceCert(poolRoots, expiredConfig(t, pool, "c1").Certificate),
 		wantErr:   []string{"expired certificate"},
 		serverLog: []string{"refused connection", "certificate has expired"},
+	}, {
+		// The identity a peer acts under must be a name it can be
+		// dialled at: a common name that is not among the DNS names
+		// (s3's, here) would let s3 act as s2.
+		name:      "client certificate whose common name is not among its DNS names",
+		raw:       forceCert(poolRoots, crossNamedCert(t, pool, "s2", "s3")),
+		wantErr:   []string{"bad certificate"},
+		serverLog: []string{"refused connection", "names no peer for sure"},
 	}, {
 		name:    "server certificate from another CA",
 		server:  withRoots(memberConfig(t, evil, "s1"), pool),
@@ -212,4 +225,50 @@ func encodeRequest(t msgType, id uint64, b body) []byte {
 func forceCert(roots *x509.CertPool, cert tls.Certificate) *tls.Config {
 	return &tls.Config{RootCAs: roots, ServerName: "s1", NextProtos: []string{alpn}, MinVersion: tls.VersionTLS13,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}
+}
+
+// crossNamedCert is a certificate of ca with common name cn and the one
+// DNS name dns, as an operator might sign from a crafted request.
+func crossNamedCert(t *testing.T, ca *CA, cn, dns string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		DNSNames:    []string{dns},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// TestIdentity: a certificate names a member only by a name it can be
+// dialled at.
+func TestIdentity(t *testing.T) {
+	for _, tc := range []struct {
+		cn   string
+		dns  []string
+		want string
+	}{
+		{"s1", []string{"s1"}, "s1"},
+		{"s1", []string{"s1.pool.example", "s1"}, "s1"},
+		{"s2", []string{"s3"}, ""},
+		{"s2", nil, ""},
+		{"", []string{"s3"}, "s3"},
+		{"", []string{"s3", "s4"}, ""},
+		{"", nil, ""},
+	} {
+		c := &x509.Certificate{Subject: pkix.Name{CommonName: tc.cn}, DNSNames: tc.dns}
+		if got := identity(c); got != tc.want {
+			t.Errorf("common name %q, DNS names %q: identity %q, want %q", tc.cn, tc.dns, got, tc.want)
+		}
+	}
 }
