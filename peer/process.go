@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+	"unsafe"
 )
 
 // Process mode: a whole process (CRIU checkpoint) moves to the peer. The
@@ -226,21 +227,21 @@ func (r *ProcessRestoreRequest) encode(e *encoder) {
 
 func (r *ProcessRestoreRequest) decode(d *decoder) {
 	r.TxID = d.u64()
-	if n := d.count(minImageFile, "files"); n > 0 {
+	if n := d.count(minImageFile, unsafe.Sizeof(ImageFile{}), "files"); n > 0 {
 		r.Files = make([]ImageFile, n)
 		for i := range r.Files {
 			r.Files[i].Name = d.str()
 			r.Files[i].Data = d.blob()
 		}
 	}
-	if n := d.count(minProcessFlow, "flows"); n > 0 {
+	if n := d.count(minProcessFlow, unsafe.Sizeof(ProcessFlow{}), "flows"); n > 0 {
 		r.Flows = make([]ProcessFlow, n)
 		for i := range r.Flows {
 			r.Flows[i].Flow = d.flow()
 			r.Flows[i].Local = d.addrPort()
 		}
 	}
-	if n := d.count(1, "addresses"); n > 0 {
+	if n := d.count(1, unsafe.Sizeof(netip.Addr{}), "addresses"); n > 0 {
 		r.Rewrite = make([]netip.Addr, n)
 		for i := range r.Rewrite {
 			r.Rewrite[i] = d.addr()

@@ -10,7 +10,9 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"math/big"
+	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -271,4 +273,54 @@ func TestIdentity(t *testing.T) {
 			t.Errorf("common name %q, DNS names %q: identity %q, want %q", tc.cn, tc.dns, got, tc.want)
 		}
 	}
+}
+
+// TestHandshakesBounded: connections that never authenticate hold a
+// descriptor each until the handshake timeout; from one address, only
+// maxHandshakesPerAddr of them at a time get that far, the others are
+// closed at once, and members elsewhere still get through.
+func TestHandshakesBounded(t *testing.T) {
+	p := newPool(t, &testHandler{})
+	idle := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	var held []net.Conn
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	for range maxHandshakesPerAddr {
+		c, err := idle.Dial("tcp", p.server.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	extra, err := idle.Dial("tcp", p.server.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetReadDeadline(time.Now().Add(3 * time.Second)) // the handshake timeout is 5s
+	if _, err := extra.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection %d from one address: read %v, want it closed at once", maxHandshakesPerAddr+1, err)
+	}
+	waitFor(t, "the refusal to be logged", func() bool { return strings.Contains(p.server.log.String(), "too many handshakes") })
+	// A member from another address gets in meanwhile.
+	if _, err := p.dial(t).Status(context.Background()); err != nil {
+		t.Fatalf("a member's call while the idle connections wait: %v", err)
+	}
+	// Once they are gone, that address may handshake again.
+	for _, c := range held {
+		c.Close()
+	}
+	held = nil
+	tlsDialer := &tls.Dialer{NetDialer: idle, Config: p.client.clientTLS("s1")}
+	waitFor(t, "a handshake from the idle connections' address", func() bool {
+		c, err := tlsDialer.DialContext(context.Background(), "tcp", p.server.addr)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime/debug"
 	"sync"
 	"syscall"
@@ -74,6 +75,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	var backoff time.Duration
+	gate := newHandshakeGate(s.cfg.log())
 	for {
 		raw, err := ln.Accept()
 		if err != nil {
@@ -95,12 +97,74 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			return fmt.Errorf("peer server: accept: %w", err)
 		}
 		backoff = 0
+		release, ok := gate.enter(raw.RemoteAddr())
+		if !ok {
+			raw.Close()
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.serveConn(ctx, raw, tlsCfg)
+			s.serveConn(ctx, raw, tlsCfg, release)
 		}()
 	}
+}
+
+// Connections not authenticated yet are bounded, in all and per source
+// address: each holds a descriptor for up to the handshake timeout, and
+// anyone who can reach the port can open them. Beyond the bounds a new
+// connection is closed at once; the members' own connections, already
+// authenticated, do not count.
+const (
+	maxHandshakes        = 256
+	maxHandshakesPerAddr = 16
+)
+
+// handshakeGate counts the connections in their handshake.
+type handshakeGate struct {
+	log *slog.Logger
+
+	mu      sync.Mutex
+	total   int
+	by      map[netip.Addr]int
+	refused int       // since the last warning
+	warned  time.Time // the last warning
+}
+
+func newHandshakeGate(log *slog.Logger) *handshakeGate {
+	return &handshakeGate{log: log, by: map[netip.Addr]int{}}
+}
+
+// enter admits a connection from addr into its handshake, or refuses it;
+// release, once, ends its handshake.
+func (g *handshakeGate) enter(addr net.Addr) (release func(), ok bool) {
+	var ip netip.Addr
+	if ta, isTCP := addr.(*net.TCPAddr); isTCP {
+		ip = ta.AddrPort().Addr().Unmap()
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.total >= maxHandshakes || g.by[ip] >= maxHandshakesPerAddr {
+		g.refused++
+		if time.Since(g.warned) >= time.Second {
+			g.log.Warn("peer server: refused connections: too many handshakes under way", "refused", g.refused, "from", ip.String(), "under_way", g.total)
+			g.refused, g.warned = 0, time.Now()
+		}
+		return nil, false
+	}
+	g.total++
+	g.by[ip]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			g.total--
+			if g.by[ip]--; g.by[ip] == 0 {
+				delete(g.by, ip)
+			}
+		})
+	}, true
 }
 
 func retryAccept(err error) bool {
@@ -125,7 +189,8 @@ type serverConn struct {
 	inflight map[uint64]context.CancelFunc
 }
 
-func (s *Server) serveConn(ctx context.Context, raw net.Conn, tlsCfg *tls.Config) {
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, release func()) {
+	defer release()
 	log := s.cfg.log().With("remote", raw.RemoteAddr().String())
 	conn := tls.Server(raw, tlsCfg)
 	defer conn.Close()
@@ -136,6 +201,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, tlsCfg *tls.Config
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	err := conn.HandshakeContext(hctx)
 	cancel()
+	release()
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Warn("peer server: refused connection: TLS handshake failed", "err", err)

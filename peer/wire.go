@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"time"
+	"unsafe"
 )
 
 // Wire format, version 1. Every frame is
@@ -280,7 +281,16 @@ type decoder struct {
 	b    []byte
 	err  error
 	last string // the last string decoded, reused when repeated
+	// budget is what the lists of the payload may still take in memory
+	// once decoded (see count).
+	budget int
 }
+
+// decodeBudget is what a payload of n bytes may take in memory once
+// decoded, in its lists' elements: a few times n, as a real element's
+// encoding is about as large as the element (an IPv4 address is the
+// worst, 5 bytes for 24), and a little more for small payloads.
+func decodeBudget(n int) int { return 6*n + 64<<10 }
 
 func (d *decoder) fail(format string, args ...any) {
 	if d.err == nil {
@@ -371,15 +381,24 @@ func (d *decoder) blob() []byte {
 	return b
 }
 
-// count reads a number of elements of at least min bytes each, refusing
-// more than the rest of the payload can hold: a small frame never makes
-// the decoder allocate much.
-func (d *decoder) count(min int, what string) int {
+// count reads a number of elements of at least min bytes each, which
+// take mem bytes each once decoded, refusing more than the rest of the
+// payload can hold, and more than the payload's memory budget has left:
+// a frame of small elements never makes the decoder allocate many times
+// its own size.
+func (d *decoder) count(min int, mem uintptr, what string) int {
 	n := d.u32()
-	if d.err == nil && uint64(n) > uint64(len(d.b)/min) {
+	switch {
+	case d.err != nil:
+		return 0
+	case uint64(n) > uint64(len(d.b)/min):
 		d.fail("%d %s do not fit in the %d bytes left", n, what, len(d.b))
 		return 0
+	case uint64(n)*uint64(mem) > uint64(d.budget):
+		d.fail("%d %s would take %d bytes to decode, more than a frame of its size may", n, what, uint64(n)*uint64(mem))
+		return 0
 	}
+	d.budget -= int(n) * int(mem)
 	return int(n)
 }
 
@@ -427,7 +446,7 @@ func (d *decoder) time() time.Time {
 
 // decodeBody decodes a whole payload into b.
 func decodeBody(payload []byte, b body) error {
-	d := decoder{b: payload}
+	d := decoder{b: payload, budget: decodeBudget(len(payload))}
 	b.decode(&d)
 	if d.err == nil && len(d.b) > 0 {
 		d.fail("%d bytes left over", len(d.b))
@@ -493,7 +512,7 @@ func (r *TransferRequest) encode(e *encoder) {
 
 func (r *TransferRequest) decode(d *decoder) {
 	r.TxID = d.u64()
-	n := d.count(minItem, "items")
+	n := d.count(minItem, unsafe.Sizeof(Item{}), "items")
 	if n == 0 {
 		return
 	}
@@ -548,7 +567,7 @@ func encodeResults(e *encoder, rs []ItemResult) {
 }
 
 func decodeResults(d *decoder) []ItemResult {
-	n := d.count(minResult, "results")
+	n := d.count(minResult, unsafe.Sizeof(ItemResult{}), "results")
 	if n == 0 {
 		return nil
 	}
@@ -607,14 +626,14 @@ func (r *StatusReply) decode(d *decoder) {
 	r.Name = d.str()
 	r.Load = math.Float64frombits(d.u64())
 	r.Conns = d.integer()
-	if n := d.count(minString, "services"); n > 0 {
+	if n := d.count(minString, unsafe.Sizeof(""), "services"); n > 0 {
 		r.Services = make([]string, n)
 		for i := range r.Services {
 			r.Services[i] = d.str()
 		}
 	}
 	r.Time = d.time()
-	if n := d.count(minString+8, "figures"); n > 0 {
+	if n := d.count(minString+8, unsafe.Sizeof("")+8, "figures"); n > 0 {
 		r.Figures = make(map[string]float64, n)
 		for range n {
 			k := d.str()
@@ -634,7 +653,7 @@ func (r *SteerRequest) encode(e *encoder) {
 
 func (r *SteerRequest) decode(d *decoder) {
 	r.Op = d.str()
-	if n := d.count(minFlow, "flows"); n > 0 {
+	if n := d.count(minFlow, unsafe.Sizeof(FlowID{}), "flows"); n > 0 {
 		r.Flows = make([]FlowID, n)
 		for i := range r.Flows {
 			r.Flows[i] = d.flow()

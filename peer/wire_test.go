@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // samples are one value of every message body, for round trips and as
@@ -186,4 +187,30 @@ func FuzzDecodeFrame(f *testing.F) {
 			t.Fatalf("%v: decoded %+v re-encodes as\n%x\nnot\n%x", fr.typ, b, again, orig)
 		}
 	})
+}
+
+// TestDecodeBudget: a list of tiny elements is refused before it is
+// allocated when decoded it would take many times the frame's size (an
+// authenticated peer could otherwise make a daemon allocate gigabytes
+// with one frame); a real list of IPv4 addresses, the most compact
+// element there is, is not.
+func TestDecodeBudget(t *testing.T) {
+	payload := func(n uint32, each []byte) []byte {
+		b := binary.BigEndian.AppendUint32(nil, n)
+		for range n {
+			b = append(b, each...)
+		}
+		return b
+	}
+	mem := unsafe.Sizeof(netip.Addr{})
+	hostile := payload(200_000, []byte{0}) // empty addresses, one byte each
+	d := decoder{b: hostile, budget: decodeBudget(len(hostile))}
+	if n := d.count(1, mem, "addresses"); n != 0 || d.err == nil {
+		t.Fatalf("200,000 one-byte addresses in %d bytes: count %d, err %v; want refused", len(hostile), n, d.err)
+	}
+	real := payload(20_000, []byte{4, 10, 77, 2, 11})
+	d = decoder{b: real, budget: decodeBudget(len(real))}
+	if n := d.count(1, mem, "addresses"); n != 20_000 || d.err != nil {
+		t.Fatalf("20,000 IPv4 addresses in %d bytes: count %d, err %v", len(real), n, d.err)
+	}
 }
