@@ -202,6 +202,18 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 
 func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
+	if err := natFlow(f).Check(); err != nil {
+		return nil, err
+	}
+	if c := f.Client.Addr().Unmap(); c.IsLoopback() || c.IsMulticast() || c.IsLinkLocalUnicast() {
+		return nil, fmt.Errorf("flow %v: the client's address %v is not one a connection of the pool's clients can have", f, c)
+	}
+	if _, ok := d.owner(f.Service.Addr().Unmap()); !ok {
+		return nil, fmt.Errorf("flow %v: %v is not a service address of the pool", f, f.Service.Addr())
+	}
+	if len(it.App) > app.MaxSnapshot {
+		return nil, fmt.Errorf("flow %v: snapshot of %d bytes, the limit is %d", f, len(it.App), app.MaxSnapshot)
+	}
 	port := servicePort(it.Service)
 	if port != f.Service.Port() {
 		return nil, fmt.Errorf("flow %v is not one of service %s (port %d)", f, it.Service, port)

@@ -51,6 +51,13 @@ func (f Flow) String() string { return f.Client.String() + "->" + f.Service.Stri
 // Is6 reports whether f is an IPv6 flow.
 func (f Flow) Is6() bool { return f.Client.Addr().Unmap().Is6() }
 
+// Check reports what makes f unfit for the table (an error wrapping
+// ErrInvalid), or nil: the checks every Batch method makes.
+func (f Flow) Check() error {
+	_, err := f.normalize()
+	return err
+}
+
 // normalize unmaps IPv4-mapped addresses and checks f.
 func (f Flow) normalize() (Flow, error) {
 	c := netip.AddrPortFrom(f.Client.Addr().Unmap(), f.Client.Port())

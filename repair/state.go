@@ -187,6 +187,9 @@ func (st *State) Validate() error {
 	if st.Sockopts.KeepIdle > 32767 || st.Sockopts.KeepIntvl > 32767 || st.Sockopts.KeepCnt > 127 {
 		return fmt.Errorf("%w: keepalive parameters out of range", ErrMalformed)
 	}
+	if m := st.Sockopts.Mark; m == QuietMark || m == InjectMark {
+		return fmt.Errorf("%w: SO_MARK %#x is a mark mtcp uses for itself (no captured socket has it)", ErrMalformed, m)
+	}
 	if st.Sockopts.RcvBuf > 1<<31-1 || st.Sockopts.SndBuf > 1<<31-1 ||
 		st.Sockopts.UserTimeout > 1<<31-1 || st.Sockopts.NotSentLowat > 1<<31-1 || st.Sockopts.Priority > 1<<31-1 {
 		return fmt.Errorf("%w: socket option out of range", ErrMalformed)

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/peer"
 	"github.com/mtcp-dev/mtcp/repair"
@@ -877,4 +878,66 @@ func TestOrphansExpire(t *testing.T) {
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
+}
+
+// TestRefuseBadItems: a member's transfer whose items cannot be restored
+// as they say (a flow off its service's port, a snapshot over the limit,
+// a flow of two families, a loopback client, a service address outside
+// the pool) gets each refused with its reason before anything is built;
+// a good item beside them is restored, and the abort leaves nothing.
+func TestRefuseBadItems(t *testing.T) {
+	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{})
+	s := newAbortSession(t, p, bed, false)
+	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	var c *peer.Client
+	in(t, bed.S3, func() (err error) {
+		c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S2.Ctl4, abortPeerPort).String(), "s2", cfg)
+		return err
+	})
+	defer c.Close()
+	state := sampleState(t, s)
+	snap := []byte(`{"data":{"colour":"red"},"count":1}`)
+	flow := peer.FlowID{Client: s.client, Service: s.service}
+	with := func(f func(*peer.Item)) peer.Item {
+		it := peer.Item{Flow: flow, Service: ":7000", State: state, App: snap}
+		f(&it)
+		return it
+	}
+	bad := []struct {
+		item peer.Item
+		want string
+	}{
+		{with(func(it *peer.Item) { it.Flow.Service = netip.AddrPortFrom(s.service.Addr(), 22) }), "not one of service :7000"},
+		{with(func(it *peer.Item) { it.App = make([]byte, app.MaxSnapshot+1) }), "snapshot of"},
+		{with(func(it *peer.Item) { it.Flow.Service = netip.AddrPortFrom(bed.S1.LAN6, 7000) }), "different families"},
+		{with(func(it *peer.Item) { it.Flow.Client = netip.MustParseAddrPort("127.0.0.1:4000") }), "is not one a connection"},
+		{with(func(it *peer.Item) { it.Flow.Service = netip.MustParseAddrPort("10.77.2.99:7000") }), "not a service address of the pool"},
+	}
+	req := &peer.TransferRequest{TxID: uint64(0x0bad_0000_0000_0000) + uint64(time.Now().UnixNano()&0xffff)<<16}
+	for _, b := range bad {
+		req.Items = append(req.Items, b.item)
+	}
+	req.Items = append(req.Items, with(func(*peer.Item) {}))
+	if rep, err := c.Prepare(abortCtx(t, 5*time.Second), &peer.PrepareRequest{TxID: req.TxID, Service: ":7000", Count: len(req.Items)}); err != nil || !rep.OK {
+		t.Fatalf("Prepare: %+v, %v", rep, err)
+	}
+	tr, err := c.Transfer(abortCtx(t, 10*time.Second), req)
+	if err != nil || len(tr.Results) != len(req.Items) {
+		t.Fatalf("Transfer: %+v, %v", tr, err)
+	}
+	for i, b := range bad {
+		if r := tr.Results[i]; r.OK || !strings.Contains(r.Error, b.want) {
+			t.Errorf("item %d: %+v, want it refused with %q", i, r, b.want)
+		}
+	}
+	if r := tr.Results[len(bad)]; !r.OK {
+		t.Fatalf("the good item: %+v", r)
+	}
+	if err := c.Abort(abortCtx(t, 5*time.Second), &peer.AbortRequest{TxID: req.TxID, Reason: "test"}); err != nil {
+		t.Fatalf("Abort: %v", err)
+	}
+	assertNoTrace(t, p, bed, false, s)
+	s.check(t)
 }
