@@ -4,10 +4,15 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/policy"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -152,7 +157,36 @@ func (c *Config) validate() error {
 	}
 	if c.PeerListen == "" {
 		bad("peer_listen: missing (host:port of the control channel)")
+	} else if err := checkHostPort(c.PeerListen); err != nil {
+		bad("peer_listen: %v", err)
 	}
+	if c.Metrics != "" {
+		if err := checkHostPort(c.Metrics); err != nil {
+			bad("metrics: %v", err)
+		}
+	}
+	if err := (nat.Options{Table: c.Table, Queue: c.NFQueue}).Check(); err != nil {
+		bad("table: %v", err)
+	}
+	owned := map[netip.Addr]string{}
+	own := func(who string, as []netip.Addr) {
+		fams := map[bool]bool{}
+		for _, a := range as {
+			switch {
+			case !a.IsValid() || a.IsUnspecified() || a.IsMulticast() || a.Is4In6():
+				bad("%s: service address %v is not a host's unicast address", who, a)
+			case fams[a.Is6()]:
+				bad("%s: two service addresses of one family (%v): one per family is used", who, a)
+			case owned[a] != "":
+				bad("%s: service address %v is %s's too", who, a, owned[a])
+			}
+			fams[a.Is6()] = true
+			if owned[a] == "" {
+				owned[a] = who
+			}
+		}
+	}
+	own(c.Name, c.ServiceAddrs)
 	if c.TLS.CA == "" || c.TLS.Cert == "" || c.TLS.Key == "" {
 		bad("tls: ca, cert and key are all required (the control channel is mutual TLS)")
 	}
@@ -167,7 +201,10 @@ func (c *Config) validate() error {
 		names[p.Name] = true
 		if p.Addr == "" {
 			bad("peers[%d] (%s): addr missing", i, p.Name)
+		} else if err := checkHostPort(p.Addr); err != nil {
+			bad("peers[%d] (%s): addr: %v", i, p.Name, err)
 		}
+		own(p.Name, p.ServiceAddrs)
 	}
 	if c.Steering == "gateway" && !names[c.Gateway] {
 		bad("gateway: %q is not one of the peers", c.Gateway)
@@ -181,6 +218,43 @@ func (c *Config) validate() error {
 	for _, p := range []string{c.AdminSocket, c.AppSocket} {
 		if !strings.HasPrefix(p, "/") {
 			bad("socket path %q must be absolute", p)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkHostPort checks a host:port the daemon listens on or dials.
+func checkHostPort(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %w", s, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("%q: port %q is not a number from 1 to 65535", s, port)
+	}
+	if host == "" {
+		return nil // every address
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if strings.ContainsAny(host, " /:") || strings.Trim(host, "0123456789.") == "" {
+		return fmt.Errorf("%q: %q is neither an IP address nor a host name", s, host)
+	}
+	return nil
+}
+
+// CheckFiles loads what the configuration names, as the daemon will at
+// start: its certificate and key against the pool CA (issued to its
+// name, the key readable by root only), and its policy file.
+func (c *Config) CheckFiles() error {
+	var errs []error
+	if _, err := (peer.TLSFiles{CA: c.TLS.CA, Cert: c.TLS.Cert, Key: c.TLS.Key}).Config(c.Name); err != nil {
+		errs = append(errs, fmt.Errorf("tls: %w", err))
+	}
+	if c.Policy != "" {
+		if _, err := policy.LoadFile(c.Policy); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

@@ -1,8 +1,13 @@
 package daemon
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/peer"
 )
 
 const goodConfig = `
@@ -34,6 +39,14 @@ func TestParseConfig(t *testing.T) {
 		{"bad steering", goodConfig + "steering: sideways\n", `steering: "sideways"`},
 		{"bad process pages", goodConfig + "process_pages: later\n", `process_pages: "later" is not lazy or eager`},
 		{"gateway unknown", goodConfig + "steering: gateway\ngateway: gw\n", `"gw" is not one of the peers`},
+		{"peer_listen not host:port", strings.Replace(goodConfig, "peer_listen: 10.77.3.11:7700", "peer_listen: localhost", 1), "peer_listen: \"localhost\" is not host:port"},
+		{"peer_listen bad port", strings.Replace(goodConfig, "peer_listen: 10.77.3.11:7700", "peer_listen: 10.77.3.11:77777", 1), "port \"77777\""},
+		{"peer_listen bad host", strings.Replace(goodConfig, "peer_listen: 10.77.3.11:7700", "peer_listen: 999.1.1.1:7700", 1), "neither an IP address nor a host name"},
+		{"metrics", goodConfig + "metrics: notanaddr\n", "metrics: \"notanaddr\" is not host:port"},
+		{"peer addr", strings.Replace(goodConfig, "addr: 10.77.3.12:7700", "addr: nowhere", 1), "peers[0] (s2): addr"},
+		{"table name", goodConfig + "table: \"bad table\"\n", "table: nat: table name"},
+		{"two IPv4 service addresses", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11, 10.77.2.21,", 1), "two service addresses of one family"},
+		{"a peer's service address", strings.Replace(goodConfig, "service_addrs: [10.77.2.12]", "service_addrs: [10.77.2.11]", 1), "service address 10.77.2.11 is s1's too"},
 	} {
 		if tc.want == "" {
 			continue
@@ -42,5 +55,53 @@ func TestParseConfig(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: error %v, want it to mention %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// TestCheckFiles: mtcpd -check loads the TLS files as the daemon will, so
+// that a key readable by others or a certificate of another member fails
+// there rather than at start.
+func TestCheckFiles(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := peer.NewCA("test-pool", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, _ := ca.PEM()
+	write := func(name string, data []byte, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, name := range []string{"s1", "s2"} {
+		cert, key, err := ca.Issue(name, nil, nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		write(name+".pem", cert, 0o644)
+		write(name+"-key.pem", key, 0o600)
+	}
+	write("ca.pem", caPEM, 0o644)
+	c := &Config{Name: "s1", TLS: TLSConfig{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, "s1.pem"), Key: filepath.Join(dir, "s1-key.pem")}}
+	if err := c.CheckFiles(); err != nil {
+		t.Fatalf("good files: %v", err)
+	}
+	other := *c
+	other.TLS.Cert, other.TLS.Key = filepath.Join(dir, "s2.pem"), filepath.Join(dir, "s2-key.pem")
+	if err := other.CheckFiles(); err == nil || !strings.Contains(err.Error(), "not to this server") {
+		t.Errorf("s2's certificate for s1: %v", err)
+	}
+	mismatched := *c
+	mismatched.TLS.Key = filepath.Join(dir, "s2-key.pem")
+	if err := mismatched.CheckFiles(); err == nil || !strings.Contains(err.Error(), "key matching the certificate") {
+		t.Errorf("s1's certificate with s2's key: %v", err)
+	}
+	if err := os.Chmod(c.TLS.Key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CheckFiles(); err == nil || !strings.Contains(err.Error(), "readable by group or others") {
+		t.Errorf("a key readable by others: %v", err)
 	}
 }

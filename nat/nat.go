@@ -180,6 +180,13 @@ type Options struct {
 var tableNameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
 
 // withDefaults fills the zero values of o and checks it.
+// Check reports what Open and OpenQueue would refuse in o (an error
+// wrapping ErrInvalid), without touching the system.
+func (o Options) Check() error {
+	_, err := o.withDefaults()
+	return err
+}
+
 func (o Options) withDefaults() (Options, error) {
 	if o.Table == "" {
 		o.Table = DefaultTable

@@ -12,7 +12,6 @@ import (
 
 	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/internal/prof"
-	"github.com/mtcp-dev/mtcp/policy"
 )
 
 func main() {
@@ -38,11 +37,9 @@ Flags:
 		os.Exit(2)
 	}
 	if *check {
-		if cfg.Policy != "" {
-			if _, err := policy.LoadFile(cfg.Policy); err != nil {
-				fmt.Fprintln(os.Stderr, "mtcpd:", err)
-				os.Exit(2)
-			}
+		if err := cfg.CheckFiles(); err != nil {
+			fmt.Fprintln(os.Stderr, "mtcpd:", err)
+			os.Exit(2)
 		}
 		fmt.Println("mtcpd: configuration OK")
 		return
