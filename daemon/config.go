@@ -253,11 +253,31 @@ func (c *Config) CheckFiles() error {
 		errs = append(errs, fmt.Errorf("tls: %w", err))
 	}
 	if c.Policy != "" {
-		if _, err := policy.LoadFile(c.Policy); err != nil {
+		pol, err := policy.LoadFile(c.Policy)
+		if err == nil {
+			err = c.checkPolicy(pol)
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkPolicy checks that the servers a policy names (maintenance,
+// weights, targets) are this one or its peers: a misspelt name would
+// silently drain nothing, or weigh a server that does not exist.
+func (c *Config) checkPolicy(pol *policy.Policy) error {
+	var unknown []string
+	for _, s := range pol.Servers() {
+		if _, ok := c.Peer(s); !ok && s != c.Name {
+			unknown = append(unknown, s)
+		}
+	}
+	if len(unknown) > 0 {
+		return fmt.Errorf("policy %s names servers that are not in the pool (%s and its peers): %s", c.Policy, c.Name, strings.Join(unknown, ", "))
+	}
+	return nil
 }
 
 // Peer returns the named peer's configuration.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/policy"
 )
 
 const goodConfig = `
@@ -103,5 +104,32 @@ func TestCheckFiles(t *testing.T) {
 	}
 	if err := c.CheckFiles(); err == nil || !strings.Contains(err.Error(), "readable by group or others") {
 		t.Errorf("a key readable by others: %v", err)
+	}
+}
+
+// TestCheckPolicyServers: a policy naming a server the pool does not
+// have (a typo under maintenance would drain nothing) is refused.
+func TestCheckPolicyServers(t *testing.T) {
+	c, err := ParseConfig([]byte(goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ file, unknown string }{
+		{"maintenance: [s1, s2]\n", ""},
+		{"maintenance: [s1x]\n", "s1x"},
+		{"rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate: {to: weighted, weights: {s2: 1, s9: 1}}\n", "s9"},
+		{"rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate: {targets: [s3]}\n", "s3"},
+	} {
+		pol, err := policy.Parse([]byte(tc.file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = c.checkPolicy(pol)
+		switch {
+		case tc.unknown == "" && err != nil:
+			t.Errorf("%q: %v", tc.file, err)
+		case tc.unknown != "" && (err == nil || !strings.HasSuffix(err.Error(), ": "+tc.unknown)):
+			t.Errorf("%q: error %v, want it to name %s", tc.file, err, tc.unknown)
+		}
 	}
 }

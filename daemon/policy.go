@@ -24,6 +24,7 @@ import (
 // feeds it. Without a policy file the measurements still run: peers ask
 // for this server's load in their heartbeats.
 type policyState struct {
+	cfg    *Config
 	path   string
 	log    *slog.Logger
 	engine *policy.Engine // nil without a policy file
@@ -59,7 +60,7 @@ func WithReload(ctx context.Context, ch <-chan os.Signal) context.Context {
 
 // newPolicyState loads the policy file, if the configuration names one.
 func newPolicyState(cfg *Config, log *slog.Logger) (*policyState, error) {
-	ps := &policyState{path: cfg.Policy, log: log.With("part", "policy"), sample: newLoadSampler(cfg.Load.Scope), arrived: map[app.Tuple]time.Time{}}
+	ps := &policyState{cfg: cfg, path: cfg.Policy, log: log.With("part", "policy"), sample: newLoadSampler(cfg.Load.Scope), arrived: map[app.Tuple]time.Time{}}
 	if ps.path == "" {
 		return ps, nil
 	}
@@ -68,6 +69,9 @@ func newPolicyState(cfg *Config, log *slog.Logger) (*policyState, error) {
 		return nil, fmt.Errorf("policy: %w", err)
 	}
 	pol, err := policy.Parse(b)
+	if err == nil {
+		err = cfg.checkPolicy(pol)
+	}
 	if err != nil {
 		policyReloads.WithLabelValues("start", "error").Inc()
 		return nil, fmt.Errorf("policy %s: %w", ps.path, err)
@@ -105,6 +109,9 @@ func (ps *policyState) reload(cause string, force bool) {
 	}
 	ps.tried = sum
 	pol, err := policy.Parse(b)
+	if err == nil {
+		err = ps.cfg.checkPolicy(pol)
+	}
 	if err != nil {
 		ps.log.Error("policy reload failed: the running policy stays", "file", ps.path, "cause", cause, "err", strings.ReplaceAll(err.Error(), "\n", "; "))
 		policyReloads.WithLabelValues(cause, "error").Inc()

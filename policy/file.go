@@ -528,6 +528,8 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 			if a.Margin == nil {
 				m := 0.05
 				a.Margin = &m
+			} else if *a.Margin >= 1 {
+				ps.add(at("migrate", "margin"), "%v: %s is a fraction from 0 to 1, and a margin of 1 or more would never move anything", *a.Margin, a.By)
 			}
 		case MetricRunQueue, MetricConns:
 			if a.Margin == nil {
@@ -545,10 +547,16 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 			ps.add(at("migrate", "margin"), "%v: a path_cost margin is a fraction, at least 0 and below 1", *a.Margin)
 		}
 	case Weighted:
+		sum := 0.0
 		for _, name := range sortedKeys(a.Weights) {
 			if w := a.Weights[name]; w < 0 || math.IsNaN(w) {
 				ps.add(at("migrate", "weights", name), "%v: a weight is at least 0", w)
+			} else {
+				sum += w
 			}
+		}
+		if len(a.Weights) > 0 && sum == 0 {
+			ps.add(at("migrate", "weights"), "every weight is 0: nothing would move")
 		}
 	default:
 		ps.add(at("migrate", "to"), "%q: want least_loaded, path_cost or weighted", a.To)
@@ -590,8 +598,12 @@ func (t *Threshold) validate(ps *problems, at []any, frac bool) {
 		ps.add(sub(key), "%v: this is a fraction from 0 to 1 (or a percentage: 80%%)", float64(*level))
 	}
 	if t.Clear != nil {
-		if (t.Above != nil && *t.Clear > *t.Above) || (t.Below != nil && *t.Clear < *t.Below) {
-			ps.add(sub("clear"), "%v is on the wrong side of %s %v: the condition could never clear", float64(*t.Clear), key, float64(*level))
+		switch c := float64(*t.Clear); {
+		case (t.Above != nil && *t.Clear > *t.Above) || (t.Below != nil && *t.Clear < *t.Below):
+			ps.add(sub("clear"), "%v is on the wrong side of %s %v: the condition could never clear", c, key, float64(*level))
+		case c < 0 || frac && c > 1:
+			// Never crossed: once fired, the condition would hold for good.
+			ps.add(sub("clear"), "%v is out of the metric's range (a fraction from 0 to 1, or a count from 0): the condition could never clear", c)
 		}
 	}
 }
@@ -659,6 +671,20 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Servers returns the server names the policy mentions (maintenance,
+// weights, targets), sorted and each once, for checking them against the
+// pool it runs in.
+func (pol *Policy) Servers() []string {
+	var out []string
+	out = append(out, pol.Maintenance...)
+	for _, r := range pol.Rules {
+		out = append(out, sortedKeys(r.Migrate.Weights)...)
+		out = append(out, r.Migrate.Targets...)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // inMaintenance reports whether server is listed under maintenance.

@@ -28,6 +28,10 @@ func TestParseErrors(t *testing.T) {
 		{"above and below", "rules:\n  - name: a\n    when:\n      cpu: {above: 0.5, below: 0.1}\n", []string{"line 4: rules[0].when.cpu: give above or below, not both"}},
 		{"cpu over one", "rules:\n  - name: a\n    when:\n      cpu:\n        above: 80\n", []string{"line 5: rules[0].when.cpu.above: 80: this is a fraction"}},
 		{"clear on wrong side", "rules:\n  - name: a\n    when:\n      cpu: {above: 0.5, clear: 0.7}\n", []string{"line 4: rules[0].when.cpu.clear: 0.7 is on the wrong side"}},
+		{"negative clear", "rules:\n  - name: a\n    when:\n      cpu: {above: 0.8, clear: -0.5}\n", []string{"line 4: rules[0].when.cpu.clear: -0.5 is out of the metric's range"}},
+		{"clear over one", "rules:\n  - name: a\n    when:\n      memory: {below: 0.2, clear: 1.5}\n", []string{"line 4: rules[0].when.memory.clear: 1.5 is out of the metric's range"}},
+		{"margin of a fraction over one", "rules:\n  - name: a\n    when: {cpu: {above: 0.5}}\n    migrate: {by: cpu, margin: 7}\n", []string{"rules[0].migrate.margin: 7: cpu is a fraction"}},
+		{"all weights zero", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      to: weighted\n      weights: {s2: 0, s3: 0}\n", []string{"rules[0].migrate.weights: every weight is 0"}},
 		{"fraction out of range", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      fraction: 1.5\n", []string{"line 5: rules[0].migrate.fraction: 1.5"}},
 		{"count and fraction", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      count: 2\n      fraction: 0.5\n", []string{"line 5: rules[0].migrate: give count or fraction"}},
 		{"bad strategy", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate: {to: random}\n", []string{`line 4: rules[0].migrate.to: "random"`}},
@@ -139,5 +143,17 @@ rules:
 		if got != tc.want {
 			t.Errorf("%s (%s): in window = %v, want %v", tc.when, tm.Weekday(), got, tc.want)
 		}
+	}
+}
+
+// TestServers: the server names a policy mentions, each once, for the
+// daemon to check against its pool.
+func TestServers(t *testing.T) {
+	pol, err := Parse([]byte("maintenance: [s3, s1]\nrules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      to: weighted\n      weights: {s2: 1, s4: 2}\n      targets: [s2]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(pol.Servers(), ","); got != "s1,s2,s3,s4" {
+		t.Fatalf("Servers() = %s, want s1,s2,s3,s4", got)
 	}
 }
