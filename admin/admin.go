@@ -168,7 +168,10 @@ func NewClient(path string) *Client {
 }
 
 // ErrNoDaemon: nothing listens on the admin socket.
-var ErrNoDaemon = errors.New("mtcpd is not running (or this user may not use its admin socket: it is root-only)")
+var ErrNoDaemon = errors.New("mtcpd is not running")
+
+// ErrDenied: this user may not use the admin socket (it is root-only).
+var ErrDenied = errors.New("permission denied: mtcpd's admin socket is root-only (run as root, with sudo)")
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	resp, err := c.send(ctx, method, path, in)
@@ -194,8 +197,13 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) || isRefused(err) {
-			return nil, fmt.Errorf("%s: %w", c.path, ErrNoDaemon)
+		switch {
+		case errors.Is(err, os.ErrPermission):
+			return nil, fmt.Errorf("%s: %w", c.path, ErrDenied)
+		case errors.Is(err, os.ErrNotExist):
+			return nil, fmt.Errorf("no admin socket at %s: %w (or it listens elsewhere: admin_socket in its configuration, --admin here)", c.path, ErrNoDaemon)
+		case isRefused(err):
+			return nil, fmt.Errorf("nothing answers on %s: %w (the file is left from an earlier run, or is not a socket)", c.path, ErrNoDaemon)
 		}
 		return nil, fmt.Errorf("admin %s %s: %w", method, path, err)
 	}

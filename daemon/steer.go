@@ -90,6 +90,11 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 			return fmt.Errorf("%s is not the steering point of %v", d.cfg.Name, fs[i])
 		}
 	}
+	if r.Op == peer.SteerSwitch {
+		if _, ok := d.owner(r.To.Unmap()); !ok {
+			return fmt.Errorf("%v is not a service address of the pool: %s switches flows only to its members", r.To, d.cfg.Name)
+		}
+	}
 	if err := d.steerLocal(r.Op, fs, r.To); err != nil {
 		return err
 	}

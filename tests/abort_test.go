@@ -938,6 +938,17 @@ func TestRefuseBadItems(t *testing.T) {
 	if err := c.Abort(abortCtx(t, 5*time.Second), &peer.AbortRequest{TxID: req.TxID, Reason: "test"}); err != nil {
 		t.Fatalf("Abort: %v", err)
 	}
+	// The steering point switches flows only to the pool's members.
+	var c1 *peer.Client
+	in(t, bed.S3, func() (err error) {
+		c1, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S1.Ctl4, abortPeerPort).String(), "s1", cfg)
+		return err
+	})
+	defer c1.Close()
+	err = c1.Steer(abortCtx(t, 5*time.Second), &peer.SteerRequest{Op: peer.SteerSwitch, Flows: []peer.FlowID{flow}, To: netip.MustParseAddr("10.77.2.1")})
+	if err == nil || !strings.Contains(err.Error(), "not a service address of the pool") {
+		t.Errorf("a switch to an address outside the pool: %v", err)
+	}
 	assertNoTrace(t, p, bed, false, s)
 	s.check(t)
 }
