@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -108,7 +110,16 @@ func ParseConfig(b []byte) (*Config, error) {
 	dec.KnownFields(true)
 	var c Config
 	if err := dec.Decode(&c); err != nil {
-		return nil, err
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("the configuration is empty: it needs at least name, service_addrs, peer_listen, peers and tls")
+		}
+		// "field x not found in type daemon.Config": the type means
+		// nothing to an operator.
+		return nil, errors.New(inTypeRE.ReplaceAllString(err.Error(), " (unknown key)"))
+	}
+	var more yaml.Node
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("line %d: a second YAML document (---): the configuration is one document", more.Line)
 	}
 	if c.Role == "" {
 		c.Role = "server"
@@ -222,6 +233,9 @@ func (c *Config) validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// inTypeRE matches the Go type in the YAML decoder's unknown-key errors.
+var inTypeRE = regexp.MustCompile(` in type [A-Za-z0-9_.]+`)
 
 // checkHostPort checks a host:port the daemon listens on or dials.
 func checkHostPort(s string) error {

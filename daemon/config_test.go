@@ -34,7 +34,9 @@ func TestParseConfig(t *testing.T) {
 		t.Fatalf("ServiceAddr(v6) = %v", a)
 	}
 	for _, tc := range []struct{ name, yaml, want string }{
-		{"unknown key", goodConfig + "colour: blue\n", "line 10: field colour not found"},
+		{"unknown key", goodConfig + "colour: blue\n", "line 10: field colour not found (unknown key)"},
+		{"empty", "", "the configuration is empty"},
+		{"two documents", goodConfig + "---\nname: s9\n", "a second YAML document"},
 		{"bad address", strings.Replace(goodConfig, "10.77.2.11,", "10.77.2.300,", 1), "10.77.2.300"},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: /etc/mtcp/ca.pem, ", "tls: {", 1), "tls: ca, cert and key"},
 		{"bad steering", goodConfig + "steering: sideways\n", `steering: "sideways"`},

@@ -195,22 +195,32 @@ func newDrainCmd() *cobra.Command {
 	var sock, to string
 	var spread, quiet bool
 	var batch int
+	var output outputFormat
 	cmd := &cobra.Command{
-		Use:   "drain (--to PEER | --spread)",
+		Use:   "drain (--to PEER | --spread) [-o json]",
 		Short: "Move every connection away from this server",
 		Long: `Move every migratable connection away from this server, for maintenance:
 to one peer (--to) or spread over the healthy peers (--spread). A progress
-bar shows how many have moved. Connections that cannot move stay here and
-are listed at the end; the exit status is then 3.`,
+bar shows how many have moved (on a terminal). Connections that cannot move
+stay here and are listed at the end; the exit status is then 3, or 1 if
+none moved. With -o json the final progress, with every batch's report, is
+printed as JSON.`,
 		Example: `  sudo mtcpctl drain --to s2
-  sudo mtcpctl drain --spread`,
+  sudo mtcpctl drain --spread
+  sudo mtcpctl drain --to s3 --batch 500 -o json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if (to == "") == !spread {
 				return usageErrorf("give exactly one of --to PEER and --spread")
 			}
 			errw := cmd.ErrOrStderr()
+			// A bar redrawn with carriage returns is for a terminal only.
+			if f, ok := errw.(*os.File); !ok || !isTerminal(f) {
+				quiet = true
+			}
+			var last admin.Progress
 			bar := func(p admin.Progress) {
+				last = p
 				if quiet || p.Total == 0 {
 					return
 				}
@@ -223,10 +233,22 @@ are listed at the end; the exit status is then 3.`,
 			}
 			p, err := admin.NewClient(sock).Drain(cmd.Context(), &admin.DrainRequest{To: to, Spread: spread, Batch: batch}, bar)
 			if err != nil {
+				if last.Total > 0 && !quiet {
+					fmt.Fprintln(errw)
+				}
+				if last.Total > 0 {
+					return fmt.Errorf("the drain stopped with %d of %d connections moved and %d failed: %w", last.Done, last.Total, last.Failed, err)
+				}
 				return err
 			}
-			for i := range p.Reports {
-				printReport(cmd.OutOrStdout(), &p.Reports[i])
+			if output == outputJSON {
+				if err := writeJSON(cmd.OutOrStdout(), p); err != nil {
+					return err
+				}
+			} else {
+				for i := range p.Reports {
+					printReport(cmd.OutOrStdout(), &p.Reports[i])
+				}
 			}
 			switch {
 			case p.Failed > 0 && p.Done == 0:
@@ -241,6 +263,7 @@ are listed at the end; the exit status is then 3.`,
 	cmd.Flags().BoolVar(&spread, "spread", false, "spread the connections over the healthy peers")
 	cmd.Flags().BoolVar(&quiet, "quiet", false, "no progress bar")
 	cmd.Flags().IntVar(&batch, "batch", 0, "connections per transaction (0 = the daemon's default, 1000)")
+	addOutputFlag(cmd, &output)
 	addAdminFlag(cmd, &sock)
 	return cmd
 }
@@ -280,4 +303,10 @@ application services it serves, and each peer of the pool with its health
 	addOutputFlag(cmd, &output)
 	addAdminFlag(cmd, &sock)
 	return cmd
+}
+
+// isTerminal reports whether f is a terminal (a character device).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

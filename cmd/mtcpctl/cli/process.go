@@ -83,6 +83,9 @@ func migrateProcess(cmd *cobra.Command, sock string, output outputFormat, pid in
 		printProcessReport(out, rep)
 	}
 	if rep.Aborted {
+		if rep.PID == 0 {
+			return fmt.Errorf("nothing moved: %s", rep.Error) // no process was found
+		}
 		return fmt.Errorf("process %d stayed here: %s", rep.PID, rep.Error)
 	}
 	return nil
@@ -90,6 +93,10 @@ func migrateProcess(cmd *cobra.Command, sock string, output outputFormat, pid in
 
 func printProcessReport(w io.Writer, rep *admin.ProcessReport) {
 	if rep.Aborted {
+		if rep.PID == 0 {
+			fmt.Fprintf(w, "no process moved: %s\n", rep.Error)
+			return
+		}
 		fmt.Fprintf(w, "process %d (%s) stayed here, with its %d connection(s): %s\n", rep.PID, rep.Command, rep.Conns, rep.Error)
 		return
 	}
