@@ -19,7 +19,12 @@ import (
 func (d *Daemon) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		s := admin.Status{Name: d.cfg.Name, Role: d.cfg.Role, Steering: d.cfg.Steering, Peers: d.peerStatus()}
+		// Lists are [] rather than null when empty (a gateway has no
+		// services), for scripts reading -o json.
+		s := admin.Status{Name: d.cfg.Name, Role: d.cfg.Role, Steering: d.cfg.Steering, Peers: d.peerStatus(), Services: []string{}}
+		if s.Peers == nil {
+			s.Peers = []admin.PeerStatus{}
+		}
 		s.Conns = d.numConns()
 		if d.apps != nil {
 			s.Services = d.apps.Services()

@@ -98,7 +98,7 @@ func (c *Config) serverTLS() *tls.Config {
 			if len(cs.PeerCertificates) == 0 || identity(cs.PeerCertificates[0]) == "" {
 				return errors.New("client certificate names no peer for sure (its common name must be one of its DNS names, or it must have one DNS name and no common name)")
 			}
-			return nil
+			return memberUsages(cs.PeerCertificates[0])
 		},
 	}
 }
@@ -116,9 +116,21 @@ func (c *Config) clientTLS(peerName string) *tls.Config {
 			if cs.NegotiatedProtocol != alpn {
 				return fmt.Errorf("server does not speak %s (ALPN): it is not an mtcp peer", alpn)
 			}
-			return nil
+			return memberUsages(cs.PeerCertificates[0])
 		},
 	}
+}
+
+// memberUsages checks that a member's certificate says, in so many
+// words, that it serves as both server and client: x509 verification
+// takes a certificate without extended key usages, or with "any", for
+// both, which mtcp's own certificates and the documented openssl steps
+// never make.
+func memberUsages(cert *x509.Certificate) error {
+	if !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageServerAuth) || !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
+		return fmt.Errorf("certificate of %q does not list both extended key usages serverAuth and clientAuth (a member is both)", cert.Subject.CommonName)
+	}
+	return nil
 }
 
 // identity is the pool member a verified certificate names, or "" if it
@@ -182,6 +194,9 @@ func (f TLSFiles) Config(name string) (*Config, error) {
 	leaf, err := verifyOwn(cert, roots)
 	if err != nil {
 		return nil, fmt.Errorf("certificate %s is not valid for the pool whose CA is %s: %w (issue a new one: mtcpctl certs issue)", f.Cert, f.CA, err)
+	}
+	if err := memberUsages(leaf); err != nil {
+		return nil, fmt.Errorf("certificate %s: %w (issue one: mtcpctl certs issue)", f.Cert, err)
 	}
 	id := identity(leaf)
 	switch {

@@ -85,6 +85,13 @@ func TestRefused(t *testing.T) {
 		wantErr:   []string{"bad certificate"},
 		serverLog: []string{"refused connection", "names no peer for sure"},
 	}, {
+		// x509 takes a certificate without extended key usages for any
+		// use; a member's must say it is a client and a server.
+		name:      "client certificate without extended key usages",
+		raw:       forceCert(poolRoots, testCert(t, pool, "c1", "c1", nil)),
+		wantErr:   []string{"bad certificate"},
+		serverLog: []string{"refused connection", "does not list both extended key usages"},
+	}, {
 		name:    "server certificate from another CA",
 		server:  withRoots(memberConfig(t, evil, "s1"), pool),
 		client:  memberConfig(t, pool, "c1"),
@@ -233,6 +240,13 @@ func forceCert(roots *x509.CertPool, cert tls.Certificate) *tls.Config {
 // DNS name dns, as an operator might sign from a crafted request.
 func crossNamedCert(t *testing.T, ca *CA, cn, dns string) tls.Certificate {
 	t.Helper()
+	return testCert(t, ca, cn, dns, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth})
+}
+
+// testCert is a certificate of ca with common name cn, the one DNS name
+// dns and the extended key usages eku.
+func testCert(t *testing.T, ca *CA, cn, dns string, eku []x509.ExtKeyUsage) tls.Certificate {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -242,7 +256,7 @@ func crossNamedCert(t *testing.T, ca *CA, cn, dns string) tls.Certificate {
 		Subject:      pkix.Name{CommonName: cn},
 		NotBefore:    time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage: eku,
 		DNSNames:    []string{dns},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
