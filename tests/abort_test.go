@@ -480,6 +480,19 @@ func poolTrust(t *testing.T, p *pool.Pool, name string, ip netip.Addr) (*x509.Ce
 	return roots, &peer.Config{Name: name, Certificate: cert, Roots: roots}
 }
 
+// dialAsTester connects from s3's namespace to h's peer port as a member
+// with cfg (poolTrust), closing the client at the test's end.
+func dialAsTester(t *testing.T, bed *testbed.Bed, h *testbed.Host, cfg *peer.Config) *peer.Client {
+	t.Helper()
+	var c *peer.Client
+	in(t, bed.S3, func() (err error) {
+		c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(h.Ctl4, abortPeerPort).String(), h.Name, cfg)
+		return err
+	})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // sampleState is a well-formed encoded state for the flow of s, as a
 // member that captured it would send: valid for repair.Decode, made up
 // rather than captured (the real socket stays untouched on s1).
@@ -709,12 +722,7 @@ func TestRefuseGarbledState(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{})
 	s := newAbortSession(t, p, bed, false)
 	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
-	var c *peer.Client
-	in(t, bed.S3, func() (err error) {
-		c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S2.Ctl4, abortPeerPort).String(), "s2", cfg)
-		return err
-	})
-	defer c.Close()
+	c := dialAsTester(t, bed, bed.S2, cfg)
 
 	valid := sampleState(t, s)
 	random := make([]byte, len(valid))
@@ -835,17 +843,9 @@ func TestOrphansExpire(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{Env: env})
 	s := newAbortSession(t, p, bed, false)
 	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
-	dial := func(h *testbed.Host) *peer.Client {
-		var c *peer.Client
-		in(t, bed.S3, func() (err error) {
-			c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(h.Ctl4, abortPeerPort).String(), h.Name, cfg)
-			return err
-		})
-		return c
-	}
 	flow := peer.FlowID{Client: s.client, Service: s.service}
 
-	c2 := dial(bed.S2)
+	c2 := dialAsTester(t, bed, bed.S2, cfg)
 	tx := uint64(0x0f0f_0000_0000_0000) + uint64(time.Now().UnixNano()&0xffff)<<16
 	if rep, err := c2.Prepare(abortCtx(t, 5*time.Second), &peer.PrepareRequest{TxID: tx, Service: ":7000", Count: 1}); err != nil || !rep.OK {
 		t.Fatalf("Prepare: %+v, %v", rep, err)
@@ -860,7 +860,7 @@ func TestOrphansExpire(t *testing.T) {
 	}
 	c2.Close()
 
-	c1 := dial(bed.S1)
+	c1 := dialAsTester(t, bed, bed.S1, cfg)
 	if err := c1.Steer(abortCtx(t, 5*time.Second), &peer.SteerRequest{Op: peer.SteerHold, Flows: []peer.FlowID{flow}}); err != nil {
 		t.Fatalf("Steer hold: %v", err)
 	}
@@ -891,12 +891,7 @@ func TestRefuseBadItems(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{})
 	s := newAbortSession(t, p, bed, false)
 	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
-	var c *peer.Client
-	in(t, bed.S3, func() (err error) {
-		c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S2.Ctl4, abortPeerPort).String(), "s2", cfg)
-		return err
-	})
-	defer c.Close()
+	c := dialAsTester(t, bed, bed.S2, cfg)
 	state := sampleState(t, s)
 	snap := []byte(`{"data":{"colour":"red"},"count":1}`)
 	flow := peer.FlowID{Client: s.client, Service: s.service}
@@ -939,12 +934,7 @@ func TestRefuseBadItems(t *testing.T) {
 		t.Fatalf("Abort: %v", err)
 	}
 	// The steering point switches flows only to the pool's members.
-	var c1 *peer.Client
-	in(t, bed.S3, func() (err error) {
-		c1, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S1.Ctl4, abortPeerPort).String(), "s1", cfg)
-		return err
-	})
-	defer c1.Close()
+	c1 := dialAsTester(t, bed, bed.S1, cfg)
 	err = c1.Steer(abortCtx(t, 5*time.Second), &peer.SteerRequest{Op: peer.SteerSwitch, Flows: []peer.FlowID{flow}, To: netip.MustParseAddr("10.77.2.1")})
 	if err == nil || !strings.Contains(err.Error(), "not a service address of the pool") {
 		t.Errorf("a switch to an address outside the pool: %v", err)

@@ -123,12 +123,7 @@ func TestRestartRemembersMovedIn(t *testing.T) {
 			}
 		}
 		p.Migrate(bed.S2, bed.S3, c)
-		if got := s.do("HOST"); got != "s3" {
-			t.Fatalf("HOST after the move from the restarted s2: %q", got)
-		}
-		if got := s.do("GET k"); got != "v" {
-			t.Fatalf("GET k after the move from the restarted s2: %q", got)
-		}
+		s.expectOn("s3", "v")
 	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
@@ -153,12 +148,7 @@ func TestAddrSpecificServices(t *testing.T) {
 	}
 	waitServed(t, p, bed.S1, c)
 	p.Migrate(bed.S1, bed.S2, c)
-	if got := s.do("HOST"); got != "s2" {
-		t.Fatalf("HOST after the move: %q", got)
-	}
-	if got := s.do("GET k"); got != "v" {
-		t.Fatalf("GET k after the move: %q", got)
-	}
+	s.expectOn("s2", "v")
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
@@ -193,9 +183,7 @@ func TestSecondDaemonRefused(t *testing.T) {
 	s.do("SET k v")
 	waitServed(t, p, bed.S1, c)
 	p.Migrate(bed.S1, bed.S2, c)
-	if got := s.do("GET k"); got != "v" {
-		t.Fatalf("GET k after a move: %q", got)
-	}
+	s.expectOn("s2", "v")
 }
 
 // TestAdminDrain drains s1 to s2 through the admin API (`mtcpctl drain`),
@@ -248,5 +236,17 @@ func TestAdminDrain(t *testing.T) {
 	})
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// expectOn checks that host serves the session now and that its key k
+// still holds v.
+func (s *kv) expectOn(host, v string) {
+	s.t.Helper()
+	if got := s.do("HOST"); got != host {
+		s.t.Fatalf("HOST after the move: %q, want %s", got, host)
+	}
+	if got := s.do("GET k"); got != v {
+		s.t.Fatalf("GET k after the move: %q, want %q", got, v)
 	}
 }
