@@ -50,6 +50,11 @@ type Daemon struct {
 	// remoteHolds are the holds peers asked this steering point for
 	// (expire.go).
 	remoteHolds map[migrate.Flow]remoteHold
+
+	// movedFile, with gateway steering, is where moved is written down
+	// (movedfile.go); movedDirty says it changed.
+	movedFile  string
+	movedDirty chan struct{}
 	// blanks are sockets made ahead of restores, by family.
 	blanks map[bool][]*repair.Blank
 	// blankWant is how many blanks of each family the goroutine making
@@ -77,6 +82,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{},
 		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
+	d.movedFile, d.movedDirty = movedPath(cfg), make(chan struct{}, 1)
 	var err error
 	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
@@ -180,6 +186,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		orphanAfter = OrphanTimeout
 	}
 	serve("expiry", func() error { d.expire(ctx, orphanAfter); return nil })
+	if d.movedFile != "" {
+		serve("moved-in file", func() error { d.saveMoved(ctx); return nil })
+	}
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
 	serve("policy", func() error { d.runPolicy(ctx); return nil })
 	if d.apps != nil {
@@ -270,8 +279,16 @@ func (d *Daemon) reconcile() error {
 		d.adopted[t] = true
 	}
 	d.mu.Unlock()
-	if len(in) > 0 {
-		d.log.Info("found connections that migrated in before a restart", "conns", len(in))
+	n := len(in)
+	if d.movedFile != "" {
+		m, lerr := d.loadMoved(live)
+		if lerr != nil {
+			d.log.Warn("cannot read back the connections that migrated in before a restart", "file", d.movedFile, "err", lerr)
+		}
+		n += m
+	}
+	if n > 0 {
+		d.log.Info("found connections that migrated in before a restart", "conns", n)
 	}
 	return err
 }

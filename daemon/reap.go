@@ -89,6 +89,7 @@ func (d *Daemon) reap(ctx context.Context) {
 				continue // being migrated away right now
 			}
 			delete(d.moved, tu)
+			d.movedChanged()
 			delete(d.adopted, tu)
 			ended = append(ended, f)
 			if tu.Local != f.Service {

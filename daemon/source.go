@@ -309,6 +309,7 @@ func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	for _, o := range outs {
 		_, movedIn := d.moved[o.tuple]
 		delete(d.moved, o.tuple)
+		d.movedChanged()
 		delete(d.adopted, o.tuple)
 		if (movedIn && o.tuple.Local.Addr() != o.flow.Service.Addr()) || d.cfg.Steering == "gateway" {
 			rm = append(rm, o)

@@ -290,6 +290,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		for k, i := range idx {
 			socks[k], snaps[k] = files[i], in.items[i].snap
 			d.moved[in.items[i].tuple()] = in.items[i].flow
+			d.movedChanged()
 		}
 		d.mu.Unlock()
 		errs := d.apps.ImportMany(ctx, svc, socks, snaps)
@@ -301,6 +302,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 				// closed with nobody serving it (the client sees the
 				// connection end).
 				delete(d.moved, t)
+				d.movedChanged()
 				results[i] = peer.ItemResult{Error: errs[k].Error()}
 				d.log.Error("commit failed", "flow", in.items[i].flow, "err", errs[k])
 				continue

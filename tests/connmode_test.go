@@ -98,11 +98,19 @@ func TestEndedFlowRulesGo(t *testing.T) {
 
 // TestRestartRemembersMovedIn: mtcpd restarted on a host that received
 // a connection still knows the address the client dialled (from its
-// reply rewrite), lists the connection with it, and moves it on intact.
+// reply rewrite with forward steering, from the file it keeps with
+// gateway steering), lists the connection with it, and moves it on
+// intact.
 func TestRestartRemembersMovedIn(t *testing.T) {
+	for _, steering := range []string{"forward", "gateway"} {
+		t.Run(steering, func(t *testing.T) { restartRemembersMovedIn(t, steering) })
+	}
+}
+
+func restartRemembersMovedIn(t *testing.T, steering string) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := pool.Start(t, bed, pool.Options{})
+	p := pool.Start(t, bed, pool.Options{Steering: steering})
 	for _, v6 := range []bool{false, true} {
 		c := p.Dial(bed.S1, v6)
 		s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
