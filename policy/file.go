@@ -370,8 +370,21 @@ func pathString(path []any) string {
 // lineOf finds the line of the node at path, or of its deepest ancestor
 // present in the file (a missing key is reported where it should be).
 func lineOf(n *yaml.Node, path []any) int {
+	_, line := walk(n, path)
+	return line
+}
+
+// nodeAt returns the node at path, or nil.
+func nodeAt(n *yaml.Node, path []any) *yaml.Node {
+	found, _ := walk(n, path)
+	return found
+}
+
+// walk follows path from n: the node there (nil if it is missing) and the
+// line of the deepest node found on the way.
+func walk(n *yaml.Node, path []any) (*yaml.Node, int) {
 	if n == nil {
-		return 0
+		return nil, 0
 	}
 	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
 		n = n.Content[0]
@@ -395,11 +408,11 @@ func lineOf(n *yaml.Node, path []any) int {
 			}
 		}
 		if next == nil {
-			return line
+			return nil, line
 		}
 		n, line = next, next.Line
 	}
-	return line
+	return n, line
 }
 
 func key(path ...any) []any { return path }
@@ -596,6 +609,14 @@ func (t *Threshold) validate(ps *problems, at []any, frac bool) {
 	}
 	if frac && *level > 1 {
 		ps.add(sub(key), "%v: this is a fraction from 0 to 1 (or a percentage: 80%%)", float64(*level))
+	}
+	if !frac {
+		// A percentage reads as a fraction: 80% of a count is 0.8.
+		for _, k := range []string{"above", "below", "clear"} {
+			if n := nodeAt(ps.root, sub(k)); n != nil && strings.HasSuffix(strings.TrimSpace(n.Value), "%") {
+				ps.add(sub(k), "%s: this metric is a count or a measure, not a fraction: give a number", n.Value)
+			}
+		}
 	}
 	if t.Clear != nil {
 		switch c := float64(*t.Clear); {

@@ -31,6 +31,7 @@ func TestParseErrors(t *testing.T) {
 		{"negative clear", "rules:\n  - name: a\n    when:\n      cpu: {above: 0.8, clear: -0.5}\n", []string{"line 4: rules[0].when.cpu.clear: -0.5 is out of the metric's range"}},
 		{"clear over one", "rules:\n  - name: a\n    when:\n      memory: {below: 0.2, clear: 1.5}\n", []string{"line 4: rules[0].when.memory.clear: 1.5 is out of the metric's range"}},
 		{"margin of a fraction over one", "rules:\n  - name: a\n    when: {cpu: {above: 0.5}}\n    migrate: {by: cpu, margin: 7}\n", []string{"rules[0].migrate.margin: 7: cpu is a fraction"}},
+		{"percentage of a count", "rules:\n  - name: a\n    when: {run_queue: {above: 80%}}\n", []string{"line 3: rules[0].when.run_queue.above: 80%: this metric is a count"}},
 		{"all weights zero", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      to: weighted\n      weights: {s2: 0, s3: 0}\n", []string{"rules[0].migrate.weights: every weight is 0"}},
 		{"fraction out of range", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      fraction: 1.5\n", []string{"line 5: rules[0].migrate.fraction: 1.5"}},
 		{"count and fraction", "rules:\n  - name: a\n    when: {conns: {above: 5}}\n    migrate:\n      count: 2\n      fraction: 0.5\n", []string{"line 5: rules[0].migrate: give count or fraction"}},
