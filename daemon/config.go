@@ -118,7 +118,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		return nil, errors.New(inTypeRE.ReplaceAllString(err.Error(), " (unknown key)"))
 	}
 	var more yaml.Node
-	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) && !emptyDocument(&more) {
 		return nil, fmt.Errorf("line %d: a second YAML document (---): the configuration is one document", more.Line)
 	}
 	if c.Role == "" {
@@ -215,6 +215,10 @@ func (c *Config) validate() error {
 		} else if err := checkHostPort(p.Addr); err != nil {
 			bad("peers[%d] (%s): addr: %v", i, p.Name, err)
 		}
+		if len(p.ServiceAddrs) == 0 && p.Name != c.Gateway {
+			// The steering point and the target check flows against them.
+			bad("peers[%d] (%s): service_addrs missing (the addresses its clients dial; every server of the pool lists every other's)", i, p.Name)
+		}
 		own(p.Name, p.ServiceAddrs)
 	}
 	if c.Steering == "gateway" && !names[c.Gateway] {
@@ -232,6 +236,16 @@ func (c *Config) validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// emptyDocument reports whether n is a document with nothing in it (a
+// trailing "---", perhaps with comments).
+func emptyDocument(n *yaml.Node) bool {
+	if n.Kind == yaml.DocumentNode && len(n.Content) == 1 {
+		n = n.Content[0]
+	}
+	return n.Kind == 0 || n.Kind == yaml.DocumentNode && len(n.Content) == 0 ||
+		n.Kind == yaml.ScalarNode && n.Tag == "!!null" && n.Value == ""
 }
 
 // inTypeRE matches the Go type in the YAML decoder's unknown-key errors.

@@ -27,6 +27,11 @@ func TestParseConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, tail := range []string{"---\n", "---\n# nothing more\n", "...\n"} {
+		if _, err := ParseConfig([]byte(goodConfig + tail)); err != nil {
+			t.Errorf("a trailing %q: %v", tail, err)
+		}
+	}
 	if c.Steering != "forward" || c.AdminSocket != DefaultAdminSocket || c.NFQueue != DefaultNFQueue || c.Role != "server" || c.ProcessPages != "lazy" {
 		t.Fatalf("defaults not applied: %+v", c)
 	}
@@ -49,6 +54,7 @@ func TestParseConfig(t *testing.T) {
 		{"peer addr", strings.Replace(goodConfig, "addr: 10.77.3.12:7700", "addr: nowhere", 1), "peers[0] (s2): addr"},
 		{"table name", goodConfig + "table: \"bad table\"\n", "table: nat: table name"},
 		{"two IPv4 service addresses", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11, 10.77.2.21,", 1), "two service addresses of one family"},
+		{"a peer without service addresses", strings.Replace(goodConfig, "    service_addrs: [10.77.2.12]\n", "", 1), "peers[0] (s2): service_addrs missing"},
 		{"a peer's service address", strings.Replace(goodConfig, "service_addrs: [10.77.2.12]", "service_addrs: [10.77.2.11]", 1), "service address 10.77.2.11 is s1's too"},
 	} {
 		if tc.want == "" {

@@ -99,12 +99,22 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// listeners and the queue. Another mtcpd started by mistake with the
 	// same configuration then stops here, before it touches the nftables
 	// table, the holds or the application socket of the one running.
+	if cfg.Role == "server" {
+		// Before the admin socket, which would make a shared directory
+		// root-only: an application may run as the app socket's owner.
+		if err := os.MkdirAll(filepath.Dir(cfg.AppSocket), 0o755); err != nil {
+			return fmt.Errorf("mtcpd: app socket: %w", err)
+		}
+	}
+	orphanAfter, err := faultDuration("orphan-after")
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
 	adm, err := admin.Listen(cfg.AdminSocket)
 	if err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
-	defer os.Remove(cfg.AdminSocket)
-	defer adm.Close()
+	defer adm.Close() // removes the socket file too
 	pln, err := net.Listen("tcp", cfg.PeerListen)
 	if err != nil {
 		return fmt.Errorf("mtcpd: peer listener: %w", err)
@@ -126,8 +136,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		if aln, err = listenApps(cfg.AppSocket); err != nil {
 			return fmt.Errorf("mtcpd: %w", err)
 		}
-		defer os.Remove(cfg.AppSocket)
-		defer aln.Close()
+		defer aln.Close() // removes the socket file too
 	}
 
 	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
@@ -177,13 +186,6 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		ms := &http.Server{Handler: metricsHandler()}
 		serve("metrics", func() error { return ms.Serve(mln) })
 		go func() { <-ctx.Done(); ms.Close() }()
-	}
-	orphanAfter, err := faultDuration("orphan-after")
-	if err != nil {
-		return fmt.Errorf("mtcpd: %w", err)
-	}
-	if orphanAfter == 0 {
-		orphanAfter = OrphanTimeout
 	}
 	serve("expiry", func() error { d.expire(ctx, orphanAfter); return nil })
 	if d.movedFile != "" {
@@ -272,11 +274,12 @@ func (d *Daemon) reconcile() error {
 		}
 		return true
 	})
+	// Not adopted yet: the reaper marks each one once its application
+	// reports it (a process migration's sockets also have reply
+	// rewrites, but no application).
 	d.mu.Lock()
 	for _, e := range in {
-		t := replyTuple(e)
-		d.moved[t] = migrate.Flow{Client: e.Flow.Client, Service: e.Flow.Service}
-		d.adopted[t] = true
+		d.moved[replyTuple(e)] = migrate.Flow{Client: e.Flow.Client, Service: e.Flow.Service}
 	}
 	d.mu.Unlock()
 	n := len(in)

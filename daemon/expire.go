@@ -9,15 +9,20 @@ import (
 	"github.com/mtcp-dev/mtcp/peer"
 )
 
-// OrphanTimeout is how long this daemon keeps what another daemon's
-// transaction left here without ending it: a transfer restored here but
-// neither committed nor aborted, a hold asked for but neither switched
-// nor lifted. A source that dies in between never ends them; its own
-// deadlines end a live transaction within seconds. An expired transfer's
-// sockets are thrown away (still in repair mode: the client sees nothing)
-// and an expired hold is lifted, its queued packets sent on where they
-// were going.
+// OrphanTimeout is how long this daemon keeps a transfer another
+// daemon's transaction restored here without committing or aborting it.
+// A source that dies in between never ends it; its own deadlines end a
+// live connection-mode transaction within seconds. An expired transfer's
+// sockets are thrown away (still in repair mode; if the flow was switched
+// here already, its connection was lost with its source anyway).
 const OrphanTimeout = time.Minute
+
+// HoldOrphanTimeout is how long a steering point keeps a hold another
+// daemon asked for without switching or lifting it: longer than a
+// process migration may take (the target gives one two minutes), which
+// holds its flows from before the dump to after the restore. An expired
+// hold is lifted, its queued packets sent on where they were going.
+const HoldOrphanTimeout = 5 * time.Minute
 
 // remoteHold is a hold another daemon asked this steering point for.
 type remoteHold struct {
@@ -25,18 +30,23 @@ type remoteHold struct {
 	at   time.Time
 }
 
-// expire ends orphaned transactions every tenth of after, until ctx is
-// done.
+// expire ends orphaned transactions until ctx is done: transfers after
+// OrphanTimeout and holds after HoldOrphanTimeout, or both after the
+// MTCP_FAULT orphan-after duration if set (tests).
 func (d *Daemon) expire(ctx context.Context, after time.Duration) {
-	t := time.NewTicker(max(after/10, 100*time.Millisecond))
+	transfers, holds := OrphanTimeout, HoldOrphanTimeout
+	if after > 0 {
+		transfers, holds = after, after
+	}
+	t := time.NewTicker(max(transfers/10, 100*time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			d.expireTransfers(now.Add(-after))
-			d.expireHolds(now.Add(-after))
+			d.expireTransfers(now.Add(-transfers))
+			d.expireHolds(now.Add(-holds))
 		}
 	}
 }

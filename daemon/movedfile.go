@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/app"
@@ -20,8 +19,10 @@ import (
 // admin socket (under /run: a reboot forgets it with the connections),
 // and a restarted daemon reads it back for the connections still there.
 
-// movedFileName is the file's name, in the admin socket's directory.
-const movedFileName = "moved-in.json"
+// movedFileSuffix ends the file's name, which is the admin socket's with
+// it, in the same directory (daemons sharing a directory keep theirs
+// apart).
+const movedFileSuffix = ".moved-in.json"
 
 // movedEntry is one connection of the file.
 type movedEntry struct {
@@ -100,13 +101,15 @@ func (d *Daemon) loadMoved(live map[app.Tuple]bool) (int, error) {
 	}
 	n := 0
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	for _, e := range in {
 		if live[e.Tuple] {
-			d.moved[e.Tuple] = e.Flow
-			d.adopted[e.Tuple] = true
+			d.moved[e.Tuple] = e.Flow // adopted once reported (reap)
 			n++
 		}
+	}
+	d.mu.Unlock()
+	if n < len(in) {
+		d.movedChanged() // write the dead ones out
 	}
 	return n, nil
 }
@@ -118,5 +121,5 @@ func movedPath(cfg *Config) string {
 	if cfg.Steering != "gateway" || cfg.Role != "server" {
 		return ""
 	}
-	return filepath.Join(filepath.Dir(cfg.AdminSocket), movedFileName)
+	return cfg.AdminSocket + movedFileSuffix
 }

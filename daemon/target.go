@@ -302,6 +302,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 				// closed with nobody serving it (the client sees the
 				// connection end).
 				delete(d.moved, t)
+				delete(d.adopted, t)
 				d.movedChanged()
 				results[i] = peer.ItemResult{Error: errs[k].Error()}
 				d.log.Error("commit failed", "flow", in.items[i].flow, "err", errs[k])
