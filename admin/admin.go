@@ -111,23 +111,35 @@ func Listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("admin socket: %s exists and is not a socket", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("admin socket: %s is in use (is another mtcpd running?)", path)
-		}
-		os.Remove(path)
-	}
-	ln, err := net.Listen("unix", path)
+	ln, err := ListenFresh(path, "admin socket")
 	if err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
+		return nil, err
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	return ln, nil
+}
+
+// ListenFresh listens on a unix socket at path, in an existing
+// directory, replacing a socket file an earlier run left but not one a
+// process still answers on (another mtcpd); what names the socket in
+// errors ("admin socket").
+func ListenFresh(path, what string) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s: %s exists and is not a socket", what, path)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %s is in use (is another mtcpd running?)", what, path)
+		}
+		os.Remove(path)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return ln, nil
 }

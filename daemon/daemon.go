@@ -133,7 +133,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	defer d.q.Close()
 	var aln *net.UnixListener
 	if cfg.Role == "server" {
-		if aln, err = listenApps(cfg.AppSocket); err != nil {
+		if aln, err = admin.ListenFresh(cfg.AppSocket, "app socket"); err != nil {
 			return fmt.Errorf("mtcpd: %w", err)
 		}
 		defer aln.Close() // removes the socket file too
@@ -218,29 +218,6 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// listenApps listens on the application socket at path, replacing a
-// stale socket file but not one a running daemon answers on.
-func listenApps(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("app socket: %w", err)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("app socket: %s exists and is not a socket", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("app socket: %s is in use (is another mtcpd running?)", path)
-		}
-		os.Remove(path)
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("app socket: %w", err)
-	}
-	return ln, nil
 }
 
 // reconcile clears what a previous run may have left: holds (nothing is

@@ -271,14 +271,14 @@ func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 	if err != nil {
 		return err
 	}
+	if len(r.Results) > len(flows) {
+		return fmt.Errorf("the target answered %d results for %d flows", len(r.Results), len(flows))
+	}
 	fe := migrate.FlowErrors{}
 	for i, err := range resultErrors(r.Results, len(flows)) {
 		if err != nil {
 			fe[flows[i]] = err
 		}
-	}
-	if len(r.Results) > len(flows) {
-		return fmt.Errorf("the target answered %d results for %d flows", len(r.Results), len(flows))
 	}
 	if len(fe) > 0 {
 		return fe

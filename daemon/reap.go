@@ -42,18 +42,15 @@ func (d *Daemon) reap(ctx context.Context) {
 		// Most sweeps find every moved connection still served: skip the
 		// kernel's socket dump then (it costs seconds with 100k sockets).
 		d.mu.Lock()
-		for tu := range d.moved {
-			// Found again after a restart (reconcile): adopted once its
-			// application reports it.
-			if live[tu] && !d.adopted[tu] {
-				d.adopted[tu] = true
-			}
-		}
 		candidates := false
 		for tu := range d.moved {
-			if !live[tu] && d.adopted[tu] {
+			switch {
+			case live[tu] && !d.adopted[tu]:
+				// Found again after a restart (reconcile): adopted once
+				// its application reports it.
+				d.adopted[tu] = true
+			case !live[tu] && d.adopted[tu]:
 				candidates = true
-				break
 			}
 		}
 		if !candidates {

@@ -290,8 +290,8 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		for k, i := range idx {
 			socks[k], snaps[k] = files[i], in.items[i].snap
 			d.moved[in.items[i].tuple()] = in.items[i].flow
-			d.movedChanged()
 		}
+		d.movedChanged()
 		d.mu.Unlock()
 		errs := d.apps.ImportMany(ctx, svc, socks, snaps)
 		d.mu.Lock()
