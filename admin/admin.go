@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/mtcp-dev/mtcp/internal/ucred"
 )
 
 // Conn is one connection the daemon can migrate.
@@ -122,6 +124,40 @@ func Listen(path string) (net.Listener, error) {
 	return ln, nil
 }
 
+// NewServer returns the HTTP server of the admin API h, for a listener
+// from Listen: each connection is served only if the kernel says its
+// process runs as root (SO_PEERCRED), whatever the socket file's mode
+// (a directory shared with others, a permissive umask while the socket
+// is made); others get 403 and ErrDenied. Its requests' contexts derive
+// from ctx.
+func NewServer(ctx context.Context, h http.Handler) *http.Server {
+	return &http.Server{
+		BaseContext: func(net.Listener) context.Context { return ctx },
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			uc, ok := c.(*net.UnixConn)
+			if !ok {
+				return context.WithValue(ctx, peerKey{}, errors.New("not a unix socket connection"))
+			}
+			_, uid, err := ucred.Peer(uc)
+			if err == nil && uid != 0 {
+				err = fmt.Errorf("uid %d is not root", uid)
+			}
+			return context.WithValue(ctx, peerKey{}, err)
+		},
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if err, _ := r.Context().Value(peerKey{}).(error); err != nil {
+				WriteError(w, http.StatusForbidden, fmt.Errorf("mtcpd serves root only: %w", err))
+				return
+			}
+			h.ServeHTTP(w, r)
+		}),
+	}
+}
+
+// peerKey keys the result of NewServer's check of a connection's peer
+// in its requests' contexts: nil if it is root.
+type peerKey struct{}
+
 // ListenFresh listens on a unix socket at path, in an existing
 // directory, replacing a socket file an earlier run left but not one a
 // process still answers on (another mtcpd); what names the socket in
@@ -224,6 +260,9 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 		var e errorBody
 		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
 			e.Error = resp.Status
+		}
+		if resp.StatusCode == http.StatusForbidden {
+			return nil, fmt.Errorf("%s: %w (%s)", c.path, ErrDenied, e.Error)
 		}
 		return nil, errors.New(e.Error)
 	}

@@ -5,6 +5,8 @@
 //
 // The API is HTTP/1.1 with JSON bodies on a unix socket. The socket file is
 // created mode 0600 in a directory of mode 0700, both owned by the daemon's
-// user (root), so only root can connect. Tests run the server and client on
-// a temporary socket without privileges.
+// user (root), so only root can connect; and the server ([NewServer])
+// serves a connection only if the kernel says its process runs as root
+// (SO_PEERCRED), whatever the file's mode. Tests without privileges run a
+// handler and the client on a temporary socket.
 package admin

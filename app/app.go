@@ -4,13 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/mtcp-dev/mtcp/repair"
 	"log/slog"
 	"net"
 	"os"
 	"runtime/debug"
 	"sync"
 	"time"
+
+	"github.com/mtcp-dev/mtcp/internal/ucred"
+	"github.com/mtcp-dev/mtcp/repair"
 )
 
 // DefaultDaemonSocket is where mtcpd listens for applications unless its
@@ -235,7 +237,7 @@ func (s *server) connect(ctx context.Context) error {
 	uc := nc.(*net.UnixConn)
 	// The daemon gets this process's connections: make sure it is root
 	// (or ourselves), not whoever managed to create a socket there.
-	if _, uid, err := peerCred(uc); err == nil && uid != 0 && int(uid) != os.Geteuid() {
+	if _, uid, err := ucred.Peer(uc); err == nil && uid != 0 && int(uid) != os.Geteuid() {
 		uc.Close()
 		return fmt.Errorf("refusing the daemon at %s: it runs as uid %d, not root: %w", s.cfg.Daemon, uid, ErrPeerRefused)
 	}

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/mtcp-dev/mtcp/internal/ucred"
 )
 
 // registerTimeout bounds how long a new application connection may take
@@ -78,7 +80,7 @@ type appConn struct {
 func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 	allow := r.allowUID
 	if allow == nil {
-		owner, ok := fileOwner(ln.Addr().String())
+		owner, ok := ucred.FileOwner(ln.Addr().String())
 		if !ok {
 			owner = uint32(os.Geteuid())
 		}
@@ -115,7 +117,7 @@ func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 			continue
 		}
 		wait = 0
-		pid, uid, err := peerCred(uc)
+		pid, uid, err := ucred.Peer(uc)
 		if err == nil && !allow(uid) {
 			err = fmt.Errorf("%w: uid %d (pid %d) may not connect; only root and the socket's owner may", ErrPeerRefused, uid, pid)
 		}

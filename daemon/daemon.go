@@ -180,7 +180,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		serve("app registry", func() error { return d.apps.Serve(ctx, aln) })
 	}
 
-	hs := &http.Server{Handler: d.adminHandler(), BaseContext: func(net.Listener) context.Context { return ctx }}
+	hs := admin.NewServer(ctx, d.adminHandler())
 	serve("admin", func() error { return hs.Serve(adm) })
 	if mln != nil {
 		ms := &http.Server{Handler: metricsHandler()}

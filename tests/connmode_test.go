@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -169,6 +171,24 @@ func TestAddrSpecificServices(t *testing.T) {
 func TestSecondDaemonRefused(t *testing.T) {
 	bed := testbed.ForTest(t)
 	p := pool.Start(t, bed, pool.Options{})
+	if !bed.S1.Remote() {
+		// The sockets' directory, which mtcpd made (as /run/mtcp): open
+		// to an application running as the application socket's owner,
+		// while the admin socket in it is root's alone.
+		dir := p.SocketDir(bed.S1)
+		for _, f := range []struct {
+			path string
+			want os.FileMode
+		}{{dir, os.ModeDir | 0o755}, {filepath.Join(dir, "admin.sock"), os.ModeSocket | 0o600}} {
+			fi, err := os.Stat(f.path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Mode() != f.want {
+				t.Fatalf("%s: mode %v, want %v", f.path, fi.Mode(), f.want)
+			}
+		}
+	}
 	table := func() string {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

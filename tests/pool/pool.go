@@ -178,6 +178,10 @@ func (p *Pool) hostDir(h *testbed.Host) string {
 	return filepath.Join(p.dir, h.Name)
 }
 
+// SocketDir is the directory of h's mtcpd admin and application sockets,
+// which mtcpd makes itself, as it makes /run/mtcp.
+func (p *Pool) SocketDir(h *testbed.Host) string { return filepath.Join(p.hostDir(h), "run") }
+
 // writeFile writes a file on h, failing the test on error.
 func (p *Pool) writeFile(h *testbed.Host, path string, data []byte, perm os.FileMode) {
 	p.t.Helper()
@@ -192,7 +196,7 @@ func (p *Pool) writeFile(h *testbed.Host, path string, data []byte, perm os.File
 // local socket that ssh forwards to it, made on first use and closed at
 // the test's cleanup).
 func (p *Pool) Admin(h *testbed.Host) *admin.Client {
-	path := filepath.Join(p.hostDir(h), "admin.sock")
+	path := filepath.Join(p.SocketDir(h), "admin.sock")
 	if !h.Remote() {
 		return admin.NewClient(path)
 	}
@@ -279,7 +283,7 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 	}
 	fmt.Fprintf(&b, "peer_listen: %s\n", netip.AddrPortFrom(ctlAddr(h), peerPort))
 	fmt.Fprintf(&b, "tls: {ca: %s, cert: %s, key: %s}\n", filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
-	fmt.Fprintf(&b, "admin_socket: %s\napp_socket: %s\n", filepath.Join(dir, "admin.sock"), filepath.Join(dir, "app.sock"))
+	fmt.Fprintf(&b, "admin_socket: %s\napp_socket: %s\n", filepath.Join(p.SocketDir(h), "admin.sock"), filepath.Join(p.SocketDir(h), "app.sock"))
 	b.WriteString("peers:\n")
 	for _, m := range members {
 		if m == h {
@@ -304,7 +308,7 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 // on h, listening on listen (":7001", "10.77.2.11:7001") and registered
 // with h's mtcpd as that service; name names it in the log.
 func (p *Pool) StartApp(h *testbed.Host, name, listen string) {
-	p.Spawn(h, name, p.Bin(h, p.opts.App), "--listen", listen, "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name)
+	p.Spawn(h, name, p.Bin(h, p.opts.App), "--listen", listen, "--daemon", filepath.Join(p.SocketDir(h), "app.sock"), "--name", h.Name)
 	Eventually(p.t, 15*time.Second, h.Name+" to register "+listen, func() (bool, string) {
 		st, err := p.Admin(h).Status(context.Background())
 		if err != nil {
@@ -315,7 +319,7 @@ func (p *Pool) StartApp(h *testbed.Host, name, listen string) {
 }
 
 func (p *Pool) startApp(h *testbed.Host) {
-	args := append([]string{"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.hostDir(h), "app.sock"), "--name", h.Name}, p.opts.AppArgs...)
+	args := append([]string{"--listen", fmt.Sprintf(":%d", p.opts.Port), "--daemon", filepath.Join(p.SocketDir(h), "app.sock"), "--name", h.Name}, p.opts.AppArgs...)
 	p.Spawn(h, "app-"+h.Name, p.Bin(h, p.opts.App), args...)
 }
 

@@ -1,15 +1,18 @@
-package app
+package ucred
 
 import (
+	"errors"
 	"net"
 	"os"
 	"syscall"
 )
 
-// peerCred returns the pid and uid of the process at the other end of a
-// unix socket, as the kernel recorded them at connect(2) (SO_PEERCRED):
-// the peer cannot lie about them.
-func peerCred(uc *net.UnixConn) (pid int, uid uint32, err error) {
+// ErrUnsupported is returned where peer credentials do not exist.
+var ErrUnsupported = errors.New("peer credentials are only available on Linux")
+
+// Peer returns the pid and uid of the process at the other end of uc, as
+// they were when it connected.
+func Peer(uc *net.UnixConn) (pid int, uid uint32, err error) {
 	rc, err := uc.SyscallConn()
 	if err != nil {
 		return 0, 0, err
@@ -27,8 +30,8 @@ func peerCred(uc *net.UnixConn) (pid int, uid uint32, err error) {
 	return int(cred.Pid), cred.Uid, nil
 }
 
-// fileOwner returns the uid owning the file at path.
-func fileOwner(path string) (uint32, bool) {
+// FileOwner returns the uid owning the file at path.
+func FileOwner(path string) (uint32, bool) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return 0, false
