@@ -138,8 +138,11 @@ func clientInfo(tb testing.TB, bed *testbed.Bed, c *net.TCPConn) repair.TCPInfo 
 // client the largest gap between consecutive reads around each migration.
 // The baseline is the same measurement over the same time without a
 // migration, taken in the same run. Two streams: "paced" (mtcp-bulk
-// --rate 40 MB/s in 4 KiB writes, a steady stream that leaves the CPUs
-// mostly idle, so the gaps are the migration's) and "flat-out" (as fast
+// --rate 40 MB/s in 4 KiB writes, a steady stream whose baseline gap is
+// about the 0.1 ms between writes; the stream itself, client and server
+// with their veth and netfilter paths, takes about one of the testbed's
+// two CPUs, but a tenth of it, 4 MB/s in 400-byte writes, was measured to
+// pause as long) and "flat-out" (as fast
 // as the client reads, which keeps both cores busy with the stream
 // itself). Metrics: pause-p50-ms, pause-p99-ms, pause-max-ms,
 // baseline-p50-ms, baseline-p99-ms, the median of each transaction phase
