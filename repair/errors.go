@@ -19,6 +19,11 @@ var (
 	// ErrState: the connection is in a state that cannot be migrated (for
 	// example SYN_SENT or TIME_WAIT).
 	ErrState = errors.New("TCP state cannot be migrated")
+	// ErrUrgent: the connection received urgent (out-of-band, MSG_OOB)
+	// data the application has not read past. TCP_REPAIR cannot set an
+	// urgent mark, so the bytes from the mark on would be lost: the
+	// connection stays where it is.
+	ErrUrgent = errors.New("urgent (out-of-band) data is pending, which TCP_REPAIR cannot carry: the connection cannot move until the application has read past it")
 	// ErrMalformed: an encoded State is truncated, corrupted or
 	// inconsistent. Nothing was installed.
 	ErrMalformed = errors.New("malformed connection state")

@@ -738,6 +738,11 @@ func readQueue(fd int, q repairQueue) (uint32, []byte, error) {
 	if err != nil {
 		return 0, nil, fmt.Errorf("SIOCINQ: %w", err)
 	}
+	if q == queueRecv {
+		if inq, err = checkUrgent(fd, inq); err != nil {
+			return 0, nil, err
+		}
+	}
 	if inq == 0 {
 		return seq, nil, nil
 	}
@@ -751,12 +756,72 @@ func readQueue(fd int, q repairQueue) (uint32, []byte, error) {
 			return 0, nil, err
 		}
 		if again == seq {
+			if len(data) < inq {
+				return 0, nil, fmt.Errorf("receive queue: a peek gave %d of its %d bytes", len(data), inq)
+			}
 			return seq, data, nil
 		}
 		inq = len(data) + int(again-seq)
 		seq = again
 	}
 	return 0, nil, fmt.Errorf("receive queue keeps changing: the flow is not held while frozen")
+}
+
+// checkUrgent fails with ErrUrgent if the receive queue holds urgent
+// (out-of-band) data the application has not read past; inq is its
+// SIOCINQ. Reads and peeks stop at an urgent mark (with SO_OOBINLINE
+// too), while rcv_nxt is past it: the bytes from the mark on would be
+// lost, and repair has no way to set an urgent mark. Otherwise it returns
+// the queue's length, which may have grown meanwhile. With an empty queue
+// SIOCATMARK tells whether the application stands at a mark. With data
+// queued, SIOCINQ counts the whole queue with SO_OOBINLINE on and only
+// the bytes before a mark with it off: the option is switched for a
+// moment so as to read both, the whole first (data that arrives in
+// between can only make the second read larger, a mark only smaller),
+// and set back as the application had it.
+func checkUrgent(fd, inq int) (int, error) {
+	if inq == 0 {
+		at, err := unix.IoctlGetInt(fd, unix.SIOCATMARK)
+		if err != nil {
+			return 0, fmt.Errorf("SIOCATMARK: %w", err)
+		}
+		if at != 0 {
+			return 0, ErrUrgent
+		}
+		return 0, nil
+	}
+	inline, err := getInt(fd, unix.SOL_SOCKET, unix.SO_OOBINLINE)
+	if err != nil {
+		return 0, fmt.Errorf("getsockopt SO_OOBINLINE: %w", err)
+	}
+	read := func(on int) (n int, err error) {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_OOBINLINE, on); err != nil {
+			return 0, fmt.Errorf("setsockopt SO_OOBINLINE: %w", err)
+		}
+		n, err = unix.IoctlGetInt(fd, unix.SIOCINQ)
+		if serr := setInt(fd, unix.SOL_SOCKET, unix.SO_OOBINLINE, inline); serr != nil {
+			return 0, fmt.Errorf("setsockopt SO_OOBINLINE: %w", serr)
+		}
+		if err != nil {
+			return 0, fmt.Errorf("SIOCINQ: %w", err)
+		}
+		return n, nil
+	}
+	whole, beforeMark := inq, 0
+	if inline == 0 {
+		if whole, err = read(1); err == nil {
+			beforeMark, err = unix.IoctlGetInt(fd, unix.SIOCINQ)
+		}
+	} else {
+		beforeMark, err = read(0)
+	}
+	if err != nil {
+		return 0, err
+	}
+	if beforeMark < whole {
+		return 0, ErrUrgent
+	}
+	return beforeMark, nil
 }
 
 // readSendQueue returns the send queue, write_seq and how many queued
