@@ -24,7 +24,9 @@ import (
 //	  sendSeq u32, recvSeq u32, mss u32
 //	  options u8, sndWScale u8, rcvWScale u8, timestamp u32
 //	  window  5 × u32
-//	  sockopt flags u8 (1 nodelay, 2 cork, 4 keepalive)
+//	  sockopt flags u8 (1 nodelay, 2 cork, 4 keepalive, 8 rcvbuf lock,
+//	          16 sndbuf lock; builds before the locks refuse a state that
+//	          sets them, as malformed, which aborts the transfer)
 //	  keepIdle, keepIntvl, keepCnt, userTimeout u32
 //	  rcvBuf, sndBuf, notSentLowat u32, tos u8, mark u32, priority u32
 //	  congestion u8 length + bytes
@@ -51,7 +53,9 @@ const (
 	sockoptNoDelay   = 1
 	sockoptCork      = 2
 	sockoptKeepAlive = 4
-	knownSockopts    = sockoptNoDelay | sockoptCork | sockoptKeepAlive
+	sockoptRcvLock   = 8
+	sockoptSndLock   = 16
+	knownSockopts    = sockoptNoDelay | sockoptCork | sockoptKeepAlive | sockoptRcvLock | sockoptSndLock
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -113,6 +117,12 @@ func (st *State) AppendBinary(b []byte) ([]byte, error) {
 	}
 	if o.KeepAlive {
 		flags |= sockoptKeepAlive
+	}
+	if o.RcvBufLock {
+		flags |= sockoptRcvLock
+	}
+	if o.SndBufLock {
+		flags |= sockoptSndLock
 	}
 	b = append(b, flags)
 	for _, v := range [...]uint32{o.KeepIdle, o.KeepIntvl, o.KeepCnt, o.UserTimeout, o.RcvBuf, o.SndBuf, o.NotSentLowat} {
@@ -192,6 +202,8 @@ func Decode(b []byte) (*State, error) {
 	o.NoDelay = flags&sockoptNoDelay != 0
 	o.Cork = flags&sockoptCork != 0
 	o.KeepAlive = flags&sockoptKeepAlive != 0
+	o.RcvBufLock = flags&sockoptRcvLock != 0
+	o.SndBufLock = flags&sockoptSndLock != 0
 	o.KeepIdle, o.KeepIntvl, o.KeepCnt, o.UserTimeout = d.u32(), d.u32(), d.u32(), d.u32()
 	o.RcvBuf, o.SndBuf, o.NotSentLowat = d.u32(), d.u32(), d.u32()
 	o.TOS = d.u8()

@@ -28,7 +28,7 @@ func sampleState() *State {
 		Window:    Window{SndWL1: 1, SndWnd: 65535 << 7, MaxWindow: 65535 << 7, RcvWnd: 1 << 20, RcvWup: 12345},
 		Sockopts: Sockopts{NoDelay: true, KeepAlive: true, KeepIdle: 30, KeepIntvl: 5, KeepCnt: 3,
 			UserTimeout: 10000, Congestion: "cubic", RcvBuf: 131072, SndBuf: 16384, NotSentLowat: 4096,
-			TOS: 0x10, Mark: 7, Priority: 3},
+			RcvBufLock: true, TOS: 0x10, Mark: 7, Priority: 3},
 	}
 }
 

@@ -299,8 +299,8 @@ type Restored struct {
 	inj       *Injector // for the peer's FIN and a quiet socket's acknowledgement
 	ownInj    bool      // inj is this socket's own, closed with it
 	committed bool
-	quiet     bool     // marked QuietMark until Commit
-	bufs      [][2]int // buffer sizes to set back after commit
+	quiet     bool    // marked QuietMark until Commit
+	bufs      bufPlan // buffer sizes and locks to set back after commit
 	st        *State
 	local     netip.AddrPort
 	remote    netip.AddrPort

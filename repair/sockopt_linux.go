@@ -9,6 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -300,9 +304,10 @@ func setRepairOptions(fd int, st *State) error {
 }
 
 // getSockopts reads the options an application may have set.
-// The buffer sizes are read only when queued data will need them (withBufs):
-// restore sizes buffers only then, and leaves an idle connection's to the
-// kernel's autotuning. If markKnown, mark is SO_MARK and is not read.
+// A buffer's size is read only if the application set it (SO_BUF_LOCK) or
+// queued data will need it (withBufs): restore sizes buffers only then,
+// and leaves the others to the kernel's autotuning. If markKnown, mark is
+// SO_MARK and is not read.
 func getSockopts(fd int, v6, withBufs bool, mark uint32, markKnown bool) (Sockopts, error) {
 	var o Sockopts
 	var err error
@@ -327,8 +332,12 @@ func getSockopts(fd int, v6, withBufs bool, mark uint32, markKnown bool) (Sockop
 		o.KeepCnt = geti(unix.SOL_TCP, unix.TCP_KEEPCNT)
 	}
 	o.UserTimeout = geti(unix.SOL_TCP, unix.TCP_USER_TIMEOUT)
-	if withBufs {
+	lock := geti(unix.SOL_SOCKET, unix.SO_BUF_LOCK)
+	o.RcvBufLock, o.SndBufLock = lock&bufLockRcv != 0, lock&bufLockSnd != 0
+	if withBufs || o.RcvBufLock {
 		o.RcvBuf = geti(unix.SOL_SOCKET, unix.SO_RCVBUF)
+	}
+	if withBufs || o.SndBufLock {
 		o.SndBuf = geti(unix.SOL_SOCKET, unix.SO_SNDBUF)
 	}
 	o.NotSentLowat = geti(unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT)
@@ -442,59 +451,135 @@ func undoGoDefaults(fd int, o *Sockopts) error {
 	return nil
 }
 
-// sizeBuffers makes the buffers large enough for the queues about to be
-// injected: the kernel refuses queue data beyond them. The source socket
-// held the same bytes within its buffers, but injected segments are cut
-// differently and may cost a little more, hence the margin. It returns the
-// options to set back once the queues are in (see restoreBuffers), so that
-// the margin does not compound from one migration to the next. Setting a
-// size pins it (like setsockopt(SO_RCVBUF)) and turns the kernel's
-// autotuning off, so nothing is done for an idle connection. The FORCE
-// variants ignore net.core.[rw]mem_max (CAP_NET_ADMIN).
-func sizeBuffers(fd int, st *State) (restore [][2]int, err error) {
+// SO_BUF_LOCK's bits (SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK): set, the
+// kernel's autotuning leaves that buffer's size alone.
+const (
+	bufLockSnd = 1
+	bufLockRcv = 2
+)
+
+// bufPlan is what sizeBuffers leaves for after the queues are in: sizes
+// to set back, then the buffer locks to set (lock >= 0).
+type bufPlan struct {
+	setBack [][2]int // option (the FORCE variant), value
+	lock    int
+}
+
+// sizeBuffers gives the buffers the sizes the application had set
+// (Sockopts.RcvBufLock, SndBufLock), and makes them large enough for the
+// queues about to be injected: the kernel refuses queue data beyond them.
+// The source socket held the same bytes within its buffers, but injected
+// segments are cut differently and may cost more (a linear buffer's
+// allocation is rounded up; 1.25 times the bytes was measured too little
+// for 6 MiB of send queue), hence twice the bytes and some. Setting a size pins it (SO_BUF_LOCK) and turns the kernel's
+// autotuning off, so the plan it returns (see restoreBuffers) sets the
+// sizes back to the source's once the queues are in, so that the margin
+// does not compound from one migration to the next, and the locks back
+// to the source's, so that a buffer the application never sized grows
+// with the connection again. The FORCE variants ignore
+// net.core.[rw]mem_max (CAP_NET_ADMIN); sizes from the state are bounded
+// by the target's limits (bufLimits).
+func sizeBuffers(fd int, st *State) (plan bufPlan, err error) {
 	const slack = 256 << 10
+	plan.lock = -1
+	rcvMax, sndMax := bufLimits()
+	o := &st.Sockopts
+	touched := false
 	for _, b := range [...]struct {
 		get, force int
 		want       uint32
+		limit      int64
+		locked     bool
 		queued     int
 	}{
-		{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE, st.Sockopts.RcvBuf, len(st.RecvQueue)},
-		{unix.SO_SNDBUF, unix.SO_SNDBUFFORCE, st.Sockopts.SndBuf, len(st.SendQueue)},
+		{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE, o.RcvBuf, rcvMax, o.RcvBufLock, len(st.RecvQueue)},
+		{unix.SO_SNDBUF, unix.SO_SNDBUFFORCE, o.SndBuf, sndMax, o.SndBufLock, len(st.SendQueue)},
 	} {
-		if b.queued == 0 {
+		if b.queued == 0 && !(b.locked && b.want > 0) {
 			continue
 		}
 		cur, err := getInt(fd, unix.SOL_SOCKET, b.get)
 		if err != nil {
-			return nil, fmt.Errorf("getsockopt %d: %w", b.get, err)
+			return plan, fmt.Errorf("getsockopt %d: %w", b.get, err)
 		}
 		// The kernel doubles what setsockopt asks for and reports the
 		// doubled value.
-		need := max(int64(b.want), int64(b.queued)*5/4+slack)
-		if need <= int64(cur) {
-			continue
+		want := min(int64(b.want), b.limit)
+		size := int64(cur)
+		if b.locked && want > 0 {
+			size = want
 		}
-		if err := setInt(fd, unix.SOL_SOCKET, b.force, int(min(need/2+1, 1<<30))); err != nil {
-			return nil, fmt.Errorf("setsockopt %d=%d: %w", b.force, need/2, err)
+		if b.queued > 0 {
+			size = max(size, int64(b.queued)*2+slack)
 		}
-		if b.want > 0 && int64(b.want) < need {
-			restore = append(restore, [2]int{b.force, int(b.want/2 + 1)})
+		if size != int64(cur) {
+			if err := setInt(fd, unix.SOL_SOCKET, b.force, int(min((size+1)/2, 1<<30))); err != nil {
+				return plan, fmt.Errorf("setsockopt %d=%d: %w", b.force, (size+1)/2, err)
+			}
+			touched = true
+		}
+		if want > 0 && size != want {
+			plan.setBack = append(plan.setBack, [2]int{b.force, int((want + 1) / 2)})
 		}
 	}
-	return restore, nil
+	if touched {
+		plan.lock = 0
+		if o.RcvBufLock {
+			plan.lock |= bufLockRcv
+		}
+		if o.SndBufLock {
+			plan.lock |= bufLockSnd
+		}
+	}
+	return plan, nil
 }
 
-// restoreBuffers sets the buffer sizes back to the source's once the
-// queues are in: queued data stays, and new writes wait until it drains
-// below the limit, as they did on the source.
-func restoreBuffers(fd int, restore [][2]int) error {
-	for _, r := range restore {
+// restoreBuffers carries out sizeBuffers' plan once the queues are in:
+// queued data stays, and new writes wait until it drains below the limit,
+// as they did on the source.
+func restoreBuffers(fd int, plan bufPlan) error {
+	for _, r := range plan.setBack {
 		if err := setInt(fd, unix.SOL_SOCKET, r[0], r[1]); err != nil {
 			return fmt.Errorf("setsockopt %d=%d: %w", r[0], r[1], err)
 		}
 	}
+	if plan.lock >= 0 {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, plan.lock); err != nil {
+			return fmt.Errorf("setsockopt SO_BUF_LOCK=%d: %w", plan.lock, err)
+		}
+	}
 	return nil
 }
+
+// bufLimits returns the largest receive and send buffers (as the kernel
+// reports them) a socket on this host may have without FORCE: twice
+// net.core.[rw]mem_max, or net.ipv4.tcp_[rw]mem's maximum, which
+// autotuning may reach, if larger. Read once; 1 GiB where unreadable.
+var bufLimits = sync.OnceValues(func() (rcv, snd int64) {
+	read := func(path string, field int) int64 {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return 0
+		}
+		f := strings.Fields(string(b))
+		if field >= len(f) {
+			return 0
+		}
+		v, err := strconv.ParseInt(f[field], 10, 64)
+		if err != nil {
+			return 0
+		}
+		return v
+	}
+	limit := func(core, tcp string) int64 {
+		l := max(2*read("/proc/sys/net/core/"+core, 0), read("/proc/sys/net/ipv4/"+tcp, 2))
+		if l <= 0 {
+			return 1 << 30
+		}
+		return l
+	}
+	return limit("rmem_max", "tcp_rmem"), limit("wmem_max", "tcp_wmem")
+})
 
 func sockaddr(ap netip.AddrPort) unix.Sockaddr {
 	if ap.Addr().Is4() {

@@ -98,8 +98,17 @@ type Sockopts struct {
 	// Congestion is the TCP_CONGESTION algorithm name, such as "cubic".
 	Congestion string
 	// RcvBuf and SndBuf are SO_RCVBUF and SO_SNDBUF as the kernel reports
-	// them (twice the value passed to setsockopt).
+	// them (twice the value passed to setsockopt), read when the
+	// application set them (RcvBufLock, SndBufLock) or data is queued.
+	// A restore gives the socket at most what a socket may have on the
+	// target (twice net.core.[rw]mem_max, or tcp_[rw]mem's maximum if
+	// larger), whatever the state says.
 	RcvBuf, SndBuf uint32
+	// RcvBufLock and SndBufLock report that the application set the
+	// buffer's size, which turns the kernel's autotuning of it off
+	// (SO_BUF_LOCK). Where they are false the restored socket's buffer
+	// is left to autotuning too.
+	RcvBufLock, SndBufLock bool
 	// NotSentLowat is TCP_NOTSENT_LOWAT in bytes; 0 is the default.
 	NotSentLowat uint32
 	// TOS is IP_TOS for IPv4 or IPV6_TCLASS for IPv6.
