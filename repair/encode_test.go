@@ -111,6 +111,7 @@ func TestValidateRejects(t *testing.T) {
 		"mixed families":  func(s *State) { s.Remote = netip.MustParseAddrPort("[fd77::1]:1") },
 		"unsent > queue":  func(s *State) { s.Unsent = 1000 },
 		"mss":             func(s *State) { s.MSS = 0 },
+		"tiny mss":        func(s *State) { s.MSS = 47 },
 		"wscale":          func(s *State) { s.SndWScale = 15 },
 		"options":         func(s *State) { s.Options |= 0x40 },
 		"congestion":      func(s *State) { s.Sockopts.Congestion = "a b" },

@@ -753,6 +753,13 @@ func TestRestoreBadInput(t *testing.T) {
 	if _, err := Restore(st, RestoreOptions{}); err == nil {
 		t.Fatal("Restore bound a non-local address")
 	}
+	// A congestion control this host has not loaded is refused, not
+	// loaded (as root, setting it would load the module tcp_NAME).
+	st.Local = netip4("127.0.0.1:1")
+	st.Sockopts.Congestion = "mtcpnosuch"
+	if _, err := Restore(st, RestoreOptions{}); err == nil || !strings.Contains(err.Error(), "not available on this host") {
+		t.Fatalf("Restore with congestion control %q: %v, want not available", st.Sockopts.Congestion, err)
+	}
 }
 
 func netip4(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -400,12 +401,24 @@ func setSockopts(fd int, v6 bool, o *Sockopts) error {
 			return fmt.Errorf("TCP_CONGESTION: %w", err)
 		}
 		if cur != o.Congestion {
+			// As root, setting an algorithm that is not loaded loads
+			// the module tcp_NAME: not on a peer's say-so.
+			if !congestionAvailable(o.Congestion) {
+				return fmt.Errorf("TCP_CONGESTION %q: not available on this host (see net.ipv4.tcp_available_congestion_control; load its module to migrate such connections here)", o.Congestion)
+			}
 			if err := unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_CONGESTION, o.Congestion); err != nil {
-				return fmt.Errorf("TCP_CONGESTION %q (is its module loaded on this host?): %w", o.Congestion, err)
+				return fmt.Errorf("TCP_CONGESTION %q: %w", o.Congestion, err)
 			}
 		}
 	}
 	return nil
+}
+
+// congestionAvailable reports whether the congestion control algorithm
+// name is loaded on this host.
+func congestionAvailable(name string) bool {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_available_congestion_control")
+	return err == nil && slices.Contains(strings.Fields(string(b)), name)
 }
 
 // Go's settings for every TCP connection it wraps (net.FileConn included):

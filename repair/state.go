@@ -124,6 +124,10 @@ type Sockopts struct {
 const (
 	// MaxQueueLen is the largest queue a State may carry, each way.
 	MaxQueueLen = 256 << 20
+	// minMSS is the smallest MSS clamp a State may carry: the kernel
+	// sends no smaller segments (TCP_MIN_SND_MSS, the default of
+	// net.ipv4.tcp_min_snd_mss).
+	minMSS = 48
 	// maxCongestionName mirrors TCP_CA_NAME_MAX (16, with the NUL).
 	maxCongestionName = 15
 )
@@ -170,7 +174,7 @@ func (st *State) Validate() error {
 	if st.TCPState == StateFinWait2 && len(st.SendQueue) != 0 {
 		return fmt.Errorf("%w: FIN_WAIT2 with unacknowledged data", ErrMalformed)
 	}
-	if st.MSS == 0 || st.MSS > 65535 {
+	if st.MSS < minMSS || st.MSS > 65535 {
 		return fmt.Errorf("%w: MSS %d", ErrMalformed, st.MSS)
 	}
 	if st.Options&^knownOptions != 0 {
