@@ -541,9 +541,16 @@ func (r *Restored) commit() error {
 	// whose new flow label makes Linux peers change their own (a
 	// duplicate with another label reads as a path failure).
 	//
-	// A peer's FIN that reached the socket in repair mode has made it
-	// CLOSE_WAIT: it then shuts down once out of repair mode, as before,
-	// so that the FIN it sends draws the peer's last acknowledgement.
+	// Until then the socket has not counted our FIN as sent: every
+	// segment of the peer's acknowledges it, and one that reaches the
+	// socket in repair mode (its data, its FIN) acknowledges what the
+	// socket never sent, which the kernel discards. The peer sends it
+	// again after its retransmission timeout, to the live socket. (Shut
+	// down in Restore instead, with the acknowledgement injected there,
+	// the socket would be FIN_WAIT2 from the start and take such
+	// segments in; not done yet, nor for FIN_WAIT1 and the states after
+	// the peer's FIN.) A socket that is not ESTABLISHED here (it cannot
+	// be, by the above) shuts down once out of repair mode.
 	finAcked := false
 	if st.TCPState == StateFinWait2 {
 		h, err := infoHead(fd)
