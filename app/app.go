@@ -532,6 +532,11 @@ func (s *server) importConns(l *link, m *message, fds []int) {
 			results[i].Error = fmt.Sprintf("imported socket is a %T, not a TCP connection", nc)
 			continue
 		}
+		if err := setTCPOptions(tc, it.TCP); err != nil {
+			tc.Close()
+			results[i].Error = fmt.Sprintf("adopt imported socket: %v", err)
+			continue
+		}
 		tcs, snaps, pos = append(tcs, tc), append(snaps, it.Snapshot), append(pos, i)
 	}
 	for k, err := range s.adopt(tcs, snaps) {
@@ -550,6 +555,22 @@ func (s *server) importConns(l *link, m *message, fds []int) {
 	}
 	s.log.Debug("connections migrated in", "conns", len(results)-failed, "failed", failed)
 	out.release()
+}
+
+// setTCPOptions puts back an imported connection's TCP_NODELAY and
+// keepalive settings (nil: Go's, which net.FileConn has set).
+func setTCPOptions(tc *net.TCPConn, o *tcpOpts) error {
+	if o == nil {
+		return nil
+	}
+	if err := tc.SetNoDelay(o.NoDelay); err != nil {
+		return err
+	}
+	if !o.KeepAlive {
+		return tc.SetKeepAlive(false)
+	}
+	return tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: time.Duration(o.Idle) * time.Second,
+		Interval: time.Duration(o.Intvl) * time.Second, Count: int(o.Count)})
 }
 
 // accept accepts connections until the listener is closed.

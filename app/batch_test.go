@@ -383,10 +383,12 @@ func TestRegisterNegotiatesVersion(t *testing.T) {
 		{`"version":1`, "1"},
 		{`"version":1,"max_version":2`, "2"},
 		{`"version":1,"max_version":3`, "3"},
-		{`"version":1,"max_version":7`, "3"},
+		{`"version":1,"max_version":4`, "4"},
+		{`"version":1,"max_version":7`, "4"},
 		{`"version":2`, "2"},
 		{`"version":3`, "3"},
-		{`"version":4,"max_version":5`, "error"},
+		{`"version":4`, "4"},
+		{`"version":5,"max_version":6`, "error"},
 		{`"max_version":2`, "2"},
 		{`"version":0`, "error"},
 	} {
@@ -606,7 +608,7 @@ func (d *fakeDaemon) accept(t *testing.T, answer string) raw {
 	select {
 	case r := <-d.conns:
 		t.Cleanup(func() { r.Close() })
-		if m := r.reply(t); m["type"] != "register" || m["version"] != 1.0 || m["max_version"] != 3.0 {
+		if m := r.reply(t); m["type"] != "register" || m["version"] != 1.0 || m["max_version"] != float64(app.ProtocolVersion) {
 			t.Fatalf("registration %v", m)
 		}
 		r.frame(t, answer, -1)

@@ -20,8 +20,11 @@ import (
 //	[tuple:tuple] tuples:uv×tuple [snapshot:bytes] verdict:str
 //	items:uv×item fds:uv error:str code:str
 //
-//	item:   id:uv flags:byte (bit 0: tuple, bit 1: snapshot, bit 2: fd)
-//	        [tuple] [snapshot:bytes] error:str code:str
+//	item:   id:uv flags:byte (bit 0: tuple, bit 1: snapshot, bit 2: fd,
+//	        bit 3: tcp options, version 4) [tuple] [snapshot:bytes]
+//	        [tcp] error:str code:str
+//	tcp:    flags:byte (bit 0: nodelay, bit 1: keepalive) idle:uv
+//	        intvl:uv count:uv
 //	tuple:  addrport addrport
 //	addrport: addr:bytes (netip.Addr's binary form: empty, 4 or 16 bytes
 //	        and a zone) port:2 bytes big-endian
@@ -39,6 +42,10 @@ const (
 	binTuple    = 1 << 0
 	binSnapshot = 1 << 1
 	binFD       = 1 << 2
+	binTCP      = 1 << 3
+
+	binNoDelay   = 1 << 0
+	binKeepAlive = 1 << 1
 )
 
 // encodeBinary appends m's binary body to b.
@@ -83,12 +90,28 @@ func encodeBinary(b []byte, m *message) []byte {
 		if it.FD {
 			f |= binFD
 		}
+		if it.TCP != nil {
+			f |= binTCP
+		}
 		b = append(b, f)
 		if it.Tuple != nil {
 			b = appendTuple(b, *it.Tuple)
 		}
 		if it.Snapshot != nil {
 			b = appendStr(b, string(it.Snapshot))
+		}
+		if o := it.TCP; o != nil {
+			var tf byte
+			if o.NoDelay {
+				tf |= binNoDelay
+			}
+			if o.KeepAlive {
+				tf |= binKeepAlive
+			}
+			b = append(b, tf)
+			b = binary.AppendUvarint(b, uint64(o.Idle))
+			b = binary.AppendUvarint(b, uint64(o.Intvl))
+			b = binary.AppendUvarint(b, uint64(o.Count))
 		}
 		b = appendStr(b, it.Error)
 		b = appendStr(b, it.Code)
@@ -251,12 +274,19 @@ func decodeBinary(body []byte, m *message) error {
 		for i := range m.Items {
 			it := &m.Items[i]
 			it.ID = r.uv()
-			f := r.flags(binTuple | binSnapshot | binFD)
+			f := r.flags(binTuple | binSnapshot | binFD | binTCP)
 			if f&binTuple != 0 {
 				it.Tuple = r.tuple()
 			}
 			if f&binSnapshot != 0 {
 				it.Snapshot = r.owned("snapshot", MaxSnapshot)
+			}
+			if f&binTCP != 0 {
+				tf := r.flags(binNoDelay | binKeepAlive)
+				it.TCP = &tcpOpts{NoDelay: tf&binNoDelay != 0, KeepAlive: tf&binKeepAlive != 0,
+					Idle:  uint32(r.int("keepalive idle", maxKeepSecs)),
+					Intvl: uint32(r.int("keepalive interval", maxKeepSecs)),
+					Count: uint32(r.int("keepalive count", maxKeepCount))}
 			}
 			it.FD = f&binFD != 0
 			it.Error = r.str("error", maxFrame)

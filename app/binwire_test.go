@@ -20,7 +20,7 @@ func binSample() *message {
 		Tuple: &t1, Tuples: []Tuple{t1, t2}, Snapshot: []byte{}, Verdict: verdictGone,
 		Items: []item{
 			{ID: 1, Tuple: &t2, Snapshot: []byte("state"), FD: true},
-			{ID: 2, Snapshot: []byte{}},
+			{ID: 2, Snapshot: []byte{}, TCP: &tcpOpts{KeepAlive: true, Idle: 33, Intvl: 7, Count: 4}},
 			{ID: 3, Error: "no such connection", Code: codeNoConn},
 		},
 		FDs: 1, Error: "e", Code: codeGeneric}

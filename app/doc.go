@@ -58,6 +58,9 @@
 // with a version-1 daemon. Version 3 has the messages of version 2, but
 // once the registration is answered every frame is binary instead of
 // JSON (binwire.go), which a drain of thousands of connections notices.
+// Version 4 adds to an import the connection's TCP_NODELAY and keepalive
+// settings where they are not Go's, which the application sets again on
+// the connection it adopts (net.FileConn imposes Go's).
 // wire.go has the details.
 //
 // Malformed input closes the connection that carried it, and every

@@ -28,3 +28,6 @@ const MaxBatch = maxBatch
 
 // OpenFDs counts this process's open descriptors.
 var OpenFDs = openFDs
+
+// ProtocolVersion is the highest protocol version this package speaks.
+const ProtocolVersion = protocolVersion

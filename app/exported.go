@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Exported is a connection an application gave up, pending its verdict.
@@ -230,10 +231,57 @@ func (r *Registry) Import(ctx context.Context, service string, socket syscall.Co
 	return r.ImportMany(ctx, service, []syscall.Conn{socket}, [][]byte{snapshot})[0]
 }
 
+// TCPOptions are a connection's TCP_NODELAY and keepalive settings.
+// The application adopts an imported socket with net.FileConn, which
+// turns TCP_NODELAY on and keepalive on (15 s idle, 15 s between probes,
+// 9 probes, like every connection Go makes); given the connection's own
+// settings with [WithTCPOptions], it puts them back.
+type TCPOptions struct {
+	NoDelay   bool
+	KeepAlive bool
+	// KeepIdle, KeepInterval (whole seconds) and KeepCount matter with
+	// KeepAlive; zero is the kernel's default.
+	KeepIdle, KeepInterval time.Duration
+	KeepCount              int
+}
+
+// wire returns o as an item carries it: nil for Go's defaults, which the
+// application's socket has already.
+func (o TCPOptions) wire() *tcpOpts {
+	w := &tcpOpts{NoDelay: o.NoDelay, KeepAlive: o.KeepAlive}
+	if o.KeepAlive {
+		w.Idle = uint32(min(max(o.KeepIdle/time.Second, 0), maxKeepSecs))
+		w.Intvl = uint32(min(max(o.KeepInterval/time.Second, 0), maxKeepSecs))
+		w.Count = uint32(min(max(o.KeepCount, 0), maxKeepCount))
+	}
+	if *w == (tcpOpts{NoDelay: true, KeepAlive: true, Idle: goKeepSecs, Intvl: goKeepSecs, Count: goKeepCount}) {
+		return nil
+	}
+	return w
+}
+
+// Go's keepalive settings for every connection it wraps.
+const (
+	goKeepSecs  = 15
+	goKeepCount = 9
+)
+
+// WithTCPOptions returns socket, for Import and ImportMany, with the
+// connection's TCP options attached: the application (one built with
+// this version of the package) sets them on the connection it adopts.
+func WithTCPOptions(socket syscall.Conn, o TCPOptions) syscall.Conn { return withTCP{socket, o} }
+
+// withTCP is a socket with its TCP options (WithTCPOptions).
+type withTCP struct {
+	syscall.Conn
+	o TCPOptions
+}
+
 // ImportMany hands sockets with their snapshots to service's application
 // in batched messages and returns one error per socket. The sockets are
 // *os.File, *net.TCPConn, [*Socket] or anything else that gives access to
-// its descriptor; ImportMany does not close them. See Import.
+// its descriptor, each possibly wrapped by [WithTCPOptions]; ImportMany
+// does not close them. See Import.
 func (r *Registry) ImportMany(ctx context.Context, service string, socks []syscall.Conn, snaps [][]byte) []error {
 	errs := make([]error, len(socks))
 	fail := func(i int, err error) {
@@ -267,11 +315,18 @@ func (r *Registry) ImportMany(ctx context.Context, service string, socks []sysca
 		// The descriptors are lent as they are for the duration of the
 		// send: Fd would switch them to blocking mode, under the feet of
 		// any other process holding them.
+		var tcp *tcpOpts
+		if w, ok := f.(withTCP); ok {
+			f = w.Conn
+			if a.version >= tcpVersion {
+				tcp = w.o.wire()
+			}
+		}
 		if rc, err = f.SyscallConn(); err != nil {
 			fail(i, err)
 			continue
 		}
-		b.items = append(b.items, item{ID: r.nextID.Add(1), Snapshot: snaps[i]})
+		b.items = append(b.items, item{ID: r.nextID.Add(1), Snapshot: snaps[i], TCP: tcp})
 		b.socks = append(b.socks, rc)
 		pos = append(pos, i)
 	}

@@ -55,6 +55,12 @@ import (
 // Version 3 has the messages of version 2 in binary frames once the
 // registration is answered; binwire.go describes them.
 //
+// Version 4 adds to an import-many's items the connection's TCP_NODELAY
+// and keepalive settings where they are not Go's defaults:
+// "tcp": {nodelay, keepalive, idle, intvl, count} (seconds, probes).
+// net.FileConn, with which the application adopts the socket, imposes
+// Go's defaults; the application puts these back.
+//
 // Version negotiation: the application registers with the lowest and
 // highest versions it speaks ("version", "max_version"; a version-1
 // application sends only "version": 1); the daemon answers registered
@@ -68,7 +74,7 @@ import (
 // whose descriptors do not match its items is a protocol error: the
 // receiver closes the socket (and every descriptor it received on it).
 const (
-	protocolVersion    = 3 // the highest version this package speaks
+	protocolVersion    = 4 // the highest version this package speaks
 	minProtocolVersion = 1
 )
 
@@ -156,18 +162,48 @@ type message struct {
 
 // item is one connection of a batch.
 type item struct {
-	ID       uint64 `json:"id"`
-	Tuple    *Tuple `json:"tuple,omitempty"`
-	Snapshot []byte `json:"snapshot,omitzero"` // omitzero keeps nil and empty apart
-	FD       bool   `json:"fd,omitempty"`
-	Error    string `json:"error,omitempty"`
-	Code     string `json:"code,omitempty"`
+	ID       uint64   `json:"id"`
+	Tuple    *Tuple   `json:"tuple,omitempty"`
+	Snapshot []byte   `json:"snapshot,omitzero"` // omitzero keeps nil and empty apart
+	FD       bool     `json:"fd,omitempty"`
+	TCP      *tcpOpts `json:"tcp,omitempty"` // version 4, imports
+	Error    string   `json:"error,omitempty"`
+	Code     string   `json:"code,omitempty"`
+}
+
+// tcpVersion is the first protocol version whose imports carry the
+// connections' TCP options.
+const tcpVersion = 4
+
+// tcpOpts are an imported connection's TCP_NODELAY and keepalive
+// settings (TCPOptions on the wire).
+type tcpOpts struct {
+	NoDelay   bool   `json:"nodelay"`
+	KeepAlive bool   `json:"keepalive"`
+	Idle      uint32 `json:"idle,omitempty"`  // seconds
+	Intvl     uint32 `json:"intvl,omitempty"` // seconds
+	Count     uint32 `json:"count,omitempty"` // probes
+}
+
+// The kernel's limits for the keepalive settings (MAX_TCP_KEEPIDLE,
+// MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT).
+const (
+	maxKeepSecs  = 32767
+	maxKeepCount = 127
+)
+
+// valid reports whether o is within the kernel's limits.
+func (o *tcpOpts) valid() bool {
+	return o.Idle <= maxKeepSecs && o.Intvl <= maxKeepSecs && o.Count <= maxKeepCount
 }
 
 // size bounds the bytes it takes in a frame: JSON escapes a byte of
 // text into at most 6, base64 encodes 3 bytes into 4.
 func (it *item) size() int {
 	n := 128 + 4*((len(it.Snapshot)+2)/3) + 6*(len(it.Error)+len(it.Code))
+	if it.TCP != nil {
+		n += 96
+	}
 	if it.Tuple != nil {
 		n += 6 * len(it.Tuple.String())
 	}
@@ -401,6 +437,9 @@ func (c *msgConn) parse(body []byte) (*message, []int, error) {
 		it := &m.Items[i]
 		if len(it.Snapshot) > MaxSnapshot {
 			return nil, nil, fmt.Errorf("%w: snapshot of %d bytes, the limit is %d", ErrProtocol, len(it.Snapshot), MaxSnapshot)
+		}
+		if it.TCP != nil && !it.TCP.valid() {
+			return nil, nil, fmt.Errorf("%w: keepalive settings %+v beyond the kernel's limits", ErrProtocol, *it.TCP)
 		}
 		it.Error = truncate(it.Error)
 		if it.Tuple != nil {

@@ -288,7 +288,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		snaps := make([][]byte, len(idx))
 		d.mu.Lock()
 		for k, i := range idx {
-			socks[k], snaps[k] = files[i], in.items[i].snap
+			socks[k], snaps[k] = app.WithTCPOptions(files[i], tcpOptions(in.items[i].r.Sockopts())), in.items[i].snap
 			d.moved[in.items[i].tuple()] = in.items[i].flow
 		}
 		d.movedChanged()
@@ -378,4 +378,12 @@ func (d *Daemon) discardIncoming(in *incoming) error {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	return errors.Join(errs...)
+}
+
+// tcpOptions are the TCP_NODELAY and keepalive settings of o, which the
+// application that adopts the socket sets again (net.FileConn imposes
+// Go's).
+func tcpOptions(o repair.Sockopts) app.TCPOptions {
+	return app.TCPOptions{NoDelay: o.NoDelay, KeepAlive: o.KeepAlive, KeepIdle: time.Duration(o.KeepIdle) * time.Second,
+		KeepInterval: time.Duration(o.KeepIntvl) * time.Second, KeepCount: int(o.KeepCnt)}
 }

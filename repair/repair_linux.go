@@ -488,6 +488,10 @@ func (r *Restored) build() error {
 	return nil
 }
 
+// Sockopts returns the socket options the restored socket has, as its
+// State gave them.
+func (r *Restored) Sockopts() Sockopts { return r.st.Sockopts }
+
 // Local returns the restored socket's local address.
 func (r *Restored) Local() netip.AddrPort { return r.local }
 

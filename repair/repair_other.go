@@ -50,6 +50,9 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	return nil, opErr("restore", ErrUnsupported)
 }
 
+// Sockopts returns the zero Sockopts.
+func (r *Restored) Sockopts() Sockopts { return Sockopts{} }
+
 // Local returns the zero address.
 func (r *Restored) Local() netip.AddrPort { return netip.AddrPort{} }
 
