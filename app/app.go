@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/internal/ucred"
@@ -38,7 +39,8 @@ const DefaultDaemonSocket = "/run/mtcp/app.sock"
 // are sent, count them). The library exports the connection if Serve then
 // returns a non-nil next, or an error wrapping ErrMigrating or
 // context.Canceled; a handler without state returns []byte{} or the error
-// it got. Any other return (nil, nil or an unrelated error) ends the
+// it got (either way, its next Serve gets an empty, non-nil snapshot).
+// Any other return (nil, nil or an unrelated error) ends the
 // connection, and the migration fails.
 //
 // Serve must not use conn after it returns, nor keep goroutines that do:
@@ -224,7 +226,9 @@ const verdictUnsent = "unsent"
 
 // offeredVersion is the highest protocol version Serve offers (tests
 // lower it to exercise version 1).
-var offeredVersion = protocolVersion
+var offeredVersion atomic.Int32
+
+func init() { offeredVersion.Store(protocolVersion) }
 
 // connect dials mtcpd, registers the service, reports the connections
 // served here and makes the new link current.
@@ -249,7 +253,7 @@ func (s *server) connect(ctx context.Context) error {
 	}
 	// If the daemon refused this process, it may have said why and closed
 	// before the registration is written: read its answer even then.
-	werr := mc.write(&message{Type: msgRegister, Version: minProtocolVersion, MaxVersion: offeredVersion, Service: s.cfg.Service, PID: os.Getpid()})
+	werr := mc.write(&message{Type: msgRegister, Version: minProtocolVersion, MaxVersion: int(offeredVersion.Load()), Service: s.cfg.Service, PID: os.Getpid()})
 	uc.SetReadDeadline(time.Now().Add(writeTimeout))
 	m, fds, err := mc.read()
 	closeFDs(fds)
@@ -265,7 +269,7 @@ func (s *server) connect(ctx context.Context) error {
 		return fail(fmt.Errorf("register service %s with mtcpd: %w", s.cfg.Service, werr))
 	}
 	// A version-1 daemon does not say its version.
-	l := &link{mc: mc, version: min(max(m.Version, minProtocolVersion), offeredVersion), done: make(chan struct{})}
+	l := &link{mc: mc, version: min(max(m.Version, minProtocolVersion), int(offeredVersion.Load())), done: make(chan struct{})}
 	mc.bin.Store(l.version >= binVersion)
 	s.mu.Lock()
 	if s.closing {
@@ -690,12 +694,18 @@ func (s *server) run(c *served, snapshot []byte) {
 			// Asked again while resuming: the snapshot is still current.
 			next, err = snapshot, ErrMigrating
 		}
+		w.retire()
 		cancel(nil)
 
 		s.mu.Lock()
 		ex = c.export
 		c.cancel, c.w = nil, nil
 		exporting := ex != nil && !w.closed.Load() && exportable(next, err) && s.ctx.Err() == nil
+		if exporting && next == nil {
+			// A handler that keeps no state returned just the error:
+			// its connection is not a fresh one (nil) for the next run.
+			next = []byte{}
+		}
 		if !exporting {
 			delete(s.conns, c.tuple)
 			if ex != nil {
@@ -774,13 +784,7 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	select {
 	case vm = <-ex.verdict:
 	case <-ex.link.done:
-		// The daemon is gone; no verdict will come. Resuming is safe
-		// either way: if the socket was frozen, it stays in repair mode
-		// and cannot put a byte on the wire, so it cannot compete with
-		// a copy restored elsewhere; if it was not, the connection
-		// simply carries on here.
-		s.log.Warn("lost mtcpd while the connection was exported; resuming it here", "conn", c.tuple)
-		vm.v = verdictResume
+		vm.v = s.afterLinkLoss(c)
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
 	}
@@ -816,6 +820,42 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 		s.log.Debug("connection migrated away", "conn", c.tuple)
 	}
 	return true
+}
+
+// frozenWait is how long an exported connection whose daemon link broke
+// may stay frozen before it is taken for gone: longer than a migration's
+// deadlines, in which its daemon thaws it if the migration fails.
+// frozenPoll is how often it is looked at meanwhile.
+const frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
+
+// afterLinkLoss decides what becomes of exported connection c once the
+// link to mtcpd is gone and no verdict will come. A socket the daemon
+// did not freeze carries on here. One it froze (repair mode) cannot be
+// read or written: resumed now, its handler would fail and end it, and
+// with it the connection if the daemon aborts the migration and thaws
+// it (the daemon may have lost only its link to this process). So it
+// waits while the socket stays frozen: thawed, the connection resumes
+// here; still frozen after frozenWait, it moved elsewhere or was lost
+// with its daemon, and is let go (closed in repair mode, it sends
+// nothing).
+func (s *server) afterLinkLoss(c *served) string {
+	deadline := time.Now().Add(frozenWait)
+	for {
+		frozen, err := repair.InRepair(c.tc)
+		if err != nil || !frozen {
+			s.log.Warn("lost mtcpd while the connection was exported; resuming it here", "conn", c.tuple)
+			return verdictResume
+		}
+		if time.Now().After(deadline) {
+			s.log.Warn("lost mtcpd while the connection was exported and frozen, and it stayed frozen; letting it go", "conn", c.tuple, "waited", frozenWait)
+			return verdictGone
+		}
+		select {
+		case <-s.ctx.Done():
+			return "shutdown"
+		case <-time.After(frozenPoll):
+		}
+	}
 }
 
 // shutdown closes every connection and waits for the goroutines.

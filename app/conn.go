@@ -22,9 +22,10 @@ var aLongTimeAgo = time.Unix(1, 0)
 type conn struct {
 	tc *net.TCPConn
 
-	mu      sync.Mutex // orders stop against SetDeadline
+	mu      sync.Mutex // orders stop against SetDeadline and retire
 	stopped atomic.Bool
 	closed  atomic.Bool
+	retired bool // its handler has returned: the socket may serve a new one
 }
 
 func newConn(tc *net.TCPConn) *conn { return &conn{tc: tc} }
@@ -35,7 +36,18 @@ func (c *conn) stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.stopped.Store(true)
-	c.tc.SetDeadline(aLongTimeAgo)
+	if !c.retired {
+		c.tc.SetDeadline(aLongTimeAgo)
+	}
+}
+
+// retire marks c's handler as returned: a stop that comes later (an
+// export that raced the return) leaves the socket's deadlines alone, which
+// belong to the connection's next handler by then.
+func (c *conn) retire() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.retired = true
 }
 
 func (c *conn) migratingErr(op string) error {

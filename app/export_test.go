@@ -9,9 +9,8 @@ func SetAllowUID(r *Registry, allow func(uid uint32) bool) { r.allowUID = allow 
 // SetOfferedVersion makes Serve offer protocol versions up to v (instead
 // of the latest) until restore is called.
 func SetOfferedVersion(v int) (restore func()) {
-	old := offeredVersion
-	offeredVersion = v
-	return func() { offeredVersion = old }
+	old := offeredVersion.Swap(int32(v))
+	return func() { offeredVersion.Store(old) }
 }
 
 // Frames returns how many frames r's application connections carried so

@@ -239,8 +239,9 @@ func (r *Registry) Import(ctx context.Context, service string, socket syscall.Co
 type TCPOptions struct {
 	NoDelay   bool
 	KeepAlive bool
-	// KeepIdle, KeepInterval (whole seconds) and KeepCount matter with
-	// KeepAlive; zero is the kernel's default.
+	// KeepIdle, KeepInterval (in whole seconds, at most 32767) and
+	// KeepCount (at most 127) matter with KeepAlive; zero means Go's
+	// default (15 s, 15 s, 9).
 	KeepIdle, KeepInterval time.Duration
 	KeepCount              int
 }

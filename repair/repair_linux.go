@@ -35,6 +35,22 @@ type Frozen struct {
 	markedWup     uint32
 }
 
+// InRepair reports whether the socket of c is in repair mode: frozen by
+// another holder of it (mtcpd, for an application's connection), its
+// reads and writes fail until it is thawed.
+func InRepair(c syscall.Conn) (bool, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false, opErr("in repair", err)
+	}
+	var v int
+	err = control(rc, func(fd int) (err error) {
+		v, err = getInt(fd, unix.SOL_TCP, unix.TCP_REPAIR)
+		return err
+	})
+	return v != 0, opErr("in repair", err)
+}
+
 // Freeze puts the connection c (typically a *net.TCPConn) into repair mode
 // after checking that it can be migrated. c must stay open until the Frozen
 // is thawed or discarded.

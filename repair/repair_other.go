@@ -16,6 +16,9 @@ type Frozen struct{}
 // Freeze reports ErrUnsupported: TCP_REPAIR exists on Linux only.
 func Freeze(c syscall.Conn) (*Frozen, error) { return nil, opErr("freeze", ErrUnsupported) }
 
+// InRepair returns an error wrapping ErrUnsupported.
+func InRepair(c syscall.Conn) (bool, error) { return false, opErr("in repair", ErrUnsupported) }
+
 // Capture reports ErrUnsupported.
 func (f *Frozen) Capture() (*State, error) { return nil, opErr("capture", ErrUnsupported) }
 
