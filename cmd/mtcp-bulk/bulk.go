@@ -48,6 +48,23 @@ type state struct {
 	Check bool `json:"check,omitempty"`
 }
 
+// check reports what is inconsistent in a state from a snapshot.
+func (st *state) check() error {
+	switch {
+	case st.Started && len(st.Header) > 0:
+		return errors.New("a request both complete and partial")
+	case len(st.Header) >= headerLen:
+		return fmt.Errorf("a partial request of %d bytes, the whole is %d", len(st.Header), headerLen)
+	case st.Length < 0 || st.Sent < 0 || st.Received < 0:
+		return errors.New("negative counts")
+	case st.Length > 0 && st.Sent > st.Length:
+		return fmt.Errorf("%d bytes sent of %d", st.Sent, st.Length)
+	case !st.Started && (st.Sent > 0 || st.Received > 0):
+		return errors.New("bytes counted before the request is complete")
+	}
+	return nil
+}
+
 // bulk is the mtcp-bulk handler.
 type bulk struct {
 	// rate paces each stream at this many bytes per second, in
@@ -65,6 +82,9 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	var st state
 	if snap != nil {
 		if err := json.Unmarshal(snap, &st); err != nil {
+			return nil, fmt.Errorf("mtcp-bulk: bad snapshot: %w", err)
+		}
+		if err := st.check(); err != nil {
 			return nil, fmt.Errorf("mtcp-bulk: bad snapshot: %w", err)
 		}
 	}
@@ -134,12 +154,18 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 				break
 			}
 		}
-		select {
-		case rerr = <-recvDone:
-			readerDone = true
-		default:
+		if !readerDone {
+			select {
+			case rerr = <-recvDone:
+				readerDone = true
+			default:
+			}
 		}
-		if readerDone {
+		// A client that has sent all it had (EOF: it shut down its
+		// sending side) still gets the rest of the length it asked
+		// for; an endless stream ends with it, and any stream with
+		// another end of the client's side.
+		if readerDone && (st.Length == 0 || !errors.Is(rerr, io.EOF)) {
 			break
 		}
 		k := int64(len(buf))

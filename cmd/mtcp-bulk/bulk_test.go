@@ -273,3 +273,66 @@ func exportStateAfter(t *testing.T, from *apptest.Server, tup app.Tuple, n int64
 	})
 	return e, st
 }
+
+// TestHalfClosedClient: a client that shuts down its sending side after
+// its request still receives every byte it asked for, in order.
+func TestHalfClosedClient(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan error, 1)
+	go func() {
+		sc, err := ln.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer sc.Close()
+		_, err = bulk{}.Serve(context.Background(), sc, nil)
+		done <- err
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const want = 8 << 20
+	if _, err := c.Write(request(7, want)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	v := &stream.Verifier{Pattern: stream.Pattern(7)}
+	if _, err := io.Copy(v, c); err != nil || v.N != want {
+		t.Fatalf("received %d of %d bytes: %v", v.N, want, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("handler: %v", err)
+	}
+}
+
+// TestBadSnapshots: a snapshot that makes no sense is refused with an
+// error, never a panic, and nothing is written.
+func TestBadSnapshots(t *testing.T) {
+	for _, snap := range []string{
+		`{"header":"AAAAAAAAAAAAAAAAAAAAAAAA"}`, // 18 bytes of a 16-byte request
+		`{"started":true,"header":"AAAA"}`,
+		`{"started":true,"seed":1,"length":10,"sent":11}`,
+		`{"started":true,"seed":1,"length":-1}`,
+		`{"started":true,"seed":1,"sent":-5}`,
+		`{"header":"AAAA","sent":3}`,
+		`not json`,
+	} {
+		client, server := net.Pipe()
+		_, err := bulk{}.Serve(context.Background(), server, []byte(snap))
+		client.Close()
+		server.Close()
+		if err == nil {
+			t.Errorf("snapshot %s: accepted", snap)
+		}
+	}
+}

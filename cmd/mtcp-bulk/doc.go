@@ -11,7 +11,8 @@
 // pattern for the seed XOR 0xfeed, from its first byte on: the server
 // checks it, and at the first wrong byte (lost, duplicated or reordered
 // data) ends the session at once. The session ends when the client
-// closes the connection.
+// closes the connection; a client that only shuts down its sending side
+// still receives the N bytes it asked for.
 //
 // When mtcpd migrates a session, the seed, the offset reached and the
 // byte count move with it and the new server continues at the exact
