@@ -19,6 +19,8 @@ import (
 //	                 as if the host died mid-transfer
 //	transfer-hang    the target never answers a Transfer (until the
 //	                 source's deadline cancels it)
+//	import-refuse    the target's application takes none of the
+//	                 connections a commit hands it (they end)
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it

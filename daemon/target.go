@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 
@@ -293,17 +294,24 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 		}
 		d.movedChanged()
 		d.mu.Unlock()
-		errs := d.apps.ImportMany(ctx, svc, socks, snaps)
+		var errs []error
+		if err := fault(ctx, "import"); err != nil {
+			errs = slices.Repeat([]error{err}, len(socks))
+		} else {
+			errs = d.apps.ImportMany(ctx, svc, socks, snaps)
+		}
 		d.mu.Lock()
 		for k, i := range idx {
 			t := in.items[i].tuple()
 			if errs[k] != nil {
-				// The application did not take it: the socket is
+				// The application did not take it, and the socket is
 				// closed with nobody serving it (the client sees the
-				// connection end).
-				delete(d.moved, t)
-				delete(d.adopted, t)
-				d.movedChanged()
+				// connection end); or it took it after ctx ended (the
+				// error says so, but the connection lives on). The
+				// reaper tells the two apart, as for any connection
+				// taken: it removes the flow's rules once the socket
+				// is gone, and keeps them while it is served.
+				d.adopted[t] = true
 				results[i] = peer.ItemResult{Error: errs[k].Error()}
 				d.log.Error("commit failed", "flow", in.items[i].flow, "err", errs[k])
 				continue

@@ -942,3 +942,31 @@ func TestRefuseBadItems(t *testing.T) {
 	assertNoTrace(t, p, bed, false, s)
 	s.check(t)
 }
+
+// TestImportRefusedRulesGo: past the switch, the target's application
+// does not take the connection (MTCP_FAULT=import-refuse on s2): the
+// migration reports it lost, the client sees the connection end, and the
+// flow's rules (s1's forward, s2's reply rewrite) go once its socket is
+// gone, as for any ended connection, rather than wait for their idle
+// timeout.
+func TestImportRefusedRulesGo(t *testing.T) {
+	testbed.RequireNetns(t) // reads the hosts' tables from the test process
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=import-refuse"}}})
+	s := newAbortSession(t, p, bed, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).Migrate(ctx, &admin.MigrateRequest{Flows: []string{s.client.String()}, To: "s2"})
+	if err != nil || len(rep.Moved) != 0 || !strings.Contains(rep.Failed[s.client.String()], "fault injected") {
+		t.Fatalf("migrate: %v (report %+v), want the flow failed at the commit", err, rep)
+	}
+	s.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := s.c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("the connection lives on (read %d bytes) with nobody to serve it", n)
+	}
+	s.c.Close()
+	eventually(t, 20*time.Second, "the flow's rules to go", func() (bool, string) {
+		e1, e2 := flowElems(t, bed.S1, s.client, ""), flowElems(t, bed.S2, s.client, "")
+		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
+	})
+}
