@@ -248,8 +248,9 @@ type msgConn struct {
 
 	wmu sync.Mutex
 
-	buf   []byte // received, not yet parsed
-	pos   int64  // stream offset of buf[0]
+	buf   []byte // received; buf[off:] not yet parsed
+	off   int    // frames before it are parsed: moved out once more is read
+	pos   int64  // stream offset of buf[off]
 	recvd int64  // bytes received so far
 	chunk []byte
 	oob   []byte
@@ -338,19 +339,25 @@ func (c *msgConn) read() (*message, []int, error) {
 		c.oob = make([]byte, syscall.CmsgSpace(4*scmMaxFD))
 	}
 	for {
-		if len(c.buf) >= 4 {
-			n := binary.BigEndian.Uint32(c.buf)
+		if un := c.buf[c.off:]; len(un) >= 4 {
+			n := binary.BigEndian.Uint32(un)
 			if n > maxFrame {
 				return nil, nil, fmt.Errorf("%w: frame of %d bytes announced, the limit is %d", ErrProtocol, n, maxFrame)
 			}
-			if uint32(len(c.buf)-4) >= n {
-				m, fds, err := c.parse(c.buf[4 : 4+n])
-				rest := copy(c.buf, c.buf[4+n:])
-				c.buf = c.buf[:rest]
+			if uint32(len(un)-4) >= n {
+				// parse copies what it keeps: the frame's bytes may be
+				// overwritten by the next read.
+				m, fds, err := c.parse(un[4 : 4+n])
+				c.off += int(4 + n)
 				c.pos += int64(4 + n)
 				return m, fds, err
 			}
 		}
+		// Move the unparsed bytes to the front once per read, not once
+		// per frame (a read of many small frames would copy its rest
+		// again for each).
+		rest := copy(c.buf, c.buf[c.off:])
+		c.buf, c.off = c.buf[:rest], 0
 		n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.chunk, c.oob)
 		n, oobn = max(n, 0), max(oobn, 0) // -1 on some errors
 		c.recvd += int64(n)
