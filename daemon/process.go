@@ -54,10 +54,35 @@ type procMode struct {
 	flows map[app.Tuple]migrate.Flow
 	// in are the migrations arriving here, by transaction.
 	in map[uint64]*procIn
+	// leaving are the processes migrating away from here, by pid, with
+	// the peer each goes to: a process moves in one migration at a time.
+	leaving map[int]string
 }
 
 func newProcMode() *procMode {
-	return &procMode{flows: map[app.Tuple]migrate.Flow{}, in: map[uint64]*procIn{}}
+	return &procMode{flows: map[app.Tuple]migrate.Flow{}, in: map[uint64]*procIn{}, leaving: map[int]string{}}
+}
+
+// leave marks the processes of tree as migrating to peer to, unless one of
+// them already is; the function it returns unmarks them.
+func (p *procMode) leave(tree []int, to string) (done func(), err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, pid := range tree {
+		if other, ok := p.leaving[pid]; ok {
+			return nil, fmt.Errorf("process %d is already migrating to %s", pid, other)
+		}
+	}
+	for _, pid := range tree {
+		p.leaving[pid] = to
+	}
+	return func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, pid := range tree {
+			delete(p.leaving, pid)
+		}
+	}, nil
 }
 
 // criuOpts is how the daemon runs CRIU.
@@ -286,6 +311,11 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if err != nil {
 		return err
 	}
+	done, err := d.proc.leave(tree, r.To)
+	if err != nil {
+		return err
+	}
+	defer done()
 	socks, err := d.procSockets(ctx, tree)
 	if err != nil {
 		return err

@@ -549,3 +549,62 @@ func markedIn(t *testing.T, h *testbed.Host, exe string) []int {
 	}
 	return pids
 }
+
+// TestProcessOneMigrationAtATime: two migrations of the same process
+// asked for at once (to s2 and to s3): the second is refused, the first
+// moves it, and its client never notices. (Both used to go ahead: two
+// live copies of the process, or one migration's abort thawing the
+// other's frozen sockets.)
+func TestProcessOneMigrationAtATime(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	loop := startGoLoop(t, gc)
+	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	targets := []*testbed.Host{bed.S2, bed.S3}
+	reps := make([]*admin.ProcessReport, len(targets))
+	errs := make([]error, len(targets))
+	var wg sync.WaitGroup
+	for i, to := range targets {
+		wg.Go(func() {
+			time.Sleep(time.Duration(i) * 20 * time.Millisecond)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			reps[i], errs[i] = p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: to.Name}, nil)
+		})
+	}
+	wg.Wait()
+	moved := -1
+	for i := range targets {
+		switch {
+		case errs[i] == nil && reps[i] != nil && !reps[i].Aborted:
+			if moved >= 0 {
+				t.Fatalf("both migrations moved the process: %+v, %+v", reps[0], reps[1])
+			}
+			moved = i
+			r.PID = reps[i].NewPID
+		case !strings.Contains(fmt.Sprint(errs[i], reps[i]), "already migrating"):
+			t.Errorf("migration to %s: %v (report %+v); want it moved, or refused as already migrating", targets[i].Name, errs[i], reps[i])
+		}
+	}
+	if moved < 0 {
+		t.Fatalf("neither migration moved the process: %v, %v", errs, reps)
+	}
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to go on", func() (bool, string) { return loop.count() > before+100, fmt.Sprint(loop.count() - before) })
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	for _, h := range []*testbed.Host{bed.S1, bed.S2, bed.S3} {
+		if pid := pool.ListenerPID(h, r.Port); (pid > 0) != (h == targets[moved]) {
+			t.Errorf("%s: listener pid %d; the process should listen on %s alone", h.Name, pid, targets[moved].Name)
+		}
+	}
+}
