@@ -146,6 +146,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
 	}
+	if cfg.Role == "server" {
+		d.cleanImageDirs() // before the peer server can start a migration
+	}
 	if d.inject, err = repair.NewInjector(); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
@@ -196,6 +199,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if d.apps != nil {
 		serve("reaper", func() error { d.reap(ctx); return nil })
 		go d.checkCRIU(ctx)
+		defer d.dropIncoming()
 	}
 	log.Info("mtcpd running", "name", cfg.Name, "role", cfg.Role, "steering", cfg.Steering, "peer_listen", cfg.PeerListen, "admin", cfg.AdminSocket)
 

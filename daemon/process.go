@@ -105,15 +105,47 @@ func (d *Daemon) checkCRIU(ctx context.Context) {
 	d.log.Info("process mode available", "criu", v.String(), "pages", d.cfg.ProcessPages)
 }
 
-// imageDir makes a directory for a checkpoint on a tmpfs when there is
-// one: the images are read once, right away, and must not outlive a
-// reboot.
-func imageDir(prefix string) (string, error) {
-	base := os.TempDir()
+// imageBase is where checkpoints go: a tmpfs when there is one, as the
+// images are read once, right away, and must not outlive a reboot.
+func imageBase() string {
 	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
-		base = "/dev/shm"
+		return "/dev/shm"
 	}
-	return os.MkdirTemp(base, prefix)
+	return os.TempDir()
+}
+
+// imageDir makes a directory for a checkpoint arriving (kind "in") or
+// leaving (kind "out"), named after this daemon so that its next start
+// finds what a crash left (cleanImageDirs).
+func (d *Daemon) imageDir(kind string) (string, error) {
+	return os.MkdirTemp(imageBase(), "mtcp-"+kind+"-"+d.cfg.Name+"-")
+}
+
+// cleanImageDirs removes the checkpoint directories an earlier run of
+// this daemon left (it died during a process migration): none of its
+// migrations is under way at start. An eager checkpoint holds a whole
+// process's memory, on a tmpfs.
+func (d *Daemon) cleanImageDirs() {
+	for _, kind := range []string{"in", "out"} {
+		left, _ := filepath.Glob(filepath.Join(imageBase(), "mtcp-"+kind+"-"+d.cfg.Name+"-*"))
+		for _, dir := range left {
+			if err := os.RemoveAll(dir); err != nil {
+				d.log.Warn("removing a checkpoint an earlier run left", "dir", dir, "err", err)
+				continue
+			}
+			d.log.Info("removed a checkpoint an earlier run left", "dir", dir)
+		}
+	}
+}
+
+// dropIncoming removes the image directories of the process migrations
+// still arriving here as the daemon stops.
+func (d *Daemon) dropIncoming() {
+	d.proc.mu.Lock()
+	defer d.proc.mu.Unlock()
+	for _, in := range d.proc.in {
+		os.RemoveAll(in.dir)
+	}
 }
 
 // procSocket is one TCP connection of a migrating process.
@@ -346,7 +378,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		return err
 	}
 	defer pages.Close()
-	dir, err := imageDir("mtcp-out-")
+	dir, err := d.imageDir("out")
 	if err != nil {
 		finish(err.Error())
 		return err

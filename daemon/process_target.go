@@ -86,7 +86,7 @@ func (d *Daemon) ProcessPrepare(ctx context.Context, from string, r *peer.Proces
 			return err
 		}
 	}
-	dir, err := imageDir("mtcp-in-")
+	dir, err := d.imageDir("in")
 	if err != nil {
 		return err
 	}
@@ -268,6 +268,12 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 					"from", from, "tx", r.TxID, "pid", res.PID, "err", err)
 			}
 			in.endLazy(err)
+			if err != nil {
+				// Its source is gone or gave up: the migration ends
+				// here, with its rules and images, as an abort (a
+				// commit would have come after the last page).
+				d.ProcessFinish(context.Background(), from, &peer.ProcessFinishRequest{TxID: r.TxID, Reason: "the memory pages stopped coming"})
+			}
 		}()
 	}
 	rep.PID, rep.Restore = res.PID, res.Took

@@ -520,6 +520,15 @@ int main(void) {
 		pids := markedIn(t, bed.S2, bin)
 		return len(pids) == 0, fmt.Sprintf("%v alive in s2", pids)
 	})
+	// Nothing is left of the checkpoint: s2 dropped what arrived, and
+	// s1's mtcpd, started again, removes what its crash left.
+	p.RestartDaemon(bed.S1)
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		eventually(t, 15*time.Second, h.Name+"'s checkpoints to go", func() (bool, string) {
+			left, _ := filepath.Glob("/dev/shm/mtcp-*-" + h.Name + "-*")
+			return len(left) == 0, fmt.Sprint(left)
+		})
+	}
 }
 
 // markedIn lists the processes in h's network namespace that run the

@@ -370,18 +370,22 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 }
 
 // RestartDaemon stops h's mtcpd (SIGTERM, as an operator would) and starts
-// it again with the same configuration; the applications stay up and
-// reconnect to it.
+// it again with the same configuration, or just starts it if it died; the
+// applications stay up and reconnect to it.
 func (p *Pool) RestartDaemon(h *testbed.Host) {
 	p.t.Helper()
 	name := "mtcpd-" + h.Name
-	if err := p.Signal(name, syscall.SIGTERM); err != nil {
-		p.t.Fatalf("stop %s: %v", name, err)
-	}
 	select {
-	case <-p.ended[name]:
-	case <-time.After(15 * time.Second):
-		p.t.Fatalf("%s did not exit on SIGTERM", name)
+	case <-p.ended[name]: // dead already (a fault injected a crash)
+	default:
+		if err := p.Signal(name, syscall.SIGTERM); err != nil {
+			p.t.Fatalf("stop %s: %v", name, err)
+		}
+		select {
+		case <-p.ended[name]:
+		case <-time.After(15 * time.Second):
+			p.t.Fatalf("%s did not exit on SIGTERM", name)
+		}
 	}
 	cfg := filepath.Join(p.hostDir(h), "mtcpd.yaml")
 	p.Spawn(h, name, p.Bin(h, "mtcpd"), "-config", cfg)
