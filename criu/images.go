@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	criucore "github.com/checkpoint-restore/go-criu/v7/crit/images/criu-core"
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
 	tcpstream "github.com/checkpoint-restore/go-criu/v7/crit/images/tcp-stream"
 	"github.com/checkpoint-restore/go-criu/v7/magic"
@@ -25,6 +26,7 @@ var (
 	magicCommon = uint32(magics.ByName["IMG_COMMON"])
 	magicFiles  = uint32(magics.ByName["FILES"])
 	magicTCP    = uint32(magics.ByName["TCP_STREAM"])
+	magicCore   = uint32(magics.ByName["CORE"])
 )
 
 // CRIU's definitions may drop a field that go-criu's older ones require:
@@ -63,12 +65,7 @@ func Rewrite(dir string, addrs map[netip.Addr]netip.Addr) (int, error) {
 	if n == 0 {
 		return 0, nil
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, out, 0o600); err != nil {
-		return 0, &OpError{Op: "rewrite", Err: err}
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
+	if err := replaceFile(path, out); err != nil {
 		return 0, &OpError{Op: "rewrite", Err: err}
 	}
 	return n, nil
@@ -217,12 +214,7 @@ func AdvanceClocks(dir string, d time.Duration) (int, error) {
 		if !changed {
 			continue
 		}
-		tmp := path + ".tmp"
-		if err := os.WriteFile(tmp, out, 0o600); err != nil {
-			return n, &OpError{Op: "advance clocks", Err: err}
-		}
-		if err := os.Rename(tmp, path); err != nil {
-			os.Remove(tmp)
+		if err := replaceFile(path, out); err != nil {
 			return n, &OpError{Op: "advance clocks", Err: err}
 		}
 		n++
@@ -349,3 +341,88 @@ type Socket struct {
 
 // writeFile writes a whole file (tests, and the daemon's received images).
 func writeFile(path string, b []byte) error { return os.WriteFile(path, b, 0o600) }
+
+// ClearDeathSignals clears the parent-death signal (prctl
+// PR_SET_PDEATHSIG) of every thread in the checkpoint in dir, and returns
+// how many it changed. The signal names the death of the process's parent
+// on the source, which stays there; restored, the process's parent is
+// whoever ran the restore (mtcpd, CRIU's restore sibling), and a restart
+// of that must not kill it (`unshare --fork --kill-child`, which README
+// suggests for starting a process to migrate, sets SIGKILL).
+func ClearDeathSignals(dir string) (int, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, &OpError{Op: "clear death signals", Err: err}
+	}
+	n := 0
+	for _, e := range ents {
+		if !e.Type().IsRegular() || !strings.HasPrefix(e.Name(), "core-") || !strings.HasSuffix(e.Name(), ".img") {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return n, &OpError{Op: "clear death signals", Err: err}
+		}
+		out, changed, err := clearDeathSignal(b)
+		if err != nil {
+			return n, &OpError{Op: "clear death signals", Err: fmt.Errorf("%s: %w", path, err)}
+		}
+		if !changed {
+			continue
+		}
+		if err := replaceFile(path, out); err != nil {
+			return n, &OpError{Op: "clear death signals", Err: err}
+		}
+		n++
+	}
+	return n, nil
+}
+
+// clearDeathSignal rewrites one core image's entry, keeping what follows.
+func clearDeathSignal(b []byte) ([]byte, bool, error) {
+	if len(b) < 12 || binary.LittleEndian.Uint32(b) != magicCommon && binary.LittleEndian.Uint32(b) != magicCore {
+		return nil, false, errors.New("not a CRIU core image (bad magic)")
+	}
+	// Core images have the image's own magic only.
+	hdr := 4
+	if binary.LittleEndian.Uint32(b) == magicCommon {
+		if binary.LittleEndian.Uint32(b[4:]) != magicCore {
+			return nil, false, errors.New("not a CRIU core image (bad magic)")
+		}
+		hdr = 8
+	}
+	size := binary.LittleEndian.Uint32(b[hdr:])
+	if uint64(size) > uint64(len(b)-hdr-4) {
+		return nil, false, fmt.Errorf("entry of %d bytes, %d left", size, len(b)-hdr-4)
+	}
+	var ce criucore.CoreEntry
+	if err := partial.Unmarshal(b[hdr+4:hdr+4+int(size)], &ce); err != nil {
+		return nil, false, fmt.Errorf("core entry: %w", err)
+	}
+	if ce.ThreadCore == nil || ce.ThreadCore.GetPdeathSig() == 0 {
+		return b, false, nil
+	}
+	ce.ThreadCore.PdeathSig = nil
+	nb, err := partialOut.Marshal(&ce)
+	if err != nil {
+		return nil, false, err
+	}
+	out := append(make([]byte, 0, len(b)), b[:hdr]...)
+	out = binary.LittleEndian.AppendUint32(out, uint32(len(nb)))
+	out = append(out, nb...)
+	return append(out, b[hdr+4+int(size):]...), true, nil
+}
+
+// replaceFile writes b to path through a temporary file and a rename.
+func replaceFile(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}

@@ -261,6 +261,24 @@ func (d *Daemon) procSockets(ctx context.Context, tree []int) ([]procSocket, err
 		f, ok := d.proc.flows[t]
 		d.proc.mu.Unlock()
 		if !ok {
+			// Came here before a restart of this daemon, which found
+			// it again from its reply rewrite (reconcile) but could
+			// not tell a process's connection from an application's:
+			// it is this process's.
+			d.mu.Lock()
+			if f, ok = d.moved[t]; ok {
+				delete(d.moved, t)
+				delete(d.adopted, t)
+				d.movedChanged()
+			}
+			d.mu.Unlock()
+			if ok {
+				d.proc.mu.Lock()
+				d.proc.flows[t] = f
+				d.proc.mu.Unlock()
+			}
+		}
+		if !ok {
 			f = migrate.Flow{Client: c.Remote, Service: c.Local}
 		}
 		out = append(out, procSocket{conn: c, owner: mine[0], flow: f})

@@ -203,6 +203,11 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	if _, err := criu.AdvanceClocks(in.dir, r.Age+time.Since(t0)+clockMargin); err != nil {
 		return nil, err
 	}
+	// Restored, the process is this daemon's child: a restart of the
+	// daemon must not be the parent death it was told to die of.
+	if _, err := criu.ClearDeathSignals(in.dir); err != nil {
+		return nil, err
+	}
 	// The reply rewrites go in before the restore: the restored sockets
 	// send (a window probe when they leave repair mode) at once, and a
 	// segment from this host's own address would make the client answer

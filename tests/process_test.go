@@ -617,3 +617,51 @@ func TestProcessOneMigrationAtATime(t *testing.T) {
 		}
 	}
 }
+
+// TestProcessTargetRestart: mtcpd restarts on the server a process moved
+// to. The process lives on (restored, it is mtcpd's child, and redis
+// here was started with a parent-death signal, by unshare --kill-child),
+// its client is served on, and the next migration takes its connection
+// for what it is, one whose client dialled s1 (it went to s3 as a
+// connection of s2's own before), and leaves nothing of it on s2.
+func TestProcessTargetRestart(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	loop := startGoLoop(t, gc)
+	progress := func(when string) {
+		t.Helper()
+		before := loop.count()
+		eventually(t, 10*time.Second, "the client to be served "+when, func() (bool, string) {
+			return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+		})
+	}
+	progress("at first")
+	r.MigrateProcess(bed.S2)
+	progress("on s2")
+	p.RestartDaemon(bed.S2)
+	progress("after s2's mtcpd restarted")
+	if pool.ListenerPID(bed.S2, r.Port) != r.PID {
+		t.Fatalf("redis (pid %d) no longer listens on s2 after its mtcpd restarted", r.PID)
+	}
+	r.MigrateProcess(bed.S3)
+	progress("on s3")
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
+		t.Errorf("s2 keeps rules of a connection that left it: %v", e)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
