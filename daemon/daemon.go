@@ -154,8 +154,13 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer d.inject.Close()
 
-	ctx, cancel := context.WithCancel(ctx)
+	// The services run until the admin requests under way when the
+	// daemon is told to stop have finished (see ShutdownGrace).
+	stopping := ctx
+	ctx, cancel := context.WithCancel(context.WithoutCancel(stopping))
 	defer cancel()
+	policyCtx, stopPolicy := context.WithCancel(ctx)
+	defer stopPolicy()
 	var wg sync.WaitGroup
 	errc := make(chan error, 16) // one per serve, at most
 	serve := func(name string, fn func() error) {
@@ -184,7 +189,12 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 
 	hs := admin.NewServer(ctx, d.adminHandler())
-	serve("admin", func() error { return hs.Serve(adm) })
+	serve("admin", func() error {
+		if err := hs.Serve(adm); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
 	if mln != nil {
 		ms := &http.Server{Handler: metricsHandler()}
 		serve("metrics", func() error { return ms.Serve(mln) })
@@ -195,7 +205,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		serve("moved-in file", func() error { d.saveMoved(ctx); return nil })
 	}
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
-	serve("policy", func() error { d.runPolicy(ctx); return nil })
+	serve("policy", func() error { d.runPolicy(policyCtx); return nil })
 	if d.apps != nil {
 		serve("reaper", func() error { d.reap(ctx); return nil })
 		go d.checkCRIU(ctx)
@@ -203,7 +213,21 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	log.Info("mtcpd running", "name", cfg.Name, "role", cfg.Role, "steering", cfg.Steering, "peer_listen", cfg.PeerListen, "admin", cfg.AdminSocket)
 
-	<-ctx.Done()
+	select {
+	case <-stopping.Done():
+		// A migration or drain under way finishes rather than stop
+		// half-way (a process left stopped at the source, or a lazy
+		// one's pages cut off on the target); nothing new starts.
+		stopPolicy()
+		log.Info("stopping: letting the admin requests under way finish", "grace", ShutdownGrace)
+		sctx, scancel := context.WithTimeout(context.Background(), ShutdownGrace)
+		if err := hs.Shutdown(sctx); err != nil {
+			log.Warn("stopping: admin requests still under way after the grace are cancelled", "err", err)
+		}
+		scancel()
+		cancel()
+	case <-ctx.Done(): // a service failed
+	}
 	hs.Close()
 	wg.Wait()
 	d.closePeers()
@@ -223,6 +247,10 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	return errors.Join(errs...)
 }
+
+// ShutdownGrace is how long a stopping mtcpd lets the admin requests under
+// way (migrations, drains) finish before it cancels them.
+const ShutdownGrace = 30 * time.Second
 
 // reconcile clears what a previous run may have left: holds (nothing is
 // migrating at start; a hold left in place would black-hole its flow) and

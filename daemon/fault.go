@@ -24,6 +24,8 @@ import (
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
+//	restore-delay=D  the target of a process migration waits D before it
+//	                 restores (the source's process stays stopped meanwhile)
 //	orphan-after=D   transactions of other daemons left without their end
 //	                 (see expire.go) expire after D instead of
 //	                 OrphanTimeout; for tests

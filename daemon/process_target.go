@@ -144,6 +144,11 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	}
 	rep := &peer.ProcessRestoreReply{}
+	if delay, err := faultDuration("restore-delay"); err != nil {
+		return nil, err
+	} else if delay > 0 {
+		time.Sleep(delay)
+	}
 	t0 := time.Now()
 	if r.Age < 0 {
 		return nil, fmt.Errorf("process migration %d: negative checkpoint age %v", r.TxID, r.Age)

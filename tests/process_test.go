@@ -665,3 +665,56 @@ func TestProcessTargetRestart(t *testing.T) {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
+
+// TestProcessSourceStopsMidMigration: the source's mtcpd is told to stop
+// (SIGTERM, as for an upgrade) while a process migration is under way,
+// the target still restoring (MTCP_FAULT=restore-delay on s2): the
+// daemon lets the migration finish before it exits, rather than leave the
+// process stopped at the source with its connections held.
+func TestProcessSourceStopsMidMigration(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=1500ms"}}})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	loop := startGoLoop(t, gc)
+	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	type result struct {
+		rep *admin.ProcessReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+		done <- result{rep, err}
+	}()
+	time.Sleep(500 * time.Millisecond) // s2 sits in its restore delay, the process stopped here
+	if err := p.Signal("mtcpd-s1", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	if res.err != nil || res.rep == nil || res.rep.Aborted {
+		t.Fatalf("the migration under way when s1's mtcpd was told to stop: %v (report %+v)", res.err, res.rep)
+	}
+	old := r.PID
+	r.Host, r.PID = bed.S2, res.rep.NewPID
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to be served from s2", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", old)); err == nil {
+		t.Errorf("the source's copy (pid %d) is still there", old)
+	}
+	p.RestartDaemon(bed.S1) // exited once the migration was done
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+}
