@@ -26,6 +26,8 @@ import (
 //	                 fetches the process's memory from it
 //	restore-delay=D  the target of a process migration waits D before it
 //	                 restores (the source's process stays stopped meanwhile)
+//	restore-deadline=D  the source of a process migration gives the
+//	                 target's restore D instead of a minute
 //	orphan-after=D   transactions of other daemons left without their end
 //	                 (see expire.go) expire after D instead of
 //	                 OrphanTimeout; for tests

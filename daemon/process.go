@@ -414,7 +414,10 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 
 	holdStart := time.Now()
 	if len(flows) > 0 {
-		if err := (steering{d}).Hold(ctx, flows); err != nil {
+		hctx, hcancel := context.WithTimeout(ctx, procHoldDeadline)
+		err := (steering{d}).Hold(hctx, flows)
+		hcancel()
+		if err != nil {
 			(steering{d}).Unhold(context.WithoutCancel(ctx), flows)
 			finish(err.Error())
 			return fmt.Errorf("hold: %w", err)
@@ -447,7 +450,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 
 	dumpStart := time.Now()
-	res, err := pd.Run(ctx)
+	dctx, dcancel := context.WithTimeout(ctx, procDumpDeadline)
+	res, err := pd.Run(dctx)
+	dcancel()
 	if err != nil {
 		pages.Close()
 		return abort(err)
@@ -519,7 +524,13 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	req.Rewrite = append(req.Rewrite, d.cfg.ServiceAddrs...)
 	req.Age = time.Since(dumpStart)
-	rr, err := c.ProcessRestore(ctx, req)
+	restoreWithin, err := faultDuration("restore-deadline")
+	if err != nil || restoreWithin == 0 {
+		restoreWithin = procRestoreDeadline
+	}
+	rctx, rcancel := context.WithTimeout(ctx, restoreWithin)
+	rr, err := c.ProcessRestore(rctx, req)
+	rcancel()
 	if err != nil {
 		return abort(fmt.Errorf("restore on %s: %w", r.To, err))
 	}
@@ -528,7 +539,10 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	phase(admin.PhaseRestore, rr.Restore)
 
 	t0 = time.Now()
-	if err := d.switchProcess(ctx, flows, pcfg); err != nil {
+	sctx, scancel := context.WithTimeout(ctx, procSwitchDeadline)
+	err = d.switchProcess(sctx, flows, pcfg)
+	scancel()
+	if err != nil {
 		// Steer back whatever moved: to this host's address, which is
 		// where the flows went before.
 		var back []error
@@ -595,6 +609,17 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	return nil
 }
+
+// Deadlines of a process migration's phases on the source: a hung CRIU
+// or a stalled target must not keep the process stopped and its
+// connections held for good. The transfer of an eager migration's pages
+// has none but the request's: it takes as long as the memory needs.
+const (
+	procHoldDeadline    = 10 * time.Second
+	procDumpDeadline    = time.Minute
+	procRestoreDeadline = time.Minute // the images' transfer included
+	procSwitchDeadline  = 10 * time.Second
+)
 
 // lazyPagesTimeout bounds how long the pages of a lazy migration may take
 // to reach the target after the switch.

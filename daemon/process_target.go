@@ -21,15 +21,16 @@ import (
 
 // procIn is a process migration arriving here.
 type procIn struct {
-	from    string
-	name    string
-	dir     string     // the checkpoint (tmpfs)
-	pages   chan error // the pages stream's outcome, once
-	started bool       // a pages stream was opened
-	pid     int        // the restored process, once restored
-	rules   []nat.Flow // flows given a reply rewrite here
-	flows   map[app.Tuple]migrate.Flow
-	expire  *time.Timer // discards the migration if the source vanishes
+	from     string
+	name     string
+	dir      string     // the checkpoint (tmpfs)
+	pages    chan error // the pages stream's outcome, once
+	started  bool       // a pages stream was opened
+	pid      int        // the restored process, once restored (d.proc.mu)
+	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
+	finished bool       // ProcessFinish ended it (d.proc.mu)
+	flows    map[app.Tuple]migrate.Flow
+	expire   *time.Timer // discards the migration if the source vanishes
 
 	// A lazy (post-copy) migration: the pages stream is handed to a
 	// lazy-pages daemon, which lives on after the restore until the
@@ -148,6 +149,12 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	} else if delay > 0 {
 		time.Sleep(delay)
+		d.proc.mu.Lock()
+		finished := in.finished
+		d.proc.mu.Unlock()
+		if finished {
+			return nil, errAbortedMeanwhile
+		}
 	}
 	t0 := time.Now()
 	if r.Age < 0 {
@@ -218,6 +225,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	// segment from this host's own address would make the client answer
 	// with a RST.
 	var b nat.Batch
+	var rules []nat.Flow
 	for _, pf := range r.Flows {
 		f := migrate.Flow{Client: pf.Flow.Client, Service: pf.Flow.Service}
 		local := pf.Local
@@ -226,14 +234,20 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		}
 		if local.Addr().Unmap() != f.Service.Addr().Unmap() {
 			b.ReplyFrom(natFlow(f), local)
-			in.rules = append(in.rules, natFlow(f))
+			rules = append(rules, natFlow(f))
 			in.flows[app.Tuple{Local: local, Remote: f.Client}] = f
 		}
 	}
 	if b.Len() > 0 {
 		if err := d.nat.Apply(&b); err != nil {
-			in.rules = nil
 			return nil, fmt.Errorf("installing reply rewrites: %w", err)
+		}
+		d.proc.mu.Lock()
+		in.rules = rules
+		finished := in.finished
+		d.proc.mu.Unlock()
+		if finished {
+			return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
 		}
 	}
 	prepared := time.Since(t0)
@@ -289,7 +303,13 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	rep.PID, rep.Restore = res.PID, res.Took
 	d.proc.mu.Lock()
 	in.pid = res.PID
+	finished := in.finished
 	d.proc.mu.Unlock()
+	if finished {
+		// The source gave up (its deadline) while CRIU restored: what
+		// the restore made goes, as the abort would have done.
+		return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
+	}
 	// The restored process is this daemon's child (CRIU's restore
 	// sibling): reap it when it exits.
 	if p, err := os.FindProcess(res.PID); err == nil {
@@ -312,6 +332,9 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
 	}
 	delete(d.proc.in, r.TxID)
+	if ok {
+		in.finished = true
+	}
 	if ok && r.Commit {
 		for t, f := range in.flows {
 			d.proc.flows[t] = f
@@ -343,16 +366,34 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	if r.Commit {
 		return nil
 	}
+	err := d.undoRestore(in)
+	d.log.Info("process migration aborted", "from", from, "tx", r.TxID, "reason", r.Reason)
+	return err
+}
+
+// errAbortedMeanwhile: the source ended a migration while its restore
+// was under way here.
+var errAbortedMeanwhile = errors.New("the migration was aborted while the process was being restored")
+
+// undoRestore removes what the restore of an aborted migration made:
+// its reply rewrites, and the restored process (killed after them, so
+// that what it sends on dying cannot reach the client as the service).
+// Each is taken once.
+func (d *Daemon) undoRestore(in *procIn) error {
+	d.proc.mu.Lock()
+	rules, pid := in.rules, in.pid
+	in.rules, in.pid = nil, 0
+	d.proc.mu.Unlock()
 	var errs []error
-	if len(in.rules) > 0 {
+	if len(rules) > 0 {
 		var b nat.Batch
-		for _, f := range in.rules {
+		for _, f := range rules {
 			b.Remove(f)
 		}
 		errs = append(errs, d.nat.Apply(&b))
 	}
-	if in.pid > 0 {
-		if tree, err := treeOf(in.pid); err == nil {
+	if pid > 0 {
+		if tree, err := treeOf(pid); err == nil {
 			for _, p := range tree {
 				if err := signal(p, syscall.SIGKILL); err != nil {
 					errs = append(errs, err)
@@ -360,6 +401,5 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 			}
 		}
 	}
-	d.log.Info("process migration aborted", "from", from, "tx", r.TxID, "reason", r.Reason)
 	return errors.Join(errs...)
 }

@@ -718,3 +718,50 @@ func TestProcessSourceStopsMidMigration(t *testing.T) {
 		t.Fatalf("client: %v", err)
 	}
 }
+
+// TestProcessRestoreDeadline: the target takes longer to restore than the
+// source gives it (MTCP_FAULT=restore-delay=3s on s2, restore-deadline=1s
+// on s1): the migration aborts, the process carries on at s1 with its
+// client, and s2, which learns of the abort while it waits, restores
+// nothing and keeps nothing of it.
+func TestProcessRestoreDeadline(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: map[string][]string{
+		"mtcpd-s1": {daemon.FaultEnv + "=restore-deadline=1s"},
+		"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=3s"}}})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	loop := startGoLoop(t, gc)
+	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+	if err == nil && (rep == nil || !rep.Aborted) {
+		t.Fatalf("the migration went ahead past its restore deadline: %+v", rep)
+	}
+	if took := time.Since(t0); took > 2500*time.Millisecond {
+		t.Errorf("the migration took %v to give up; its restore deadline is 1 s", took)
+	}
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to be served at s1 again", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	time.Sleep(3 * time.Second) // past s2's delay
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
+		t.Errorf("s2 restored the process (pid %d) of an aborted migration", pid)
+	}
+	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
+		t.Errorf("s2 keeps rules of an aborted migration: %v", e)
+	}
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+}
