@@ -688,7 +688,8 @@ func (s *server) run(c *served, snapshot []byte) {
 
 		var next []byte
 		var err error
-		if ex == nil {
+		ran := ex == nil
+		if ran {
 			next, err = s.serveOne(ctx, w, snapshot)
 		} else {
 			// Asked again while resuming: the snapshot is still current.
@@ -701,9 +702,10 @@ func (s *server) run(c *served, snapshot []byte) {
 		ex = c.export
 		c.cancel, c.w = nil, nil
 		exporting := ex != nil && !w.closed.Load() && exportable(next, err) && s.ctx.Err() == nil
-		if exporting && next == nil {
+		if exporting && next == nil && ran {
 			// A handler that keeps no state returned just the error:
 			// its connection is not a fresh one (nil) for the next run.
+			// (One exported before its handler ever ran is, and stays.)
 			next = []byte{}
 		}
 		if !exporting {
@@ -825,7 +827,8 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 // frozenWait is how long an exported connection whose daemon link broke
 // may stay frozen before it is taken for gone: longer than a migration's
 // deadlines, in which its daemon thaws it if the migration fails.
-// frozenPoll is how often it is looked at meanwhile.
+// frozenPoll is how soon it is first looked at again (then less and less
+// often, up to once a second).
 const frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
 
 // afterLinkLoss decides what becomes of exported connection c once the
@@ -840,6 +843,7 @@ const frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
 // nothing).
 func (s *server) afterLinkLoss(c *served) string {
 	deadline := time.Now().Add(frozenWait)
+	poll := frozenPoll
 	for {
 		frozen, err := repair.InRepair(c.tc)
 		if err != nil || !frozen {
@@ -853,8 +857,10 @@ func (s *server) afterLinkLoss(c *served) string {
 		select {
 		case <-s.ctx.Done():
 			return "shutdown"
-		case <-time.After(frozenPoll):
+		case <-time.After(poll):
 		}
+		// Thousands of connections may wait so after a daemon crash.
+		poll = min(2*poll, time.Second)
 	}
 }
 

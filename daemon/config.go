@@ -145,11 +145,24 @@ func ParseConfig(b []byte) (*Config, error) {
 	return &c, c.validate()
 }
 
+// validName reports whether a server name is made of letters, digits,
+// '-' and '.', as a DNS name is.
+func validName(s string) bool {
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return s != ""
+}
+
 func (c *Config) validate() error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if c.Name == "" {
 		bad("name: missing (this server's identity, as in its certificate)")
+	} else if !validName(c.Name) {
+		bad("name: %q: letters, digits, '-' and '.' only (it names certificates and files)", c.Name)
 	}
 	if c.Role != "server" && c.Role != "gateway" {
 		bad("role: %q is not server or gateway", c.Role)

@@ -45,6 +45,7 @@ func TestParseConfig(t *testing.T) {
 		{"bad address", strings.Replace(goodConfig, "10.77.2.11,", "10.77.2.300,", 1), "10.77.2.300"},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: /etc/mtcp/ca.pem, ", "tls: {", 1), "tls: ca, cert and key"},
 		{"bad steering", goodConfig + "steering: sideways\n", `steering: "sideways"`},
+		{"bad name", strings.Replace(goodConfig, "name: s1\n", "name: s1/../x\n", 1), `name: "s1/../x": letters, digits`},
 		{"bad process pages", goodConfig + "process_pages: later\n", `process_pages: "later" is not lazy or eager`},
 		{"gateway unknown", goodConfig + "steering: gateway\ngateway: gw\n", `"gw" is not one of the peers`},
 		{"peer_listen not host:port", strings.Replace(goodConfig, "peer_listen: 10.77.3.11:7700", "peer_listen: localhost", 1), "peer_listen: \"localhost\" is not host:port"},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"net"
 	"net/netip"
 	"os"
@@ -118,7 +119,20 @@ func imageBase() string {
 // leaving (kind "out"), named after this daemon so that its next start
 // finds what a crash left (cleanImageDirs).
 func (d *Daemon) imageDir(kind string) (string, error) {
-	return os.MkdirTemp(imageBase(), "mtcp-"+kind+"-"+d.cfg.Name+"-")
+	return os.MkdirTemp(imageBase(), checkpointPrefix(kind, d.cfg.Name, d.cfg.AdminSocket))
+}
+
+// checkpointPrefix names the checkpoint directories of the daemon name
+// whose admin socket is adminSocket: several daemons of one name may
+// share a machine's /dev/shm (test beds in network namespaces).
+func checkpointPrefix(kind, name, adminSocket string) string {
+	return fmt.Sprintf("mtcp-%s-%s-%08x-", kind, name, crc32.ChecksumIEEE([]byte(adminSocket)))
+}
+
+// CheckpointGlob matches the process-mode checkpoint directories, arriving
+// or leaving, of the daemon name whose admin socket is adminSocket.
+func CheckpointGlob(name, adminSocket string) string {
+	return filepath.Join(imageBase(), checkpointPrefix("*", name, adminSocket)+"*")
 }
 
 // cleanImageDirs removes the checkpoint directories an earlier run of
@@ -126,15 +140,13 @@ func (d *Daemon) imageDir(kind string) (string, error) {
 // migrations is under way at start. An eager checkpoint holds a whole
 // process's memory, on a tmpfs.
 func (d *Daemon) cleanImageDirs() {
-	for _, kind := range []string{"in", "out"} {
-		left, _ := filepath.Glob(filepath.Join(imageBase(), "mtcp-"+kind+"-"+d.cfg.Name+"-*"))
-		for _, dir := range left {
-			if err := os.RemoveAll(dir); err != nil {
-				d.log.Warn("removing a checkpoint an earlier run left", "dir", dir, "err", err)
-				continue
-			}
-			d.log.Info("removed a checkpoint an earlier run left", "dir", dir)
+	left, _ := filepath.Glob(CheckpointGlob(d.cfg.Name, d.cfg.AdminSocket))
+	for _, dir := range left {
+		if err := os.RemoveAll(dir); err != nil {
+			d.log.Warn("removing a checkpoint an earlier run left", "dir", dir, "err", err)
+			continue
 		}
+		d.log.Info("removed a checkpoint an earlier run left", "dir", dir)
 	}
 }
 

@@ -11,6 +11,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// getDefaultRcvBuf is a new TCP socket's SO_RCVBUF.
+func getDefaultRcvBuf() (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return getInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+}
+
 // sockInts reads SOL_SOCKET options of c.
 func sockInts(t testing.TB, c *net.TCPConn, opts ...int) []int {
 	t.Helper()
@@ -71,6 +81,27 @@ func TestBufferSizes(t *testing.T) {
 		got := sockInts(t, moved, unix.SO_BUF_LOCK, unix.SO_RCVBUF, unix.SO_SNDBUF)
 		if got[0] != bufLockRcv|bufLockSnd || got[1] != want[1] || got[2] != want[2] {
 			t.Fatalf("restored lock, rcvbuf, sndbuf %v, want %v", got, want)
+		}
+		echo(t, client, moved)
+	})
+	t.Run("set by the application to the default size", func(t *testing.T) {
+		// Sized before connect, the restored socket has that size
+		// already: it must be pinned all the same.
+		client, server := pair(t, pairOpts{network: "tcp4"})
+		def, err := getDefaultRcvBuf()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := server.SetReadBuffer(def / 2); err != nil {
+			t.Fatal(err)
+		}
+		want := sockInts(t, server, unix.SO_BUF_LOCK, unix.SO_RCVBUF)
+		if want[1] != def {
+			t.Skipf("SO_RCVBUF %d after asking for %d; the default is %d", want[1], def/2, def)
+		}
+		_, moved := migrateInPlace(t, "", server)
+		if got := sockInts(t, moved, unix.SO_BUF_LOCK, unix.SO_RCVBUF); got[0] != want[0] || got[1] != want[1] {
+			t.Fatalf("restored lock, rcvbuf %v, want %v", got, want)
 		}
 		echo(t, client, moved)
 	})

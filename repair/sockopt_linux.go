@@ -239,12 +239,16 @@ func bytesReceived(fd int) (uint64, error) {
 
 // mssClamp returns TCP_MAXSEG, which in repair mode reports the MSS clamp
 // negotiated in the handshake rather than the current MSS.
+// mssClamp reads the MSS clamp (in repair mode, TCP_MAXSEG gives it). A
+// peer may have announced less than the kernel ever sends in a segment
+// (minMSS): the clamp is raised to that, which the connection sent at
+// least anyway.
 func mssClamp(fd int) (uint32, error) {
 	v, err := getInt(fd, unix.SOL_TCP, unix.TCP_MAXSEG)
 	if err != nil {
 		return 0, fmt.Errorf("TCP_MAXSEG: %w", err)
 	}
-	return uint32(v), nil
+	return max(uint32(v), minMSS), nil
 }
 
 func timestamp(fd int) (uint32, error) {
@@ -535,7 +539,9 @@ func sizeBuffers(fd int, st *State) (plan bufPlan, err error) {
 			plan.setBack = append(plan.setBack, [2]int{b.force, int((want + 1) / 2)})
 		}
 	}
-	if touched {
+	if touched || o.RcvBufLock || o.SndBufLock {
+		// Sized before connect, a buffer may already have the size
+		// the application chose (the default one), unpinned.
 		plan.lock = 0
 		if o.RcvBufLock {
 			plan.lock |= bufLockRcv

@@ -525,7 +525,7 @@ int main(void) {
 	p.RestartDaemon(bed.S1)
 	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
 		eventually(t, 15*time.Second, h.Name+"'s checkpoints to go", func() (bool, string) {
-			left, _ := filepath.Glob("/dev/shm/mtcp-*-" + h.Name + "-*")
+			left, _ := filepath.Glob(daemon.CheckpointGlob(h.Name, filepath.Join(p.SocketDir(h), "admin.sock")))
 			return len(left) == 0, fmt.Sprint(left)
 		})
 	}
