@@ -193,33 +193,7 @@ func AdvanceClocks(dir string, d time.Duration) (int, error) {
 	if d < 0 {
 		return 0, &OpError{Op: "advance clocks", Err: fmt.Errorf("negative duration %v", d)}
 	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, &OpError{Op: "advance clocks", Err: err}
-	}
-	n := 0
-	for _, e := range ents {
-		if !e.Type().IsRegular() || !strings.HasPrefix(e.Name(), "tcp-stream-") || !strings.HasSuffix(e.Name(), ".img") {
-			continue
-		}
-		path := filepath.Join(dir, e.Name())
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return n, &OpError{Op: "advance clocks", Err: err}
-		}
-		out, changed, err := advanceClock(b, d)
-		if err != nil {
-			return n, &OpError{Op: "advance clocks", Err: fmt.Errorf("%s: %w", path, err)}
-		}
-		if !changed {
-			continue
-		}
-		if err := replaceFile(path, out); err != nil {
-			return n, &OpError{Op: "advance clocks", Err: err}
-		}
-		n++
-	}
-	return n, nil
+	return rewriteImages(dir, "tcp-stream-", "advance clocks", func(b []byte) ([]byte, bool, error) { return advanceClock(b, d) })
 }
 
 // advanceClock rewrites one tcp-stream image: its entry, then the queues'
@@ -350,29 +324,36 @@ func writeFile(path string, b []byte) error { return os.WriteFile(path, b, 0o600
 // of that must not kill it (`unshare --fork --kill-child`, which README
 // suggests for starting a process to migrate, sets SIGKILL).
 func ClearDeathSignals(dir string) (int, error) {
+	return rewriteImages(dir, "core-", "clear death signals", clearDeathSignal)
+}
+
+// rewriteImages passes each image of the checkpoint in dir whose name
+// starts with prefix through fn, replaces those fn changed, and returns
+// how many it changed; op names the work in errors.
+func rewriteImages(dir, prefix, op string, fn func([]byte) ([]byte, bool, error)) (int, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return 0, &OpError{Op: "clear death signals", Err: err}
+		return 0, &OpError{Op: op, Err: err}
 	}
 	n := 0
 	for _, e := range ents {
-		if !e.Type().IsRegular() || !strings.HasPrefix(e.Name(), "core-") || !strings.HasSuffix(e.Name(), ".img") {
+		if !e.Type().IsRegular() || !strings.HasPrefix(e.Name(), prefix) || !strings.HasSuffix(e.Name(), ".img") {
 			continue
 		}
 		path := filepath.Join(dir, e.Name())
 		b, err := os.ReadFile(path)
 		if err != nil {
-			return n, &OpError{Op: "clear death signals", Err: err}
+			return n, &OpError{Op: op, Err: err}
 		}
-		out, changed, err := clearDeathSignal(b)
+		out, changed, err := fn(b)
 		if err != nil {
-			return n, &OpError{Op: "clear death signals", Err: fmt.Errorf("%s: %w", path, err)}
+			return n, &OpError{Op: op, Err: fmt.Errorf("%s: %w", path, err)}
 		}
 		if !changed {
 			continue
 		}
 		if err := replaceFile(path, out); err != nil {
-			return n, &OpError{Op: "clear death signals", Err: err}
+			return n, &OpError{Op: op, Err: err}
 		}
 		n++
 	}

@@ -569,14 +569,7 @@ func TestProcessOneMigrationAtATime(t *testing.T) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
-	r := p.StartRedis(bed.S1, pool.RedisOptions{})
-	gc, err := r.Dial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gc.Close()
-	loop := startGoLoop(t, gc)
-	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	r, _, loop := redisWithClient(t, p, bed.S1)
 	targets := []*testbed.Host{bed.S2, bed.S3}
 	reps := make([]*admin.ProcessReport, len(targets))
 	errs := make([]error, len(targets))
@@ -677,14 +670,7 @@ func TestProcessSourceStopsMidMigration(t *testing.T) {
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
 		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=1500ms"}}})
-	r := p.StartRedis(bed.S1, pool.RedisOptions{})
-	gc, err := r.Dial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gc.Close()
-	loop := startGoLoop(t, gc)
-	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	r, _, loop := redisWithClient(t, p, bed.S1)
 	type result struct {
 		rep *admin.ProcessReport
 		err error
@@ -731,15 +717,8 @@ func TestProcessRestoreDeadline(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: map[string][]string{
 		"mtcpd-s1": {daemon.FaultEnv + "=restore-deadline=1s"},
 		"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=3s"}}})
-	r := p.StartRedis(bed.S1, pool.RedisOptions{})
-	gc, err := r.Dial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer gc.Close()
+	r, gc, loop := redisWithClient(t, p, bed.S1)
 	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
-	loop := startGoLoop(t, gc)
-	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	t0 := time.Now()
@@ -764,4 +743,19 @@ func TestProcessRestoreDeadline(t *testing.T) {
 	if _, _, err := loop.finish(); err != nil {
 		t.Fatalf("client: %v", err)
 	}
+}
+
+// redisWithClient starts redis on h and a client busy with it, and
+// returns them once the client runs.
+func redisWithClient(t *testing.T, p *pool.Pool, h *testbed.Host) (*pool.Redis, *net.TCPConn, *goLoop) {
+	t.Helper()
+	r := p.StartRedis(h, pool.RedisOptions{})
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { gc.Close() })
+	loop := startGoLoop(t, gc)
+	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
+	return r, gc, loop
 }
