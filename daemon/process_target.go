@@ -149,10 +149,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	} else if delay > 0 {
 		time.Sleep(delay)
-		d.proc.mu.Lock()
-		finished := in.finished
-		d.proc.mu.Unlock()
-		if finished {
+		if d.procUpdate(in, func() {}) {
 			return nil, errAbortedMeanwhile
 		}
 	}
@@ -242,11 +239,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		if err := d.nat.Apply(&b); err != nil {
 			return nil, fmt.Errorf("installing reply rewrites: %w", err)
 		}
-		d.proc.mu.Lock()
-		in.rules = rules
-		finished := in.finished
-		d.proc.mu.Unlock()
-		if finished {
+		if d.procUpdate(in, func() { in.rules = rules }) {
 			return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
 		}
 	}
@@ -301,11 +294,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		}()
 	}
 	rep.PID, rep.Restore = res.PID, res.Took
-	d.proc.mu.Lock()
-	in.pid = res.PID
-	finished := in.finished
-	d.proc.mu.Unlock()
-	if finished {
+	if d.procUpdate(in, func() { in.pid = res.PID }) {
 		// The source gave up (its deadline) while CRIU restored: what
 		// the restore made goes, as the abort would have done.
 		return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
@@ -369,6 +358,16 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	err := d.undoRestore(in)
 	d.log.Info("process migration aborted", "from", from, "tx", r.TxID, "reason", r.Reason)
 	return err
+}
+
+// procUpdate records what a restore made (set runs under d.proc.mu) and
+// reports whether the migration was ended meanwhile (ProcessFinish), in
+// which case the restore undoes it.
+func (d *Daemon) procUpdate(in *procIn, set func()) (finished bool) {
+	d.proc.mu.Lock()
+	defer d.proc.mu.Unlock()
+	set()
+	return in.finished
 }
 
 // errAbortedMeanwhile: the source ended a migration while its restore

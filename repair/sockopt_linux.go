@@ -238,11 +238,9 @@ func bytesReceived(fd int) (uint64, error) {
 }
 
 // mssClamp returns TCP_MAXSEG, which in repair mode reports the MSS clamp
-// negotiated in the handshake rather than the current MSS.
-// mssClamp reads the MSS clamp (in repair mode, TCP_MAXSEG gives it). A
-// peer may have announced less than the kernel ever sends in a segment
-// (minMSS): the clamp is raised to that, which the connection sent at
-// least anyway.
+// negotiated in the handshake rather than the current MSS. A peer may
+// have announced less than the kernel ever sends in a segment (minMSS):
+// the clamp is raised to that, which the connection sent at least anyway.
 func mssClamp(fd int) (uint32, error) {
 	v, err := getInt(fd, unix.SOL_TCP, unix.TCP_MAXSEG)
 	if err != nil {
@@ -488,12 +486,13 @@ type bufPlan struct {
 // The source socket held the same bytes within its buffers, but injected
 // segments are cut differently and may cost more (a linear buffer's
 // allocation is rounded up; 1.25 times the bytes was measured too little
-// for 6 MiB of send queue), hence twice the bytes and some. Setting a size pins it (SO_BUF_LOCK) and turns the kernel's
-// autotuning off, so the plan it returns (see restoreBuffers) sets the
-// sizes back to the source's once the queues are in, so that the margin
-// does not compound from one migration to the next, and the locks back
-// to the source's, so that a buffer the application never sized grows
-// with the connection again. The FORCE variants ignore
+// for 6 MiB of send queue), hence twice the bytes and some. Setting a
+// size pins it (SO_BUF_LOCK) and turns the kernel's autotuning off, so
+// the plan it returns (see restoreBuffers) sets the sizes back to the
+// source's once the queues are in, so that the margin does not compound
+// from one migration to the next, and the locks back to the source's, so
+// that a buffer the application never sized grows with the connection
+// again. The FORCE variants ignore
 // net.core.[rw]mem_max (CAP_NET_ADMIN); sizes from the state are bounded
 // by the target's limits (bufLimits).
 func sizeBuffers(fd int, st *State) (plan bufPlan, err error) {
