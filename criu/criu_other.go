@@ -91,3 +91,6 @@ func (p *PreparedRestore) Run(ctx context.Context, o RestoreOptions) (*RestoreRe
 
 // Close does nothing.
 func (p *PreparedRestore) Close() {}
+
+// Room reports that CRIU is unavailable: it runs only on Linux.
+func Room(dir string) (int64, error) { return 0, &OpError{Op: "room", Err: errNotLinux} }

@@ -146,8 +146,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
 	}
+	var unfinished []*procJournal
 	if cfg.Role == "server" {
-		d.cleanImageDirs() // before the peer server can start a migration
+		unfinished = d.leftCheckpoints() // before the peer server can start a migration
 	}
 	if d.inject, err = repair.NewInjector(); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
@@ -208,6 +209,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	serve("policy", func() error { d.runPolicy(policyCtx); return nil })
 	if d.apps != nil {
 		serve("reaper", func() error { d.reap(ctx); return nil })
+		if len(unfinished) > 0 {
+			serve("process recovery", func() error { d.recoverProcesses(ctx, unfinished); return nil })
+		}
 		go d.checkCRIU(ctx)
 		defer d.dropIncoming()
 	}

@@ -24,6 +24,9 @@ import (
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
+//	process-commit-crash  the source of a process migration exits
+//	                 (status 3) after the switch, before it kills its
+//	                 stopped copy and the target commits
 //	restore-delay=D  the target of a process migration waits D before it
 //	                 restores (the source's process stays stopped meanwhile)
 //	restore-deadline=D  the source of a process migration gives the

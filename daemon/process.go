@@ -19,7 +19,6 @@ import (
 	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/criu"
 	"github.com/mtcp-dev/mtcp/migrate"
-	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
 	"github.com/mtcp-dev/mtcp/repair"
 )
@@ -117,7 +116,7 @@ func imageBase() string {
 
 // imageDir makes a directory for a checkpoint arriving (kind "in") or
 // leaving (kind "out"), named after this daemon so that its next start
-// finds what a crash left (cleanImageDirs).
+// finds what a crash left (leftCheckpoints).
 func (d *Daemon) imageDir(kind string) (string, error) {
 	return os.MkdirTemp(imageBase(), checkpointPrefix(kind, d.cfg.Name, d.cfg.AdminSocket))
 }
@@ -133,21 +132,6 @@ func checkpointPrefix(kind, name, adminSocket string) string {
 // or leaving, of the daemon name whose admin socket is adminSocket.
 func CheckpointGlob(name, adminSocket string) string {
 	return filepath.Join(imageBase(), checkpointPrefix("*", name, adminSocket)+"*")
-}
-
-// cleanImageDirs removes the checkpoint directories an earlier run of
-// this daemon left (it died during a process migration): none of its
-// migrations is under way at start. An eager checkpoint holds a whole
-// process's memory, on a tmpfs.
-func (d *Daemon) cleanImageDirs() {
-	left, _ := filepath.Glob(CheckpointGlob(d.cfg.Name, d.cfg.AdminSocket))
-	for _, dir := range left {
-		if err := os.RemoveAll(dir); err != nil {
-			d.log.Warn("removing a checkpoint an earlier run left", "dir", dir, "err", err)
-			continue
-		}
-		d.log.Info("removed a checkpoint an earlier run left", "dir", dir)
-	}
 }
 
 // dropIncoming removes the image directories of the process migrations
@@ -422,6 +406,16 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		return err
 	}
 	defer pd.Close()
+	// From the hold on, a daemon that dies leaves the process to its
+	// next start: the journal says how far the migration got.
+	j, err := newJournal(dir, r.To, tx, lazy, t0, tree, socks)
+	if err == nil {
+		err = j.write(journalHeld)
+	}
+	if err != nil {
+		finish(err.Error())
+		return err
+	}
 	phase("prepare", time.Since(t0))
 
 	holdStart := time.Now()
@@ -482,7 +476,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		}
 		lazyDone = servePages(ctx, pages, procs)
 		t0 = time.Now()
-		if small, err = criu.Images(dir); err != nil {
+		if small, err = checkpointFiles(dir); err != nil {
 			return abort(err)
 		}
 		// The pages CRIU kept out of post-copy (the stack's, say) go
@@ -500,7 +494,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// The memory pages go through the pages stream, the rest with
 		// the restore request.
 		t0 = time.Now()
-		names, err := criu.Images(dir)
+		names, err := checkpointFiles(dir)
 		if err != nil {
 			pages.Close()
 			return abort(err)
@@ -540,6 +534,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if err != nil || restoreWithin == 0 {
 		restoreWithin = procRestoreDeadline
 	}
+	if err := j.write(journalRestoring); err != nil {
+		return abort(err)
+	}
 	rctx, rcancel := context.WithTimeout(ctx, restoreWithin)
 	rr, err := c.ProcessRestore(rctx, req)
 	rcancel()
@@ -550,6 +547,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	phase(admin.PhaseTransfer, time.Since(t0)-rr.Restore)
 	phase(admin.PhaseRestore, rr.Restore)
 
+	if err := j.write(journalSwitching); err != nil {
+		return abort(err)
+	}
 	t0 = time.Now()
 	sctx, scancel := context.WithTimeout(ctx, procSwitchDeadline)
 	err = d.switchProcess(sctx, flows, pcfg)
@@ -582,33 +582,12 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		}
 		phase(admin.PhasePages, time.Since(t0))
 	}
-	t0 = time.Now()
-	for _, p := range tree {
-		if err := signal(p, syscall.SIGKILL); err != nil {
-			errs = append(errs, fmt.Errorf("killing the source process %d: %w", p, err))
-		}
-	}
-	// Its sockets, in repair mode, close silently, but until they are
-	// closed their timers still retransmit: the reply rewrites of a
-	// process that came here must stay until it is dead, or a
-	// retransmission would leave with this host's address and the client
-	// would answer it with a RST.
-	if err := waitDead(tree, 5*time.Second); err != nil {
+	if err := j.write(journalCommitting); err != nil {
 		errs = append(errs, err)
 	}
-	var b nat.Batch
-	d.proc.mu.Lock()
-	for _, s := range socks {
-		t := app.Tuple{Local: s.conn.Local, Remote: s.conn.Remote}
-		if _, ok := d.proc.flows[t]; ok {
-			delete(d.proc.flows, t)
-			b.Remove(natFlow(s.flow))
-		}
-	}
-	d.proc.mu.Unlock()
-	if b.Len() > 0 {
-		errs = append(errs, d.nat.Apply(&b))
-	}
+	fault(ctx, "process-commit") // process-commit-crash: this host dies before the commit (tests)
+	t0 = time.Now()
+	errs = append(errs, d.retireSource(tree, socks)...)
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Commit: true}); err != nil {
@@ -715,7 +694,9 @@ func threadsDead(pid int) bool {
 
 // thawTree lets a dumped, stopped tree carry on: its TCP sockets leave
 // repair mode (CRIU left them in it; a copy of each descriptor is taken
-// with pidfd_getfd), then every process gets SIGCONT.
+// with pidfd_getfd), then every process gets SIGCONT. A socket found out
+// of repair mode is left alone (a dump that failed, or never began: the
+// process may be using it).
 func thawTree(tree []int, socks []procSocket) error {
 	var errs []error
 	for _, s := range socks {
@@ -724,9 +705,12 @@ func thawTree(tree []int, socks []procSocket) error {
 			errs = append(errs, err)
 			continue
 		}
-		fr, err := repair.Freeze(c)
-		if err == nil {
-			err = fr.Thaw()
+		frozen, err := repair.InRepair(c)
+		if err == nil && frozen {
+			var fr *repair.Frozen
+			if fr, err = repair.Freeze(c); err == nil {
+				err = fr.Thaw()
+			}
 		}
 		errs = append(errs, err, c.Close())
 	}

@@ -128,9 +128,23 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 		<-in.lazyEnd
 		return in.lazyErr
 	}
-	// The page images land where the restore reads them.
-	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string) bool {
-		return criu.ValidImageName(name) && criu.IsPagesImage(name)
+	// The page images land where the restore reads them, as long as
+	// they leave the machine room (a tmpfs is memory).
+	room, err := criu.Room(in.dir)
+	if err != nil {
+		in.pages <- err
+		return err
+	}
+	var total uint64
+	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string, size uint64) error {
+		if !criu.ValidImageName(name) || !criu.IsPagesImage(name) {
+			return errors.New("not a memory page image")
+		}
+		if total += size; total > uint64(room) {
+			return fmt.Errorf("the process's memory (%d MiB so far) does not fit in %s on %s: %d MiB free, less a reserve of %d%% of its size",
+				total>>20, filepath.Dir(in.dir), d.cfg.Name, room>>20, criu.RoomReservePercent)
+		}
+		return nil
 	})
 	in.pages <- err
 	return err
@@ -330,7 +344,13 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		}
 	}
 	d.proc.mu.Unlock()
-	if !ok {
+	switch {
+	case !ok && r.Commit:
+		// Aborted or expired here (its pages stopped coming, or no
+		// commit within procInTimeout): its process is gone, which the
+		// source must know.
+		return fmt.Errorf("no process migration %d on %s to commit: it ended here (aborted, or no commit within %v)", r.TxID, d.cfg.Name, procInTimeout)
+	case !ok:
 		return nil
 	}
 	in.expire.Stop()

@@ -366,10 +366,12 @@ func SendFiles(w io.Writer, r io.Reader, dir string, names []string) (int64, err
 	return total, nil
 }
 
-// ReceiveFiles reads what [SendFiles] writes into new files of dir,
-// refusing a name that valid rejects or that exists, and acknowledges
-// on w once every file is written. It returns the names received.
-func ReceiveFiles(r io.Reader, w io.Writer, dir string, valid func(string) bool) ([]string, error) {
+// ReceiveFiles reads what [SendFiles] writes into new files of dir, and
+// acknowledges on w once every file is written. Each file is first put
+// to accept, with its name and size: an error from it refuses the file
+// (and ends the transfer), as does a name that exists. It returns the
+// names received.
+func ReceiveFiles(r io.Reader, w io.Writer, dir string, accept func(name string, size uint64) error) ([]string, error) {
 	var names []string
 	br := bufio.NewReaderSize(r, 1<<20)
 	buf := make([]byte, 1<<20)
@@ -387,8 +389,8 @@ func ReceiveFiles(r io.Reader, w io.Writer, dir string, valid func(string) bool)
 			return names, fmt.Errorf("file header: %w", err)
 		}
 		name, size := string(nb[:n]), binary.BigEndian.Uint64(nb[n:])
-		if !valid(name) {
-			return names, fmt.Errorf("refusing file name %q", name)
+		if err := accept(name, size); err != nil {
+			return names, fmt.Errorf("refusing file %q (%d bytes): %w", name, size, err)
 		}
 		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {

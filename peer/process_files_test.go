@@ -2,12 +2,21 @@ package peer
 
 import (
 	"bytes"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 )
+
+// pagesOnly accepts the memory page images of a checkpoint.
+func pagesOnly(name string, size uint64) error {
+	if !strings.HasPrefix(name, "pages-") {
+		return errors.New("not a page image")
+	}
+	return nil
+}
 
 func TestSendReceiveFiles(t *testing.T) {
 	src, dst := t.TempDir(), t.TempDir()
@@ -29,7 +38,7 @@ func TestSendReceiveFiles(t *testing.T) {
 	}
 	got := make(chan result, 1)
 	go func() {
-		n, err := ReceiveFiles(b, b, dst, func(s string) bool { return strings.HasPrefix(s, "pages-") })
+		n, err := ReceiveFiles(b, b, dst, pagesOnly)
 		got <- result{n, err}
 	}()
 	sent, err := SendFiles(a, a, src, names)
@@ -55,9 +64,11 @@ func TestReceiveFilesRefuses(t *testing.T) {
 	for _, tc := range []struct {
 		name, file string
 		exists     bool
+		room       uint64 // what the receiver takes (0: any size)
 	}{
-		{"a name the receiver rejects", "core-1.img", false},
-		{"a file that exists", "pages-1.img", true},
+		{"a name the receiver rejects", "core-1.img", false, 0},
+		{"a file that exists", "pages-1.img", true, 0},
+		{"a file larger than the receiver takes", "pages-1.img", false, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src, dst := t.TempDir(), t.TempDir()
@@ -68,7 +79,12 @@ func TestReceiveFilesRefuses(t *testing.T) {
 			a, b := net.Pipe()
 			errc := make(chan error, 1)
 			go func() {
-				_, err := ReceiveFiles(b, b, dst, func(s string) bool { return strings.HasPrefix(s, "pages-") })
+				_, err := ReceiveFiles(b, b, dst, func(name string, size uint64) error {
+					if tc.room > 0 && size > tc.room {
+						return errors.New("no room")
+					}
+					return pagesOnly(name, size)
+				})
 				b.Close() // as the server does when the handler returns
 				errc <- err
 			}()

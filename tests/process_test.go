@@ -521,8 +521,16 @@ int main(void) {
 		return len(pids) == 0, fmt.Sprintf("%v alive in s2", pids)
 	})
 	// Nothing is left of the checkpoint: s2 dropped what arrived, and
-	// s1's mtcpd, started again, removes what its crash left.
+	// s1's mtcpd, started again, removes what its crash left. The copy it
+	// had stopped is the process's only one now: it carries on at s1.
+	if st := procState(src[0]); st != "T" {
+		t.Fatalf("s1's copy is %q, want stopped (T) until s1's mtcpd is back", st)
+	}
 	p.RestartDaemon(bed.S1)
+	eventually(t, 15*time.Second, "s1's copy to carry on", func() (bool, string) {
+		st := procState(src[0])
+		return st == "S" || st == "R", st
+	})
 	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
 		eventually(t, 15*time.Second, h.Name+"'s checkpoints to go", func() (bool, string) {
 			left, _ := filepath.Glob(daemon.CheckpointGlob(h.Name, filepath.Join(p.SocketDir(h), "admin.sock")))
@@ -758,4 +766,132 @@ func redisWithClient(t *testing.T, p *pool.Pool, h *testbed.Host) (*pool.Redis, 
 	loop := startGoLoop(t, gc)
 	eventually(t, 10*time.Second, "the client to run", func() (bool, string) { return loop.count() > 100, fmt.Sprint(loop.count()) })
 	return r, gc, loop
+}
+
+// TestProcessSourceCrashWhileRestoring: the source's mtcpd dies (SIGKILL)
+// while the target restores (MTCP_FAULT=restore-delay on s2), the process
+// stopped at s1 with its sockets in repair mode. Started again, s1's
+// mtcpd finds the migration's journal, aborts it on s2 and lets the
+// process carry on at s1 with its client. (Before, the process stayed
+// stopped until someone noticed.)
+func TestProcessSourceCrashWhileRestoring(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=2s"}}})
+	r, gc, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+		done <- err
+	}()
+	eventually(t, 10*time.Second, "redis to be stopped for its dump", func() (bool, string) {
+		st := procState(r.PID)
+		return st == "T", st
+	})
+	time.Sleep(300 * time.Millisecond) // s2 sits in its restore delay
+	if err := p.Signal("mtcpd-s1", syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil {
+		t.Fatal("the migration succeeded although its source's mtcpd was killed")
+	}
+	stalled := loop.count()
+	p.RestartDaemon(bed.S1)
+	eventually(t, 20*time.Second, "the client to be served at s1 again", func() (bool, string) {
+		return loop.count() > stalled+100, fmt.Sprint(loop.count() - stalled)
+	})
+	if pid := pool.ListenerPID(bed.S1, r.Port); pid != r.PID {
+		t.Errorf("redis on s1 is pid %d, want %d", pid, r.PID)
+	}
+	time.Sleep(2 * time.Second) // past s2's restore delay
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
+		t.Errorf("s2 keeps a copy (pid %d) of a migration its source undid", pid)
+	}
+	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
+		t.Errorf("s2 keeps rules of an undone migration: %v", e)
+	}
+	left, _ := filepath.Glob(daemon.CheckpointGlob(bed.S1.Name, filepath.Join(p.SocketDir(bed.S1), "admin.sock")))
+	if len(left) != 0 {
+		t.Errorf("s1's checkpoints left: %v", left)
+	}
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestProcessSourceCrashAfterSwitch: the source's mtcpd dies right after
+// the switch (MTCP_FAULT=process-commit-crash on s1), before it killed its
+// stopped copy and had the target commit. Started again, it finishes the
+// migration: the target commits, the copy at s1 is killed, and the client
+// is served from s2 throughout.
+func TestProcessSourceCrashAfterSwitch(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
+		Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=process-commit-crash"}}})
+	r, gc, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil); err == nil {
+		t.Fatal("the migration reported its end although its source's mtcpd was to die before the commit")
+	}
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to be served from s2", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if st := procState(r.PID); st != "T" {
+		t.Fatalf("s1's copy of redis is %q, want stopped (T) until s1's mtcpd is back", st)
+	}
+	p.RestartDaemon(bed.S1)
+	eventually(t, 20*time.Second, "s1's stopped copy to be killed", func() (bool, string) {
+		st := procState(r.PID)
+		return st == "" || st == "Z", st
+	})
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid == 0 {
+		t.Error("no redis listens on s2")
+	}
+	if e := flowElems(t, bed.S2, client, ""); len(e) == 0 {
+		t.Error("s2 has no reply rewrite for the client's connection")
+	}
+	left, _ := filepath.Glob(daemon.CheckpointGlob(bed.S1.Name, filepath.Join(p.SocketDir(bed.S1), "admin.sock")))
+	if len(left) != 0 {
+		t.Errorf("s1's checkpoints left: %v", left)
+	}
+	before = loop.count()
+	eventually(t, 10*time.Second, "the client to be served from s2 still", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// procState is the state letter of process pid ("R", "S", "T", ...), or
+// "" if there is no such process.
+func procState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return ""
+	}
+	return s[i+2 : i+3]
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -378,7 +379,9 @@ func (p *Pool) RestartDaemon(h *testbed.Host) {
 	select {
 	case <-p.ended[name]: // dead already (a fault injected a crash)
 	default:
-		if err := p.Signal(name, syscall.SIGTERM); err != nil {
+		// It may be exiting on its own already (a fault injected a
+		// crash), unnoticed yet.
+		if err := p.Signal(name, syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
 			p.t.Fatalf("stop %s: %v", name, err)
 		}
 		select {
