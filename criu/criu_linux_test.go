@@ -96,6 +96,7 @@ func TestDumpStreamRestore(t *testing.T) {
 	bed, c, _ := startRedis(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	waitQuiet(t, bed.S1)
 	pid := redisPID(t, bed.S1)
 	src, dst := checkpointDirs(t, "page-server.log")
 	pc, conn := loopbackPair(t)
@@ -230,6 +231,37 @@ func loopbackPair(t *testing.T) (a, b net.Conn) {
 	return a, b
 }
 
+// waitQuiet waits until redis's connections in h have nothing in flight
+// (ss: empty Send-Q and Recv-Q), before a dump. These tests steer the
+// client's segments to the restored copy themselves, without the hold
+// the daemons put up: a segment still on its way at the dump (the
+// client's delayed acknowledgement of redis's last reply) would reach the
+// target before the restored socket exists and draw a RST there, which
+// resets the connection once the copy is restored.
+func waitQuiet(t *testing.T, h *testbed.Host) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := h.Run(context.Background(), "ss", "-Htn", "state", "established", "sport", "=", ":6379")
+		if err != nil {
+			t.Fatalf("ss: %v\n%s", err, out)
+		}
+		busy := ""
+		for line := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && (f[0] != "0" || f[1] != "0") {
+				busy = line
+			}
+		}
+		if busy == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis's connection still has data in flight after 5 s: %s", busy)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // redisPID finds the redis-server in h's namespace.
 func redisPID(t *testing.T, h *testbed.Host) int {
 	t.Helper()
@@ -328,6 +360,7 @@ func TestLazyDumpRestore(t *testing.T) {
 		}
 	}
 
+	waitQuiet(t, bed.S1)
 	pid := redisPID(t, bed.S1)
 	src, dst := checkpointDirs(t, "lazy-pages.log")
 	pc, lc := loopbackPair(t)
