@@ -152,7 +152,7 @@ func TestDumpStreamRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	rr := restoreIn(t, ctx, bed.S2, criu.RestoreOptions{Dir: dst})
-	if st := procState(rr.PID); st == "" || st == "T" || st == "Z" {
+	if st := testbed.ProcState(rr.PID); st == "" || st == "T" || st == "Z" {
 		t.Fatalf("restored process: state %q", st)
 	}
 	// The connection lives in s2 with s2's address, in repair mode no more.
@@ -289,24 +289,11 @@ func waitState(t *testing.T, pid int, state string) {
 	t.Helper()
 	var st string
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(time.Millisecond) {
-		if st = procState(pid); st == state {
+		if st = testbed.ProcState(pid); st == state {
 			return
 		}
 	}
 	t.Fatalf("pid %d: state %q, want %q", pid, st, state)
-}
-
-func procState(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 || i+2 >= len(s) {
-		return ""
-	}
-	return s[i+2 : i+3]
 }
 
 func lastLines(s string, n int) string {

@@ -523,12 +523,12 @@ int main(void) {
 	// Nothing is left of the checkpoint: s2 dropped what arrived, and
 	// s1's mtcpd, started again, removes what its crash left. The copy it
 	// had stopped is the process's only one now: it carries on at s1.
-	if st := procState(src[0]); st != "T" {
+	if st := testbed.ProcState(src[0]); st != "T" {
 		t.Fatalf("s1's copy is %q, want stopped (T) until s1's mtcpd is back", st)
 	}
 	p.RestartDaemon(bed.S1)
 	eventually(t, 15*time.Second, "s1's copy to carry on", func() (bool, string) {
-		st := procState(src[0])
+		st := testbed.ProcState(src[0])
 		return st == "S" || st == "R", st
 	})
 	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
@@ -791,7 +791,7 @@ func TestProcessSourceCrashWhileRestoring(t *testing.T) {
 		done <- err
 	}()
 	eventually(t, 10*time.Second, "redis to be stopped for its dump", func() (bool, string) {
-		st := procState(r.PID)
+		st := testbed.ProcState(r.PID)
 		return st == "T", st
 	})
 	time.Sleep(300 * time.Millisecond) // s2 sits in its restore delay
@@ -851,12 +851,12 @@ func TestProcessSourceCrashAfterSwitch(t *testing.T) {
 	eventually(t, 10*time.Second, "the client to be served from s2", func() (bool, string) {
 		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
 	})
-	if st := procState(r.PID); st != "T" {
+	if st := testbed.ProcState(r.PID); st != "T" {
 		t.Fatalf("s1's copy of redis is %q, want stopped (T) until s1's mtcpd is back", st)
 	}
 	p.RestartDaemon(bed.S1)
 	eventually(t, 20*time.Second, "s1's stopped copy to be killed", func() (bool, string) {
-		st := procState(r.PID)
+		st := testbed.ProcState(r.PID)
 		return st == "" || st == "Z", st
 	})
 	if pid := pool.ListenerPID(bed.S2, r.Port); pid == 0 {
@@ -879,19 +879,4 @@ func TestProcessSourceCrashAfterSwitch(t *testing.T) {
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
-}
-
-// procState is the state letter of process pid ("R", "S", "T", ...), or
-// "" if there is no such process.
-func procState(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 || i+2 >= len(s) {
-		return ""
-	}
-	return s[i+2 : i+3]
 }
