@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
@@ -54,6 +55,13 @@ type Config struct {
 	NFQueue uint16 `yaml:"nfqueue"`
 	// Table is the nftables table mtcp owns; default "mtcp".
 	Table string `yaml:"table"`
+	// FlowIdle is how long a migrated connection's rules (forwarding,
+	// reply rewrite) stay without a packet of it before the kernel
+	// removes them: the safety net for rules whose end the daemons missed
+	// (a host that died). A connection silent for longer, without even a
+	// keepalive, loses its steering. Default DefaultFlowIdle; at least a
+	// second, e.g. "24h".
+	FlowIdle time.Duration `yaml:"flow_idle"`
 	// Policy is the policy file (see package policy) the daemon runs;
 	// "" runs none. It is reloaded on SIGHUP and when it changes.
 	Policy string `yaml:"policy"`
@@ -88,6 +96,9 @@ const (
 	DefaultAppSocket   = "/run/mtcp/app.sock"
 	DefaultNFQueue     = 7
 	DefaultTable       = "mtcp"
+	// DefaultFlowIdle outlasts Linux's default keepalive (a first probe
+	// after two hours of silence) many times over.
+	DefaultFlowIdle = 24 * time.Hour
 )
 
 // LoadConfig reads and validates a configuration file.
@@ -138,6 +149,9 @@ func ParseConfig(b []byte) (*Config, error) {
 	}
 	if c.Table == "" {
 		c.Table = DefaultTable
+	}
+	if c.FlowIdle == 0 {
+		c.FlowIdle = DefaultFlowIdle
 	}
 	if c.ProcessPages == "" {
 		c.ProcessPages = "lazy"
@@ -191,6 +205,9 @@ func (c *Config) validate() error {
 	}
 	if err := (nat.Options{Table: c.Table, Queue: c.NFQueue}).Check(); err != nil {
 		bad("table: %v", err)
+	}
+	if c.FlowIdle < time.Second {
+		bad("flow_idle: %v: at least 1s (it is how long a silent connection keeps its rules)", c.FlowIdle)
 	}
 	owned := map[netip.Addr]string{}
 	own := func(who string, as []netip.Addr) {

@@ -32,7 +32,7 @@ func TestParseConfig(t *testing.T) {
 			t.Errorf("a trailing %q: %v", tail, err)
 		}
 	}
-	if c.Steering != "forward" || c.AdminSocket != DefaultAdminSocket || c.NFQueue != DefaultNFQueue || c.Role != "server" || c.ProcessPages != "lazy" {
+	if c.Steering != "forward" || c.AdminSocket != DefaultAdminSocket || c.NFQueue != DefaultNFQueue || c.Role != "server" || c.ProcessPages != "lazy" || c.FlowIdle != DefaultFlowIdle {
 		t.Fatalf("defaults not applied: %+v", c)
 	}
 	if a, ok := c.ServiceAddr(true); !ok || a.String() != "fd77:2::11" {
@@ -54,6 +54,8 @@ func TestParseConfig(t *testing.T) {
 		{"metrics", goodConfig + "metrics: notanaddr\n", "metrics: \"notanaddr\" is not host:port"},
 		{"peer addr", strings.Replace(goodConfig, "addr: 10.77.3.12:7700", "addr: nowhere", 1), "peers[0] (s2): addr"},
 		{"table name", goodConfig + "table: \"bad table\"\n", "table: nat: table name"},
+		{"flow idle too short", goodConfig + "flow_idle: 10ms\n", "flow_idle: 10ms: at least 1s"},
+		{"flow idle not a duration", goodConfig + "flow_idle: forever\n", "forever"},
 		{"two IPv4 service addresses", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11, 10.77.2.21,", 1), "two service addresses of one family"},
 		{"a peer without service addresses", strings.Replace(goodConfig, "    service_addrs: [10.77.2.12]\n", "", 1), "peers[0] (s2): service_addrs missing"},
 		{"a peer's service address", strings.Replace(goodConfig, "service_addrs: [10.77.2.12]", "service_addrs: [10.77.2.11]", 1), "service address 10.77.2.11 is s1's too"},

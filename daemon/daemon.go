@@ -139,7 +139,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		defer aln.Close() // removes the socket file too
 	}
 
-	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
+	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue, Idle: cfg.FlowIdle}); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}
 	defer d.nat.Close()

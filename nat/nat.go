@@ -16,6 +16,10 @@ const (
 	DefaultQueue uint16 = 7
 	// DefaultIdle is the element idle timeout used when Options.Idle is 0.
 	DefaultIdle = 10 * time.Minute
+	// MaxHoldIdle bounds the timeout of holds, which traffic does not
+	// refresh: a hold left behind (a crashed daemon) ends after
+	// min(Options.Idle, MaxHoldIdle).
+	MaxHoldIdle = 10 * time.Minute
 	// DefaultQueueMaxLen is the kernel queue length used when
 	// Options.QueueMaxLen is 0.
 	DefaultQueueMaxLen uint32 = 4096
@@ -167,9 +171,10 @@ type Options struct {
 	Queue uint16
 	// Idle is the idle timeout given to every element: the kernel removes
 	// an element that has not matched a packet for this long (holds: that
-	// has existed this long, see the package documentation). 0 means
-	// DefaultIdle (10 minutes). At least a millisecond; Open rejects
-	// negative values.
+	// has existed this long, and at most MaxHoldIdle; see the package
+	// documentation). A connection that stays silent longer (no data, no
+	// keepalive) loses its steering. 0 means DefaultIdle (10 minutes). At
+	// least a millisecond; Open rejects negative values.
 	Idle time.Duration
 	// QueueMaxLen bounds how many packets the kernel keeps queued for
 	// OpenQueue's reader; packets beyond it are dropped (never delivered

@@ -377,7 +377,11 @@ func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
 		sc := &out[k.set]
 		sc.destroy = append(sc.destroy, setElem{key: []byte(k.key)})
 		if c.present {
-			sc.add = append(sc.add, setElem{key: []byte(k.key), data: c.data, timeout: timeout})
+			t := timeout
+			if k.set == setHold4 || k.set == setHold6 {
+				t = min(t, MaxHoldIdle)
+			}
+			sc.add = append(sc.add, setElem{key: []byte(k.key), data: c.data, timeout: t})
 		}
 	}
 	return out

@@ -311,3 +311,29 @@ func TestPlanPhases(t *testing.T) {
 		})
 	}
 }
+
+// TestHoldTimeoutCapped: rewrites get the table's idle timeout, holds at
+// most MaxHoldIdle (traffic does not refresh them).
+func TestHoldTimeoutCapped(t *testing.T) {
+	const idle = 24 * time.Hour
+	for _, f := range []Flow{f4, f6} {
+		var b Batch
+		b.Hold(f)
+		b.Forward(f, f.Service.Addr())
+		p, err := makePlan(b.ops, newIndex())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for id, sc := range p.bySet(idle) {
+			want := idle
+			if setSpecs[id].kind == KindHold {
+				want = MaxHoldIdle
+			}
+			for _, el := range sc.add {
+				if el.timeout != want {
+					t.Errorf("%s: timeout %v, want %v", setSpecs[id].name, el.timeout, want)
+				}
+			}
+		}
+	}
+}

@@ -9,10 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/daemon"
 	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
@@ -85,6 +87,14 @@ func TestEndedFlowRulesGo(t *testing.T) {
 	client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort())
 	if len(flowElems(t, bed.S1, client, "")) == 0 || len(flowElems(t, bed.S2, client, "")) == 0 {
 		t.Fatalf("after the move: s1 has %v, s2 has %v; want the forward and the reply rewrite", flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, ""))
+	}
+	// Their idle timeout is mtcpd's flow_idle (default a day), not the
+	// nat package's ten minutes: a session may stay silent for longer.
+	want := fmt.Sprintf(`"timeout": %d,`, int(daemon.DefaultFlowIdle.Seconds()))
+	for _, e := range append(flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")...) {
+		if !strings.Contains(e.JSON, want) {
+			t.Errorf("element %s: want a timeout of %v", e.JSON, daemon.DefaultFlowIdle)
+		}
 	}
 	if got := s.do("QUIT"); got != "BYE" {
 		t.Fatalf("QUIT: %q", got)
