@@ -58,9 +58,9 @@ type Config struct {
 	// FlowIdle is how long a migrated connection's rules (forwarding,
 	// reply rewrite) stay without a packet of it before the kernel
 	// removes them: the safety net for rules whose end the daemons missed
-	// (a host that died). A connection silent for longer, without even a
-	// keepalive, loses its steering. Default DefaultFlowIdle; at least a
-	// second, e.g. "24h".
+	// (a host that died). The daemon where a connection lives refreshes
+	// its rules while it lives (refresh.go), so that a silent one keeps
+	// them. Default DefaultFlowIdle; at least a second, e.g. "24h".
 	FlowIdle time.Duration `yaml:"flow_idle"`
 	// Policy is the policy file (see package policy) the daemon runs;
 	// "" runs none. It is reloaded on SIGHUP and when it changes.
@@ -96,8 +96,8 @@ const (
 	DefaultAppSocket   = "/run/mtcp/app.sock"
 	DefaultNFQueue     = 7
 	DefaultTable       = "mtcp"
-	// DefaultFlowIdle outlasts Linux's default keepalive (a first probe
-	// after two hours of silence) many times over.
+	// DefaultFlowIdle is a day: how long rules whose end was missed
+	// stay (a refresh every six hours).
 	DefaultFlowIdle = 24 * time.Hour
 )
 

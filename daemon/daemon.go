@@ -209,6 +209,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	serve("policy", func() error { d.runPolicy(policyCtx); return nil })
 	if d.apps != nil {
 		serve("reaper", func() error { d.reap(ctx); return nil })
+		serve("rule refresh", func() error { d.refresh(ctx); return nil })
 		if len(unfinished) > 0 {
 			serve("process recovery", func() error { d.recoverProcesses(ctx, unfinished); return nil })
 		}

@@ -98,7 +98,9 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	if err := d.steerLocal(r.Op, fs, r.To); err != nil {
 		return err
 	}
-	d.noteHolds(from, r.Op, fs)
+	if r.Op != peer.SteerRefresh {
+		d.noteHolds(from, r.Op, fs)
+	}
 	return nil
 }
 
@@ -110,6 +112,10 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 // overtaken, they would look lost to the receiver, which would have the
 // client send them again.
 func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) error {
+	if op == peer.SteerRefresh {
+		_, err := d.nat.Refresh(natFlows(flows))
+		return err
+	}
 	var b nat.Batch
 	for _, mf := range flows {
 		f := natFlow(mf)

@@ -26,6 +26,11 @@ func (t *Table) ApplyThen(b *Batch, then func() error) error {
 // Flows returns an error wrapping ErrUnsupported.
 func (t *Table) Flows() ([]Entry, error) { return nil, &OpError{Op: "flows", Err: ErrUnsupported} }
 
+// Refresh returns an error wrapping ErrUnsupported.
+func (t *Table) Refresh(flows []Flow) (int, error) {
+	return 0, &OpError{Op: "refresh", Err: ErrUnsupported}
+}
+
 // Reconcile returns an error wrapping ErrUnsupported.
 func (t *Table) Reconcile(keep func(Entry) bool) error {
 	return &OpError{Op: "reconcile", Err: ErrUnsupported}

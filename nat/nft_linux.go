@@ -624,14 +624,17 @@ func elemLen(e setElem) int {
 	if e.timeout > 0 {
 		n += nlaHdrLen + 8
 	}
+	if e.expiration > 0 {
+		n += nlaHdrLen + 8
+	}
 	if e.data != nil {
 		n += nlaHdrLen + valueLen(e.data)
 	}
 	return nlaHdrLen + n
 }
 
-// appendElem appends NFTA_LIST_ELEM {KEY {DATA_VALUE}, TIMEOUT, DATA
-// {DATA_VALUE}}.
+// appendElem appends NFTA_LIST_ELEM {KEY {DATA_VALUE}, TIMEOUT,
+// EXPIRATION, DATA {DATA_VALUE}}.
 func appendElem(b []byte, e setElem) []byte {
 	b = appendNLA(b, unix.NLA_F_NESTED|unix.NFTA_LIST_ELEM, elemLen(e)-nlaHdrLen)
 	b = appendNLA(b, unix.NLA_F_NESTED|unix.NFTA_SET_ELEM_KEY, valueLen(e.key))
@@ -640,6 +643,10 @@ func appendElem(b []byte, e setElem) []byte {
 	if e.timeout > 0 {
 		b = appendNLA(b, unix.NFTA_SET_ELEM_TIMEOUT, 8)
 		b = binary.BigEndian.AppendUint64(b, uint64(e.timeout.Milliseconds()))
+	}
+	if e.expiration > 0 {
+		b = appendNLA(b, unix.NFTA_SET_ELEM_EXPIRATION, 8)
+		b = binary.BigEndian.AppendUint64(b, uint64(e.expiration.Milliseconds()))
 	}
 	if e.data != nil {
 		b = appendNLA(b, unix.NLA_F_NESTED|unix.NFTA_SET_ELEM_DATA, valueLen(e.data))

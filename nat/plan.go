@@ -350,8 +350,9 @@ func (p *plan) add(o op) error {
 
 // setElem is one element in a kernel message.
 type setElem struct {
-	key, data []byte
-	timeout   time.Duration // 0: none (deletes)
+	key, data  []byte
+	timeout    time.Duration // 0: none (deletes)
+	expiration time.Duration // 0: none; else the time left, updated in place (Refresh)
 }
 
 // setChanges is what a plan does to one set: destroy every touched key

@@ -731,3 +731,46 @@ func TestRemoveUnderTraffic(t *testing.T) {
 	}
 	t.Logf("%d of 200 removals left an element for the late sweep", late)
 }
+
+// TestRefresh: Table.Refresh restarts the idle timeout of a silent flow's
+// rewrite elements in place, leaves its hold and other flows' elements
+// alone, and keeps the connection working past the timeout it would have
+// had; without it the elements time out.
+func TestRefresh(t *testing.T) {
+	skipUnlessRoot(t)
+	b := bed(t)
+	const idle = 2 * time.Second
+	s1, s2 := openOn(t, b.S1, Options{Idle: idle}), openOn(t, b.S2, Options{Idle: idle})
+	f := Flow{Client: netip.AddrPortFrom(b.Client.LAN4, 42011), Service: netip.AddrPortFrom(b.S1.LAN4, 7511)}
+	other := Flow{Client: netip.AddrPortFrom(b.Client.LAN4, 42012), Service: netip.AddrPortFrom(b.S1.LAN4, 7511)}
+	local := netip.AddrPortFrom(b.S2.LAN4, 7511)
+	apply(t, s1, func(b *Batch) { b.Forward(f, local.Addr()); b.Forward(other, local.Addr()) })
+	apply(t, s2, func(b *Batch) { b.ReplyFrom(f, local) })
+	ln := listen(t, b.S2, local)
+	c := dial(t, b.Client, f.Client, f.Service)
+	s := accept(t, ln)
+	echoCheck(t, c, s, 100)
+	// Silent for twice the idle timeout, refreshed every quarter of it.
+	for range 8 {
+		time.Sleep(idle / 4)
+		for _, tb := range []*Table{s1, s2} {
+			if n, err := tb.Refresh([]Flow{f}); err != nil || n != 1 {
+				t.Fatalf("Refresh: %d elements, %v; want 1", n, err)
+			}
+		}
+	}
+	es, err := s1.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || es[0].Flow != f || es[0].Expires < idle/2 {
+		t.Fatalf("s1 after the refreshes: %v; want only f's forwarding, expiring in over %v (the other flow's, never refreshed, gone)", es, idle/2)
+	}
+	echoCheck(t, c, s, 100) // still steered
+	if n, err := s1.Refresh(nil); err != nil || n != 0 {
+		t.Fatalf("Refresh of nothing: %d, %v", n, err)
+	}
+	if _, err := s1.Refresh([]Flow{{Client: f.Client, Service: netip.AddrPortFrom(b.S1.LAN6, 7511)}}); err == nil {
+		t.Fatal("Refresh of a flow mixing families: no error")
+	}
+}

@@ -110,6 +110,9 @@ const (
 	SteerHold   = "hold"   // queue the flows' client packets
 	SteerSwitch = "switch" // send the flows to SteerRequest.To and re-deliver queued packets
 	SteerUnhold = "unhold" // let the flows' packets go where they went before, re-delivering queued ones
+	// SteerRefresh restarts the idle timeout of the flows' rules: their
+	// connections live on, silent, at the member that asks.
+	SteerRefresh = "refresh"
 )
 
 // SteerRequest asks the member that steers some flows (the owner of their
@@ -117,7 +120,7 @@ const (
 // switch phases of a migration when the source is not the steering point.
 // A [Handler] that serves it implements [Steerer].
 type SteerRequest struct {
-	Op    string     // SteerHold, SteerSwitch or SteerUnhold
+	Op    string     // SteerHold, SteerSwitch, SteerUnhold or SteerRefresh
 	Flows []FlowID   // the flows, changed in one batch
 	To    netip.Addr // the new server, for SteerSwitch
 }

@@ -288,3 +288,44 @@ func (s *kv) expectOn(host, v string) {
 		s.t.Fatalf("GET k after the move: %q, want %q", got, v)
 	}
 }
+
+// TestSilentSessionKeepsRules: a migrated session that stays silent (no
+// data, no keepalive) for longer than its rules' idle timeout
+// (flow_idle, 2 s here) keeps them: the daemon where it lives refreshes
+// its own elements and has its steering point (s1, or the gateway)
+// refresh the flow's. Without the refresh the rules time out and the
+// client's next command meets s1 with no socket for it: a RST.
+func TestSilentSessionKeepsRules(t *testing.T) {
+	const idle = 2 * time.Second
+	for _, steering := range []string{"forward", "gateway"} {
+		t.Run(steering, func(t *testing.T) {
+			bed := testbed.ForTest(t)
+			p := pool.Start(t, bed, pool.Options{FlowIdle: idle, Steering: steering})
+			rsts := watchRSTs(t, bed.Client)
+			point, others := bed.S1, []*testbed.Host{bed.S2}
+			if steering == "gateway" {
+				point, others = bed.Gateway, nil
+			}
+			for _, v6 := range []bool{false, true} {
+				c := p.Dial(bed.S1, v6)
+				s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
+				s.do("SET k v")
+				waitServed(t, p, bed.S1, c)
+				p.Migrate(bed.S1, bed.S2, c)
+				client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort())
+				time.Sleep(3 * idle) // silent
+				for _, h := range append([]*testbed.Host{point}, others...) {
+					if e := flowElems(t, h, client, ""); len(e) == 0 {
+						t.Fatalf("after %v of silence, %s has no rules for the session", 3*idle, h.Name)
+					}
+				}
+				if got := s.do("GET k"); got != "v" {
+					t.Fatalf("GET k after the silence = %q", got)
+				}
+			}
+			if in, out := rsts(); in != 0 || out != 0 {
+				t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+			}
+		})
+	}
+}

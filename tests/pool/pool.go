@@ -107,6 +107,8 @@ type Options struct {
 	// ProcessPages is the daemons' process_pages ("" means their
 	// default, lazy).
 	ProcessPages string
+	// FlowIdle is the daemons' flow_idle (0 means their default).
+	FlowIdle time.Duration
 }
 
 const peerPort = 7700
@@ -278,6 +280,9 @@ func (p *Pool) startDaemon(h *testbed.Host, members []*testbed.Host) {
 	}
 	if role == "server" {
 		fmt.Fprintf(&b, "service_addrs: [%s, %q]\n", h.LAN4, h.LAN6.String())
+	}
+	if p.opts.FlowIdle != 0 {
+		fmt.Fprintf(&b, "flow_idle: %s\n", p.opts.FlowIdle)
 	}
 	if p.opts.ProcessPages != "" {
 		fmt.Fprintf(&b, "process_pages: %s\n", p.opts.ProcessPages)
