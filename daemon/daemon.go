@@ -143,12 +143,12 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}
 	defer d.nat.Close()
-	if err := d.reconcile(); err != nil {
-		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
-	}
 	var unfinished []*procJournal
 	if cfg.Role == "server" {
 		unfinished = d.leftCheckpoints() // before the peer server can start a migration
+	}
+	if err := d.reconcile(unfinished); err != nil {
+		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
 	}
 	if d.inject, err = repair.NewInjector(); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
@@ -258,15 +258,19 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 const ShutdownGrace = 30 * time.Second
 
 // reconcile clears what a previous run may have left: holds (nothing is
-// migrating at start; a hold left in place would black-hole its flow) and
-// reply rewrites of sockets that no longer exist here. Forward entries stay:
+// migrating at start; a hold left in place would black-hole its flow),
+// but those of the process migrations it left unfinished (the recovery
+// lifts or switches them: lifted now, segments would reach the stopped
+// process's sockets, which would acknowledge them), and reply rewrites of
+// sockets that no longer exist here. What the lifted holds queued since
+// this run opened the queue goes on. Forward entries stay:
 // connections living on other servers still need them (their idle timeout
 // removes the dead ones).
 //
 // A reply rewrite whose socket lives on is a connection that migrated in
 // before the restart: it is remembered as such again, with the address
 // its client dialled, so that it is listed, migrated on and reaped as one.
-func (d *Daemon) reconcile() error {
+func (d *Daemon) reconcile(unfinished []*procJournal) error {
 	conns, err := repair.List(context.Background(), repair.ListOptions{})
 	if err != nil {
 		return err
@@ -275,10 +279,21 @@ func (d *Daemon) reconcile() error {
 	for _, c := range conns {
 		live[app.Tuple{Local: unmapAP(c.Local), Remote: unmapAP(c.Remote)}] = true
 	}
+	keepHeld := map[nat.Flow]bool{}
+	for _, j := range unfinished {
+		for _, f := range j.flows {
+			keepHeld[natFlow(f)] = true
+		}
+	}
 	var in []nat.Entry
+	var lifted []nat.Flow
 	err = d.nat.Reconcile(func(e nat.Entry) bool {
 		switch e.Kind {
 		case nat.KindHold:
+			if keepHeld[e.Flow] {
+				return true
+			}
+			lifted = append(lifted, e.Flow)
 			return false
 		case nat.KindReplyFrom:
 			if !live[replyTuple(e)] {
@@ -288,6 +303,11 @@ func (d *Daemon) reconcile() error {
 		}
 		return true
 	})
+	if len(lifted) > 0 {
+		if _, rerr := d.q.Release(lifted...); rerr != nil {
+			d.log.Warn("sending on what the holds a previous run left had queued", "flows", len(lifted), "err", rerr)
+		}
+	}
 	// Not adopted yet: the reaper marks each one once its application
 	// reports it (a process migration's sockets also have reply
 	// rewrites, but no application).

@@ -4,8 +4,10 @@ import (
 	"context"
 	"time"
 
+	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
 )
 
 // refreshEvery is how often the rules of the connections living here are
@@ -32,7 +34,11 @@ func (d *Daemon) refresh(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		flows := d.livingHere()
+		flows, err := d.livingHere(ctx)
+		if err != nil {
+			d.log.Warn("refreshing the rules of connections that moved here", "err", err)
+			continue
+		}
 		if len(flows) == 0 {
 			continue
 		}
@@ -54,24 +60,52 @@ func (d *Daemon) refresh(ctx context.Context) {
 }
 
 // livingHere returns the flows whose connections moved here (connection
-// mode and process mode) and are not known to have ended.
-func (d *Daemon) livingHere() []migrate.Flow {
+// mode and process mode) and whose sockets the kernel still has: the
+// rules of one that ended unnoticed (a process's connection, or one found
+// again after a restart that no application reports) are left to time
+// out.
+func (d *Daemon) livingHere(ctx context.Context) ([]migrate.Flow, error) {
+	d.mu.Lock()
+	n := len(d.moved)
+	d.mu.Unlock()
+	d.proc.mu.Lock()
+	n += len(d.proc.flows)
+	d.proc.mu.Unlock()
+	if n == 0 {
+		return nil, nil
+	}
+	kernel, err := repair.List(ctx, repair.ListOptions{States: allStates})
+	if err != nil {
+		return nil, err
+	}
+	// Unmapped on both sides: a dual-stack socket's IPv4 connection is
+	// listed with IPv4-mapped addresses.
+	unmapped := func(tu app.Tuple) app.Tuple { return app.Tuple{Local: unmapAP(tu.Local), Remote: unmapAP(tu.Remote)} }
+	live := make(map[app.Tuple]bool, len(kernel))
+	for _, c := range kernel {
+		live[unmapped(app.Tuple{Local: c.Local, Remote: c.Remote})] = true
+	}
 	var out []migrate.Flow
 	d.mu.Lock()
-	for _, f := range d.moved {
-		out = append(out, f)
+	for tu, f := range d.moved {
+		if live[unmapped(tu)] {
+			out = append(out, f)
+		}
 	}
 	d.mu.Unlock()
 	d.proc.mu.Lock()
-	for _, f := range d.proc.flows {
-		out = append(out, f)
+	for tu, f := range d.proc.flows {
+		if live[unmapped(tu)] {
+			out = append(out, f)
+		}
 	}
 	d.proc.mu.Unlock()
-	return out
+	return out, nil
 }
 
-// refreshBatch bounds the flows of one SteerRefresh request.
-const refreshBatch = 1000
+// refreshBatch bounds the flows of one SteerRefresh request (about 40
+// bytes each); the steering point lists its table once per request.
+const refreshBatch = 50000
 
 // refreshAt asks steering point p to refresh the steering of flows.
 func (d *Daemon) refreshAt(ctx context.Context, p string, fs []migrate.Flow) error {

@@ -66,9 +66,9 @@
 //
 // Every element times out after Options.Idle (10 minutes by default)
 // without traffic: the rewrite rules refresh their element on every packet
-// (dynset "update"). Holds are not refreshed by traffic: a hold left by a
-// crashed daemon ends after Options.Idle or MaxHoldIdle, whichever is
-// shorter. The timeout is a safety net: a
+// (dynset "update"), and [Table.Refresh] restarts it for silent flows that
+// live on. Holds are not refreshed: a hold left by a crashed daemon ends
+// after Options.HoldIdle. The timeout is a safety net: a
 // daemon removes a flow's elements ([Batch.Remove]) when the connection
 // ends, and runs [Table.Reconcile] at start. A packet that races the
 // Remove of its element can re-create it through the refresh (with the

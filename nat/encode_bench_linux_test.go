@@ -20,6 +20,6 @@ func BenchmarkEncode10k(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		n.elemReqs(p.bySet(DefaultIdle))
+		n.elemReqs(p.bySet(DefaultIdle, DefaultHoldIdle))
 	}
 }

@@ -16,10 +16,9 @@ const (
 	DefaultQueue uint16 = 7
 	// DefaultIdle is the element idle timeout used when Options.Idle is 0.
 	DefaultIdle = 10 * time.Minute
-	// MaxHoldIdle bounds the timeout of holds, which traffic does not
-	// refresh: a hold left behind (a crashed daemon) ends after
-	// min(Options.Idle, MaxHoldIdle).
-	MaxHoldIdle = 10 * time.Minute
+	// DefaultHoldIdle is the timeout of holds used when Options.HoldIdle
+	// is 0.
+	DefaultHoldIdle = 10 * time.Minute
 	// DefaultQueueMaxLen is the kernel queue length used when
 	// Options.QueueMaxLen is 0.
 	DefaultQueueMaxLen uint32 = 4096
@@ -169,13 +168,17 @@ type Options struct {
 	// DefaultQueue (7), so queue 0 cannot be chosen. Open (the hold rule)
 	// and OpenQueue (the reader) of one host must use the same number.
 	Queue uint16
-	// Idle is the idle timeout given to every element: the kernel removes
-	// an element that has not matched a packet for this long (holds: that
-	// has existed this long, and at most MaxHoldIdle; see the package
-	// documentation). A connection that stays silent longer (no data, no
-	// keepalive) loses its steering. 0 means DefaultIdle (10 minutes). At
-	// least a millisecond; Open rejects negative values.
+	// Idle is the idle timeout given to every rewrite element: the
+	// kernel removes an element that has not matched a packet for this
+	// long (see the package documentation), unless [Table.Refresh]
+	// restarts it. 0 means DefaultIdle (10 minutes). At least a
+	// millisecond; Open rejects negative values.
 	Idle time.Duration
+	// HoldIdle is the timeout of holds, which traffic does not refresh:
+	// a hold left by a crashed daemon ends after it. It must outlast the
+	// longest hold a migration needs. 0 means DefaultHoldIdle (10
+	// minutes). At least a millisecond.
+	HoldIdle time.Duration
 	// QueueMaxLen bounds how many packets the kernel keeps queued for
 	// OpenQueue's reader; packets beyond it are dropped (never delivered
 	// to a frozen socket). 0 means DefaultQueueMaxLen (4096).
@@ -207,6 +210,12 @@ func (o Options) withDefaults() (Options, error) {
 		o.Idle = DefaultIdle
 	case o.Idle < time.Millisecond:
 		return o, fmt.Errorf("nat: idle timeout %v: %w: use at least 1ms, or 0 for the default (%v)", o.Idle, ErrInvalid, DefaultIdle)
+	}
+	switch {
+	case o.HoldIdle == 0:
+		o.HoldIdle = DefaultHoldIdle
+	case o.HoldIdle < time.Millisecond:
+		return o, fmt.Errorf("nat: hold timeout %v: %w: use at least 1ms, or 0 for the default (%v)", o.HoldIdle, ErrInvalid, DefaultHoldIdle)
 	}
 	if o.QueueMaxLen == 0 {
 		o.QueueMaxLen = DefaultQueueMaxLen

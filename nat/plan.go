@@ -362,8 +362,9 @@ type setChanges struct {
 	destroy, add []setElem
 }
 
-// bySet splits the plan per set, in set order then first-touch order.
-func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
+// bySet splits the plan per set, in set order then first-touch order;
+// added elements time out after timeout, holds after hold.
+func (p *plan) bySet(timeout, hold time.Duration) [numSets]setChanges {
 	var out [numSets]setChanges
 	var n [numSets]int
 	for _, k := range p.order {
@@ -380,7 +381,7 @@ func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
 		if c.present {
 			t := timeout
 			if k.set == setHold4 || k.set == setHold6 {
-				t = min(t, MaxHoldIdle)
+				t = hold
 			}
 			sc.add = append(sc.add, setElem{key: []byte(k.key), data: c.data, timeout: t})
 		}
@@ -404,8 +405,8 @@ func (p *plan) bySet(timeout time.Duration) [numSets]setChanges {
 // half-committed element.
 //
 // last is empty when the plan lifts no hold or changes nothing else.
-func (p *plan) phases(timeout time.Duration) (first, last [numSets]setChanges) {
-	first = p.bySet(timeout)
+func (p *plan) phases(timeout, hold time.Duration) (first, last [numSets]setChanges) {
+	first = p.bySet(timeout, hold)
 	if onlyHolds(first) {
 		return first, last
 	}

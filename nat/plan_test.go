@@ -75,7 +75,7 @@ func TestEntryRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := map[Kind]Entry{}
-		for id, sc := range p.bySet(time.Minute) {
+		for id, sc := range p.bySet(time.Minute, time.Minute) {
 			for _, el := range sc.add {
 				e, err := decodeEntry(setID(id), el.key, el.data)
 				if err != nil {
@@ -116,7 +116,7 @@ func TestPlanLastWins(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ch := p.bySet(time.Minute)
+	ch := p.bySet(time.Minute, time.Minute)
 	if n := len(ch[setHold4].add); n != 0 {
 		t.Errorf("Hold then Unhold adds %d hold elements; want 0", n)
 	}
@@ -146,7 +146,7 @@ func TestPlanLastWins(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ch = p.bySet(time.Minute)
+	ch = p.bySet(time.Minute, time.Minute)
 	for _, s := range []setID{setHold4, setFwd4, setReply4} {
 		if len(ch[s].destroy) != 1 || len(ch[s].add) != 0 {
 			t.Errorf("Remove: set %s: %d destroys, %d adds; want 1, 0", setSpecs[s].name, len(ch[s].destroy), len(ch[s].add))
@@ -284,7 +284,7 @@ func TestPlanPhases(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			first, last := p.phases(time.Minute)
+			first, last := p.phases(time.Minute, time.Minute)
 			for i, want := range []map[setID][2]int{tc.first, tc.last} {
 				got := [][numSets]setChanges{first, last}[i]
 				n := 0
@@ -299,7 +299,7 @@ func TestPlanPhases(t *testing.T) {
 				}
 			}
 			// Together the two do what the plan does.
-			if all := p.bySet(time.Minute); count(all) != count(first)+count(last) {
+			if all := p.bySet(time.Minute, time.Minute); count(all) != count(first)+count(last) {
 				t.Errorf("the transactions hold %d changes; the plan %d", count(first)+count(last), count(all))
 			}
 			// Removed elements are looked for again, holds aside.
@@ -312,10 +312,10 @@ func TestPlanPhases(t *testing.T) {
 	}
 }
 
-// TestHoldTimeoutCapped: rewrites get the table's idle timeout, holds at
-// most MaxHoldIdle (traffic does not refresh them).
-func TestHoldTimeoutCapped(t *testing.T) {
-	const idle = 24 * time.Hour
+// TestHoldTimeout: rewrites get the table's idle timeout, holds their
+// own (traffic does not refresh them).
+func TestHoldTimeout(t *testing.T) {
+	const idle, hold = 24 * time.Hour, 7 * time.Minute
 	for _, f := range []Flow{f4, f6} {
 		var b Batch
 		b.Hold(f)
@@ -324,10 +324,10 @@ func TestHoldTimeoutCapped(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for id, sc := range p.bySet(idle) {
+		for id, sc := range p.bySet(idle, hold) {
 			want := idle
 			if setSpecs[id].kind == KindHold {
-				want = MaxHoldIdle
+				want = hold
 			}
 			for _, el := range sc.add {
 				if el.timeout != want {

@@ -151,7 +151,7 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 	if err != nil {
 		return err
 	}
-	first, last := p.phases(t.opts.Idle)
+	first, last := p.phases(t.opts.Idle, t.opts.HoldIdle)
 	reqs := t.nft.elemReqs(first)
 	if len(reqs) == 0 {
 		step()

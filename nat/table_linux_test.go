@@ -199,7 +199,7 @@ func TestReconcile(t *testing.T) {
 func TestRemoveAfterExpiry(t *testing.T) {
 	skipUnlessRoot(t)
 	ns := newNamespace(t, "expiry")
-	tb := openIn(t, ns, Options{Idle: 50 * time.Millisecond})
+	tb := openIn(t, ns, Options{Idle: 50 * time.Millisecond, HoldIdle: 50 * time.Millisecond})
 	var b Batch
 	b.Hold(f4)
 	b.ReplyFrom(f6, netip.MustParseAddrPort("[fd77:2::12]:7001"))

@@ -880,3 +880,41 @@ func TestProcessSourceCrashAfterSwitch(t *testing.T) {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
+
+// TestProcessSilentKeepsRules: a connection of a migrated process that
+// stays silent for longer than its rules' idle timeout (flow_idle, 2 s
+// here) keeps them, as in connection mode (TestSilentSessionKeepsRules):
+// the target refreshes them while the socket lives.
+func TestProcessSilentKeepsRules(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	const idle = 2 * time.Second
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", FlowIdle: idle})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	rc := newRESP(gc)
+	if _, err := rc.do("SET", "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	r.MigrateProcess(bed.S2)
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	time.Sleep(3 * idle) // silent
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		if e := flowElems(t, h, client, ""); len(e) == 0 {
+			t.Fatalf("after %v of silence, %s has no rules for the connection", 3*idle, h.Name)
+		}
+	}
+	gc.SetDeadline(time.Now().Add(10 * time.Second))
+	if got, err := rc.do("GET", "k"); err != nil || got != "v" {
+		t.Fatalf("GET k after the silence: %q, %v", got, err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
