@@ -658,8 +658,11 @@ func appendElem(b []byte, e setElem) []byte {
 
 // getBatch bounds the lookups sent in one datagram: each answer (the
 // element, then an acknowledgement) must fit the socket's receive buffer
-// before it is read.
-const getBatch = 256
+// before it is read. With the default buffer (rmem_default, 208 KiB),
+// 256 acknowledgements of missing elements fill it exactly, and one found
+// element more overflows it (ENOBUFS, measured on Linux 6.18): half that
+// leaves room for every element of a batch to be found.
+const getBatch = 128
 
 // present returns those of elems (keys only) that the set holds, looked up
 // one by one (NFT_MSG_GETSETELEM), many lookups to a datagram.
