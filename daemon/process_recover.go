@@ -62,6 +62,7 @@ type procJournal struct {
 	tree     []int          // the processes still there, once checked
 	socks    []procSocket   // from Sockets
 	flows    []migrate.Flow // from Sockets
+	release  func()         // ends the tree's mark as leaving (leftCheckpoints)
 }
 
 // The journal's phases (see procJournal).
@@ -212,6 +213,12 @@ func (d *Daemon) leftCheckpoints() []*procJournal {
 		if strings.HasPrefix(filepath.Base(dir), checkpointPrefix("out", d.cfg.Name, d.cfg.AdminSocket)) {
 			j, err := readJournal(dir)
 			if err == nil {
+				// Marked as leaving until recovered: no migration (the
+				// policy's, say) may take the stopped process first.
+				j.release = func() {}
+				if done, err := d.proc.leave(j.tree, j.To); err == nil {
+					j.release = done
+				}
 				out = append(out, j)
 				continue
 			}
@@ -231,6 +238,11 @@ func (d *Daemon) leftCheckpoints() []*procJournal {
 // recoverProcesses ends, one after the other, the process migrations an
 // earlier run of this daemon left half-way (see procJournal).
 func (d *Daemon) recoverProcesses(ctx context.Context, js []*procJournal) {
+	defer func() {
+		for _, j := range js {
+			j.release()
+		}
+	}()
 	for _, j := range js {
 		if ctx.Err() != nil {
 			return // the checkpoint stays for the next start
@@ -252,12 +264,6 @@ func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) {
 		}
 		return
 	}
-	done, err := d.proc.leave(j.tree, j.To)
-	if err != nil {
-		log.Error("process mode: cannot end the unfinished migration", "err", err)
-		return
-	}
-	defer done()
 	// The earlier run's CRIU may still be dumping (it outlives its
 	// caller): wait until it has let the processes go.
 	if err := waitUntraced(ctx, j.tree, procDumpDeadline); err != nil {
