@@ -142,16 +142,30 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 			return fmt.Errorf("unknown steering operation %q", op)
 		}
 	}
+	fs := natFlows(flows)
 	if op == peer.SteerHold {
+		// A flow whose last holds could not be lifted is still passing
+		// (below): end that, or the new hold would not hold.
+		if err := d.q.EndPass(fs...); err != nil {
+			return err
+		}
 		return d.nat.Apply(&b)
 	}
-	fs := natFlows(flows)
 	err := d.nat.ApplyThen(&b, func() error {
 		_, err := d.q.Pass(fs...)
 		return err
 	})
+	if errors.Is(err, nat.ErrHoldsKept) {
+		// The new rules are in but the holds stay, even after a few
+		// tries: the pass stays on, so that what they queue goes on at
+		// once, one packet at a time through the queue, until they time
+		// out or a next migration of the flows replaces them.
+		d.log.Error("holds could not be lifted; their flows' packets pass through the queue until the holds time out",
+			"op", op, "flows", len(flows), "hold_timeout", d.nat.Options().HoldIdle, "err", err)
+		return err
+	}
 	// Ends the pass, and sends on anything left held (if the pass
-	// failed, or the holds could not be lifted).
+	// failed, or the new rules could not go in).
 	_, rerr := d.q.Release(fs...)
 	return errors.Join(err, rerr)
 }

@@ -52,7 +52,11 @@
 // of Release for three segments). A switch releases them before it lifts
 // the hold ([Table.ApplyThen], [Queue.Pass]): released after, they would
 // be overtaken by the flow's new packets, which go straight on, and the
-// receiver, seeing a gap, would have the client retransmit.
+// receiver, seeing a gap, would have the client retransmit. A lifting of
+// holds that fails is tried twice more; if it still fails, Apply's error
+// wraps [ErrHoldsKept] and the holds stay: a Pass left on sends what they
+// queue on at once until they time out, and [Queue.EndPass] ends it
+// before the flow is held again.
 //
 // This kernel is built without nf_tables' queue expression
 // (CONFIG_NFT_QUEUE unset) and rejects a QUEUE verdict from an immediate.

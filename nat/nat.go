@@ -228,6 +228,12 @@ var (
 	// ErrInvalid reports a malformed flow, address or option. A batch
 	// holding one is refused as a whole: nothing is changed.
 	ErrInvalid = errors.New("invalid argument")
+	// ErrHoldsKept is wrapped by the error of an Apply whose holds could
+	// not be lifted, even after a few tries: the batch's other changes
+	// are in, and the holds go on queueing their flows' packets until a
+	// later batch lifts them or they time out (Options.HoldIdle).
+	// [Queue.Pass] keeps such flows' packets going meanwhile.
+	ErrHoldsKept = errors.New("holds still in")
 	// ErrClosed reports use of a Table or Queue after Close or Destroy.
 	ErrClosed = errors.New("already closed")
 	// ErrUnsupported reports a system without nftables/NFQUEUE (anything

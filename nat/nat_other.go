@@ -65,6 +65,9 @@ func (q *Queue) Pass(flows ...Flow) (int, error) {
 	return 0, &OpError{Op: "pass", Err: ErrUnsupported}
 }
 
+// EndPass returns an error wrapping ErrUnsupported.
+func (q *Queue) EndPass(flows ...Flow) error { return &OpError{Op: "end pass", Err: ErrUnsupported} }
+
 // ReleaseAll returns an error wrapping ErrUnsupported.
 func (q *Queue) ReleaseAll() (int, error) { return 0, &OpError{Op: "release", Err: ErrUnsupported} }
 

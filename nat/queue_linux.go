@@ -371,6 +371,30 @@ func (q *Queue) Pass(flows ...Flow) (int, error) {
 	return q.release(fs, false, true)
 }
 
+// EndPass ends a Pass of the flows without sending anything on: the
+// packets their holds queue from then on stay held until Release. A Pass
+// normally ends with the Release that follows the lifting of its holds;
+// call EndPass before holding again a flow whose holds could not be
+// lifted ([ErrHoldsKept]), whose Pass was therefore left on.
+func (q *Queue) EndPass(flows ...Flow) error {
+	q.mu.Lock()
+	none := len(q.passing) == 0
+	q.mu.Unlock()
+	if none {
+		return nil // the usual case, and the cheap one for a batch
+	}
+	fs, err := normalizeAll(flows)
+	if err != nil {
+		return &OpError{Op: "end pass", Table: q.name(), Err: err}
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, f := range fs {
+		delete(q.passing, f)
+	}
+	return nil
+}
+
 func normalizeAll(flows []Flow) ([]Flow, error) {
 	fs := make([]Flow, 0, len(flows))
 	for _, f := range flows {

@@ -215,3 +215,111 @@ func TestPassWhileHeld(t *testing.T) {
 	}
 	readExactly(t, s, "e")
 }
+
+// TestHoldsKept: a lifting of holds that fails once is tried again and
+// succeeds; one that keeps failing returns ErrHoldsKept with the hold
+// still in, and a Pass left on keeps the flow's packets going through it;
+// EndPass then makes the hold hold again.
+func TestHoldsKept(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "kept")
+	tb := openIn(t, ns, Options{})
+	var q *Queue
+	in(t, ns, func() (err error) { q, err = OpenQueue(Options{}); return err })
+	defer q.Close()
+	c, s := loopConn(t, ns, 40030, 7030, 0)
+	f := flowOf(c)
+	write := func(p string) {
+		t.Helper()
+		if _, err := c.Write([]byte(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	held := func() bool {
+		t.Helper()
+		es, err := tb.Flows()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range es {
+			if e.Kind == KindHold && e.Flow == f {
+				return true
+			}
+		}
+		return false
+	}
+	failing := 0 // tries left to fail; -1: all of them
+	tb.mu.Lock()
+	tb.liftFault = func() error {
+		if failing == 0 {
+			return nil
+		}
+		failing--
+		return errors.New("injected")
+	}
+	tb.mu.Unlock()
+	hold := func() {
+		t.Helper()
+		var b Batch
+		b.Hold(f)
+		if err := tb.Apply(&b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unhold := func() error {
+		var b Batch
+		b.Unhold(f)
+		return tb.ApplyThen(&b, func() error { _, err := q.Pass(f); return err })
+	}
+
+	// One failure: the second try lifts the hold.
+	hold()
+	write("a")
+	eventually(t, 5*time.Second, "a to be held", func() bool { return q.Held() == 1 })
+	failing = 1
+	if err := unhold(); err != nil {
+		t.Fatalf("unhold with one failed try: %v", err)
+	}
+	if held() {
+		t.Fatal("the hold is still in after a successful retry")
+	}
+	if _, err := q.Release(f); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, s, "a")
+
+	// Every try fails: the hold stays, and the pass lets packets through.
+	hold()
+	write("b")
+	eventually(t, 5*time.Second, "b to be held", func() bool { return q.Held() == 1 })
+	failing = -1
+	err := unhold()
+	if !errors.Is(err, ErrHoldsKept) {
+		t.Fatalf("unhold with every try failing: %v, want ErrHoldsKept", err)
+	}
+	if !held() {
+		t.Fatal("the hold is gone although its lifting failed")
+	}
+	readExactly(t, s, "b")
+	write("c") // queued by the hold, passed on at once
+	readExactly(t, s, "c")
+
+	// EndPass: the hold holds again.
+	if err := q.EndPass(f); err != nil {
+		t.Fatal(err)
+	}
+	write("d")
+	eventually(t, 5*time.Second, "d to be held", func() bool { return q.Held() == 1 })
+	nothingToRead(t, s)
+	failing = 0
+	if err := unhold(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Release(f); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, s, "d")
+	if held() {
+		t.Fatal("the hold is still in")
+	}
+}

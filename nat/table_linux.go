@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Table is mtcp's nftables table in one network namespace: fixed chains,
@@ -37,6 +38,10 @@ type Table struct {
 	lateWait    func()
 	lateRemoved int
 	lateClosing bool
+
+	// liftFault, if set, is called before each try to lift holds; an
+	// error it returns fails the try (tests).
+	liftFault func() error
 }
 
 // Open creates mtcp's table in the calling thread's network namespace, or
@@ -158,12 +163,21 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 		return thenErr
 	}
 	lastReqs := t.nft.elemReqs(last)
-	if onlyHolds(first) && len(first[setHold4].destroy)+len(first[setHold6].destroy) > 0 {
+	lifting := onlyHolds(first) && len(first[setHold4].destroy)+len(first[setHold6].destroy) > 0
+	if lifting {
 		step() // only holds change: the lifting is this transaction
 	}
-	if err := t.nft.commit(reqs); err != nil {
+	if lifting {
+		err = t.lift(reqs)
+	} else {
+		err = t.nft.commit(reqs)
+	}
+	if err != nil {
 		if isErrno(err, syscall.ENOENT) {
 			err = fmt.Errorf("%w: the table or one of its sets is missing (deleted by someone else?); Open it again", err)
+		}
+		if lifting {
+			err = fmt.Errorf("%w: %w", ErrHoldsKept, err)
 		}
 		return errors.Join(err, thenErr)
 	}
@@ -171,11 +185,46 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 	t.queueLateLocked(p)
 	step()
 	if len(lastReqs) > 0 {
-		if err := t.nft.commit(lastReqs); err != nil {
-			return errors.Join(fmt.Errorf("lifting holds after the batch's other changes went in: %w", err), thenErr)
+		if err := t.lift(lastReqs); err != nil {
+			return errors.Join(fmt.Errorf("%w: lifting them after the batch's other changes went in: %w", ErrHoldsKept, err), thenErr)
 		}
 	}
 	return errors.Join(t.sweep(p.removed()), thenErr)
+}
+
+// liftTries are the waits before each try of a transaction that lifts
+// holds: a failed lift leaves flows held, their packets on their way
+// through the queue one by one at best, so it is worth a few tries.
+var liftTries = []time.Duration{0, time.Millisecond, 10 * time.Millisecond}
+
+// lift commits reqs, a transaction that lifts holds, trying it again
+// after a failure (it only destroys and adds elements, so a retry
+// changes nothing that the failed try changed).
+func (t *Table) lift(reqs []nftReq) error {
+	var errs []error
+	for _, wait := range liftTries {
+		time.Sleep(wait)
+		err := t.testLiftFault()
+		if err == nil {
+			if err = t.nft.commit(reqs); err == nil {
+				return nil
+			}
+		}
+		errs = append(errs, err)
+		if errors.Is(err, ErrClosed) {
+			break
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// testLiftFault returns the error tests inject into the lifting of holds
+// (nil outside those tests).
+func (t *Table) testLiftFault() error {
+	if t.liftFault == nil {
+		return nil
+	}
+	return t.liftFault()
 }
 
 // sweepAttempts bounds the rounds of [Table.sweep].
