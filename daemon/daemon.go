@@ -202,6 +202,18 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		go func() { <-ctx.Done(); ms.Close() }()
 	}
 	serve("expiry", func() error { d.expire(ctx, orphanAfter); return nil })
+	// Without its reader, the queue neither releases nor takes in held
+	// packets: no migration can end and every held flow stalls. Stop, so
+	// that the supervisor starts mtcpd again, whose reconcile lifts the
+	// holds left behind.
+	serve("nfqueue", func() error {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.q.Done():
+			return fmt.Errorf("the reader stopped: %w", d.q.Err())
+		}
+	})
 	if d.movedFile != "" {
 		serve("moved-in file", func() error { d.saveMoved(ctx); return nil })
 	}

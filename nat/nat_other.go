@@ -73,3 +73,13 @@ func (q *Queue) ReleaseAll() (int, error) { return 0, &OpError{Op: "release", Er
 
 // Close does nothing.
 func (q *Queue) Close() error { return nil }
+
+// Done returns a closed channel: there is no reader.
+func (q *Queue) Done() <-chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}
+
+// Err returns nil.
+func (q *Queue) Err() error { return nil }

@@ -333,6 +333,24 @@ func (q *Queue) verdict(w *msgWriter, id uint32, v nfVerdict) uint32 {
 	return seq
 }
 
+// Done is closed when the Queue's reader stops: after Close, or on a
+// failure to read the queue ([Queue.Err]). A Queue whose reader stopped
+// releases nothing more, and what its holds queue stays in the kernel
+// until the queue fills up or the socket is closed (then the kernel drops
+// it): its owner should close it and stop using its holds.
+func (q *Queue) Done() <-chan struct{} { return q.done }
+
+// Err returns why the reader stopped, or nil while it runs and after
+// Close.
+func (q *Queue) Err() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.readErr == nil {
+		return nil
+	}
+	return &OpError{Op: "read", Table: q.name(), Err: q.readErr}
+}
+
 // Held returns how many packets the Queue holds.
 func (q *Queue) Held() int {
 	q.mu.Lock()

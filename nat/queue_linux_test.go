@@ -323,3 +323,47 @@ func TestHoldsKept(t *testing.T) {
 		t.Fatal("the hold is still in")
 	}
 }
+
+// TestQueueReaderStops: when the reader cannot read the queue any more,
+// Done is closed and Err says why; after Close, Err is nil.
+func TestQueueReaderStops(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "qstop")
+	var q, q2 *Queue
+	in(t, ns, func() (err error) {
+		if q, err = OpenQueue(Options{Queue: 7}); err != nil {
+			return err
+		}
+		q2, err = OpenQueue(Options{Queue: 8})
+		return err
+	})
+	select {
+	case <-q.Done():
+		t.Fatal("Done closed while the reader runs")
+	default:
+	}
+	if err := q.Err(); err != nil {
+		t.Fatalf("Err while the reader runs: %v", err)
+	}
+	q.sock.close() // the socket fails under the reader
+	select {
+	case <-q.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed after the reader's socket failed")
+	}
+	if err := q.Err(); err == nil {
+		t.Fatal("Err is nil after the reader failed")
+	}
+	if _, err := q.Release(); err == nil {
+		t.Fatal("Release succeeded without a reader")
+	}
+	q.Close()
+
+	if err := q2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	<-q2.Done()
+	if err := q2.Err(); err != nil {
+		t.Fatalf("Err after Close: %v", err)
+	}
+}
