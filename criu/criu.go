@@ -11,6 +11,13 @@ import (
 	"time"
 )
 
+// What Room keeps free on the checkpoint file system for everything else
+// (a tmpfs is memory): a share of its size, and a floor.
+const (
+	RoomReservePercent = 10       // percent of the file system's size
+	RoomReserveMin     = 64 << 20 // bytes
+)
+
 // ErrUnavailable is wrapped by the errors of [Check] and of every operation
 // when CRIU is missing or too old. The error's text says what to do.
 var ErrUnavailable = errors.New("CRIU is unavailable")

@@ -6,13 +6,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// What Room keeps free on the checkpoint file system for everything else
-// (a tmpfs is memory): a share of its size, and a floor.
-const (
-	RoomReservePercent = 10       // percent of the file system's size
-	RoomReserveMin     = 64 << 20 // bytes
-)
-
 // Room returns how many bytes of checkpoint may still be written in dir:
 // what its file system has free for root, less a reserve (the larger of
 // RoomReservePercent of its size and RoomReserveMin), so that an

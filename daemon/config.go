@@ -16,6 +16,7 @@ import (
 	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
 	"github.com/mtcp-dev/mtcp/policy"
+	"github.com/mtcp-dev/mtcp/repair"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -67,6 +68,8 @@ type Config struct {
 	Policy string `yaml:"policy"`
 	// Load says how this server's load is measured (load.go).
 	Load LoadOptions `yaml:"load"`
+	// Marks are the packet mark bits mtcp uses.
+	Marks MarksConfig `yaml:"marks"`
 	// ProcessPages says how process mode moves memory: "lazy" (the
 	// default) restores the process on the target first and sends its
 	// pages after, on demand and in the background (post-copy); "eager"
@@ -82,6 +85,25 @@ type PeerConfig struct {
 	// ServiceAddrs are the peer's addresses on the service network.
 	ServiceAddrs []netip.Addr `yaml:"service_addrs"`
 }
+
+// MarksConfig are the packet mark bits (SO_MARK, a firewall's "meta
+// mark") mtcp sets, each over a packet's or socket's own mark, which is
+// kept. Change them only if another tool on the host uses these bits; all
+// the pool's daemons need not agree, as the bits never leave the host
+// (they are not on the wire).
+type MarksConfig struct {
+	// Inject lets a packet past mtcp's holds: the held client packets
+	// mtcp releases carry it, and so do the segments it sends to
+	// restored sockets. One bit; default 0x10000000 (bit 28).
+	Inject uint32 `yaml:"inject"`
+	// Quiet is set on sockets that must not be heard yet (a restored or
+	// frozen socket in repair mode): mtcp's table drops what they send.
+	// One bit, not Inject's; default 0x20000000 (bit 29).
+	Quiet uint32 `yaml:"quiet"`
+}
+
+// repair returns m as repair's Marks.
+func (m MarksConfig) repair() repair.Marks { return repair.Marks{Inject: m.Inject, Quiet: m.Quiet} }
 
 // TLSConfig names PEM files.
 type TLSConfig struct {
@@ -156,6 +178,12 @@ func ParseConfig(b []byte) (*Config, error) {
 	if c.ProcessPages == "" {
 		c.ProcessPages = "lazy"
 	}
+	if c.Marks.Inject == 0 {
+		c.Marks.Inject = repair.DefaultMarks.Inject
+	}
+	if c.Marks.Quiet == 0 {
+		c.Marks.Quiet = repair.DefaultMarks.Quiet
+	}
 	return &c, c.validate()
 }
 
@@ -205,6 +233,9 @@ func (c *Config) validate() error {
 	}
 	if err := (nat.Options{Table: c.Table, Queue: c.NFQueue}).Check(); err != nil {
 		bad("table: %v", err)
+	}
+	if err := c.Marks.repair().Check(); err != nil {
+		bad("marks: %v", err)
 	}
 	if c.FlowIdle < time.Second {
 		bad("flow_idle: %v: at least 1s (it is how long a silent connection keeps its rules)", c.FlowIdle)

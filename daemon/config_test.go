@@ -35,6 +35,12 @@ func TestParseConfig(t *testing.T) {
 	if c.Steering != "forward" || c.AdminSocket != DefaultAdminSocket || c.NFQueue != DefaultNFQueue || c.Role != "server" || c.ProcessPages != "lazy" || c.FlowIdle != DefaultFlowIdle {
 		t.Fatalf("defaults not applied: %+v", c)
 	}
+	if c.Marks != (MarksConfig{Inject: 1 << 28, Quiet: 1 << 29}) {
+		t.Fatalf("default marks %+v", c.Marks)
+	}
+	if m, err := ParseConfig([]byte(goodConfig + "marks: {inject: 0x40000000, quiet: 0x1000}\n")); err != nil || m.Marks != (MarksConfig{Inject: 1 << 30, Quiet: 1 << 12}) {
+		t.Fatalf("marks in hex: %+v, %v", m.Marks, err)
+	}
 	if a, ok := c.ServiceAddr(true); !ok || a.String() != "fd77:2::11" {
 		t.Fatalf("ServiceAddr(v6) = %v", a)
 	}
@@ -54,6 +60,9 @@ func TestParseConfig(t *testing.T) {
 		{"metrics", goodConfig + "metrics: notanaddr\n", "metrics: \"notanaddr\" is not host:port"},
 		{"peer addr", strings.Replace(goodConfig, "addr: 10.77.3.12:7700", "addr: nowhere", 1), "peers[0] (s2): addr"},
 		{"table name", goodConfig + "table: \"bad table\"\n", "table: nat: table name"},
+		{"mark of two bits", goodConfig + "marks: {inject: 0x3}\n", "marks: marks 0x3 and 0x20000000: each must be one bit"},
+		{"one mark twice", goodConfig + "marks: {inject: 0x20000000}\n", "marks: inject and quiet mark are both 0x20000000"},
+		{"mark not a number", goodConfig + "marks: {quiet: high}\n", "high"},
 		{"flow idle too short", goodConfig + "flow_idle: 10ms\n", "flow_idle: 10ms: at least 1s"},
 		{"flow idle not a duration", goodConfig + "flow_idle: forever\n", "forever"},
 		{"two IPv4 service addresses", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11, 10.77.2.21,", 1), "two service addresses of one family"},

@@ -127,7 +127,8 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 		defer mln.Close()
 	}
-	if d.q, err = nat.OpenQueue(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue}); err != nil {
+	natOpts := nat.Options{Table: cfg.Table, Queue: cfg.NFQueue, Idle: cfg.FlowIdle, InjectMark: cfg.Marks.Inject, QuietMark: cfg.Marks.Quiet}
+	if d.q, err = nat.OpenQueue(natOpts); err != nil {
 		return fmt.Errorf("mtcpd: nfqueue: %w", err)
 	}
 	defer d.q.Close()
@@ -139,7 +140,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		defer aln.Close() // removes the socket file too
 	}
 
-	if d.nat, err = nat.Open(nat.Options{Table: cfg.Table, Queue: cfg.NFQueue, Idle: cfg.FlowIdle}); err != nil {
+	if d.nat, err = nat.Open(natOpts); err != nil {
 		return fmt.Errorf("mtcpd: nftables: %w", err)
 	}
 	defer d.nat.Close()
@@ -150,7 +151,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := d.reconcile(unfinished); err != nil {
 		return fmt.Errorf("mtcpd: reconcile nftables: %w", err)
 	}
-	if d.inject, err = repair.NewInjector(); err != nil {
+	if d.inject, err = repair.NewInjector(cfg.Marks.repair()); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
 	defer d.inject.Close()

@@ -142,13 +142,13 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 		outs[i] = d.frozen[f]
 	}
 	d.mu.Unlock()
-	start := time.Now()
+	start, marks := time.Now(), d.cfg.Marks.repair()
 	parallel(len(flows), func(i int) {
 		if outs[i] == nil {
 			errs[i] = fmt.Errorf("flow %v was not quiesced", flows[i])
 			return
 		}
-		got[i], errs[i] = captureOne(outs[i], start)
+		got[i], errs[i] = captureOne(outs[i], start, marks)
 	})
 	items := make([]migrate.Item, 0, len(flows))
 	var b nat.Batch
@@ -175,9 +175,9 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 }
 
 // captureOne freezes and captures the socket of a quiesced flow, one of a
-// batch whose capture began at start. On error the socket is live again
-// (o.frozen is nil) and the flow stays quiesced.
-func captureOne(o *outgoing, start time.Time) (migrate.Item, error) {
+// batch whose capture began at start, quiet with marks. On error the
+// socket is live again (o.frozen is nil) and the flow stays quiesced.
+func captureOne(o *outgoing, start time.Time, marks repair.Marks) (migrate.Item, error) {
 	fr, err := repair.Freeze(o.exp.Socket)
 	if err != nil {
 		return migrate.Item{}, err
@@ -185,7 +185,7 @@ func captureOne(o *outgoing, start time.Time) (migrate.Item, error) {
 	// Segments still on their way here despite the hold reach the frozen
 	// socket after the capture: its acknowledgements of them must not
 	// reach the client, which would then never send them to the target.
-	if err := fr.Quiet(); err != nil {
+	if err := fr.Quiet(marks); err != nil {
 		return migrate.Item{}, errors.Join(err, fr.Thaw())
 	}
 	st, err := fr.Capture()

@@ -241,7 +241,7 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 	item := &inItem{flow: f, app: svc, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
 	// A socket that needs a reply rewrite here stays quiet until it is in.
 	quiet := d.rewritesReplies(f, item.local)
-	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: quiet, Injector: d.inject}); err != nil {
+	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: quiet, Injector: d.inject, Marks: d.cfg.Marks.repair()}); err != nil {
 		return nil, err
 	}
 	return item, nil

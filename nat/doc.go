@@ -38,13 +38,15 @@
 //
 // # Holding with NFQUEUE
 //
-// A hold sends the flow's packets (except those marked [InjectMark], which
-// repair injects) to NFQUEUE Options.Queue without the bypass flag: with
-// nobody reading the queue they are dropped, never delivered to the
-// frozen socket, which would answer with a RST. [Queue] reads them and
-// keeps them in the kernel; [Queue.Release] gives them the verdict
-// NF_REPEAT and the mark InjectMark, which sends them through the
-// prerouting hook again, past the hold, where they meet whatever follows
+// A hold sends the flow's packets (except those whose mark has the bit
+// Options.InjectMark, as the segments repair injects have) to NFQUEUE
+// Options.Queue without the bypass flag: with nobody reading the queue
+// they are dropped, never delivered to the frozen socket, which would
+// answer with a RST. [Queue] reads them and keeps them in the kernel;
+// [Queue.Release] gives them the verdict NF_REPEAT and adds the inject
+// bit to their mark (the rest of it is kept), which sends them through
+// the prerouting hook again, past the hold, where they meet whatever
+// follows
 // it: seen here, a packet held on s1 and released after its hold was
 // replaced by a Forward to s2 reached s2, and held segments released after
 // Unhold reached the local socket once each, in order, with no

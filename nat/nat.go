@@ -3,6 +3,7 @@ package nat
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"regexp"
 	"time"
@@ -24,19 +25,15 @@ const (
 	DefaultQueueMaxLen uint32 = 4096
 )
 
-// InjectMark is the packet mark (SO_MARK, "meta mark") that exempts a packet
-// from holds: the segments repair injects into a restored socket carry it.
-// It must equal repair.InjectMark ("mtcp" in ASCII); nat does not import
-// repair, so the two constants are kept equal by hand.
-const InjectMark uint32 = 0x6d746370
-
-// QuietMark is the packet mark of a socket that must not be heard yet: the
-// table drops what such a socket sends. A target marks a restored socket so
-// until its commit, for a socket in repair mode acknowledges the segments
-// that reach it, and from the host's own address (its reply rewrite may
-// not be in yet) the client would answer them with a RST. It must equal
-// repair.QuietMark ("mtcq" in ASCII).
-const QuietMark uint32 = 0x6d746371
+// The default mark bits of Options.InjectMark and Options.QuietMark: bits
+// 28 and 29, clear of the bits kube-proxy (0x4000, 0x8000), Cilium
+// (0x0f00) and the small marks of policy routing use. They must equal
+// repair.DefaultMarks; nat does not import repair, so they are kept equal
+// by hand.
+const (
+	DefaultInjectMark uint32 = 1 << 28
+	DefaultQuietMark  uint32 = 1 << 29
+)
 
 // Flow is one TCP connection as its client sees it: the client's address and
 // the service address it dialled (the original server's).
@@ -183,6 +180,21 @@ type Options struct {
 	// OpenQueue's reader; packets beyond it are dropped (never delivered
 	// to a frozen socket). 0 means DefaultQueueMaxLen (4096).
 	QueueMaxLen uint32
+	// InjectMark is the packet mark bit (SO_MARK, "meta mark") that lets
+	// a packet past the holds: the segments repair injects into restored
+	// sockets carry it, and [Queue] sets it, over the packet's own mark,
+	// on the packets it releases. One bit; 0 means DefaultInjectMark. It
+	// must be repair's Marks.Inject, and the same for Open and
+	// OpenQueue.
+	InjectMark uint32
+	// QuietMark is the mark bit of sockets that must not be heard yet:
+	// the table drops what they send. A target sets it on a restored
+	// socket until its commit, for a socket in repair mode acknowledges
+	// the segments that reach it, and from the host's own address (its
+	// reply rewrite may not be in yet) the client would answer with a
+	// RST. One bit, not InjectMark's; 0 means DefaultQuietMark. It must
+	// be repair's Marks.Quiet.
+	QuietMark uint32
 }
 
 var tableNameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
@@ -219,6 +231,23 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.QueueMaxLen == 0 {
 		o.QueueMaxLen = DefaultQueueMaxLen
+	}
+	if o.InjectMark == 0 {
+		o.InjectMark = DefaultInjectMark
+	}
+	if o.QuietMark == 0 {
+		o.QuietMark = DefaultQuietMark
+	}
+	for _, m := range []struct {
+		name string
+		bit  uint32
+	}{{"inject", o.InjectMark}, {"quiet", o.QuietMark}} {
+		if bits.OnesCount32(m.bit) != 1 {
+			return o, fmt.Errorf("nat: %s mark %#x: %w: give one bit (a power of two, such as %#x)", m.name, m.bit, ErrInvalid, DefaultInjectMark)
+		}
+	}
+	if o.InjectMark == o.QuietMark {
+		return o, fmt.Errorf("nat: inject and quiet mark are both %#x: %w: give two different bits", o.InjectMark, ErrInvalid)
 	}
 	return o, nil
 }
@@ -302,7 +331,7 @@ func (b *Batch) Reset() { b.ops = b.ops[:0] }
 
 // Hold queues f's client→service packets to NFQUEUE instead of delivering
 // them (source host, from before the freeze until the switch). Packets
-// marked InjectMark are never held.
+// whose mark has the Options.InjectMark bit are never held.
 func (b *Batch) Hold(f Flow) { b.ops = append(b.ops, op{kind: opHold, flow: f}) }
 
 // Unhold removes f's hold. Queued packets stay queued until

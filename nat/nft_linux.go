@@ -438,23 +438,35 @@ func match(v6 bool, extra ...expr.Any) []expr.Any {
 	)
 }
 
-// quietRule drops what sockets marked QuietMark send, before any rewrite.
-func (n *nftConn) quietRule() nftReq {
-	return n.ruleReq(chainPost, "quiet", ex(
+// markBit loads the packet's mark into the key register and keeps only
+// bit.
+func markBit(bit uint32) []expr.Any {
+	return []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: uint32(regKey)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: uint32(regKey), Data: binary.NativeEndian.AppendUint32(nil, QuietMark)},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	)...)
+		&expr.Bitwise{SourceRegister: uint32(regKey), DestRegister: uint32(regKey), Len: 4,
+			Mask: binary.NativeEndian.AppendUint32(nil, bit), Xor: make([]byte, 4)},
+	}
 }
 
-// holdRule: packets of a held flow, unless marked InjectMark, go to
-// NFQUEUE q without the bypass flag: with no reader they are dropped,
-// never delivered to the frozen socket (which would answer with a RST).
-func (n *nftConn) holdRule(v6 bool, q uint16, how holdVerdict) nftReq {
+// quietRule drops what sockets marked with the quiet bit send, before any
+// rewrite.
+func (n *nftConn) quietRule(quiet uint32) nftReq {
+	es := append(markBit(quiet),
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: uint32(regKey), Data: make([]byte, 4)},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	)
+	return n.ruleReq(chainPost, "quiet", ex(es...)...)
+}
+
+// holdRule: packets of a held flow, unless their mark has the inject bit,
+// go to NFQUEUE q without the bypass flag: with no reader they are
+// dropped, never delivered to the frozen socket (which would answer with
+// a RST).
+func (n *nftConn) holdRule(v6 bool, q uint16, inject uint32, how holdVerdict) nftReq {
 	s := setSpecs[setOf(KindHold, v6)]
-	es := match(v6, &expr.Meta{Key: expr.MetaKeyMARK, Register: uint32(regKey)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: uint32(regKey), Data: binary.NativeEndian.AppendUint32(nil, InjectMark)})
+	es := match(v6, append(markBit(inject),
+		&expr.Cmp{Op: expr.CmpOpEq, Register: uint32(regKey), Data: make([]byte, 4)})...)
 	es = append(es,
 		&expr.Lookup{SourceRegister: uint32(regKey), SetName: s.name, SetID: uint32(setOf(KindHold, v6)) + 1},
 		&expr.Counter{},
@@ -528,9 +540,9 @@ func (n *nftConn) layout(o Options, how holdVerdict) []nftReq {
 		n.flushChainReq(chainPre),
 		n.flushChainReq(chainPost),
 	)
-	reqs = append(reqs, n.quietRule())
+	reqs = append(reqs, n.quietRule(o.QuietMark))
 	for _, v6 := range []bool{false, true} {
-		reqs = append(reqs, n.holdRule(v6, o.Queue, how))
+		reqs = append(reqs, n.holdRule(v6, o.Queue, o.InjectMark, how))
 	}
 	for _, v6 := range []bool{false, true} {
 		// Source host or gateway: client->service gets daddr = target.

@@ -80,18 +80,19 @@ const queueAckTimeout = 10 * time.Second
 // kernel until they are released. Its methods are safe for concurrent use.
 //
 // The kernel keeps each held packet; Queue only remembers its id and flow
-// (from the first 128 bytes the kernel copies). Releasing issues the
-// verdict NF_REPEAT with the packet marked InjectMark: it goes through the
-// prerouting hook again, passes the hold, whether or not the hold is still
-// there, and meets the rules after it (a Forward, or nothing, and then it
-// is delivered locally).
+// (from the first 128 bytes the kernel copies) and mark. Releasing issues
+// the verdict NF_REPEAT with Options.InjectMark added to the packet's
+// mark: it goes through the prerouting hook again, passes the hold,
+// whether or not the hold is still there, and meets the rules after it (a
+// Forward, or nothing, and then it is delivered locally).
 type Queue struct {
-	num  uint16
-	sock *nlSock
-	done chan struct{} // closed when the reader exits
+	num    uint16
+	inject uint32 // Options.InjectMark
+	sock   *nlSock
+	done   chan struct{} // closed when the reader exits
 
 	mu       sync.Mutex
-	held     map[Flow][]uint32 // packet ids, in arrival order
+	held     map[Flow][]heldPacket // in arrival order
 	nheld    int
 	released map[Flow]uint32 // flow -> barrier seq until which its packets are repeated at once
 	passing  map[Flow]bool   // flows whose packets are repeated at once until their Release (Pass)
@@ -106,6 +107,10 @@ type Queue struct {
 	testHookPacket func()
 }
 
+// heldPacket is a packet the kernel keeps for the Queue: its id, and the
+// mark it had.
+type heldPacket struct{ id, mark uint32 }
+
 // waiter is a release waiting for the acknowledgement of its barrier.
 type waiter struct {
 	lo, hi uint32 // the seqs of its verdicts, hi the barrier
@@ -115,7 +120,7 @@ type waiter struct {
 
 // OpenQueue binds NFQUEUE number o.Queue in the calling thread's network
 // namespace and starts a goroutine reading it. Only o.Queue and
-// o.QueueMaxLen are used. It needs CAP_NET_ADMIN in the namespace; only
+// o.QueueMaxLen and o.InjectMark are used. It needs CAP_NET_ADMIN in the namespace; only
 // one process (one Queue) can bind a queue number at a time.
 func OpenQueue(o Options) (*Queue, error) {
 	o, err := o.withDefaults()
@@ -127,8 +132,8 @@ func OpenQueue(o Options) (*Queue, error) {
 	if err != nil {
 		return nil, &OpError{Op: "open", Table: name, Err: err}
 	}
-	q := &Queue{num: o.Queue, sock: s, done: make(chan struct{}),
-		held: map[Flow][]uint32{}, released: map[Flow]uint32{}, passing: map[Flow]bool{}, waiters: map[uint32]*waiter{}}
+	q := &Queue{num: o.Queue, inject: o.InjectMark, sock: s, done: make(chan struct{}),
+		held: map[Flow][]heldPacket{}, released: map[Flow]uint32{}, passing: map[Flow]bool{}, waiters: map[uint32]*waiter{}}
 	if err := q.bind(o.QueueMaxLen); err != nil {
 		s.close()
 		return nil, &OpError{Op: "open", Table: name, Err: err}
@@ -282,14 +287,18 @@ func (q *Queue) packet(data []byte) {
 	if err != nil {
 		return
 	}
-	var id uint32
+	var p heldPacket
 	var haveID bool
 	var payload []byte
 	for ad.Next() {
 		switch nfqAttr(ad.Type()) {
 		case nfqaPacketHdr:
 			if b := ad.Bytes(); len(b) >= 4 {
-				id, haveID = binary.BigEndian.Uint32(b), true
+				p.id, haveID = binary.BigEndian.Uint32(b), true
+			}
+		case nfqaMark: // sent only when the packet has a mark
+			if b := ad.Bytes(); len(b) >= 4 {
+				p.mark = binary.BigEndian.Uint32(b)
 			}
 		case nfqaPayload:
 			payload = ad.Bytes()
@@ -312,24 +321,25 @@ func (q *Queue) packet(data []byte) {
 		// on at once, under the lock so it cannot overtake packets of
 		// its flow that a Release is re-injecting.
 		var w msgWriter
-		q.verdict(&w, id, nfRepeat)
+		q.verdict(&w, p, nfRepeat)
 		q.sock.send(context.Background(), w.b)
 		q.atOnce++
 		return
 	}
-	q.held[f] = append(q.held[f], id)
+	q.held[f] = append(q.held[f], p)
 	q.nheld++
 }
 
-// verdict adds the verdict v for packet id to w. The packet is marked
-// InjectMark: repeated, it passes the hold that queued it.
-func (q *Queue) verdict(w *msgWriter, id uint32, v nfVerdict) uint32 {
+// verdict adds the verdict v for packet p to w. The inject bit is added
+// to the packet's mark: repeated, it passes the hold that queued it. The
+// rest of its mark is kept, for the rules and routes that follow.
+func (q *Queue) verdict(w *msgWriter, p heldPacket, v nfVerdict) uint32 {
 	seq := q.sock.nextSeq()
 	hdr := binary.BigEndian.AppendUint32(nil, uint32(v))
-	hdr = binary.BigEndian.AppendUint32(hdr, id)
+	hdr = binary.BigEndian.AppendUint32(hdr, p.id)
 	w.add(nfMsgType(nfnlSubsysQueue, uint8(nfqnlMsgVerdict)), nlmRequest, seq, unix.AF_UNSPEC, q.num,
 		attrs(netlink.Attribute{Type: uint16(nfqaVerdictHdr), Data: hdr},
-			netlink.Attribute{Type: uint16(nfqaMark), Data: binary.BigEndian.AppendUint32(nil, InjectMark)}))
+			netlink.Attribute{Type: uint16(nfqaMark), Data: binary.BigEndian.AppendUint32(nil, p.mark|q.inject)}))
 	return seq
 }
 
@@ -360,7 +370,7 @@ func (q *Queue) Held() int {
 
 // Release sends every held packet of the flows on with the verdict
 // NF_REPEAT, in the order they arrived, and returns how many. The packets
-// pass the flows' holds (they are marked InjectMark), so the rules that
+// pass the flows' holds (they get the inject mark bit), so the rules that
 // follow the holds decide where they go; call it once those are the flows'
 // new rules.
 //
@@ -500,8 +510,8 @@ func (q *Queue) releaseLocked(flows []Flow, all bool) (*waiter, int, error) {
 	}
 	var sendErr error
 	for _, f := range flows {
-		for _, id := range q.held[f] {
-			q.verdict(&dg, id, nfRepeat)
+		for _, p := range q.held[f] {
+			q.verdict(&dg, p, nfRepeat)
 			n++
 			if len(dg.b) >= maxVerdictDatagram {
 				sendErr = errors.Join(sendErr, flush())

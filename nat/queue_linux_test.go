@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -54,19 +55,27 @@ func flowOf(c *net.TCPConn) Flow {
 	return Flow{Client: c.LocalAddr().(*net.TCPAddr).AddrPort(), Service: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
 }
 
-// TestHoldSkipsInjectMark: a held flow's packets marked InjectMark (as
-// repair's injected segments are) pass; unmarked ones are queued. Close
-// then re-injects what was held, so nothing is lost.
+// TestHoldSkipsInjectMark: a held flow's packets whose mark has the
+// inject bit (as repair's injected segments have) pass; the others, other
+// bits of their mark set or not, are queued. Close then re-injects what
+// was held, so nothing is lost, with the inject bit added to the mark it
+// had. The marks are not the defaults: they are options.
 func TestHoldSkipsInjectMark(t *testing.T) {
 	skipUnlessRoot(t)
 	ns := newNamespace(t, "mark")
-	tb := openIn(t, ns, Options{})
+	o := Options{InjectMark: 1 << 4, QuietMark: 1 << 5}
+	tb := openIn(t, ns, o)
 	var q *Queue
-	in(t, ns, func() (err error) { q, err = OpenQueue(Options{}); return err })
+	in(t, ns, func() (err error) { q, err = OpenQueue(o); return err })
 	defer q.Close()
+	// Counts the packets to port 7002 as they reach the socket, by mark.
+	for _, c := range []string{"add table inet marks", "add chain inet marks in { type filter hook input priority 0 ; }",
+		"add rule inet marks in tcp dport 7002 meta mark 0x13 counter", "add rule inet marks in tcp dport 7002 meta mark 0x3 counter"} {
+		run(t, "ip", "netns", "exec", ns, "nft", c)
+	}
 
-	marked, ms := loopConn(t, ns, 40001, 7001, int(InjectMark))
-	plain, ps := loopConn(t, ns, 40002, 7002, 0)
+	marked, ms := loopConn(t, ns, 40001, 7001, 0x3|1<<4)
+	plain, ps := loopConn(t, ns, 40002, 7002, 0x3)
 	var b Batch
 	b.Hold(flowOf(marked))
 	b.Hold(flowOf(plain))
@@ -79,7 +88,7 @@ func TestHoldSkipsInjectMark(t *testing.T) {
 		}
 	}
 	readExactly(t, ms, "x")
-	eventually(t, 5*time.Second, "the unmarked packet to be held", func() bool { return q.Held() == 1 })
+	eventually(t, 5*time.Second, "the packet without the inject bit to be held", func() bool { return q.Held() == 1 })
 	nothingToRead(t, ps)
 
 	b.Reset()
@@ -93,6 +102,15 @@ func TestHoldSkipsInjectMark(t *testing.T) {
 	readExactly(t, ps, "x")
 	if _, err := q.Release(flowOf(plain)); !errors.Is(err, ErrClosed) {
 		t.Errorf("Release after Close: %v; want ErrClosed", err)
+	}
+	counts := regexp.MustCompile(`meta mark (0x[0-9a-f]+) counter packets (\d+)`).FindAllStringSubmatch(
+		run(t, "ip", "netns", "exec", ns, "nft", "list", "chain", "inet", "marks", "in"), -1)
+	got := map[string]string{}
+	for _, m := range counts {
+		got[m[1]] = m[2]
+	}
+	if got["0x00000013"] != "1" || got["0x00000003"] == "0" || got["0x00000003"] == "" {
+		t.Errorf("packets to the socket by mark: %v; want the released one with 0x13 (its own mark and the inject bit), the others with 0x3", got)
 	}
 }
 
@@ -135,7 +153,7 @@ func TestQuietMarkDropped(t *testing.T) {
 			t.Fatal(err, serr)
 		}
 	}
-	setMark(int(QuietMark))
+	setMark(int(DefaultQuietMark | 0x3)) // other bits of the mark do not matter
 	if _, err := c.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
@@ -146,8 +164,8 @@ func TestQuietMarkDropped(t *testing.T) {
 }
 
 // TestPassWhileHeld: ApplyThen runs its step while the hold it lifts is
-// still installed, and Pass sends the held packets on through it (marked
-// InjectMark), then the packets that arrive meanwhile as soon as they are
+// still installed, and Pass sends the held packets on through it (with
+// the inject mark bit), then the packets that arrive meanwhile as soon as they are
 // read, until Release; after that a new hold holds again.
 func TestPassWhileHeld(t *testing.T) {
 	skipUnlessRoot(t)

@@ -3,6 +3,7 @@
 package nat
 
 import (
+	"errors"
 	"net"
 	"testing"
 	"time"
@@ -13,7 +14,7 @@ import (
 // TestQuietRestoreAcknowledges: what a client sends to a socket restored
 // quiet, while the socket is still in repair mode, is acknowledged when
 // the socket is committed, not only once the client retransmits it. The
-// socket's own acknowledgement went out marked QuietMark and the table
+// socket's own acknowledgement went out with the quiet mark bit and the table
 // dropped it; the commit must make up for it, for data and for a FIN,
 // also when the socket was restored with unread data.
 func TestQuietRestoreAcknowledges(t *testing.T) {
@@ -77,5 +78,21 @@ func TestQuietRestoreAcknowledges(t *testing.T) {
 				t.Errorf("the client retransmitted %d times: the commit did not acknowledge what the quiet socket took in", n)
 			}
 		})
+	}
+}
+
+// TestMarkDefaults: nat's default mark bits are repair's, which nat does
+// not import; and Options refuses marks that are not two different bits.
+func TestMarkDefaults(t *testing.T) {
+	if DefaultInjectMark != repair.DefaultMarks.Inject || DefaultQuietMark != repair.DefaultMarks.Quiet {
+		t.Fatalf("nat's default marks %#x, %#x; repair's %+v", DefaultInjectMark, DefaultQuietMark, repair.DefaultMarks)
+	}
+	for _, o := range []Options{{InjectMark: 3}, {QuietMark: 1<<5 | 1}, {InjectMark: 1 << 4, QuietMark: 1 << 4}, {InjectMark: DefaultQuietMark}} {
+		if err := o.Check(); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Options%+v.Check() = %v; want ErrInvalid", o, err)
+		}
+	}
+	if err := (Options{InjectMark: 1, QuietMark: 1 << 31}).Check(); err != nil {
+		t.Errorf("bits 0 and 31: %v", err)
 	}
 }

@@ -29,8 +29,8 @@ func TestOpenIdempotent(t *testing.T) {
 	for _, want := range []string{
 		"table inet mtcp", "chain prerouting", "priority raw", "chain postrouting", "priority srcnat",
 		"set hold4", "set hold6", "map fwd4", "map fwd6", "map reply4", "map reply6", "map gwreply4", "map gwreply6",
-		"meta mark != 0x6d746370",
-		"meta mark 0x6d746371 counter packets 0 bytes 0 drop",
+		"meta mark & 0x10000000 == 0x00000000 ip saddr . tcp sport . ip daddr . tcp dport @hold4",
+		"meta mark & 0x20000000 != 0x00000000 counter packets 0 bytes 0 drop",
 	} {
 		if !strings.Contains(first, want) {
 			t.Errorf("ruleset after Open lacks %q:\n%s", want, first)

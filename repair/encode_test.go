@@ -122,8 +122,6 @@ func TestValidateRejects(t *testing.T) {
 		"ts without opt":  func(s *State) { s.Options &^= OptTimestamps },
 		"wscale no opt":   func(s *State) { s.Options &^= OptWindowScale },
 		"missing address": func(s *State) { s.Local = netip.AddrPort{} },
-		"quiet mark":      func(s *State) { s.Sockopts.Mark = QuietMark },
-		"inject mark":     func(s *State) { s.Sockopts.Mark = InjectMark },
 	} {
 		st := sampleState()
 		f(st)

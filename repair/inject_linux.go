@@ -8,11 +8,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// InjectMark is the SO_MARK (fwmark) carried by the segments this package
-// injects into a restored socket. Flow holds must let it through: the
-// segment goes from the local host to itself, spoofing the peer.
-const InjectMark = 0x6d746370 // "mtcp"
-
 // TCP header flags (RFC 9293).
 const (
 	tcpFIN = 0x01
@@ -31,27 +26,34 @@ type Injector struct {
 
 // NewInjector opens an Injector's raw sockets in the calling thread's
 // network namespace. It needs CAP_NET_RAW. A namespace without IPv6 gets
-// an Injector for IPv4 only.
-func NewInjector() (*Injector, error) {
-	fd4, err := rawSocket(unix.AF_INET)
+// an Injector for IPv4 only. The segments it sends have the mark m.Inject
+// (zero: DefaultMarks'), which flow holds must let through: a segment goes
+// from the local host to itself, spoofing the peer.
+func NewInjector(m Marks) (*Injector, error) {
+	if err := m.Check(); err != nil {
+		return nil, opErr("injector", err)
+	}
+	mark := m.OrDefault().Inject
+	fd4, err := rawSocket(unix.AF_INET, mark)
 	if err != nil {
 		return nil, opErr("injector", err)
 	}
 	i := &Injector{fd4: fd4}
-	if i.fd6, i.err6 = rawSocket(unix.AF_INET6); i.err6 != nil {
+	if i.fd6, i.err6 = rawSocket(unix.AF_INET6, mark); i.err6 != nil {
 		i.fd6 = -1
 	}
 	return i, nil
 }
 
-// newInjector opens an Injector for one address family.
-func newInjector(v6 bool) (*Injector, error) {
+// newInjector opens an Injector for one address family, whose segments
+// have the mark bit mark.
+func newInjector(v6 bool, mark uint32) (*Injector, error) {
 	i := &Injector{fd4: -1, fd6: -1}
 	var err error
 	if v6 {
-		i.fd6, err = rawSocket(unix.AF_INET6)
+		i.fd6, err = rawSocket(unix.AF_INET6, mark)
 	} else {
-		i.fd4, err = rawSocket(unix.AF_INET)
+		i.fd4, err = rawSocket(unix.AF_INET, mark)
 	}
 	if err != nil {
 		return nil, err
@@ -153,12 +155,12 @@ func injectStaleACK(r *Restored) error {
 // rawSocket opens a socket the Injector sends through. IPPROTO_RAW implies
 // IP_HDRINCL (IPV6_HDRINCL for IPv6): the packet carries the peer's address
 // as its source.
-func rawSocket(domain int) (int, error) {
+func rawSocket(domain int, mark uint32) (int, error) {
 	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
 		return -1, fmt.Errorf("raw socket to inject the peer's segments (needs CAP_NET_RAW): %w", err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, InjectMark); err != nil {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(int32(mark))); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("raw socket: SO_MARK: %w", err)
 	}

@@ -26,10 +26,12 @@ type Frozen struct {
 	// and gotData whether any came in over the socket's own life.
 	sinceData time.Duration
 	gotData   bool
-	// quiet: Quiet was called; marked: the socket is marked QuietMark
-	// over the application's mark. Just before, tcpi_bytes_received was
-	// at most markedRecv and rcv_wup was markedWup.
+	// quiet: Quiet was called, with the bit quietBit; marked: the
+	// application's mark, mark, has that bit added. Just before,
+	// tcpi_bytes_received was at most markedRecv and rcv_wup was
+	// markedWup.
 	quiet, marked bool
+	quietBit      uint32
 	mark          uint32
 	markedRecv    uint64
 	markedWup     uint32
@@ -103,7 +105,7 @@ func (f *Frozen) Capture() (*State, error) {
 	return st, nil
 }
 
-// markQuiet marks the socket QuietMark, once. recv (tcpi_bytes_received)
+// markQuiet adds the quiet bit to the socket's mark, once. recv (tcpi_bytes_received)
 // and wup (rcv_wup) were read before: segments counted after recv may have
 // gone unacknowledged, and so may the ones before rcv_nxt if rcv_wup lags
 // it (a delayed acknowledgement still to come).
@@ -115,7 +117,7 @@ func (f *Frozen) markQuiet(fd int, recv uint64, wup uint32) error {
 	if err != nil {
 		return fmt.Errorf("SO_MARK: %w", err)
 	}
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(int32(uint32(m)|f.quietBit))); err != nil {
 		return fmt.Errorf("SO_MARK: %w", err)
 	}
 	// The bits as the kernel keeps them (getInt gives an int32's value).
@@ -123,10 +125,11 @@ func (f *Frozen) markQuiet(fd int, recv uint64, wup uint32) error {
 	return nil
 }
 
-// Quiet has the frozen socket marked QuietMark (SO_MARK) from its next
-// Capture on, before the capture reads its queues, so that a firewall
-// rule like package nat's drops whatever it still sends, until Thaw sets
-// the application's mark back (Capture reports that one).
+// Quiet has the bit m.Quiet (zero: DefaultMarks') added to the frozen
+// socket's mark (SO_MARK) from its next Capture on, before the capture
+// reads its queues, so that a firewall rule like package nat's drops
+// whatever it still sends, until Thaw sets the application's mark back
+// (Capture reports that one).
 //
 // A socket in repair mode still takes in the segments that reach it and
 // acknowledges them. Those that arrive after the capture are not in the
@@ -139,11 +142,14 @@ func (f *Frozen) markQuiet(fd int, recv uint64, wup uint32) error {
 //
 // On Thaw, what the socket took in while quiet is the peer's to resend
 // too: the socket acknowledges it when the next segment comes.
-func (f *Frozen) Quiet() error {
+func (f *Frozen) Quiet(m Marks) error {
 	if f.done {
 		return opErr("quiet", ErrDone)
 	}
-	f.quiet = true
+	if err := m.Check(); err != nil {
+		return opErr("quiet", err)
+	}
+	f.quiet, f.quietBit = true, m.OrDefault().Quiet
 	return nil
 }
 
@@ -315,7 +321,8 @@ type Restored struct {
 	inj       *Injector // for the peer's FIN and a quiet socket's acknowledgement
 	ownInj    bool      // inj is this socket's own, closed with it
 	committed bool
-	quiet     bool    // marked QuietMark until Commit
+	quiet     bool // marked with marks.Quiet until Commit
+	marks     Marks
 	bufs      bufPlan // buffer sizes and locks to set back after commit
 	st        *State
 	local     netip.AddrPort
@@ -330,7 +337,14 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err := st.Validate(); err != nil {
 		return nil, opErr("restore", err)
 	}
-	r := &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet, inj: o.Injector}
+	if err := o.Marks.Check(); err != nil {
+		return nil, opErr("restore", err)
+	}
+	marks := o.Marks.OrDefault()
+	if err := marks.checkMark(st); err != nil {
+		return nil, opErr("restore", err)
+	}
+	r := &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet, marks: marks, inj: o.Injector}
 	if o.Local.IsValid() {
 		r.local = o.Local
 	}
@@ -360,7 +374,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || st.TCPState == StateFinWait2 || r.quiet || st.AckPending) {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.
-		r.inj, err = newInjector(domain == unix.AF_INET6)
+		r.inj, err = newInjector(domain == unix.AF_INET6, marks.Inject)
 		r.ownInj = err == nil
 	}
 	if err != nil {
@@ -497,7 +511,7 @@ func (r *Restored) build() error {
 		return err
 	}
 	if r.quiet {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, QuietMark); err != nil {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(int32(st.Sockopts.Mark|r.marks.Quiet))); err != nil {
 			return fmt.Errorf("SO_MARK (quiet): %w", err)
 		}
 	}

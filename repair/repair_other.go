@@ -22,9 +22,9 @@ func InRepair(c syscall.Conn) (bool, error) { return false, opErr("in repair", E
 // Capture reports ErrUnsupported.
 func (f *Frozen) Capture() (*State, error) { return nil, opErr("capture", ErrUnsupported) }
 
-// Quiet would have the frozen socket marked QuietMark; TCP_REPAIR exists
-// on Linux only.
-func (f *Frozen) Quiet() error { return opErr("quiet", ErrUnsupported) }
+// Quiet would add the quiet bit to the frozen socket's mark; TCP_REPAIR
+// exists on Linux only.
+func (f *Frozen) Quiet(m Marks) error { return opErr("quiet", ErrUnsupported) }
 
 // SinceData reports how long before the last Capture the socket last
 // received data; never here.
@@ -79,13 +79,10 @@ func (r *Restored) Abort() error { return opErr("abort", ErrUnsupported) }
 type Injector struct{}
 
 // NewInjector reports ErrUnsupported.
-func NewInjector() (*Injector, error) { return nil, opErr("injector", ErrUnsupported) }
+func NewInjector(m Marks) (*Injector, error) { return nil, opErr("injector", ErrUnsupported) }
 
 // Close does nothing.
 func (i *Injector) Close() error { return nil }
-
-// InjectMark is the SO_MARK of segments the Linux implementation injects.
-const InjectMark = 0x6d746370
 
 // LimitUnsent reports ErrUnsupported.
 func LimitUnsent(c syscall.Conn, bytes int) error { return opErr("limit unsent", ErrUnsupported) }

@@ -66,7 +66,7 @@ func nsExec(t testing.TB, ns, stdin string, args ...string) {
 func hold(t testing.TB, ns string, port int) (release func()) {
 	t.Helper()
 	table := fmt.Sprintf("hold%d", port)
-	nsExec(t, ns, fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority -300\n  meta mark != %#x tcp dport %d drop\n }\n}\n", table, InjectMark, port), "nft", "-f", "-")
+	nsExec(t, ns, fmt.Sprintf("table inet %s {\n chain out {\n  type filter hook output priority -300\n  meta mark and %#x == 0 tcp dport %d drop\n }\n}\n", table, DefaultMarks.Inject, port), "nft", "-f", "-")
 	return func() { nsExec(t, ns, "", "nft", "delete", "table", "inet", table) }
 }
 
@@ -442,8 +442,9 @@ func takeOver(t *testing.T, c *net.TCPConn) *State {
 	return st
 }
 
-// TestQuietRestoreMark: a socket restored Quiet carries QuietMark until
-// Commit and its captured mark after, and works.
+// TestQuietRestoreMark: a socket restored Quiet carries the quiet bit
+// over its captured mark until Commit and its captured mark alone after,
+// and works. The quiet bit is not the default one: it is an option.
 func TestQuietRestoreMark(t *testing.T) {
 	skipUnlessRoot(t)
 	client, server := pair(t, pairOpts{network: "tcp4"})
@@ -456,7 +457,7 @@ func TestQuietRestoreMark(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := takeOver(t, server)
-	r, err := Restore(st, RestoreOptions{Local: st.Local, Quiet: true})
+	r, err := Restore(st, RestoreOptions{Local: st.Local, Quiet: true, Marks: Marks{Quiet: 1 << 7}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,8 +469,8 @@ func TestQuietRestoreMark(t *testing.T) {
 		}
 		return v
 	}
-	if m := mark(); m != QuietMark {
-		t.Fatalf("mark before Commit %#x, want QuietMark", m)
+	if m := mark(); m != appMark|1<<7 {
+		t.Fatalf("mark before Commit %#x, want %#x (the captured mark and the quiet bit)", m, appMark|1<<7)
 	}
 	if err := r.Commit(); err != nil {
 		t.Fatal(err)
@@ -502,7 +503,7 @@ func TestQuietRestoreMark(t *testing.T) {
 func TestFrozenQuiet(t *testing.T) {
 	skipUnlessRoot(t)
 	ns := privateNetns(t)
-	nsExec(t, ns, fmt.Sprintf("table inet quiet {\n counter dropped {}\n chain out {\n  type filter hook output priority -300\n  meta mark %#x counter name dropped drop\n }\n}\n", QuietMark), "nft", "-f", "-")
+	nsExec(t, ns, fmt.Sprintf("table inet quiet {\n counter dropped {}\n chain out {\n  type filter hook output priority -300\n  meta mark and %#x != 0 counter name dropped drop\n }\n}\n", DefaultMarks.Quiet), "nft", "-f", "-")
 	dropped := func() int {
 		t.Helper()
 		out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "counter", "inet", "quiet", "dropped").CombinedOutput()
@@ -543,7 +544,7 @@ func TestFrozenQuiet(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := f.Quiet(); err != nil {
+		if err := f.Quiet(Marks{}); err != nil {
 			t.Fatal(err)
 		}
 		st, err := f.Capture()
@@ -780,4 +781,36 @@ func tcpInfo(t testing.TB, c *net.TCPConn) *unix.TCPInfo {
 		t.Fatal(err, gerr)
 	}
 	return info
+}
+
+// TestRestoreRefusesMarks: a state whose socket mark has one of mtcp's
+// own bits (the defaults, or those RestoreOptions.Marks gives) is refused
+// as malformed before any socket is made, and marks that are not two
+// different single bits are refused too.
+func TestRestoreRefusesMarks(t *testing.T) {
+	for name, tc := range map[string]struct {
+		mark      uint32
+		marks     Marks
+		malformed bool
+	}{
+		"default inject":    {DefaultMarks.Inject | 1, Marks{}, true},
+		"default quiet":     {DefaultMarks.Quiet, Marks{}, true},
+		"configured inject": {1<<3 | 1<<20, Marks{Inject: 1 << 3}, true},
+		"configured quiet":  {1 << 9, Marks{Quiet: 1 << 9}, true},
+		"two bits":          {0, Marks{Inject: 3}, false},
+		"same bit":          {0, Marks{Inject: 1 << 3, Quiet: 1 << 3}, false},
+	} {
+		st := sampleState()
+		st.Sockopts.Mark = tc.mark
+		r, err := Restore(st, RestoreOptions{Marks: tc.marks})
+		if err == nil {
+			r.Abort()
+			t.Errorf("%s: Restore accepted it", name)
+			continue
+		}
+		if errors.Is(err, ErrMalformed) != tc.malformed {
+			t.Errorf("%s: %v; want ErrMalformed %v", name, err, tc.malformed)
+		}
+		t.Logf("%s: %v", name, err)
+	}
 }

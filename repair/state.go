@@ -2,6 +2,7 @@ package repair
 
 import (
 	"fmt"
+	"math/bits"
 	"net/netip"
 )
 
@@ -200,9 +201,6 @@ func (st *State) Validate() error {
 	if st.Sockopts.KeepIdle > 32767 || st.Sockopts.KeepIntvl > 32767 || st.Sockopts.KeepCnt > 127 {
 		return fmt.Errorf("%w: keepalive parameters out of range", ErrMalformed)
 	}
-	if m := st.Sockopts.Mark; m == QuietMark || m == InjectMark {
-		return fmt.Errorf("%w: SO_MARK %#x is a mark mtcp uses for itself (no captured socket has it)", ErrMalformed, m)
-	}
 	if st.Sockopts.RcvBuf > 1<<31-1 || st.Sockopts.SndBuf > 1<<31-1 ||
 		st.Sockopts.UserTimeout > 1<<31-1 || st.Sockopts.NotSentLowat > 1<<31-1 || st.Sockopts.Priority > 1<<31-1 {
 		return fmt.Errorf("%w: socket option out of range", ErrMalformed)
@@ -228,10 +226,10 @@ type RestoreOptions struct {
 	// Blank is a socket made ahead with NewBlank, so that the restore does
 	// not create one while the connection is frozen; nil makes one.
 	Blank *Blank
-	// Quiet marks the socket QuietMark (SO_MARK) until Commit, which sets
-	// the mark back to the captured one. A socket in repair mode sends
+	// Quiet adds the bit Marks.Quiet to the socket's mark (SO_MARK) until
+	// Commit, which sets the mark back to the captured one. A socket in repair mode sends
 	// nothing of its own, but it acknowledges the segments that reach it;
-	// a firewall that drops packets marked QuietMark (package nat's table
+	// a firewall that drops packets with that bit (package nat's table
 	// does) keeps those acknowledgements from leaving before the rules
 	// that rewrite them are in. If the socket took anything in meanwhile
 	// (data or the peer's FIN), Commit makes it acknowledge that at once,
@@ -243,8 +241,59 @@ type RestoreOptions struct {
 	// Nil makes one for this socket when it needs one, at a cost of a few
 	// system calls: a caller restoring many sockets shares one.
 	Injector *Injector
+	// Marks are the mark bits mtcp uses; zero fields take DefaultMarks'.
+	// A State whose mark has one of them set is refused: with it, the
+	// socket's packets would pass the holds or never be heard.
+	Marks Marks
 }
 
-// QuietMark is the SO_MARK of a socket restored with RestoreOptions.Quiet
-// until its Commit: "mtcq" in ASCII.
-const QuietMark = 0x6d746371
+// Marks are the two packet mark bits (SO_MARK, a firewall's "meta mark")
+// mtcp uses for itself. Each is one bit, set over a packet's or socket's
+// own mark, which is kept: a mark is often another tool's too (kube-proxy
+// masquerades packets with bit 0x4000, policy routing matches small
+// marks).
+type Marks struct {
+	// Inject is the bit of the segments an Injector sends, which holds
+	// let through (package nat's Options.InjectMark).
+	Inject uint32
+	// Quiet is the bit a quiet socket carries until its Commit or Thaw:
+	// package nat's table drops what such a socket sends (Options.QuietMark).
+	Quiet uint32
+}
+
+// DefaultMarks are bits 28 and 29, clear of those kube-proxy (0x4000,
+// 0x8000), Cilium (0x0f00) and the small marks of policy routing use.
+// They equal package nat's DefaultInjectMark and DefaultQuietMark.
+var DefaultMarks = Marks{Inject: 1 << 28, Quiet: 1 << 29}
+
+// OrDefault returns m with its zero fields taken from DefaultMarks.
+func (m Marks) OrDefault() Marks {
+	if m.Inject == 0 {
+		m.Inject = DefaultMarks.Inject
+	}
+	if m.Quiet == 0 {
+		m.Quiet = DefaultMarks.Quiet
+	}
+	return m
+}
+
+// Check reports whether m (zero fields taken from DefaultMarks) is two
+// different bits.
+func (m Marks) Check() error {
+	m = m.OrDefault()
+	if bits.OnesCount32(m.Inject) != 1 || bits.OnesCount32(m.Quiet) != 1 {
+		return fmt.Errorf("marks %#x and %#x: each must be one bit (a power of two, such as %#x)", m.Inject, m.Quiet, DefaultMarks.Inject)
+	}
+	if m.Inject == m.Quiet {
+		return fmt.Errorf("inject and quiet mark are both %#x: give two different bits", m.Inject)
+	}
+	return nil
+}
+
+// checkMark refuses a state whose socket mark has one of m's bits.
+func (m Marks) checkMark(st *State) error {
+	if b := st.Sockopts.Mark & (m.Inject | m.Quiet); b != 0 {
+		return fmt.Errorf("%w: SO_MARK %#x has bit %#x, which mtcp uses for itself (no captured socket has it)", ErrMalformed, st.Sockopts.Mark, b)
+	}
+	return nil
+}

@@ -314,7 +314,7 @@ func (f *flowRules) unblockClient(t testing.TB) {
 
 // hold drops the client's segments of the flow at the source before they
 // reach the frozen socket (a segment reaching no socket would be answered
-// with a RST). The segment repair injects carries repair.InjectMark.
+// with a RST). The segments repair injects carry repair.DefaultMarks.Inject.
 func (f *flowRules) hold(t testing.TB) {
 	nft(t, f.src, fmt.Sprintf("table inet %s {\n chain pre {\n  type filter hook prerouting priority -300\n  %s drop\n }\n}\n",
 		f.table, f.match(f.srcAddr)))
