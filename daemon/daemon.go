@@ -45,6 +45,9 @@ type Daemon struct {
 	adopted map[app.Tuple]bool
 	// missing counts the reaper's sweeps that did not see a moved flow.
 	missing map[app.Tuple]int
+	// unseen counts the slow sweeps that did not find the socket of a
+	// flow no application reports (reapUnclaimed); the reaper's alone.
+	unseen map[app.Tuple]int
 	// restoring are transfers restored here, waiting for commit or abort.
 	restoring map[uint64]*incoming
 	// remoteHolds are the holds peers asked this steering point for
@@ -79,7 +82,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, unseen: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{},
 		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
 	d.movedFile, d.movedDirty = movedPath(cfg), make(chan struct{}, 1)
@@ -109,6 +112,13 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	orphanAfter, err := faultDuration("orphan-after")
 	if err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
+	}
+	unclaimedEvery, err := faultDuration("unclaimed-reap")
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	if unclaimedEvery == 0 {
+		unclaimedEvery = UnclaimedReapInterval
 	}
 	adm, err := admin.Listen(cfg.AdminSocket)
 	if err != nil {
@@ -221,7 +231,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	serve("heartbeats", func() error { d.heartbeats(ctx); return nil })
 	serve("policy", func() error { d.runPolicy(policyCtx); return nil })
 	if d.apps != nil {
-		serve("reaper", func() error { d.reap(ctx); return nil })
+		serve("reaper", func() error { d.reap(ctx, unclaimedEvery); return nil })
 		serve("rule refresh", func() error { d.refresh(ctx); return nil })
 		if len(unfinished) > 0 {
 			serve("process recovery", func() error { d.recoverProcesses(ctx, unfinished); return nil })

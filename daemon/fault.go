@@ -34,6 +34,9 @@ import (
 //	orphan-after=D   transactions of other daemons left without their end
 //	                 (see expire.go) expire after D instead of
 //	                 OrphanTimeout; for tests
+//	unclaimed-reap=D  the ended connections no application reports are
+//	                 looked for every D instead of UnclaimedReapInterval
+//	                 (reap.go); for tests
 //	peer-delay=D     every connection-mode request from a peer (prepare,
 //	                 transfer, commit, abort, steer) and every heartbeat
 //	                 waits D before it is handled and D more before it is

@@ -20,17 +20,29 @@ var allStates = []repair.TCPState{repair.StateEstablished, repair.StateFinWait1,
 // have ended.
 const ReapInterval = 2 * time.Second
 
+// UnclaimedReapInterval is how often the daemon looks for the ended
+// connections that no application reports: those of processes that moved
+// here, and those found again after a restart that no application has
+// claimed. It asks the kernel for their sockets, one listing per local
+// port.
+const UnclaimedReapInterval = 10 * time.Second
+
 // reap removes the rules of migrated connections that have ended here (the
 // application closed them after a FIN or RST): this host's reply rewrite,
 // and the flow's steering at its steering point. The nftables idle timeout
 // is the safety net for what this misses (a daemon restart, a dead peer).
-func (d *Daemon) reap(ctx context.Context) {
+func (d *Daemon) reap(ctx context.Context, unclaimedEvery time.Duration) {
 	t := time.NewTicker(ReapInterval)
 	defer t.Stop()
+	slow := time.NewTicker(unclaimedEvery)
+	defer slow.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-slow.C:
+			d.reapUnclaimed(ctx)
+			continue
 		case <-t.C:
 		}
 		live := map[app.Tuple]bool{}
@@ -101,27 +113,126 @@ func (d *Daemon) reap(ctx context.Context) {
 			}
 		}
 		d.mu.Unlock()
-		if len(ended) == 0 {
+		d.endRules(ctx, ended, &b)
+	}
+}
+
+// endRules removes the rules of ended connections: b, this host's
+// elements, and the flows' steering at their steering points.
+func (d *Daemon) endRules(ctx context.Context, ended []migrate.Flow, b *nat.Batch) {
+	if len(ended) == 0 {
+		return
+	}
+	if b.Len() > 0 {
+		if err := d.nat.Apply(b); err != nil {
+			d.log.Warn("removing rules of ended connections", "err", err)
+		}
+	}
+	// Switching a flow "home", to the address it was dialled at, removes
+	// its steering.
+	home := map[netip.Addr][]migrate.Flow{}
+	for _, f := range ended {
+		home[f.Service.Addr()] = append(home[f.Service.Addr()], f)
+	}
+	for addr, fs := range home {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := (steering{d}).Switch(sctx, fs, addr); err != nil {
+			d.log.Warn("removing the steering of ended connections", "flows", len(fs), "err", err)
+		}
+		cancel()
+	}
+	d.log.Info("connections ended", "flows", len(ended))
+}
+
+// reapUnclaimed removes the rules of connections that moved here and that
+// no application reports, once the kernel has had no socket for them in
+// two sweeps in a row: the connections of processes that moved here, and
+// those a restart found again from their rules that no application has
+// claimed. While a process migrates to or from here it does nothing: a
+// leaving process's sockets go before its flows are forgotten.
+func (d *Daemon) reapUnclaimed(ctx context.Context) {
+	type unclaimed struct {
+		tu   app.Tuple
+		f    migrate.Flow
+		proc bool
+	}
+	var cands []unclaimed
+	d.proc.mu.Lock()
+	busy := len(d.proc.leaving)+len(d.proc.in) > 0
+	for tu, f := range d.proc.flows {
+		cands = append(cands, unclaimed{tu, f, true})
+	}
+	d.proc.mu.Unlock()
+	d.mu.Lock()
+	for tu, f := range d.moved {
+		if !d.adopted[tu] {
+			cands = append(cands, unclaimed{tu, f, false})
+		}
+	}
+	d.mu.Unlock()
+	if busy || len(cands) == 0 {
+		clear(d.unseen)
+		return
+	}
+	unmapped := func(tu app.Tuple) app.Tuple { return app.Tuple{Local: unmapAP(tu.Local), Remote: unmapAP(tu.Remote)} }
+	live := map[app.Tuple]bool{}
+	ports := map[uint16]bool{}
+	for _, c := range cands {
+		if p := c.tu.Local.Port(); !ports[p] {
+			ports[p] = true
+			kernel, err := repair.List(ctx, repair.ListOptions{States: allStates, Port: p})
+			if err != nil {
+				d.log.Warn("listing sockets", "port", p, "err", err)
+				return
+			}
+			for _, k := range kernel {
+				live[unmapped(app.Tuple{Local: k.Local, Remote: k.Remote})] = true
+			}
+		}
+	}
+	var ended []migrate.Flow
+	var b nat.Batch
+	seen := map[app.Tuple]bool{}
+	d.proc.mu.Lock()
+	d.mu.Lock()
+	for _, c := range cands {
+		seen[c.tu] = true
+		if live[unmapped(c.tu)] {
+			delete(d.unseen, c.tu)
 			continue
 		}
-		if b.Len() > 0 {
-			if err := d.nat.Apply(&b); err != nil {
-				d.log.Warn("removing rules of ended connections", "err", err)
+		if d.unseen[c.tu]++; d.unseen[c.tu] < 2 {
+			continue
+		}
+		delete(d.unseen, c.tu)
+		// Still what it was when listed (not adopted, migrated away or
+		// ended by someone else meanwhile)?
+		if c.proc {
+			if f, ok := d.proc.flows[c.tu]; !ok || f != c.f {
+				continue
 			}
-		}
-		// Switching a flow "home", to the address it was dialled at,
-		// removes its steering.
-		home := map[netip.Addr][]migrate.Flow{}
-		for _, f := range ended {
-			home[f.Service.Addr()] = append(home[f.Service.Addr()], f)
-		}
-		for addr, fs := range home {
-			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if err := (steering{d}).Switch(sctx, fs, addr); err != nil {
-				d.log.Warn("removing the steering of ended connections", "flows", len(fs), "err", err)
+			delete(d.proc.flows, c.tu)
+		} else {
+			if f, ok := d.moved[c.tu]; !ok || f != c.f || d.adopted[c.tu] {
+				continue
 			}
-			cancel()
+			if _, frozen := d.frozen[c.f]; frozen {
+				continue
+			}
+			delete(d.moved, c.tu)
+			d.movedChanged()
 		}
-		d.log.Info("connections ended", "flows", len(ended))
+		ended = append(ended, c.f)
+		if c.tu.Local != c.f.Service {
+			b.Remove(natFlow(c.f))
+		}
 	}
+	for tu := range d.unseen {
+		if !seen[tu] {
+			delete(d.unseen, tu)
+		}
+	}
+	d.mu.Unlock()
+	d.proc.mu.Unlock()
+	d.endRules(ctx, ended, &b)
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -916,5 +917,68 @@ func TestProcessSilentKeepsRules(t *testing.T) {
 	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestProcessEndedRulesGo: the rules of a process's connection that ended
+// after the process moved go (the reply rewrite at the target, the
+// forward at the steering point), while those of its connection that
+// lives on stay and it goes on working. No application reports a
+// process's connections: the daemon looks for their sockets (here every
+// 300 ms, MTCP_FAULT=unclaimed-reap).
+func TestProcessEndedRulesGo(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	env := map[string][]string{}
+	for _, h := range []string{"s1", "s2", "s3"} {
+		env["mtcpd-"+h] = []string{daemon.FaultEnv + "=unclaimed-reap=300ms"}
+	}
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: env})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	var conns []*respClient
+	var clients []netip.AddrPort
+	for range 2 {
+		gc, err := r.Dial()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer gc.Close()
+		gc.SetDeadline(time.Now().Add(30 * time.Second))
+		rc := newRESP(gc)
+		if _, err := rc.do("SET", "k", "v"); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, rc)
+		clients = append(clients, pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort()))
+	}
+	r.MigrateProcess(bed.S2)
+	for _, c := range clients {
+		for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+			if e := flowElems(t, h, c, ""); len(e) == 0 {
+				t.Fatalf("after the migration %s has no rules for %v", h.Name, c)
+			}
+		}
+	}
+	if got, err := conns[0].do("GET", "k"); err != nil || got != "v" {
+		t.Fatalf("GET k after the migration: %q, %v", got, err)
+	}
+	conns[0].c.Close()
+	pool.Eventually(t, 10*time.Second, "the ended connection's rules to go", func() (bool, string) {
+		e1, e2 := flowElems(t, bed.S1, clients[0], ""), flowElems(t, bed.S2, clients[0], "")
+		return len(e1)+len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
+	})
+	time.Sleep(time.Second) // more sweeps
+	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+		if e := flowElems(t, h, clients[1], ""); len(e) == 0 {
+			t.Fatalf("%s lost the rules of the connection that lives on", h.Name)
+		}
+	}
+	if got, err := conns[1].do("GET", "k"); err != nil || got != "v" {
+		t.Fatalf("GET k on the connection that lives on: %q, %v", got, err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
 	}
 }
