@@ -82,11 +82,23 @@ type Config struct {
 	// sender queue megabytes. 0 means DefaultUnsentLimit; a negative value
 	// leaves the kernel's default. Migrated connections keep their setting.
 	UnsentLimit int
+
+	// VerdictWait bounds how long a connection given to mtcpd waits for
+	// mtcpd's verdict (moved away, or resume here) while the link to
+	// mtcpd stays up. Past it the library decides as when the link is
+	// lost: a socket mtcpd did not freeze, or thawed, is served on here;
+	// one still frozen is given a while longer, then let go. 0 means
+	// DefaultVerdictWait, well past any migration's deadlines: only a
+	// stuck mtcpd makes it expire.
+	VerdictWait time.Duration
 }
 
 // DefaultUnsentLimit is Config.UnsentLimit's default: enough to keep a
 // fast link busy, small enough to move in well under a millisecond.
 const DefaultUnsentLimit = 128 << 10
+
+// DefaultVerdictWait is Config.VerdictWait's default.
+const DefaultVerdictWait = 5 * time.Minute
 
 // Serve listens on cfg.Service (plain TCP, never Multipath TCP, which
 // TCP_REPAIR cannot migrate), registers the service with mtcpd at
@@ -113,6 +125,9 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	if cfg.Daemon == "" {
 		cfg.Daemon = DefaultDaemonSocket
+	}
+	if cfg.VerdictWait <= 0 {
+		cfg.VerdictWait = DefaultVerdictWait
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -782,10 +797,15 @@ func (s *server) endExport(c *served, ex *exportReq) {
 // server.
 func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool) {
 	ex.out.add(readyItem{it: item{ID: ex.id, Snapshot: snapshot}, c: c, ex: ex}, true)
+	wait := time.NewTimer(s.cfg.VerdictWait)
+	defer wait.Stop()
 	var vm verdictMsg
 	select {
 	case vm = <-ex.verdict:
 	case <-ex.link.done:
+		vm.v = s.afterLinkLoss(c)
+	case <-wait.C:
+		s.log.Warn("no verdict from mtcpd on an exported connection; deciding here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
 		vm.v = s.afterLinkLoss(c)
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
@@ -847,11 +867,11 @@ func (s *server) afterLinkLoss(c *served) string {
 	for {
 		frozen, err := repair.InRepair(c.tc)
 		if err != nil || !frozen {
-			s.log.Warn("lost mtcpd while the connection was exported; resuming it here", "conn", c.tuple)
+			s.log.Warn("no verdict from mtcpd on an exported connection, which is not frozen; resuming it here", "conn", c.tuple)
 			return verdictResume
 		}
 		if time.Now().After(deadline) {
-			s.log.Warn("lost mtcpd while the connection was exported and frozen, and it stayed frozen; letting it go", "conn", c.tuple, "waited", frozenWait)
+			s.log.Warn("no verdict from mtcpd on an exported connection, which stayed frozen; letting it go", "conn", c.tuple, "waited", frozenWait)
 			return verdictGone
 		}
 		select {

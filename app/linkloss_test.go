@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -18,13 +19,21 @@ import (
 	"github.com/mtcp-dev/mtcp/app/apptest"
 )
 
-// TestLinkLossWhileFrozen: the application's link to mtcpd breaks while
-// mtcpd has an exported connection frozen (repair mode), and mtcpd then
-// aborts the migration: it thaws the socket and closes its copy. The
-// application waited for the thaw instead of resuming a handler on a
-// socket it could not read (which ended the connection), and the client
-// is served on.
-func TestLinkLossWhileFrozen(t *testing.T) {
+// exportSetup is a registry (mtcpd's side), an application registered
+// with it, and one client connection that mtcpd has been given (Export),
+// with no verdict yet.
+type exportSetup struct {
+	c *client
+	e *app.Exported
+	// stopRegistry stops the registry, which breaks the link, and waits
+	// for it; once.
+	stopRegistry func()
+}
+
+// newExportSetup starts it, with the application's Config.VerdictWait
+// set to verdictWait.
+func newExportSetup(t *testing.T, verdictWait time.Duration) *exportSetup {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: freezes a socket with TCP_REPAIR")
 	}
@@ -36,9 +45,10 @@ func TestLinkLossWhileFrozen(t *testing.T) {
 	}
 	reg := app.NewRegistry(apptest.Logger(t, "registry"))
 	rctx, stopRegistry := context.WithCancel(context.Background())
-	defer stopRegistry()
 	registryDone := make(chan error, 1)
 	go func() { registryDone <- reg.Serve(rctx, ln) }()
+	stop := sync.OnceFunc(func() { stopRegistry(); <-registryDone })
+	t.Cleanup(stop)
 
 	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -49,9 +59,9 @@ func TestLinkLossWhileFrozen(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() {
-		served <- app.Serve(ctx, app.Config{Service: svc, Daemon: sock, Handler: counter("A", nil), Logger: apptest.Logger(t, "A")})
+		served <- app.Serve(ctx, app.Config{Service: svc, Daemon: sock, Handler: counter("A", nil), Logger: apptest.Logger(t, "A"), VerdictWait: verdictWait})
 	}()
-	defer func() { cancel(); <-served }()
+	t.Cleanup(func() { cancel(); <-served })
 	apptest.Eventually(t, apptest.Timeout, "the application to register", func() (bool, string) {
 		return len(reg.Services()) == 1, fmt.Sprint(reg.Services())
 	})
@@ -59,7 +69,7 @@ func TestLinkLossWhileFrozen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
+	t.Cleanup(func() { nc.Close() })
 	c := &client{c: nc.(*net.TCPConn), rd: bufio.NewReader(nc)}
 	c.do(t, "x", "1 A x")
 	apptest.Eventually(t, apptest.Timeout, "the connection to be reported", func() (bool, string) { return len(reg.Conns(svc)) == 1, "" })
@@ -68,23 +78,46 @@ func TestLinkLossWhileFrozen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	repair := func(v int) {
-		t.Helper()
-		rc, err := e.Socket.SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var serr error
-		if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_TCP, unix.TCP_REPAIR, v) }); err != nil || serr != nil {
-			t.Fatal(err, serr)
-		}
+	t.Cleanup(func() { e.Socket.Close() })
+	return &exportSetup{c: c, e: e, stopRegistry: stop}
+}
+
+// repair sets the exported socket's TCP_REPAIR to v, as mtcpd does.
+func (x *exportSetup) repair(t *testing.T, v int) {
+	t.Helper()
+	rc, err := x.e.Socket.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
 	}
-	repair(unix.TCP_REPAIR_ON) // mtcpd freezes it
-	stopRegistry()             // the link breaks
-	<-registryDone
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_TCP, unix.TCP_REPAIR, v) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+}
+
+// TestLinkLossWhileFrozen: the application's link to mtcpd breaks while
+// mtcpd has an exported connection frozen (repair mode), and mtcpd then
+// aborts the migration: it thaws the socket and closes its copy. The
+// application waited for the thaw instead of resuming a handler on a
+// socket it could not read (which ended the connection), and the client
+// is served on.
+func TestLinkLossWhileFrozen(t *testing.T) {
+	x := newExportSetup(t, 0)
+	x.repair(t, unix.TCP_REPAIR_ON)    // mtcpd freezes it
+	x.stopRegistry()                   // the link breaks
 	time.Sleep(200 * time.Millisecond) // the application notices
-	repair(unix.TCP_REPAIR_OFF)        // the migration aborts: mtcpd thaws it
-	e.Finish(context.Background(), false)
-	e.Socket.Close() // and lets its copy go
-	c.do(t, "y", "2 A y")
+	x.repair(t, unix.TCP_REPAIR_OFF)   // the migration aborts: mtcpd thaws it
+	x.e.Finish(context.Background(), false)
+	x.e.Socket.Close() // and lets its copy go
+	x.c.do(t, "y", "2 A y")
+}
+
+// TestVerdictWait: mtcpd keeps its link up but never gives its verdict on
+// an exported connection. Past Config.VerdictWait, the application
+// decides as when the link is lost: the socket is not frozen, so the
+// client is served on here.
+func TestVerdictWait(t *testing.T) {
+	x := newExportSetup(t, 300*time.Millisecond)
+	x.c.c.SetDeadline(time.Now().Add(10 * time.Second))
+	x.c.do(t, "y", "2 A y")
 }
