@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -327,5 +329,75 @@ func TestSilentSessionKeepsRules(t *testing.T) {
 				t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 			}
 		})
+	}
+}
+
+// TestNetcatSession: an unmodified client program, nc(1), keeps its
+// session with mtcp-kv through s1 -> s2 -> s3 -> s1: the session's state
+// carries over, nc reports no error, and nothing is reset.
+func TestNetcatSession(t *testing.T) {
+	nc, err := exec.LookPath("nc")
+	if err != nil {
+		t.Skip("needs nc (netcat-openbsd; tests/setup.sh installs it)")
+	}
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	const clientPort = 41777
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := bed.Client.Command(ctx, nc, "-p", strconv.Itoa(clientPort), addr(bed.S1, false).String(), "7000")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(stdout)
+	do := func(line string) string {
+		t.Helper()
+		if _, err := io.WriteString(stdin, line+"\n"); err != nil {
+			t.Fatalf("%s: writing to nc: %v (nc says %q)", line, err, stderr.String())
+		}
+		if !lines.Scan() {
+			t.Fatalf("%s: nc's output ended: %v (nc says %q)", line, lines.Err(), stderr.String())
+		}
+		return strings.TrimSpace(lines.Text())
+	}
+	if got := do("SET colour blue"); got != "OK" {
+		t.Fatalf("SET: %q", got)
+	}
+	flow := netip.AddrPortFrom(addr(bed.Client, false), clientPort).String()
+	waitServedFlow(t, p, bed.S1, flow)
+	for _, hop := range [][2]*testbed.Host{{bed.S1, bed.S2}, {bed.S2, bed.S3}, {bed.S3, bed.S1}} {
+		mctx, mcancel := context.WithTimeout(ctx, 30*time.Second)
+		rep, err := p.Admin(hop[0]).Migrate(mctx, &admin.MigrateRequest{Flows: []string{flow}, To: hop[1].Name})
+		mcancel()
+		if err != nil || len(rep.Moved) != 1 {
+			t.Fatalf("migrate %s -> %s: %v (report %+v)", hop[0].Name, hop[1].Name, err, rep)
+		}
+		if got := do("HOST"); got != hop[1].Name {
+			t.Fatalf("after %s -> %s: HOST = %q", hop[0].Name, hop[1].Name, got)
+		}
+		if got := do("GET colour"); got != "blue" {
+			t.Fatalf("after %s -> %s: GET colour = %q: the session's state was lost", hop[0].Name, hop[1].Name, got)
+		}
+	}
+	if got := do("QUIT"); got != "BYE" {
+		t.Fatalf("QUIT: %q", got)
+	}
+	stdin.Close()
+	if err := cmd.Wait(); err != nil || stderr.Len() > 0 {
+		t.Fatalf("nc: %v: %q", err, stderr.String())
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
 }

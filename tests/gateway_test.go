@@ -219,7 +219,13 @@ func (s *clientStream) finish(t *testing.T) {
 // registered the connection is refused.
 func waitServed(t *testing.T, p *pool.Pool, h *testbed.Host, c *net.TCPConn) {
 	t.Helper()
-	flow := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+	waitServedFlow(t, p, h, unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()).String())
+}
+
+// waitServedFlow waits until h's mtcpd lists the connection of client
+// address flow (IP:PORT) as served by its application.
+func waitServedFlow(t *testing.T, p *pool.Pool, h *testbed.Host, flow string) {
+	t.Helper()
 	eventually(t, 10*time.Second, h.Name+" to serve "+flow, func() (bool, string) {
 		cs, err := p.Admin(h).Conns(context.Background())
 		if err != nil {
