@@ -3,6 +3,7 @@ package tests
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,11 +13,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
 	"github.com/mtcp-dev/mtcp/daemon"
+	"github.com/mtcp-dev/mtcp/internal/stream"
 	"github.com/mtcp-dev/mtcp/tests/pool"
 	"github.com/mtcp-dev/mtcp/tests/testbed"
 )
@@ -396,6 +399,94 @@ func TestNetcatSession(t *testing.T) {
 	stdin.Close()
 	if err := cmd.Wait(); err != nil || stderr.Len() > 0 {
 		t.Fatalf("nc: %v: %q", err, stderr.String())
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestCurlDownload: an unmodified HTTP client, curl(1), downloads a
+// stream from mtcp-bulk at s1's address while the connection moves s1 ->
+// s2 -> s3 -> s1: curl reports success, every byte of the body arrives
+// exactly once and in order, and nothing is reset.
+func TestCurlDownload(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("needs curl (tests/setup.sh installs it)")
+	}
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{App: "mtcp-bulk", Quiet: true})
+	rsts := watchPortRSTs(t, bed.Client, 7000)
+	const (
+		seed       = 4242
+		length     = 120 << 20
+		clientPort = 41888
+	)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	url := fmt.Sprintf("http://%s:7000/%d/%d", addr(bed.S1, false), seed, length)
+	// 40 MB/s: the download lasts three seconds, the migrations happen
+	// while it runs.
+	cmd := bed.Client.Command(ctx, curl, "--silent", "--show-error", "--fail", "--limit-rate", "40M", "--local-port", strconv.Itoa(clientPort), "--output", "-", url)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	v := &stream.Verifier{Pattern: seed}
+	var mu sync.Mutex
+	var copyErr error // the body's first error, under mu
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := stdout.Read(buf)
+			mu.Lock()
+			_, verr := v.Write(buf[:n])
+			if err == io.EOF {
+				err = nil
+			}
+			if copyErr = errors.Join(verr, err); verr != nil || err != nil || n == 0 {
+				mu.Unlock()
+				return
+			}
+			mu.Unlock()
+		}
+	}()
+	received := func() int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		if copyErr != nil {
+			t.Fatalf("the body: %v (after %d bytes)", copyErr, v.N)
+		}
+		return v.N
+	}
+	flow := netip.AddrPortFrom(addr(bed.Client, false), clientPort).String()
+	waitServedFlow(t, p, bed.S1, flow)
+	for i, hop := range [][2]*testbed.Host{{bed.S1, bed.S2}, {bed.S2, bed.S3}, {bed.S3, bed.S1}} {
+		at := int64(i+1) * length / 5
+		eventually(t, 10*time.Second, fmt.Sprintf("%d bytes to arrive", at), func() (bool, string) {
+			return received() >= at, fmt.Sprint(received())
+		})
+		mctx, mcancel := context.WithTimeout(ctx, 30*time.Second)
+		rep, err := p.Admin(hop[0]).Migrate(mctx, &admin.MigrateRequest{Flows: []string{flow}, To: hop[1].Name})
+		mcancel()
+		if err != nil || len(rep.Moved) != 1 {
+			t.Fatalf("migrate %s -> %s: %v (report %+v)", hop[0].Name, hop[1].Name, err, rep)
+		}
+	}
+	<-copied
+	received() // fails on the body's error
+	if err := cmd.Wait(); err != nil || stderr.Len() > 0 {
+		t.Fatalf("curl: %v: %q", err, stderr.String())
+	}
+	if n := received(); n != length {
+		t.Fatalf("curl received %d bytes of %d", n, length)
 	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)

@@ -34,10 +34,11 @@ fi
 # checksum offload off on the testbed's veths, so that checksums are
 # verified (the testbed refuses to come up without it).
 # redis-server, redis-tools: the unmodified server and clients that the
-# process-mode (CRIU) tests migrate. netcat-openbsd: nc, an unmodified
-# client whose connection-mode session the tests migrate.
+# process-mode (CRIU) tests migrate. netcat-openbsd and curl: nc and
+# curl, unmodified clients whose connection-mode sessions the tests
+# migrate.
 # ca-certificates: Go fetches modules over HTTPS (a minimal Debian lacks it).
-pkgs=(nftables iproute2 util-linux procps ethtool redis-server redis-tools netcat-openbsd ca-certificates)
+pkgs=(nftables iproute2 util-linux procps ethtool redis-server redis-tools netcat-openbsd curl ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -8,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -29,6 +32,50 @@ const (
 // errBadUpload is the session's error when a checked upload is wrong.
 var errBadUpload = errors.New("mtcp-bulk: the client's upload is not the pattern it asked to be checked against")
 
+// httpMethod starts an HTTP request ("GET /SEED/LENGTH HTTP/1.1"), which
+// a binary request whose seed spells it in its first bytes cannot be
+// told from.
+const httpMethod = "GET "
+
+// maxHTTPHead bounds an HTTP request's head.
+const maxHTTPHead = 8 << 10
+
+// httpRequest parses an HTTP request head: GET /SEED/LENGTH, both
+// decimal. ok is false for anything else.
+func httpRequest(head []byte) (seed uint64, length int64, ok bool) {
+	line, _, _ := strings.Cut(string(head), "\r\n")
+	f := strings.Fields(line)
+	if len(f) != 3 || f[0] != "GET" || !strings.HasPrefix(f[2], "HTTP/1.") {
+		return 0, 0, false
+	}
+	parts := strings.Split(strings.TrimPrefix(f[1], "/"), "/")
+	if len(parts) != 2 {
+		return 0, 0, false
+	}
+	seed, err1 := strconv.ParseUint(parts[0], 10, 64)
+	length, err2 := strconv.ParseInt(parts[1], 10, 64)
+	if err1 != nil || err2 != nil || length < 0 {
+		return 0, 0, false
+	}
+	return seed, length, true
+}
+
+// httpHead is the head of the response to an HTTP request for length
+// bytes (0: endless, until the client closes).
+func httpHead(length int64) string {
+	h := "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n"
+	if length > 0 {
+		h += "Content-Length: " + strconv.FormatInt(length, 10) + "\r\n"
+	}
+	return h + "\r\n"
+}
+
+// httpBadRequest answers an HTTP request mtcp-bulk does not understand.
+var httpBadRequest = func() string {
+	const body = "mtcp-bulk: ask for GET /SEED/LENGTH (decimal; LENGTH 0 is endless)\n"
+	return fmt.Sprintf("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+}()
+
 // state is the per-connection state, and its JSON is the snapshot.
 type state struct {
 	// Header holds the part of the request received so far.
@@ -46,6 +93,10 @@ type state struct {
 	// Check is set when the client asked for its upload to be checked
 	// against the pattern of Seed^uploadSalt.
 	Check bool `json:"check,omitempty"`
+	// HTTP is set when the request is HTTP: the stream is the body of
+	// a response whose head goes first, HeadSent bytes of it so far.
+	HTTP     bool `json:"http,omitempty"`
+	HeadSent int  `json:"head_sent,omitempty"`
 }
 
 // check reports what is inconsistent in a state from a snapshot.
@@ -53,8 +104,14 @@ func (st *state) check() error {
 	switch {
 	case st.Started && len(st.Header) > 0:
 		return errors.New("a request both complete and partial")
-	case len(st.Header) >= headerLen:
+	case !st.HTTP && len(st.Header) >= headerLen:
 		return fmt.Errorf("a partial request of %d bytes, the whole is %d", len(st.Header), headerLen)
+	case st.HTTP && len(st.Header) > maxHTTPHead:
+		return fmt.Errorf("a partial HTTP request of %d bytes, the limit is %d", len(st.Header), maxHTTPHead)
+	case st.HeadSent < 0 || st.HeadSent > len(httpHead(st.Length)) || st.HeadSent > 0 && !st.HTTP:
+		return fmt.Errorf("%d bytes of the response head sent", st.HeadSent)
+	case st.HeadSent < len(httpHead(st.Length)) && st.Sent > 0 && st.HTTP:
+		return errors.New("body bytes sent before the whole head")
 	case st.Length < 0 || st.Sent < 0 || st.Received < 0:
 		return errors.New("negative counts")
 	case st.Length > 0 && st.Sent > st.Length:
@@ -90,10 +147,30 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	}
 	for !st.Started {
 		// Read no further than the request: what follows it is counted.
-		b := make([]byte, headerLen-len(st.Header))
+		// An HTTP request's head is read a byte at a time, to stop at its
+		// end.
+		want := headerLen - len(st.Header)
+		if st.HTTP {
+			want = 1
+		}
+		b := make([]byte, want)
 		n, err := conn.Read(b)
 		st.Header = append(st.Header, b[:n]...)
-		if len(st.Header) == headerLen {
+		if !st.HTTP && len(st.Header) >= len(httpMethod) && string(st.Header[:len(httpMethod)]) == httpMethod {
+			st.HTTP = true
+		}
+		switch {
+		case st.HTTP && bytes.HasSuffix(st.Header, []byte("\r\n\r\n")):
+			seed, length, ok := httpRequest(st.Header)
+			if !ok {
+				io.WriteString(conn, httpBadRequest)
+				return nil, nil
+			}
+			st.Seed, st.Length, st.Started, st.Header = seed, length, true, nil
+		case st.HTTP && len(st.Header) >= maxHTTPHead:
+			io.WriteString(conn, httpBadRequest)
+			return nil, nil
+		case !st.HTTP && len(st.Header) == headerLen:
 			st.Seed = binary.BigEndian.Uint64(st.Header)
 			l := binary.BigEndian.Uint64(st.Header[8:])
 			st.Check, l = l&checkUpload != 0, l&^checkUpload
@@ -146,8 +223,13 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	}
 	var werr, rerr error
 	readerDone := false
+	if head := httpHead(st.Length); st.HTTP && st.HeadSent < len(head) {
+		n, err := io.WriteString(conn, head[st.HeadSent:])
+		st.HeadSent += n
+		werr = err
+	}
 	start, sent0 := time.Now(), st.Sent
-	for st.Length == 0 || st.Sent < st.Length {
+	for werr == nil && (st.Length == 0 || st.Sent < st.Length) {
 		if h.rate > 0 {
 			due := start.Add(time.Duration(float64(st.Sent-sent0) / float64(h.rate) * float64(time.Second)))
 			if werr = pace(ctx, due); werr != nil {
@@ -181,8 +263,11 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 		}
 	}
 	migrating := errors.Is(werr, app.ErrMigrating)
-	if werr != nil && !migrating {
-		conn.Close() // the client is gone; stop the reader too
+	complete := st.Length > 0 && st.Sent == st.Length
+	if werr != nil && !migrating || st.HTTP && complete {
+		// The client is gone, or an HTTP response is complete (and
+		// said Connection: close): stop the reader too.
+		conn.Close()
 	}
 	if !readerDone {
 		// Stream complete, or interrupted: the reader ends when the
@@ -197,7 +282,7 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 		return json.Marshal(&st)
 	case werr != nil:
 		return nil, werr
-	case errors.Is(rerr, io.EOF):
+	case errors.Is(rerr, io.EOF), st.HTTP && complete:
 		return nil, nil
 	default:
 		return nil, rerr

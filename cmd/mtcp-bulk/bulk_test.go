@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -334,5 +335,99 @@ func TestBadSnapshots(t *testing.T) {
 		if err == nil {
 			t.Errorf("snapshot %s: accepted", snap)
 		}
+	}
+}
+
+// TestHTTPStream: an HTTP client (GET /SEED/LENGTH) gets one response
+// head and then exactly LENGTH bytes of the pattern, across a migration
+// in the middle of its request's head and another in the middle of the
+// body; then the server closes. A request it does not understand gets a
+// 400 response.
+func TestHTTPStream(t *testing.T) {
+	const seed, total = 77, 8 << 20
+	a := apptest.Start(t, "A", bulk{})
+	b := apptest.Start(t, "B", bulk{})
+	c := a.Dial(t)
+	c.Write([]byte("GET /77/8388608 HT"))
+	tup := a.WaitConn(t, c)
+	apptest.Eventually(t, apptest.Timeout, "A to read the first part of the request", func() (bool, string) {
+		e, st := exportState(t, a, tup)
+		if st.HTTP && len(st.Header) == len("GET /77/8388608 HT") {
+			apptest.Import(t, b, e)
+			if err := e.Finish(context.Background(), true); err != nil {
+				t.Fatal(err)
+			}
+			e.Socket.Close()
+			return true, ""
+		}
+		e.Finish(context.Background(), false)
+		e.Socket.Close()
+		return false, string(e.Snapshot)
+	})
+	c.Write([]byte("TP/1.1\r\nHost: s1\r\nUser-Agent: test\r\n\r\n"))
+	head := httpHead(total)
+	got := make([]byte, len(head))
+	c.SetReadDeadline(time.Now().Add(apptest.Timeout))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != head {
+		t.Fatalf("response head %q, %v; want %q", got, err, head)
+	}
+	v := &stream.Verifier{Pattern: seed}
+	receive(t, c, v, 1<<20)
+	e, st := exportState(t, b, tup)
+	if !st.HTTP || st.HeadSent != len(head) || st.Sent < v.N {
+		t.Fatalf("snapshot mid-body %+v", st)
+	}
+	apptest.Import(t, a, e)
+	if err := e.Finish(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	e.Socket.Close()
+	receive(t, c, v, total-v.N)
+	c.SetReadDeadline(time.Now().Add(apptest.Timeout))
+	if n, err := io.Copy(v, c); n != 0 || err != nil {
+		t.Fatalf("after the body: %d more bytes, %v; want the server to close", n, err)
+	}
+
+	bad := a.Dial(t)
+	bad.Write([]byte("GET /seventy-seven HTTP/1.1\r\n\r\n"))
+	bad.SetReadDeadline(time.Now().Add(apptest.Timeout))
+	resp, err := io.ReadAll(bad)
+	if err != nil || !bytes.HasPrefix(resp, []byte("HTTP/1.1 400 Bad Request\r\n")) {
+		t.Fatalf("bad request: %q, %v", resp, err)
+	}
+}
+
+// TestHTTPMigratesRepeatedly moves an HTTP download back and forth, paced
+// and not: exports interrupt the handler's writes, its pacing and its
+// reads of the (silent) client, in whichever order they come, and the
+// body arrives whole, once, in order, before the server closes. It fails
+// if the handler takes an interrupted read for the end of the response
+// (checked by breaking that on purpose).
+func TestHTTPMigratesRepeatedly(t *testing.T) {
+	for _, rate := range []int64{0, 8 << 20} {
+		t.Run(fmt.Sprintf("rate=%d", rate), func(t *testing.T) {
+			const total = 2_000_000
+			a := apptest.Start(t, "A", bulk{rate: rate})
+			b := apptest.Start(t, "B", bulk{rate: rate})
+			c := a.Dial(t)
+			c.Write([]byte("GET /5/2000000 HTTP/1.1\r\n\r\n"))
+			head := make([]byte, len(httpHead(total)))
+			c.SetReadDeadline(time.Now().Add(apptest.Timeout))
+			if _, err := io.ReadFull(c, head); err != nil {
+				t.Fatal(err)
+			}
+			tup := a.WaitConn(t, c)
+			v := &stream.Verifier{Pattern: 5}
+			from, to := a, b
+			for range 15 {
+				receive(t, c, v, 50_001)
+				apptest.Migrate(t, from, to, tup)
+				from, to = to, from
+			}
+			receive(t, c, v, total-v.N)
+			if n, err := io.Copy(v, c); n != 0 || err != nil {
+				t.Fatalf("after the body: %d more bytes, %v", n, err)
+			}
+		})
 	}
 }

@@ -14,6 +14,13 @@
 // closes the connection; a client that only shuts down its sending side
 // still receives the N bytes it asked for.
 //
+// It also speaks enough HTTP/1.1 for curl or a browser: GET /SEED/LENGTH
+// (decimal; LENGTH 0 is endless) is answered with a 200 response whose
+// body is that stream, with Content-Length and Connection: close, and
+// the server closes once the body is sent; any other request gets a 400.
+// A binary request whose seed begins with the bytes "GET " is taken for
+// HTTP.
+//
 // When mtcpd migrates a session, the seed, the offset reached and the
 // byte count move with it and the new server continues at the exact
 // offset: a client verifying the pattern sees every byte exactly once, in

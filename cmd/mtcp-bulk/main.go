@@ -19,7 +19,9 @@ var command = exampleapp.Command{
 	Listen: ":7001",
 	About: `A bulk streaming server whose sessions mtcpd can migrate between servers.
 A client sends seed and length (8 bytes each, big-endian; length 0 means
-endless) and receives that many bytes of the seed's test pattern.
+endless) and receives that many bytes of the seed's test pattern. An HTTP
+client asks for GET /SEED/LENGTH (decimal), e.g.
+  curl -o /dev/null http://10.77.2.11:7001/42/100000000
 `,
 	NameHelp: "server identity used in logs",
 	Flags: func(fs *flag.FlagSet) func(string) (app.Handler, error) {
