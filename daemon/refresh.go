@@ -104,7 +104,8 @@ func (d *Daemon) livingHere(ctx context.Context) ([]migrate.Flow, error) {
 }
 
 // refreshBatch bounds the flows of one SteerRefresh request (about 40
-// bytes each); the steering point lists its table once per request.
+// bytes each); the steering point looks their elements up by key, a few
+// hundred flows at a time (nat.Table.Refresh).
 const refreshBatch = 50000
 
 // refreshAt asks steering point p to refresh the steering of flows.

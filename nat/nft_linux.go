@@ -679,10 +679,19 @@ const getBatch = 128
 // present returns those of elems (keys only) that the set holds, looked up
 // one by one (NFT_MSG_GETSETELEM), many lookups to a datagram.
 func (n *nftConn) present(id setID, elems []setElem) ([]setElem, error) {
+	var out []setElem
+	err := n.lookup(id, elems, func(e setElem, _ rawElem) { out = append(out, e) })
+	return out, err
+}
+
+// lookup looks elems (keys only) up in the set one by one
+// (NFT_MSG_GETSETELEM), many lookups to a datagram, and calls found with
+// each one the set holds and the element as the kernel has it (its data
+// and expiration).
+func (n *nftConn) lookup(id setID, elems []setElem, found func(setElem, rawElem)) error {
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
 	name := setSpecs[id].name
-	var out []setElem
 	for len(elems) > 0 {
 		chunk := elems[:min(getBatch, len(elems))]
 		elems = elems[len(chunk):]
@@ -698,34 +707,43 @@ func (n *nftConn) present(id setID, elems []setElem) ([]setElem, error) {
 			))
 		}
 		if err := n.sock.fitSndbuf(len(w.b)); err != nil {
-			return nil, err
+			return err
 		}
 		if err := n.sock.send(ctx, w.b); err != nil {
-			return nil, fmt.Errorf("look up elements of %s: %w", name, err)
+			return fmt.Errorf("look up elements of %s: %w", name, err)
 		}
 		// Each lookup ends with an acknowledgement: an error of 0 after
 		// the element when it is there, ENOENT when it is not.
+		got := make(map[uint32]rawElem, len(chunk))
 		for len(which) > 0 {
 			msgs, err := n.sock.recv(ctx, n.buf)
 			if err != nil {
-				return nil, fmt.Errorf("look up elements of %s: %w", name, err)
+				return fmt.Errorf("look up elements of %s: %w", name, err)
 			}
 			for _, m := range msgs {
 				e, ok := which[m.seq]
-				if !ok || m.typ != nlmsgError {
+				if !ok {
+					continue
+				}
+				if m.typ != nlmsgError {
+					if len(m.data) >= nfgenmsgLen {
+						if els, err := decodeElems(nil, m.data[nfgenmsgLen:]); err == nil && len(els) == 1 {
+							got[m.seq] = els[0]
+						}
+					}
 					continue
 				}
 				delete(which, m.seq)
 				switch err := ackError(m); {
 				case err == nil:
-					out = append(out, e)
+					found(e, got[m.seq])
 				case !isErrno(err, syscall.ENOENT):
-					return nil, fmt.Errorf("look up an element of %s: %w", name, err)
+					return fmt.Errorf("look up an element of %s: %w", name, err)
 				}
 			}
 		}
 	}
-	return out, nil
+	return nil
 }
 
 // rawElem is one element read back from the kernel.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -772,5 +773,64 @@ func TestRefresh(t *testing.T) {
 	}
 	if _, err := s1.Refresh([]Flow{{Client: f.Client, Service: netip.AddrPortFrom(b.S1.LAN6, 7511)}}); err == nil {
 		t.Fatal("Refresh of a flow mixing families: no error")
+	}
+}
+
+// TestRefreshMany: Refresh works through more flows than one lock hold
+// takes (refreshChunk), finds every kind of element they have (forward,
+// gateway reply, reply rewrite, both families) and only those, and leaves
+// their data as it was.
+func TestRefreshMany(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "refmany")
+	tb := openIn(t, ns, Options{Idle: time.Hour})
+	var flows []Flow
+	var b Batch
+	for i := range 2*refreshChunk + 10 {
+		f := Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("10.77.1.2"), uint16(20000+i)), Service: netip.MustParseAddrPort("10.77.2.11:7000")}
+		if i%2 == 1 {
+			f = Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("fd77:1::2"), uint16(20000+i)), Service: netip.MustParseAddrPort("[fd77:2::11]:7000")}
+		}
+		target := netip.MustParseAddr("10.77.2.12")
+		if f.Is6() {
+			target = netip.MustParseAddr("fd77:2::12")
+		}
+		switch i % 3 {
+		case 0:
+			b.Forward(f, target)
+		case 1:
+			b.Forward(f, target)
+			b.GatewayReply(f, target)
+		case 2:
+			b.ReplyFrom(f, netip.AddrPortFrom(target, 7000))
+		}
+		flows = append(flows, f)
+	}
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	before, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unknown := Flow{Client: netip.MustParseAddrPort("10.77.1.3:1"), Service: netip.MustParseAddrPort("10.77.2.11:7000")}
+	n, err := tb.Refresh(append(flows, unknown))
+	if err != nil || n != len(before) {
+		t.Fatalf("Refresh = %d, %v; want the %d elements of the flows", n, err, len(before))
+	}
+	after, err := tb.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	strip := func(es []Entry) map[string]bool {
+		m := map[string]bool{}
+		for _, e := range es {
+			e.Expires = 0
+			m[e.String()] = true
+		}
+		return m
+	}
+	if !maps.Equal(strip(before), strip(after)) {
+		t.Fatalf("the elements changed:\nbefore %v\nafter %v", before, after)
 	}
 }

@@ -295,54 +295,88 @@ func (t *Table) Flows() ([]Entry, error) {
 // elements here are skipped. It returns how many elements it refreshed.
 // A kernel before Linux 6.12 takes the refresh without error and does not
 // do it (it leaves an existing element's timeout alone).
+//
+// The elements are looked up by key (the Table's index gives the keys
+// that the flow alone does not), a few hundred flows per hold of the
+// Table's lock: a refresh costs what its flows do, not what the table
+// holds, and other changes wait for one chunk of it at most.
 func (t *Table) Refresh(flows []Flow) (int, error) {
-	want := make(map[Flow]bool, len(flows))
+	seen := make(map[Flow]bool, len(flows))
+	fs := make([]Flow, 0, len(flows))
 	for _, f := range flows {
-		n, err := f.normalize()
+		nf, err := f.normalize()
 		if err != nil {
 			return 0, &OpError{Op: "refresh", Table: t.name(), Err: err}
 		}
-		want[n] = true
+		if !seen[nf] {
+			seen[nf] = true
+			fs = append(fs, nf)
+		}
 	}
+	n := 0
+	for lo := 0; lo < len(fs) || lo == 0; lo += refreshChunk {
+		k, err := t.refreshSome(fs[lo:min(lo+refreshChunk, len(fs))])
+		n += k
+		if err != nil {
+			return n, &OpError{Op: "refresh", Table: t.name(), Err: err}
+		}
+	}
+	return n, nil
+}
+
+// refreshChunk is how many flows Refresh looks up and refreshes in one
+// hold of the Table's lock: an Apply (a migration's hold) waits for one
+// chunk at most, not for the whole refresh of a busy steering point.
+const refreshChunk = 256
+
+// refreshSome refreshes the elements of flows: it looks up the keys the
+// flows' elements may have (the index gives the local addresses of
+// ReplyFrom and the targets of GatewayReply), and adds those found again
+// with the data they have and a new expiration, in one transaction.
+func (t *Table) refreshSome(flows []Flow) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.nft == nil {
-		return 0, &OpError{Op: "refresh", Table: t.name(), Err: ErrClosed}
+		return 0, ErrClosed
 	}
-	if len(want) == 0 {
-		return 0, nil
+	var keys [numSets][]setElem
+	for _, f := range flows {
+		v6 := f.Is6()
+		keys[setOf(KindForward, v6)] = append(keys[setOf(KindForward, v6)], setElem{key: flowKey(f)})
+		for local := range t.idx.reply[f] {
+			keys[setOf(KindReplyFrom, v6)] = append(keys[setOf(KindReplyFrom, v6)], setElem{key: replyKey(f, local)})
+		}
+		for target := range t.idx.gw[f] {
+			keys[setOf(KindGatewayReply, v6)] = append(keys[setOf(KindGatewayReply, v6)], setElem{key: gwKey(f, target)})
+		}
 	}
 	var reqs []nftReq
 	n := 0
 	for id := range numSets {
-		if setSpecs[id].kind == KindHold {
+		if len(keys[id]) == 0 {
 			continue
 		}
-		els, err := t.nft.elements(id)
-		if err != nil {
-			return 0, &OpError{Op: "refresh", Table: t.name(), Err: err}
-		}
 		var again []setElem
-		for _, el := range els {
-			e, err := decodeEntry(id, el.key, el.data)
-			if err != nil {
-				return 0, &OpError{Op: "refresh", Table: t.name(), Err: err}
+		err := t.nft.lookup(setID(id), keys[id], func(e setElem, el rawElem) {
+			if len(el.data) != setSpecs[id].dataLen {
+				return // not read back whole: left alone
 			}
-			if want[e.Flow] {
-				// The same key and data: the kernel updates the
-				// element's timeout and expiration rather than
-				// refuse it as a duplicate.
-				again = append(again, setElem{key: el.key, data: el.data, timeout: t.opts.Idle, expiration: t.opts.Idle})
-			}
+			// The same key and data: the kernel updates the element's
+			// timeout and expiration rather than refuse it as a
+			// duplicate.
+			again = append(again, setElem{key: e.key, data: el.data, timeout: t.opts.Idle, expiration: t.opts.Idle})
+		})
+		if err != nil {
+			return 0, err
 		}
 		n += len(again)
-		reqs = append(reqs, t.nft.elemMsgs(id, nftMsgNewSetElem, again)...)
+		reqs = append(reqs, t.nft.elemMsgs(setID(id), nftMsgNewSetElem, again)...)
 	}
 	if len(reqs) == 0 {
 		return 0, nil
 	}
 	if err := t.nft.commit(reqs); err != nil {
-		return 0, &OpError{Op: "refresh", Table: t.name(), Err: err}
+		return 0, err
 	}
 	return n, nil
 }
