@@ -380,12 +380,7 @@ func TestNetcatSession(t *testing.T) {
 	flow := netip.AddrPortFrom(addr(bed.Client, false), clientPort).String()
 	waitServedFlow(t, p, bed.S1, flow)
 	for _, hop := range [][2]*testbed.Host{{bed.S1, bed.S2}, {bed.S2, bed.S3}, {bed.S3, bed.S1}} {
-		mctx, mcancel := context.WithTimeout(ctx, 30*time.Second)
-		rep, err := p.Admin(hop[0]).Migrate(mctx, &admin.MigrateRequest{Flows: []string{flow}, To: hop[1].Name})
-		mcancel()
-		if err != nil || len(rep.Moved) != 1 {
-			t.Fatalf("migrate %s -> %s: %v (report %+v)", hop[0].Name, hop[1].Name, err, rep)
-		}
+		p.MigrateFlow(hop[0], hop[1], flow)
 		if got := do("HOST"); got != hop[1].Name {
 			t.Fatalf("after %s -> %s: HOST = %q", hop[0].Name, hop[1].Name, got)
 		}
@@ -473,12 +468,7 @@ func TestCurlDownload(t *testing.T) {
 		eventually(t, 10*time.Second, fmt.Sprintf("%d bytes to arrive", at), func() (bool, string) {
 			return received() >= at, fmt.Sprint(received())
 		})
-		mctx, mcancel := context.WithTimeout(ctx, 30*time.Second)
-		rep, err := p.Admin(hop[0]).Migrate(mctx, &admin.MigrateRequest{Flows: []string{flow}, To: hop[1].Name})
-		mcancel()
-		if err != nil || len(rep.Moved) != 1 {
-			t.Fatalf("migrate %s -> %s: %v (report %+v)", hop[0].Name, hop[1].Name, err, rep)
-		}
+		p.MigrateFlow(hop[0], hop[1], flow)
 	}
 	<-copied
 	received() // fails on the body's error

@@ -446,9 +446,17 @@ func (p *Pool) DialAddr(ap netip.AddrPort) *net.TCPConn {
 // to, failing the test unless it moved.
 func (p *Pool) Migrate(from, to *testbed.Host, c *net.TCPConn) *admin.Report {
 	p.t.Helper()
+	return p.MigrateFlow(from, to, Unmap(c.LocalAddr().(*net.TCPAddr).AddrPort()).String())
+}
+
+// MigrateFlow is Migrate for the connection of client address flow
+// (IP:PORT), a client the test does not hold as a net.Conn (another
+// program's).
+func (p *Pool) MigrateFlow(from, to *testbed.Host, flow string) *admin.Report {
+	p.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	rep, err := p.Admin(from).Migrate(ctx, &admin.MigrateRequest{Flows: []string{Unmap(c.LocalAddr().(*net.TCPAddr).AddrPort()).String()}, To: to.Name})
+	rep, err := p.Admin(from).Migrate(ctx, &admin.MigrateRequest{Flows: []string{flow}, To: to.Name})
 	if err != nil {
 		p.t.Fatalf("migrate %s -> %s: %v (report %+v)", from.Name, to.Name, err, rep)
 	}
