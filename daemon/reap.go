@@ -148,8 +148,9 @@ func (d *Daemon) endRules(ctx context.Context, ended []migrate.Flow, b *nat.Batc
 // no application reports, once the kernel has had no socket for them in
 // two sweeps in a row: the connections of processes that moved here, and
 // those a restart found again from their rules that no application has
-// claimed. While a process migrates to or from here it does nothing: a
-// leaving process's sockets go before its flows are forgotten.
+// claimed. While a process or connections migrate to or from here it
+// does nothing: a leaving process's sockets go before its flows are
+// forgotten, and arriving connections are not adopted yet.
 func (d *Daemon) reapUnclaimed(ctx context.Context) {
 	type unclaimed struct {
 		tu   app.Tuple
@@ -164,8 +165,12 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 	}
 	d.proc.mu.Unlock()
 	d.mu.Lock()
+	// Connections migrating in or out are not adopted yet, or about to
+	// go: wait for a quiet moment (a drain would pay for listing
+	// thousands of sockets it is moving).
+	busy = busy || len(d.restoring)+len(d.frozen) > 0
 	for tu, f := range d.moved {
-		if !d.adopted[tu] {
+		if !busy && !d.adopted[tu] {
 			cands = append(cands, unclaimed{tu, f, false})
 		}
 	}
