@@ -171,6 +171,9 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 		err = t.lift(reqs)
 	} else {
 		err = t.nft.commit(reqs)
+		if isErrno(err, syscall.EEXIST) {
+			err = t.dropDuplicates(first, reqs, err)
+		}
 	}
 	if err != nil {
 		if isErrno(err, syscall.ENOENT) {
@@ -190,6 +193,31 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 		}
 	}
 	return errors.Join(t.sweep(p.removed()), thenErr)
+}
+
+// dropDuplicates handles a transaction (reqs, whose changes are ch) that
+// failed with EEXIST, err: an element it replaces (destroys, then adds)
+// had two copies, the second put there by a packet evaluated across an
+// earlier change (see Apply; seen under heavy load, about once in a
+// hundred runs of TestSwitchUnderTraffic). The destroy took one copy and
+// the add met the other. It removes one copy of each element the
+// transaction adds, in a transaction of its own, then commits the
+// transaction again, whose own destroys take the other copies. Every
+// element a batch adds it also replaces, and its flows are held while
+// their forwarding changes, so the moment in between, without the
+// element, is one no packet of theirs sees. It returns the commit's
+// error, or err if the removal failed.
+func (t *Table) dropDuplicates(ch [numSets]setChanges, reqs []nftReq, err error) error {
+	var drop [numSets]setChanges
+	for id := range numSets {
+		for _, e := range ch[id].add {
+			drop[id].destroy = append(drop[id].destroy, setElem{key: e.key})
+		}
+	}
+	if derr := t.nft.commit(t.nft.elemReqs(drop)); derr != nil {
+		return err
+	}
+	return t.nft.commit(reqs)
 }
 
 // liftTries are the waits before each try of a transaction that lifts
