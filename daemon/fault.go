@@ -27,6 +27,9 @@ import (
 //	process-commit-crash  the source of a process migration exits
 //	                 (status 3) after the switch, before it kills its
 //	                 stopped copy and the target commits
+//	process-retire-crash  the source of a process migration exits
+//	                 (status 3) once the target has committed, before it
+//	                 kills its stopped copy
 //	restore-delay=D  the target of a process migration waits D before it
 //	                 restores (the source's process stays stopped meanwhile)
 //	restore-deadline=D  the source of a process migration gives the

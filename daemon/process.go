@@ -587,12 +587,18 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	fault(ctx, "process-commit") // process-commit-crash: this host dies before the commit (tests)
 	t0 = time.Now()
-	errs = append(errs, d.retireSource(tree, socks)...)
+	// The commit first: were this daemon to die between the two, the
+	// target's copy must not be left to its timeout (which kills it)
+	// with the copy here already gone.
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Commit: true}); err != nil {
 		errs = append(errs, fmt.Errorf("commit on %s: %w", r.To, err))
+	} else if err := j.write(journalCommitted); err != nil {
+		errs = append(errs, err)
 	}
+	fault(ctx, "process-retire") // process-retire-crash: this host dies after the commit (tests)
+	errs = append(errs, d.retireSource(tree, socks)...)
 	phase(admin.PhaseCommit, time.Since(t0))
 	if err := errors.Join(errs...); err != nil {
 		// The process runs on the target: this is not an abort.

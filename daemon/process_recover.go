@@ -42,6 +42,9 @@ import (
 //	           this daemon served): undo, steering the flows back here
 //	committing the switch is done (and, lazily, every page has gone):
 //	           finish
+//	committed  the target has committed: only the stopped copy here and
+//	           its rules are left to remove (a second commit would be
+//	           refused: the target has forgotten the migration)
 //
 // To finish is to have the target commit (which it does only while it
 // still has the migration: it drops one procInTimeout after its
@@ -71,6 +74,7 @@ const (
 	journalRestoring  = "restoring"
 	journalSwitching  = "switching"
 	journalCommitting = "committing"
+	journalCommitted  = "committed"
 )
 
 // journalName is the journal's file in a checkpoint directory; it is not
@@ -141,7 +145,7 @@ func readJournal(dir string) (*procJournal, error) {
 		return nil, fmt.Errorf("process migration journal %s: %w", j.path, err)
 	}
 	switch {
-	case j.Phase != journalHeld && j.Phase != journalRestoring && j.Phase != journalSwitching && j.Phase != journalCommitting:
+	case j.Phase != journalHeld && j.Phase != journalRestoring && j.Phase != journalSwitching && j.Phase != journalCommitting && j.Phase != journalCommitted:
 		return nil, fmt.Errorf("process migration journal %s: unknown phase %q", j.path, j.Phase)
 	case len(j.Procs) == 0 || j.To == "":
 		return nil, fmt.Errorf("process migration journal %s: no process or no target", j.path)
@@ -164,7 +168,7 @@ func readJournal(dir string) (*procJournal, error) {
 // forward reports whether the migration is to be finished rather than
 // undone (see procJournal).
 func (j *procJournal) forward() bool {
-	return j.Phase == journalCommitting || (j.Phase == journalSwitching && !j.Lazy)
+	return j.Phase == journalCommitting || j.Phase == journalCommitted || (j.Phase == journalSwitching && !j.Lazy)
 }
 
 // procStart is the start time of process pid, in clock ticks after boot
@@ -247,38 +251,48 @@ func (d *Daemon) recoverProcesses(ctx context.Context, js []*procJournal) {
 		if ctx.Err() != nil {
 			return // the checkpoint stays for the next start
 		}
-		d.recoverProcess(ctx, j)
+		if !d.recoverProcess(ctx, j) {
+			// Not ended (cancelled, CRIU still on it, a thaw that
+			// failed): the journal stays, for the next start.
+			continue
+		}
 		os.RemoveAll(filepath.Dir(j.path))
 	}
 }
 
-// recoverProcess finishes or undoes one migration an earlier run left.
-func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) {
+// recoverProcess finishes or undoes one migration an earlier run left. It
+// reports whether it ended it; if not, the journal should stay.
+func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) (ended bool) {
 	log := d.log.With("pid", j.root, "to", j.To, "tx", j.TxID, "phase", j.Phase)
 	log.Warn("process mode: a migration was under way when this daemon last stopped; ending it")
 	if len(j.tree) == 0 {
-		// Killed meanwhile: nothing is left here to resume or to kill.
+		// Killed meanwhile (or by the earlier run itself, after the
+		// switch): nothing is left here to resume or to kill, but a
+		// target whose copy may serve the flows still needs its commit.
 		log.Warn("process mode: the process of the unfinished migration is gone")
-		if !j.forward() {
-			d.undoProcess(ctx, j, log)
+		if j.forward() {
+			if err := d.finishProcess(ctx, j); err != nil {
+				log.Error("process mode: cannot commit the unfinished migration on its target", "err", err)
+			}
+			return ctx.Err() == nil
 		}
-		return
+		return d.undoProcess(ctx, j, log)
 	}
 	// The earlier run's CRIU may still be dumping (it outlives its
 	// caller): wait until it has let the processes go.
 	if err := waitUntraced(ctx, j.tree, procDumpDeadline); err != nil {
-		log.Error("process mode: cannot end the unfinished migration", "err", err)
-		return
+		log.Error("process mode: cannot end the unfinished migration yet; the next start tries again", "err", err)
+		return false
 	}
 	if j.forward() {
 		err := d.finishProcess(ctx, j)
 		if err == nil {
 			log.Warn("process mode: finished the unfinished migration: the process runs on the target, its copy here is gone")
-			return
+			return true
 		}
 		log.Error("process mode: cannot finish the unfinished migration; the process resumes here", "err", err)
 	}
-	d.undoProcess(ctx, j, log)
+	return d.undoProcess(ctx, j, log)
 }
 
 // finishProcess completes a migration whose flows may have reached the
@@ -286,6 +300,9 @@ func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) {
 // target commits, and the stopped copy here is killed and its rules go.
 // Until the target has committed, nothing here is changed for good.
 func (d *Daemon) finishProcess(ctx context.Context, j *procJournal) error {
+	if j.Phase == journalCommitted {
+		return errors.Join(d.retireSource(j.tree, j.socks)...)
+	}
 	pcfg, ok := d.cfg.Peer(j.To)
 	if !ok {
 		return fmt.Errorf("%q is no longer a peer of %s", j.To, d.cfg.Name)
@@ -329,7 +346,9 @@ func (d *Daemon) commitOnTarget(ctx context.Context, j *procJournal, pcfg PeerCo
 }
 
 // undoProcess lets the process of an unfinished migration carry on here.
-func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logger) {
+// It reports whether every step of that went through (a next start can
+// take them again: each is harmless done twice).
+func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logger) bool {
 	// No copy may live on the target: abort the migration there. Before
 	// its restore was asked for, it has none; after, one that cannot be
 	// reached drops it on its own procInTimeout after its prepare.
@@ -346,7 +365,7 @@ func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logg
 		}
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case <-time.After(2 * time.Second):
 		}
 	}
@@ -367,10 +386,11 @@ func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logg
 		errs = append(errs, thawTree(j.tree, j.socks))
 	}
 	if err := errors.Join(errs...); err != nil {
-		log.Error("process mode: resuming the process of the unfinished migration", "err", err)
-		return
+		log.Error("process mode: resuming the process of the unfinished migration; the next start tries again", "err", err)
+		return false
 	}
 	log.Warn("process mode: undid the unfinished migration: the process carries on here")
+	return true
 }
 
 // abortOnTarget ends the migration on its target as an abort.

@@ -35,6 +35,7 @@ func TestJournalRoundTrip(t *testing.T) {
 		{journalSwitching, false, true},
 		{journalSwitching, true, false},
 		{journalCommitting, true, true},
+		{journalCommitted, true, true},
 	} {
 		j.Lazy = c.lazy
 		if err := j.write(c.phase); err != nil {

@@ -830,16 +830,25 @@ func TestProcessSourceCrashWhileRestoring(t *testing.T) {
 }
 
 // TestProcessSourceCrashAfterSwitch: the source's mtcpd dies right after
-// the switch (MTCP_FAULT=process-commit-crash on s1), before it killed its
-// stopped copy and had the target commit. Started again, it finishes the
-// migration: the target commits, the copy at s1 is killed, and the client
-// is served from s2 throughout.
+// the switch, before it had the target commit (MTCP_FAULT=
+// process-commit-crash on s1), or once the target has committed, before
+// it killed its stopped copy (process-retire-crash). Started again, it
+// finishes the migration: the target commits if it has not, the copy at
+// s1 is killed, and the client is served from s2 throughout.
 func TestProcessSourceCrashAfterSwitch(t *testing.T) {
 	skipUnlessProcessMode(t)
+	// Before the target's commit, and after it (the target then refuses
+	// a second commit: the restarted daemon must only retire its copy).
+	for _, fault := range []string{"process-commit-crash", "process-retire-crash"} {
+		t.Run(fault, func(t *testing.T) { sourceCrashAfterSwitch(t, fault) })
+	}
+}
+
+func sourceCrashAfterSwitch(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
-		Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=process-commit-crash"}}})
+		Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=" + fault}}})
 	r, gc, loop := redisWithClient(t, p, bed.S1)
 	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
