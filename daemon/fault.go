@@ -27,6 +27,9 @@ import (
 //	process-commit-crash  the source of a process migration exits
 //	                 (status 3) after the switch, before it kills its
 //	                 stopped copy and the target commits
+//	target-pages-refuse  the target of a lazy process migration takes
+//	                 the page stream for broken as soon as it has restored
+//	                 the process (which it then kills)
 //	process-retire-crash  the source of a process migration exits
 //	                 (status 3) once the target has committed, before it
 //	                 kills its stopped copy

@@ -554,9 +554,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	sctx, scancel := context.WithTimeout(ctx, procSwitchDeadline)
 	err = d.switchProcess(sctx, flows, pcfg)
 	scancel()
-	if err != nil {
-		// Steer back whatever moved: to this host's address, which is
-		// where the flows went before.
+	// steerBack steers the flows back to this host's address, which is
+	// where they went before.
+	steerBack := func() error {
 		var back []error
 		for _, v6 := range []bool{false, true} {
 			if fs := familyFlows(flows, v6); len(fs) > 0 {
@@ -565,7 +565,10 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 				}
 			}
 		}
-		return abort(errors.Join(fmt.Errorf("switch: %w", err), errors.Join(back...)))
+		return errors.Join(back...)
+	}
+	if err != nil {
+		return abort(errors.Join(fmt.Errorf("switch: %w", err), steerBack())) // whatever moved
 	}
 	phase(admin.PhaseSwitch, time.Since(t0))
 	rep.Pause = time.Since(holdStart)
@@ -577,10 +580,17 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// come from: it stays until the last one is there.
 		t0 = time.Now()
 		fault(ctx, "pages") // pages-crash: this host dies mid post-copy (tests)
-		if err := <-lazyDone; err != nil {
-			errs = append(errs, fmt.Errorf("sending the memory pages to %s after the switch: %w", r.To, err))
-		}
+		err := <-lazyDone
+		lazyDone = nil // read: abort must not wait for it
 		phase(admin.PhasePages, time.Since(t0))
+		if err != nil {
+			// The target kills its copy when its pages stop coming (it
+			// cannot run without them): the process carries on here,
+			// whole, rather than die on both hosts. Its connections
+			// that exchanged data with the target meanwhile are
+			// broken.
+			return abort(errors.Join(fmt.Errorf("sending the memory pages to %s after the switch: %w", r.To, err), steerBack()))
+		}
 	}
 	if err := j.write(journalCommitting); err != nil {
 		errs = append(errs, err)

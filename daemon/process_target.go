@@ -278,11 +278,20 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	}
 	if in.lp != nil {
-		// The process runs; its pages keep coming until it has them all.
+		// The process runs; its pages keep coming until it has them all,
+		// for up to lazyPagesTimeout, and the commit comes after the
+		// last one: the migration's time here is longer by as much (its
+		// pages stopping end it sooner, below).
+		if in.expire.Stop() {
+			in.expire.Reset(lazyPagesTimeout + procInTimeout)
+		}
 		go func() {
 			wctx, cancel := context.WithTimeout(context.Background(), lazyPagesTimeout)
 			defer cancel()
-			err := in.lp.Wait(wctx)
+			err := fault(wctx, "target-pages") // target-pages-refuse: the pages stop coming (tests)
+			if err == nil {
+				err = in.lp.Wait(wctx)
+			}
 			st := in.lp.Stats()
 			d.log.Info("process migration: memory pages in place", "from", from, "tx", r.TxID, "err", err, "pages", st.Pages,
 				"faults", st.Faults, "fault_wait_mean", st.FaultWait/time.Duration(max(st.Faults, 1)), "fault_wait_max", st.FaultWaitMax, "processes", st.Processes)

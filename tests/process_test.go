@@ -991,3 +991,50 @@ func TestProcessEndedRulesGo(t *testing.T) {
 		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
 	}
 }
+
+// TestProcessLazyPagesBreak: the page stream of a lazy migration breaks
+// right after the target restored the process (MTCP_FAULT=
+// target-pages-refuse on s2), so the target kills its copy. The source
+// lets its own copy carry on instead of killing it too: redis runs at s1
+// and serves a new client, and s2 keeps no copy and no rules.
+func TestProcessLazyPagesBreak(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "lazy",
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=target-pages-refuse"}}})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	gc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	gc.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := newRESP(gc).do("SET", "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil); err == nil {
+		t.Fatal("the migration reported success although its pages stopped coming")
+	} else {
+		t.Logf("migration: %v", err)
+	}
+	eventually(t, 10*time.Second, "redis at s1 to run", func() (bool, string) {
+		st := testbed.ProcState(r.PID)
+		return st == "S" || st == "R", st
+	})
+	nc, err := r.Dial()
+	if err != nil {
+		t.Fatalf("a new client of s1's redis: %v", err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	if got, err := newRESP(nc).do("GET", "k"); err != nil || got != "v" {
+		t.Fatalf("GET k at s1: %q, %v", got, err)
+	}
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
+		t.Errorf("a redis (pid %d) listens on s2", pid)
+	}
+	noProcessRules(t, bed, bed.S2)
+}
