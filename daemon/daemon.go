@@ -94,6 +94,10 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// must hold at least that. Batches are split to fit (remoteTarget).
 	d.tls.MaxFrame = 2*repair.MaxQueueLen + 1<<20
 	d.tls.Log = log.With("part", "peer")
+	// Only the configured peers: a pool CA certificate alone (a member
+	// taken out of the pool, another CA's during a rotation) is not
+	// enough.
+	d.tls.Members = func(name string) bool { _, ok := cfg.Peer(name); return ok }
 	if d.pol, err = newPolicyState(cfg, log); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}

@@ -214,6 +214,13 @@ func (d *Daemon) leftCheckpoints() []*procJournal {
 	left, _ := filepath.Glob(CheckpointGlob(d.cfg.Name, d.cfg.AdminSocket))
 	var out []*procJournal
 	for _, dir := range left {
+		if err := ownDir(dir); err != nil {
+			// The checkpoint directory (/dev/shm) is everyone's: a
+			// journal planted there would have this daemon kill,
+			// resume or take the sockets of processes it names.
+			d.log.Warn("ignoring a checkpoint directory this daemon did not make", "dir", dir, "err", err)
+			continue
+		}
 		if strings.HasPrefix(filepath.Base(dir), checkpointPrefix("out", d.cfg.Name, d.cfg.AdminSocket)) {
 			j, err := readJournal(dir)
 			if err == nil {
@@ -237,6 +244,26 @@ func (d *Daemon) leftCheckpoints() []*procJournal {
 		d.log.Info("removed a checkpoint an earlier run left", "dir", dir)
 	}
 	return out
+}
+
+// ownDir checks that dir is a directory (not a link) owned by this
+// process's user and closed to everyone else, as os.MkdirTemp makes the
+// checkpoint directories.
+func ownDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("not a directory (%v)", fi.Mode().Type())
+	case !ok || int(st.Uid) != os.Geteuid():
+		return errors.New("owned by another user")
+	case fi.Mode().Perm()&0o077 != 0:
+		return fmt.Errorf("mode %v: open to others", fi.Mode().Perm())
+	}
+	return nil
 }
 
 // recoverProcesses ends, one after the other, the process migrations an

@@ -81,3 +81,47 @@ func TestJournalBad(t *testing.T) {
 		}
 	}
 }
+
+// TestOwnDir: a checkpoint directory is taken for this daemon's only if it
+// is a real directory of its user, closed to others (the checkpoints'
+// place, /dev/shm, is writable by everyone).
+func TestOwnDir(t *testing.T) {
+	base := t.TempDir()
+	mine := filepath.Join(base, "mine")
+	if err := os.Mkdir(mine, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir(mine); err != nil {
+		t.Errorf("a 0700 directory of ours: %v", err)
+	}
+	open := filepath.Join(base, "open")
+	if err := os.Mkdir(open, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(open, 0o777)
+	link := filepath.Join(base, "link")
+	if err := os.Symlink(mine, link); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(base, "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{open, link, file} {
+		if err := ownDir(p); err == nil {
+			t.Errorf("%s taken for a checkpoint directory of ours", filepath.Base(p))
+		}
+	}
+	if os.Geteuid() == 0 {
+		other := filepath.Join(base, "other")
+		if err := os.Mkdir(other, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(other, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		if err := ownDir(other); err == nil {
+			t.Error("another user's directory taken for ours")
+		}
+	}
+}

@@ -90,8 +90,9 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 			return fmt.Errorf("%s is not the steering point of %v", d.cfg.Name, fs[i])
 		}
 	}
+	r.To = r.To.Unmap() // as the rules and the home check below take it
 	if r.Op == peer.SteerSwitch {
-		if _, ok := d.owner(r.To.Unmap()); !ok {
+		if _, ok := d.owner(r.To); !ok {
 			return fmt.Errorf("%v is not a service address of the pool: %s switches flows only to its members", r.To, d.cfg.Name)
 		}
 	}

@@ -36,6 +36,13 @@ type Config struct {
 	// Log receives refused connections, protocol errors and handler
 	// panics. Nil discards them.
 	Log *slog.Logger
+	// Members, if set, says whether a peer name (from its certificate)
+	// is a member of the pool as this server's configuration has it:
+	// a client it refuses is refused at the handshake, whatever its
+	// certificate (a member taken out of the pool whose certificate is
+	// still valid, another CA's member during a CA rotation). Nil
+	// accepts every holder of a pool CA certificate.
+	Members func(name string) bool
 }
 
 func (c *Config) name() string {
@@ -97,6 +104,9 @@ func (c *Config) serverTLS() *tls.Config {
 			}
 			if len(cs.PeerCertificates) == 0 || identity(cs.PeerCertificates[0]) == "" {
 				return errors.New("client certificate names no peer for sure (its common name must be one of its DNS names, or it must have one DNS name and no common name)")
+			}
+			if id := identity(cs.PeerCertificates[0]); c.Members != nil && !c.Members(id) {
+				return fmt.Errorf("client %q is not one of %s's peers (its configuration lists them)", id, c.name())
 			}
 			return memberUsages(cs.PeerCertificates[0])
 		},

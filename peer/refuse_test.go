@@ -49,6 +49,7 @@ func TestRefused(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		server    *Config // default: s1 of the pool
+		members   bool    // server is s1 of the pool, which takes c2 but not c1
 		client    *Config // Dial with it, dialling "s1" unless dialAs is set
 		dialAs    string
 		raw       *tls.Config // or connect with this raw TLS client
@@ -71,6 +72,12 @@ func TestRefused(t *testing.T) {
 		raw:       forceCert(poolRoots, memberConfig(t, evil, "c1").Certificate),
 		wantErr:   []string{"unknown certificate authority"},
 		serverLog: []string{"refused connection", "certificate signed by unknown authority"},
+	}, {
+		name:      "client of the pool CA that is not a configured member",
+		members:   true,
+		client:    memberConfig(t, pool, "c1"),
+		wantErr:   []string{"peer s1: TLS handshake"},
+		serverLog: []string{"refused connection", `client \"c1\" is not one of s1's peers`},
 	}, {
 		name:      "expired client certificate, sent anyway",
 		raw:       forceCert(poolRoots, expiredConfig(t, pool, "c1").Certificate),
@@ -129,6 +136,9 @@ func TestRefused(t *testing.T) {
 			scfg := tc.server
 			if scfg == nil {
 				scfg = memberConfig(t, pool, "s1")
+			}
+			if tc.members {
+				scfg.Members = func(name string) bool { return name == "c2" }
 			}
 			s := startServer(t, scfg, h)
 			var err error

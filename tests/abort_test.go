@@ -721,7 +721,22 @@ func TestRefuseGarbledState(t *testing.T) {
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{})
 	s := newAbortSession(t, p, bed, false)
-	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	// A certificate of the pool CA for a name the pool's configuration
+	// does not list is refused at the handshake.
+	_, stranger := poolTrust(t, p, "stranger", bed.S3.Ctl4)
+	var err error
+	in(t, bed.S3, func() error {
+		var c *peer.Client
+		if c, err = peer.Dial(abortCtx(t, 10*time.Second), netip.AddrPortFrom(bed.S2.Ctl4, abortPeerPort).String(), bed.S2.Name, stranger); err == nil {
+			c.Close()
+		}
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "TLS handshake") {
+		t.Fatalf("a pool CA certificate for a name not in the configuration: %v, want refused at the handshake", err)
+	}
+	// A member (s3's identity) sends the states.
+	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
 	c := dialAsTester(t, bed, bed.S2, cfg)
 
 	valid := sampleState(t, s)
@@ -842,7 +857,7 @@ func TestOrphansExpire(t *testing.T) {
 	}
 	p := pool.Start(t, bed, pool.Options{Env: env})
 	s := newAbortSession(t, p, bed, false)
-	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
 	flow := peer.FlowID{Client: s.client, Service: s.service}
 
 	c2 := dialAsTester(t, bed, bed.S2, cfg)
@@ -890,7 +905,7 @@ func TestRefuseBadItems(t *testing.T) {
 	bed := testbed.ForTest(t)
 	p := pool.Start(t, bed, pool.Options{})
 	s := newAbortSession(t, p, bed, false)
-	_, cfg := poolTrust(t, p, "tester", bed.S3.Ctl4)
+	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
 	c := dialAsTester(t, bed, bed.S2, cfg)
 	state := sampleState(t, s)
 	snap := []byte(`{"data":{"colour":"red"},"count":1}`)
