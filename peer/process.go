@@ -12,6 +12,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
 	"unsafe"
 )
@@ -389,10 +391,13 @@ func ReceiveFiles(r io.Reader, w io.Writer, dir string, accept func(name string,
 			return names, fmt.Errorf("file header: %w", err)
 		}
 		name, size := string(nb[:n]), binary.BigEndian.Uint64(nb[n:])
+		if !filepath.IsLocal(name) || strings.ContainsAny(name, "/\x00") {
+			return names, fmt.Errorf("refusing file %q: not a plain file name", name)
+		}
 		if err := accept(name, size); err != nil {
 			return names, fmt.Errorf("refusing file %q (%d bytes): %w", name, size, err)
 		}
-		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 		if err != nil {
 			return names, err
 		}

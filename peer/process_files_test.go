@@ -2,6 +2,7 @@ package peer
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -103,5 +104,39 @@ func TestReceiveFilesRefuses(t *testing.T) {
 				t.Error("the refused file was written")
 			}
 		})
+	}
+}
+
+// TestReceiveFilesNames: ReceiveFiles itself refuses a name that is not a
+// plain file name (a path out of dir, a path into a subdirectory), even
+// when its caller's accept would take it, and writes nothing.
+func TestReceiveFilesNames(t *testing.T) {
+	for _, name := range []string{"../escaped", "sub/file", "/etc/x", "..", "", "a\x00b"} {
+		base := t.TempDir()
+		dst := filepath.Join(base, "dst")
+		os.MkdirAll(filepath.Join(dst, "sub"), 0o700)
+		var in bytes.Buffer
+		in.Write(binary.BigEndian.AppendUint16(nil, uint16(len(name))))
+		in.WriteString(name)
+		in.Write(binary.BigEndian.AppendUint64(nil, 3))
+		in.WriteString("abc")
+		in.Write([]byte{0, 0})
+		var out bytes.Buffer
+		names, err := ReceiveFiles(&in, &out, dst, func(string, uint64) error { return nil })
+		if name == "" {
+			// A zero length ends the list: nothing is received.
+			if err != nil || len(names) != 0 {
+				t.Errorf("empty name: %v, %v", names, err)
+			}
+			continue
+		}
+		if err == nil {
+			t.Errorf("%q: accepted (%v)", name, names)
+		}
+		for _, p := range []string{filepath.Join(base, "escaped"), filepath.Join(dst, "sub", "file")} {
+			if _, serr := os.Stat(p); serr == nil {
+				t.Errorf("%q: wrote %s", name, p)
+			}
+		}
 	}
 }
