@@ -178,12 +178,8 @@ func ParseConfig(b []byte) (*Config, error) {
 	if c.ProcessPages == "" {
 		c.ProcessPages = "lazy"
 	}
-	if c.Marks.Inject == 0 {
-		c.Marks.Inject = repair.DefaultMarks.Inject
-	}
-	if c.Marks.Quiet == 0 {
-		c.Marks.Quiet = repair.DefaultMarks.Quiet
-	}
+	m := c.Marks.repair().OrDefault()
+	c.Marks = MarksConfig{Inject: m.Inject, Quiet: m.Quiet}
 	return &c, c.validate()
 }
 

@@ -169,9 +169,11 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 	// go: wait for a quiet moment (a drain would pay for listing
 	// thousands of sockets it is moving).
 	busy = busy || len(d.restoring)+len(d.frozen) > 0
-	for tu, f := range d.moved {
-		if !busy && !d.adopted[tu] {
-			cands = append(cands, unclaimed{tu, f, false})
+	if !busy {
+		for tu, f := range d.moved {
+			if !d.adopted[tu] {
+				cands = append(cands, unclaimed{tu, f, false})
+			}
 		}
 	}
 	d.mu.Unlock()
@@ -179,7 +181,6 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 		clear(d.unseen)
 		return
 	}
-	unmapped := func(tu app.Tuple) app.Tuple { return app.Tuple{Local: unmapAP(tu.Local), Remote: unmapAP(tu.Remote)} }
 	live := map[app.Tuple]bool{}
 	ports := map[uint16]bool{}
 	for _, c := range cands {
@@ -191,7 +192,7 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 				return
 			}
 			for _, k := range kernel {
-				live[unmapped(app.Tuple{Local: k.Local, Remote: k.Remote})] = true
+				live[unmapTuple(app.Tuple{Local: k.Local, Remote: k.Remote})] = true
 			}
 		}
 	}
@@ -202,7 +203,7 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 	d.mu.Lock()
 	for _, c := range cands {
 		seen[c.tu] = true
-		if live[unmapped(c.tu)] {
+		if live[unmapTuple(c.tu)] {
 			delete(d.unseen, c.tu)
 			continue
 		}

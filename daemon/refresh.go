@@ -80,22 +80,21 @@ func (d *Daemon) livingHere(ctx context.Context) ([]migrate.Flow, error) {
 	}
 	// Unmapped on both sides: a dual-stack socket's IPv4 connection is
 	// listed with IPv4-mapped addresses.
-	unmapped := func(tu app.Tuple) app.Tuple { return app.Tuple{Local: unmapAP(tu.Local), Remote: unmapAP(tu.Remote)} }
 	live := make(map[app.Tuple]bool, len(kernel))
 	for _, c := range kernel {
-		live[unmapped(app.Tuple{Local: c.Local, Remote: c.Remote})] = true
+		live[unmapTuple(app.Tuple{Local: c.Local, Remote: c.Remote})] = true
 	}
 	var out []migrate.Flow
 	d.mu.Lock()
 	for tu, f := range d.moved {
-		if live[unmapped(tu)] {
+		if live[unmapTuple(tu)] {
 			out = append(out, f)
 		}
 	}
 	d.mu.Unlock()
 	d.proc.mu.Lock()
 	for tu, f := range d.proc.flows {
-		if live[unmapped(tu)] {
+		if live[unmapTuple(tu)] {
 			out = append(out, f)
 		}
 	}

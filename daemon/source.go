@@ -430,6 +430,11 @@ type localFlow struct {
 	App   string
 }
 
+// unmapTuple is tu with both addresses unmapped (unmapAP).
+func unmapTuple(tu app.Tuple) app.Tuple {
+	return app.Tuple{Local: unmapAP(tu.Local), Remote: unmapAP(tu.Remote)}
+}
+
 func unmapAP(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }

@@ -119,9 +119,10 @@ type waiter struct {
 }
 
 // OpenQueue binds NFQUEUE number o.Queue in the calling thread's network
-// namespace and starts a goroutine reading it. Only o.Queue and
-// o.QueueMaxLen and o.InjectMark are used. It needs CAP_NET_ADMIN in the namespace; only
-// one process (one Queue) can bind a queue number at a time.
+// namespace and starts a goroutine reading it. Only o.Queue,
+// o.QueueMaxLen and o.InjectMark are used. It needs CAP_NET_ADMIN in the
+// namespace; only one process (one Queue) can bind a queue number at a
+// time.
 func OpenQueue(o Options) (*Queue, error) {
 	o, err := o.withDefaults()
 	name := fmt.Sprintf("queue %d", o.Queue)
