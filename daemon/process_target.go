@@ -135,6 +135,9 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 		in.pages <- err
 		return err
 	}
+	// The pages come within the migration's own bound, or not at all:
+	// a source that stops sending must not keep this reader for ever.
+	conn.SetDeadline(time.Now().Add(procInTimeout))
 	var total uint64
 	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string, size uint64) error {
 		if !criu.ValidImageName(name) || !criu.IsPagesImage(name) {

@@ -33,6 +33,18 @@ type Config struct {
 	// it bounds the memory one frame can make it allocate. A Transfer's
 	// frame carries all its items. Zero means 64 MiB.
 	MaxFrame int
+	// FrameMemory bounds the memory the frames of large requests (over
+	// 64 KiB: Transfers of big queues or of many connections, process
+	// images) hold at once, across every connection this server
+	// accepts, from the arrival of a frame's length until its handler
+	// returns: a frame that would go over it waits to be read, and its
+	// connection with it. Zero means twice MaxFrame; less than MaxFrame
+	// means MaxFrame.
+	FrameMemory int64
+	// MaxRequestTime bounds every request this server runs, from its
+	// arrival: a request whose caller set no deadline, or a later one,
+	// gets this one instead. Zero means 10 minutes.
+	MaxRequestTime time.Duration
 	// Log receives refused connections, protocol errors and handler
 	// panics. Nil discards them.
 	Log *slog.Logger
@@ -64,6 +76,20 @@ func (c *Config) maxFrame() int {
 		return min(c.MaxFrame, 1<<32-1)
 	}
 	return defaultMaxFrame
+}
+
+func (c *Config) frameMemory() int64 {
+	if c.FrameMemory > 0 {
+		return max(c.FrameMemory, int64(c.maxFrame()))
+	}
+	return 2 * int64(c.maxFrame())
+}
+
+func (c *Config) maxRequestTime() time.Duration {
+	if c.MaxRequestTime > 0 {
+		return c.MaxRequestTime
+	}
+	return defaultMaxRequestTime
 }
 
 func (c *Config) log() *slog.Logger {

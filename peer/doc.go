@@ -74,7 +74,8 @@
 // requests on it at once. A frame is a 4-byte big-endian payload length,
 // a 1-byte message type, an 8-byte request id, and the payload. The
 // receiver checks the length against its [Config].MaxFrame before
-// allocating anything; the payload is binary (fixed-size big-endian
+// allocating anything, and allocates as the payload arrives rather than
+// for the length alone; the payload is binary (fixed-size big-endian
 // integers, length-prefixed strings and byte strings), so state blobs
 // travel as raw bytes, are written from the caller's memory and are
 // handed to the handler as slices of the received frame, without copies.
@@ -84,7 +85,21 @@
 //
 // Each request carries the time left before its caller's deadline; the
 // handler's context expires at the same moment, counted from the
-// request's arrival, so the two hosts' clocks need not agree. A caller
+// request's arrival, so the two hosts' clocks need not agree. A server
+// bounds every request by its [Config].MaxRequestTime as well, also one
+// whose caller set no deadline.
+//
+// # Limits on a member
+//
+// Members are trusted to install connections, but a member that is
+// compromised, or broken, must not be able to take the memory of the
+// others. A server runs at most 256 requests at once per connection and
+// accepts at most 64 connections at once from one member. Frames over
+// 64 KiB are charged, from the arrival of their length until their
+// handler returns, to the server's [Config].FrameMemory, shared by all
+// its connections: a frame that would go over it waits to be read (and
+// the requests behind it on its connection wait with it). A connection
+// whose large frame stops arriving for 30 seconds is closed. A caller
 // that stops waiting (deadline or cancellation) gets an error wrapping
 // its context's error, and the peer cancels the handler's context. A
 // frame that breaks the protocol (unknown type, garbled payload, length

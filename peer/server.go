@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // Handler serves the requests of authenticated peers. from is the
@@ -42,12 +44,52 @@ type Steerer interface {
 type Server struct {
 	cfg *Config
 	h   Handler
+	mem *semaphore.Weighted // Config.FrameMemory
+
+	mu    sync.Mutex
+	conns map[string]int // authenticated connections by member
 }
 
 // NewServer returns a server of h with identity and trust cfg. cfg must
 // not change afterwards.
 func NewServer(cfg *Config, h Handler) *Server {
-	return &Server{cfg: cfg, h: h}
+	return &Server{cfg: cfg, h: h, mem: semaphore.NewWeighted(cfg.frameMemory()), conns: map[string]int{}}
+}
+
+// maxConnsPerMember bounds the connections one member keeps open to a
+// server at once. A member's daemon keeps one, plus one per process
+// migration under way.
+const maxConnsPerMember = 64
+
+// admit counts a connection of member from, or refuses it when that
+// member has too many; leave, once, ends it.
+func (s *Server) admit(from string) (leave func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conns[from] >= maxConnsPerMember {
+		return nil, fmt.Errorf("%s already has %d connections open to %s, the most a member may", from, maxConnsPerMember, s.cfg.name())
+	}
+	s.conns[from]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.conns[from]--; s.conns[from] == 0 {
+				delete(s.conns, from)
+			}
+		})
+	}, nil
+}
+
+// charge takes n bytes of the server's frame memory for a frame being
+// read, waiting until they are free or ctx is done.
+func (s *Server) charge(ctx context.Context, n int) (release func(), err error) {
+	if err := s.mem.Acquire(ctx, int64(n)); err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	return func() { once.Do(func() { s.mem.Release(int64(n)) }) }, nil
 }
 
 // Serve accepts connections on ln until ctx is done or ln fails. Every
@@ -215,7 +257,14 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, tlsCfg *tls.Config
 	raw.SetDeadline(time.Now().Add(timeout))
 	w := newWire(conn)
 	localMax := s.cfg.maxFrame()
-	f, err := readFrame(conn, helloMax)
+	leave, err := s.admit(from)
+	if err == nil {
+		defer leave()
+	}
+	var f frame
+	if err == nil {
+		f, err = readFrame(conn, helloMax)
+	}
 	var h hello
 	if err == nil {
 		switch {
@@ -260,13 +309,17 @@ func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
 		wg.Wait()
 	}()
 	slots := make(chan struct{}, maxInflight)
+	charge := func(n int) (func(), error) { return sc.s.charge(ctx, n) }
 	for {
-		f, err := readFrame(conn, sc.localMax)
+		f, err := readFrameCharged(conn, sc.localMax, charge)
 		if err != nil {
 			if ctx.Err() == nil && !isClosedErr(err) {
 				sc.protocolError(err)
 			}
 			return
+		}
+		if f.typ == msgCancel || f.typ == msgProcPages {
+			f.done() // small frames: no charge to give back
 		}
 		if f.typ == msgCancel {
 			if len(f.payload) != 0 {
@@ -289,26 +342,27 @@ func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
 			return
 		}
 		timeout, req, err := decodeRequest(f)
-		if err != nil {
-			sc.protocolError(err)
-			return
+		if err == nil && f.id == 0 {
+			err = fmt.Errorf("%w: %v request with id 0", ErrProtocol, f.typ)
 		}
-		if f.id == 0 {
-			sc.protocolError(fmt.Errorf("%w: %v request with id 0", ErrProtocol, f.typ))
+		if err != nil {
+			f.done()
+			sc.protocolError(err)
 			return
 		}
 		select {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
+			f.done()
 			return
 		}
-		var rctx context.Context
-		var rcancel context.CancelFunc
-		if timeout > 0 {
-			rctx, rcancel = context.WithDeadline(ctx, f.at.Add(timeout))
-		} else {
-			rctx, rcancel = context.WithCancel(ctx)
+		// Every request ends: the caller's deadline, or the server's
+		// own bound on requests if that comes first (or the caller has
+		// none).
+		if limit := sc.s.cfg.maxRequestTime(); timeout <= 0 || timeout > limit {
+			timeout = limit
 		}
+		rctx, rcancel := context.WithDeadline(ctx, f.at.Add(timeout))
 		sc.mu.Lock()
 		_, dup := sc.inflight[f.id]
 		if !dup {
@@ -317,6 +371,7 @@ func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
 		sc.mu.Unlock()
 		if dup {
 			rcancel()
+			f.done()
 			sc.protocolError(fmt.Errorf("%w: request id %d reused while in flight", ErrProtocol, f.id))
 			return
 		}
@@ -324,6 +379,7 @@ func (sc *serverConn) serve(ctx context.Context, conn net.Conn) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-slots }()
+			defer f.done()
 			sc.handle(rctx, f.typ, f.id, req)
 			sc.mu.Lock()
 			delete(sc.inflight, f.id)

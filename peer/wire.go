@@ -9,6 +9,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -53,10 +54,24 @@ const (
 	// of Config.MaxFrame and Config.HandshakeTimeout.
 	defaultMaxFrame         = 64 << 20
 	defaultHandshakeTimeout = 5 * time.Second
+	// defaultMaxRequestTime is the zero value of Config.MaxRequestTime.
+	defaultMaxRequestTime = 10 * time.Minute
+	// smallFrame is the largest frame a server reads without charging
+	// it to its frame memory (Config.FrameMemory): every request but a
+	// Transfer of large queues, or of many connections, and a process's
+	// images.
+	smallFrame = helloMax
+	// readChunk is what a frame's length alone makes the reader
+	// allocate; beyond it, the frame's buffer grows with its data.
+	readChunk = 256 << 10
 	// alpn is the TLS application protocol of the peer channel: a TLS
 	// client of the same CA speaking anything else is refused.
 	alpn = "mtcp-peer"
 )
+
+// frameStall ends a connection on which a frame larger than readChunk
+// stops arriving for this long. A variable for the tests.
+var frameStall = 30 * time.Second
 
 // msgType is a frame's message type.
 type msgType uint8
@@ -128,6 +143,15 @@ type frame struct {
 	id      uint64
 	payload []byte
 	at      time.Time // when the header arrived
+	release func()    // gives back the payload's charge, if any
+}
+
+// done gives back the frame's charge to its server's frame memory.
+func (f *frame) done() {
+	if f.release != nil {
+		f.release()
+		f.release = nil
+	}
 }
 
 // readFrame reads one frame of at most max payload bytes. It checks the
@@ -135,6 +159,14 @@ type frame struct {
 // io.EOF; anything else wrong is an error wrapping ErrProtocol, or the
 // stream's own error.
 func readFrame(r io.Reader, max int) (frame, error) {
+	return readFrameCharged(r, max, nil)
+}
+
+// readFrameCharged is readFrame that, for a payload over smallFrame, first
+// has charge take its size from the memory its reader may hold, before
+// reading it (charge may wait; its error ends the read). The frame's done
+// gives it back; readFrameCharged does if it fails.
+func readFrameCharged(r io.Reader, max int, charge func(n int) (release func(), err error)) (frame, error) {
 	var h [headerLen]byte
 	if n, err := io.ReadFull(r, h[:]); err != nil {
 		if err == io.ErrUnexpectedEOF || (err == io.EOF && n > 0) {
@@ -147,14 +179,64 @@ func readFrame(r io.Reader, max int) (frame, error) {
 	if uint64(n) > uint64(max) {
 		return frame{}, fmt.Errorf("%w: %v frame of %d bytes exceeds the limit of %d (MaxFrame)", ErrProtocol, f.typ, n, max)
 	}
-	f.payload = make([]byte, n)
-	if _, err := io.ReadFull(r, f.payload); err != nil {
+	if charge != nil && n > smallFrame {
+		release, err := charge(int(n))
+		if err != nil {
+			return frame{}, err
+		}
+		f.release = release
+	}
+	var err error
+	if f.payload, err = readPayload(r, int(n)); err != nil {
+		f.done()
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
 			return frame{}, fmt.Errorf("%w: stream ended inside a %v frame of %d bytes", ErrProtocol, f.typ, n)
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return frame{}, fmt.Errorf("%w: %v frame of %d bytes stalled: no data for %v", ErrProtocol, f.typ, n, frameStall)
 		}
 		return frame{}, err
 	}
 	return f, nil
+}
+
+// readPayload reads n bytes. Its buffer grows as they arrive, at most
+// fourfold at a time from readChunk: a length alone, sent without its
+// bytes, makes it allocate no more than that. Past the first chunk, if r
+// can set read deadlines, a read that brings nothing for frameStall ends
+// it with a deadline error, and leaves r without a deadline otherwise.
+func readPayload(r io.Reader, n int) ([]byte, error) {
+	b := make([]byte, min(n, readChunk))
+	if _, err := io.ReadFull(r, b); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	if n == len(b) {
+		return b, nil
+	}
+	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
+	if dl != nil {
+		defer dl.SetReadDeadline(time.Time{})
+	}
+	for len(b) < n {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, min(n, 4*cap(b))-len(b))
+		}
+		if dl != nil {
+			dl.SetReadDeadline(time.Now().Add(frameStall))
+		}
+		m, err := r.Read(b[len(b):min(n, cap(b))])
+		b = b[:len(b)+m]
+		if err != nil && len(b) < n {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return b, nil
 }
 
 // body is a message's payload.
