@@ -53,6 +53,9 @@ type Daemon struct {
 	// remoteHolds are the holds peers asked this steering point for
 	// (expire.go).
 	remoteHolds map[migrate.Flow]remoteHold
+	// steered are the flows this steering point has switched, with
+	// where they went and who asked (steerauth.go).
+	steered map[migrate.Flow]steered
 
 	// movedFile, with gateway steering, is where moved is written down
 	// (movedfile.go); movedDirty says it changed.
@@ -82,7 +85,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, unseen: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, unseen: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, remoteHolds: map[migrate.Flow]remoteHold{}, steered: map[migrate.Flow]steered{},
 		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
 	d.movedFile, d.movedDirty = movedPath(cfg), make(chan struct{}, 1)
@@ -312,7 +315,7 @@ func (d *Daemon) reconcile(unfinished []*procJournal) error {
 			keepHeld[natFlow(f)] = true
 		}
 	}
-	var in []nat.Entry
+	var in, fwd []nat.Entry
 	var lifted []nat.Flow
 	err = d.nat.Reconcile(func(e nat.Entry) bool {
 		switch e.Kind {
@@ -327,9 +330,12 @@ func (d *Daemon) reconcile(unfinished []*procJournal) error {
 				return false
 			}
 			in = append(in, e)
+		case nat.KindForward:
+			fwd = append(fwd, e)
 		}
 		return true
 	})
+	d.relearnSteered(fwd)
 	if len(lifted) > 0 {
 		if _, rerr := d.q.Release(lifted...); rerr != nil {
 			d.log.Warn("sending on what the holds a previous run left had queued", "flows", len(lifted), "err", rerr)

@@ -47,6 +47,7 @@ func (d *Daemon) expire(ctx context.Context, after time.Duration) {
 		case now := <-t.C:
 			d.expireTransfers(now.Add(-transfers))
 			d.expireHolds(now.Add(-holds))
+			d.pruneSteered(now, d.cfg.FlowIdle+refreshEvery(d.cfg.FlowIdle))
 		}
 	}
 }

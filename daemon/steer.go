@@ -43,7 +43,9 @@ func (s steering) each(ctx context.Context, flows []migrate.Flow, op string, to 
 	var errs []error
 	for p, fs := range groups {
 		if p == "" {
-			errs = append(errs, s.d.steerLocal(op, fs, to))
+			err := s.d.steerLocal(op, fs, to)
+			s.d.noteSteered("", op, fs, to, err)
+			errs = append(errs, err)
 			continue
 		}
 		pc, err := s.d.peer(ctx, p)
@@ -96,7 +98,16 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 			return fmt.Errorf("%v is not a service address of the pool: %s switches flows only to its members", r.To, d.cfg.Name)
 		}
 	}
-	if err := d.steerLocal(r.Op, fs, r.To); err != nil {
+	if r.Op == peer.SteerRefresh {
+		// Refreshing is not all or nothing: flows that from does not
+		// serve (ended, moved on meanwhile) are left to time out.
+		fs = d.servedBy(from, fs)
+	} else if err := d.maySteer(from, r.Op, fs); err != nil {
+		return err
+	}
+	err := d.steerLocal(r.Op, fs, r.To)
+	d.noteSteered(from, r.Op, fs, r.To, err)
+	if err != nil {
 		return err
 	}
 	if r.Op != peer.SteerRefresh {

@@ -985,3 +985,62 @@ func TestImportRefusedRulesGo(t *testing.T) {
 		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
 	})
 }
+
+// TestSteerOnlyByServer: a member of the pool cannot hold, switch or
+// unhold a connection it does not serve. s3, a configured member with its
+// own certificate, asks s1, the steering point of a session, to hold the
+// session's flow and to switch it to s3: while the session is at home on
+// s1, and again after it has migrated to s2. Every request is refused
+// with an error naming the member that serves the connection; s1 holds
+// nothing for the flow and forwards it where it did; the session goes on.
+// s2, which serves it, can still migrate it on to s3, and s3 then back to
+// s1.
+func TestSteerOnlyByServer(t *testing.T) {
+	testbed.RequireNetns(t) // dials from s3's namespace
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	s := newAbortSession(t, p, bed, false)
+	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
+	c := dialAsTester(t, bed, bed.S1, cfg)
+	flows := []peer.FlowID{{Client: s.client, Service: s.service}}
+	refused := func(server, fwd string) {
+		t.Helper()
+		for _, r := range []*peer.SteerRequest{
+			{Op: peer.SteerHold, Flows: flows},
+			{Op: peer.SteerSwitch, Flows: flows, To: bed.S3.LAN4},
+			{Op: peer.SteerUnhold, Flows: flows},
+		} {
+			err := c.Steer(abortCtx(t, 5*time.Second), r)
+			var re *peer.RemoteError
+			if !errors.As(err, &re) || !strings.Contains(re.Msg, server+" serves that connection") {
+				t.Errorf("s3's %s of a connection %s serves: %v, want refused naming %s", r.Op, server, err, server)
+			}
+		}
+		if els := flowElems(t, bed.S1, s.client, "hold"); len(els) != 0 {
+			t.Errorf("s1 holds the flow after s3's refused requests: %v", els)
+		}
+		var got []string
+		for _, e := range flowElems(t, bed.S1, s.client, "fwd") {
+			got = append(got, e.JSON)
+		}
+		if (fwd == "") != (len(got) == 0) || (fwd != "" && (len(got) != 1 || !strings.Contains(got[0], fwd))) {
+			t.Errorf("s1 forwards the flow by %q, want to %q (\"\": not at all)", got, fwd)
+		}
+	}
+	refused("s1", "")
+	s.expect("COUNT", "4")
+	s.expect("HOST", "s1")
+	p.Migrate(bed.S1, bed.S2, s.c)
+	s.expect("HOST", "s2")
+	refused("s2", bed.S2.LAN4.String())
+	s.expect("GET colour", s.colour)
+	p.Migrate(bed.S2, bed.S3, s.c)
+	s.expect("HOST", "s3")
+	p.Migrate(bed.S3, bed.S1, s.c)
+	s.expect("HOST", "s1")
+	s.check(t)
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}

@@ -1,0 +1,137 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/mtcp-dev/mtcp/migrate"
+	"github.com/mtcp-dev/mtcp/nat"
+	"github.com/mtcp-dev/mtcp/peer"
+)
+
+// A steering point holds and switches a flow for the member that serves
+// it, and for no other: a member, even a compromised one, cannot take
+// another member's connections by sending their flows' switches. The
+// member serving a flow is the one its last switch here sent it to, or,
+// before any, the owner of the address its client dialled. The member
+// that asked for that switch may also steer the flow for a while after it
+// (switchUndoWindow), to undo it: a process migration whose memory pages
+// stop coming after the switch, or a restarted source finishing its
+// journal, steers its flows back.
+
+// switchUndoWindow is how long the member that switched a flow away may
+// still steer it: longer than a process migration's lazy pages may take
+// after its switch.
+const switchUndoWindow = 2 * lazyPagesTimeout
+
+// steered is where a flow this host steers went at its last switch here.
+type steered struct {
+	at   string    // the member serving the flow ("" for this host)
+	by   string    // the member that asked for the switch ("" for this host)
+	when time.Time // the switch
+	seen time.Time // the switch, or the last refresh from at since
+}
+
+// server returns who serves f as this steering point knows it (the
+// member's name, "" for this host): where its last switch sent it, else
+// the owner of the address its client dialled.
+func (d *Daemon) server(f migrate.Flow) (st steered, known bool) {
+	if st, ok := d.steered[f]; ok {
+		return st, true
+	}
+	at, ok := d.owner(f.Service.Addr())
+	if !ok {
+		at = "?"
+	}
+	return steered{at: at, by: at}, false
+}
+
+// maySteer refuses a peer's steering request unless from serves every one
+// of the flows, or switched it away within switchUndoWindow.
+func (d *Daemon) maySteer(from, op string, flows []migrate.Flow) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, f := range flows {
+		st, _ := d.server(f)
+		if st.at == from || (st.by == from && time.Since(st.when) < switchUndoWindow) {
+			continue
+		}
+		at := st.at
+		if at == "" {
+			at = d.cfg.Name
+		}
+		return fmt.Errorf("%s does not %s %v for %s: %s serves that connection", d.cfg.Name, op, f, from, at)
+	}
+	return nil
+}
+
+// servedBy returns the flows of flows that from serves.
+func (d *Daemon) servedBy(from string, flows []migrate.Flow) []migrate.Flow {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.DeleteFunc(flows, func(f migrate.Flow) bool {
+		st, _ := d.server(f)
+		return st.at != from
+	})
+}
+
+// noteSteered records what a steering operation of member by ("" for this
+// host) did: where a switch sent the flows (also when only its holds
+// could not be lifted, as the new destinations are in), or that their
+// server refreshed them. err is the operation's outcome.
+func (d *Daemon) noteSteered(by, op string, flows []migrate.Flow, to netip.Addr, err error) {
+	if err != nil && !(op == peer.SteerSwitch && errors.Is(err, nat.ErrHoldsKept)) {
+		return
+	}
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch op {
+	case peer.SteerSwitch:
+		at, _ := d.owner(to)
+		for _, f := range flows {
+			d.steered[f] = steered{at: at, by: by, when: now, seen: now}
+		}
+	case peer.SteerRefresh:
+		for _, f := range flows {
+			if st, ok := d.steered[f]; ok && st.at == by {
+				st.seen = now
+				d.steered[f] = st
+			}
+		}
+	}
+}
+
+// relearnSteered records, after a restart, where the forward entries send
+// their flows. Who switched them is lost with the previous run: only
+// their servers may steer them now.
+func (d *Daemon) relearnSteered(fwd []nat.Entry) {
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, e := range fwd {
+		at, ok := d.owner(e.Addr)
+		if !ok {
+			continue
+		}
+		d.steered[migrate.Flow{Client: e.Flow.Client, Service: e.Flow.Service}] = steered{at: at, by: at, seen: now}
+	}
+}
+
+// pruneSteered forgets the flows whose record no longer adds anything:
+// those switched back to the owner of their address once their undo
+// window has passed, and those not switched nor refreshed for longer than
+// their rules live here (idle: their forward entries have timed out).
+func (d *Daemon) pruneSteered(now time.Time, idle time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for f, st := range d.steered {
+		home, _ := d.owner(f.Service.Addr())
+		if (st.at == home && now.Sub(st.when) >= switchUndoWindow) || now.Sub(st.seen) > idle {
+			delete(d.steered, f)
+		}
+	}
+}
