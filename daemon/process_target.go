@@ -17,6 +17,7 @@ import (
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
+	"github.com/mtcp-dev/mtcp/repair"
 )
 
 // procIn is a process migration arriving here.
@@ -220,6 +221,9 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			rewrite[a] = own
 		}
 	}
+	if err := d.checkProcessFlows(r.Flows, rewrite); err != nil {
+		return nil, err
+	}
 	if rep.Rewritten, err = criu.Rewrite(in.dir, rewrite); err != nil {
 		return nil, err
 	}
@@ -405,6 +409,40 @@ func (d *Daemon) procUpdate(in *procIn, set func()) (finished bool) {
 // errAbortedMeanwhile: the source ended a migration while its restore
 // was under way here.
 var errAbortedMeanwhile = errors.New("the migration was aborted while the process was being restored")
+
+// checkProcessFlows refuses the connections of a process restore that no
+// connection of the pool can have (checkFlow), and those whose socket, as
+// restored here (its local address rewritten), exists on this host
+// already: their reply rewrites would replace that connection's, and an
+// undo would remove them.
+func (d *Daemon) checkProcessFlows(flows []peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) error {
+	want := map[app.Tuple]migrate.Flow{}
+	ports := map[uint16]bool{}
+	for _, pf := range flows {
+		f := migrate.Flow{Client: pf.Flow.Client, Service: pf.Flow.Service}
+		if err := d.checkFlow(f); err != nil {
+			return err
+		}
+		local := unmapAP(pf.Local)
+		if to, ok := rewrite[local.Addr()]; ok {
+			local = netip.AddrPortFrom(to, local.Port())
+		}
+		want[app.Tuple{Local: local, Remote: unmapAP(f.Client)}] = f
+		ports[local.Port()] = true
+	}
+	for port := range ports {
+		conns, err := repair.List(context.Background(), repair.ListOptions{Port: port, States: allStates})
+		if err != nil {
+			return fmt.Errorf("listing the connections on port %d: %w", port, err)
+		}
+		for _, c := range conns {
+			if f, ok := want[app.Tuple{Local: unmapAP(c.Local), Remote: unmapAP(c.Remote)}]; ok {
+				return fmt.Errorf("flow %v: %s has that connection already (%v, %v)", f, d.cfg.Name, c.Local, c.State)
+			}
+		}
+	}
+	return nil
+}
 
 // undoRestore removes what the restore of an aborted migration made:
 // its reply rewrites, and the restored process (killed after them, so

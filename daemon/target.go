@@ -201,16 +201,26 @@ func (d *Daemon) Transfer(ctx context.Context, from string, r *peer.TransferRequ
 	return &peer.TransferReply{Results: results}, nil
 }
 
-func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
-	f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
+// checkFlow refuses a flow sent by a peer that no connection of the pool
+// can have: a malformed one, a client address of this host's own kind
+// (loopback, link-local, multicast), a service address no member owns.
+func (d *Daemon) checkFlow(f migrate.Flow) error {
 	if err := natFlow(f).Check(); err != nil {
-		return nil, err
+		return err
 	}
 	if c := f.Client.Addr().Unmap(); c.IsLoopback() || c.IsMulticast() || c.IsLinkLocalUnicast() {
-		return nil, fmt.Errorf("flow %v: the client's address %v is not one a connection of the pool's clients can have", f, c)
+		return fmt.Errorf("flow %v: the client's address %v is not one a connection of the pool's clients can have", f, c)
 	}
 	if _, ok := d.owner(f.Service.Addr().Unmap()); !ok {
-		return nil, fmt.Errorf("flow %v: %v is not a service address of the pool", f, f.Service.Addr())
+		return fmt.Errorf("flow %v: %v is not a service address of the pool", f, f.Service.Addr())
+	}
+	return nil
+}
+
+func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
+	f := migrate.Flow{Client: it.Flow.Client, Service: it.Flow.Service}
+	if err := d.checkFlow(f); err != nil {
+		return nil, err
 	}
 	if len(it.App) > app.MaxSnapshot {
 		return nil, fmt.Errorf("flow %v: snapshot of %d bytes, the limit is %d", f, len(it.App), app.MaxSnapshot)

@@ -1044,3 +1044,58 @@ func TestSteerOnlyByServer(t *testing.T) {
 		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
+
+// TestRefuseProcessFlows: a member sends s2 a process restore whose
+// connections are not ones it may install: the flow of a session that
+// lives on s2 already, and a flow to an address no member of the pool
+// owns. Each restore is refused before anything is installed, with an
+// error saying why; the session's reply rewrite on s2 stays, and the
+// session goes on.
+func TestRefuseProcessFlows(t *testing.T) {
+	testbed.RequireNetns(t) // dials from s3's namespace
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{})
+	s := newAbortSession(t, p, bed, false)
+	p.Migrate(bed.S1, bed.S2, s.c)
+	s.expect("HOST", "s2")
+	before := flowElems(t, bed.S2, s.client, "reply")
+	if len(before) != 1 {
+		t.Fatalf("s2's reply rewrites of the session: %v, want one", before)
+	}
+	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
+	c := dialAsTester(t, bed, bed.S2, cfg)
+	tx := uint64(0x7e57_1000_0000_0000) + uint64(time.Now().UnixNano()&0xffff)<<16
+	for _, tc := range []struct {
+		name string
+		flow peer.ProcessFlow
+		want string
+	}{
+		{"a connection s2 has", peer.ProcessFlow{Flow: peer.FlowID{Client: s.client, Service: s.service}, Local: s.service}, "has that connection already"},
+		{"an address outside the pool", peer.ProcessFlow{Flow: peer.FlowID{Client: s.client, Service: netip.MustParseAddrPort("10.77.9.9:7000")}, Local: s.service}, "not a service address of the pool"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tx++
+			if err := c.ProcessPrepare(abortCtx(t, 10*time.Second), &peer.ProcessPrepareRequest{TxID: tx, Name: "rogue"}); err != nil {
+				t.Fatalf("ProcessPrepare: %v", err)
+			}
+			_, err := c.ProcessRestore(abortCtx(t, 10*time.Second), &peer.ProcessRestoreRequest{TxID: tx,
+				Flows: []peer.ProcessFlow{tc.flow}, Rewrite: []netip.Addr{bed.S1.LAN4}})
+			var re *peer.RemoteError
+			if !errors.As(err, &re) || !strings.Contains(re.Msg, tc.want) {
+				t.Errorf("ProcessRestore of %s: %v, want refused with %q", tc.name, err, tc.want)
+			}
+			c.ProcessFinish(abortCtx(t, 10*time.Second), &peer.ProcessFinishRequest{TxID: tx, Reason: "test"})
+			after := flowElems(t, bed.S2, s.client, "reply")
+			if len(after) != 1 || after[0].JSON != before[0].JSON {
+				t.Errorf("s2's reply rewrites of the session after the refusal: %v, want %v", after, before)
+			}
+			s.expect("HOST", "s2")
+		})
+	}
+	p.Migrate(bed.S2, bed.S1, s.c)
+	s.check(t)
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
