@@ -132,7 +132,12 @@ func Listen(path string) (net.Listener, error) {
 // from ctx.
 func NewServer(ctx context.Context, h http.Handler) *http.Server {
 	return &http.Server{
-		BaseContext: func(net.Listener) context.Context { return ctx },
+		// A client that connects and sends nothing, or stays idle,
+		// does not keep its descriptor for ever (no limit on the body
+		// or the response: a drain streams its progress).
+		ReadHeaderTimeout: headerTimeout,
+		IdleTimeout:       2 * time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			uc, ok := c.(*net.UnixConn)
 			if !ok {
@@ -153,6 +158,10 @@ func NewServer(ctx context.Context, h http.Handler) *http.Server {
 		}),
 	}
 }
+
+// headerTimeout is how long the admin server waits for a request's
+// header. A variable for the tests.
+var headerTimeout = 10 * time.Second
 
 // peerKey keys the result of NewServer's check of a connection's peer
 // in its requests' contexts: nil if it is root.

@@ -215,7 +215,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return nil
 	})
 	if mln != nil {
-		ms := &http.Server{Handler: metricsHandler()}
+		ms := &http.Server{Handler: metricsHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 		serve("metrics", func() error { return ms.Serve(mln) })
 		go func() { <-ctx.Done(); ms.Close() }()
 	}
