@@ -348,3 +348,27 @@ func TestHandshakesBounded(t *testing.T) {
 		return true
 	})
 }
+
+// TestGateKey: the handshake bound counts IPv4 addresses one by one and
+// IPv6 addresses by /64.
+func TestGateKey(t *testing.T) {
+	key := func(s string) netip.Addr { return gateKey(net.TCPAddrFromAddrPort(netip.MustParseAddrPort(s))) }
+	for _, tc := range []struct {
+		a, b string
+		same bool
+	}{
+		{"192.0.2.1:1000", "192.0.2.1:2000", true},
+		{"192.0.2.1:1000", "192.0.2.2:1000", false},
+		{"[::ffff:192.0.2.1]:1000", "192.0.2.1:1000", true},
+		{"[2001:db8:1:2::1]:1000", "[2001:db8:1:2:ffff:ffff:ffff:ffff]:1000", true},
+		{"[2001:db8:1:2::1]:1000", "[2001:db8:1:3::1]:1000", false},
+		{"[fe80::1%eth0]:1000", "[fe80::2%eth1]:1000", true},
+	} {
+		if got := key(tc.a) == key(tc.b); got != tc.same {
+			t.Errorf("%s and %s counted together: %v, want %v (%v, %v)", tc.a, tc.b, got, tc.same, key(tc.a), key(tc.b))
+		}
+	}
+	if k := key("[2001:db8:1:2::1]:1000"); k != netip.MustParseAddr("2001:db8:1:2::") {
+		t.Errorf("key of 2001:db8:1:2::1: %v", k)
+	}
+}

@@ -153,7 +153,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 // Connections not authenticated yet are bounded, in all and per source
-// address: each holds a descriptor for up to the handshake timeout, and
+// address (IPv6: per /64, see gateKey): each holds a descriptor for up to the handshake timeout, and
 // anyone who can reach the port can open them. Beyond the bounds a new
 // connection is closed at once; the members' own connections, already
 // authenticated, do not count.
@@ -180,10 +180,7 @@ func newHandshakeGate(log *slog.Logger) *handshakeGate {
 // enter admits a connection from addr into its handshake, or refuses it;
 // release, once, ends its handshake.
 func (g *handshakeGate) enter(addr net.Addr) (release func(), ok bool) {
-	var ip netip.Addr
-	if ta, isTCP := addr.(*net.TCPAddr); isTCP {
-		ip = ta.AddrPort().Addr().Unmap()
-	}
+	ip := gateKey(addr)
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.total >= maxHandshakes || g.by[ip] >= maxHandshakesPerAddr {
@@ -207,6 +204,22 @@ func (g *handshakeGate) enter(addr net.Addr) (release func(), ok bool) {
 			}
 		})
 	}, true
+}
+
+// gateKey is what the handshake bound per source counts by: the IPv4
+// address, or the IPv6 /64 (a host is commonly given a whole /64, and
+// would otherwise have as many slots as it cares to use addresses).
+func gateKey(addr net.Addr) netip.Addr {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return netip.Addr{}
+	}
+	ip := ta.AddrPort().Addr().Unmap()
+	if ip.Is6() {
+		p, _ := ip.WithZone("").Prefix(64)
+		ip = p.Addr()
+	}
+	return ip
 }
 
 func retryAccept(err error) bool {
