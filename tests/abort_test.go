@@ -846,7 +846,9 @@ func TestRefuseGarbledState(t *testing.T) {
 // its steering point (s1) and never switches it, leave nothing behind
 // once their transactions expire (MTCP_FAULT=orphan-after=2s here,
 // daemon.OrphanTimeout otherwise): s2 throws the restored socket and its
-// reply rewrite away, s1 lifts the hold, and the session carries on at s1.
+// reply rewrite away, s1 lifts the hold, and the session carries on. The
+// session lives on s3 meanwhile, as only the member serving a flow may
+// hold it, and the test plays s3.
 func TestOrphansExpire(t *testing.T) {
 	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
 	bed := testbed.ForTest(t)
@@ -857,6 +859,8 @@ func TestOrphansExpire(t *testing.T) {
 	}
 	p := pool.Start(t, bed, pool.Options{Env: env})
 	s := newAbortSession(t, p, bed, false)
+	p.Migrate(bed.S1, bed.S3, s.c)
+	s.expect("HOST", "s3")
 	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
 	flow := peer.FlowID{Client: s.client, Service: s.service}
 
@@ -888,6 +892,8 @@ func TestOrphansExpire(t *testing.T) {
 		sock, reply, hold := socketsOf(t, bed.S2, s.client), flowElems(t, bed.S2, s.client, ""), flowElems(t, bed.S1, s.client, "hold")
 		return len(sock) == 0 && len(reply) == 0 && len(hold) == 0, fmt.Sprintf("s2 sockets %q, s2 elements %v, s1 holds %v", sock, reply, hold)
 	})
+	s.expect("HOST", "s3")
+	p.Migrate(bed.S3, bed.S1, s.c)
 	s.check(t)
 	assertNoTrace(t, p, bed, false, s)
 	if in, out := rsts(); in != 0 || out != 0 {
