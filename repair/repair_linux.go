@@ -377,11 +377,48 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 		r.inj, err = newInjector(domain == unix.AF_INET6, marks.Inject)
 		r.ownInj = err == nil
 	}
+	if err == nil && st.TCPState == StateFinWait2 {
+		err = r.finAcked()
+	}
 	if err != nil {
+		if r.ownInj {
+			r.inj.Close()
+		}
 		unix.Close(fd) // in repair mode: nothing is sent
 		return nil, opErr("restore", err)
 	}
 	return r, nil
+}
+
+// finAcked brings a FIN_WAIT2 socket, rebuilt ESTABLISHED, to FIN_WAIT2
+// while it is still in repair mode: the peer has acknowledged our FIN.
+// Shut down in repair mode, with the send queue selected, the socket
+// counts the FIN as sent without sending it; an injected acknowledgement
+// of it then moves the socket on. Shut down once out of repair mode, the
+// FIN would go to the peer again: a duplicate, and with IPv6 one whose
+// new flow label makes Linux peers change their own (a duplicate with
+// another label reads as a path failure).
+//
+// Done here rather than at Commit: every segment of the peer's
+// acknowledges our FIN, and one that reaches the socket between the
+// switch and the commit (the peer's data, its FIN) would acknowledge what
+// a socket without the FIN never sent, which the kernel discards; the
+// peer would send it again only after its retransmission timeout.
+func (r *Restored) finAcked() error {
+	h, err := infoHead(r.fd)
+	if err != nil {
+		return err
+	}
+	if TCPState(h.state) != StateEstablished {
+		return fmt.Errorf("FIN_WAIT2 socket rebuilt as %v, not ESTABLISHED", TCPState(h.state))
+	}
+	if err := selectQueue(r.fd, queueSend); err != nil {
+		return err
+	}
+	if err := unix.Shutdown(r.fd, unix.SHUT_WR); err != nil {
+		return fmt.Errorf("shutdown in repair mode: %w", err)
+	}
+	return ourFINAcked(r)
 }
 
 // Blank is a new TCP socket already in repair mode, made ahead of a restore
@@ -567,47 +604,10 @@ func (r *Restored) commit() error {
 		}
 		tookIn = tookIn || n > uint64(len(st.RecvQueue))
 	}
-	// FIN_WAIT2: the peer has acknowledged our FIN. Shut down still in
-	// repair mode, with the send queue selected, and the kernel counts
-	// the FIN as sent without sending it; an injected acknowledgement of
-	// it then moves the socket on. Shut down once out of repair mode, the
-	// FIN would go to the peer again: a duplicate, and with IPv6 one
-	// whose new flow label makes Linux peers change their own (a
-	// duplicate with another label reads as a path failure).
-	//
-	// Until then the socket has not counted our FIN as sent: every
-	// segment of the peer's acknowledges it, and one that reaches the
-	// socket in repair mode (its data, its FIN) acknowledges what the
-	// socket never sent, which the kernel discards. The peer sends it
-	// again after its retransmission timeout, to the live socket. (Shut
-	// down in Restore instead, with the acknowledgement injected there,
-	// the socket would be FIN_WAIT2 from the start and take such
-	// segments in; not done yet, nor for FIN_WAIT1 and the states after
-	// the peer's FIN.) A socket that is not ESTABLISHED here (it cannot
-	// be, by the above) shuts down once out of repair mode.
-	finAcked := false
-	if st.TCPState == StateFinWait2 {
-		h, err := infoHead(fd)
-		if err != nil {
-			return err
-		}
-		finAcked = TCPState(h.state) == StateEstablished
-	}
-	if finAcked {
-		if err := selectQueue(fd, queueSend); err != nil {
-			return err
-		}
-		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
-			return fmt.Errorf("shutdown in repair mode: %w", err)
-		}
-	}
+	// A FIN_WAIT2 socket counts our FIN as sent and acknowledged from
+	// Restore on (finAcked).
 	if err := repairOff(fd, probe); err != nil {
 		return err
-	}
-	if finAcked {
-		if err := ourFINAcked(r); err != nil {
-			return err
-		}
 	}
 	if tookIn {
 		if err := injectStaleACK(r); err != nil {
@@ -642,10 +642,6 @@ func (r *Restored) commit() error {
 		return shutdown()
 	case StateFinWait1:
 		return shutdown()
-	case StateFinWait2:
-		if !finAcked {
-			return shutdown()
-		}
 	case StateClosing:
 		if err := shutdown(); err != nil {
 			return err
@@ -657,11 +653,7 @@ func (r *Restored) commit() error {
 
 // ourFINAcked replays the peer's acknowledgement of our FIN, which a
 // socket shut down in repair mode counts as sent, if the socket still
-// waits for it (FIN_WAIT1). A peer's FIN that reached the socket in
-// between, once out of repair mode, has moved it to LAST_ACK instead:
-// acknowledging our FIN there would close it before the peer's FIN is
-// acknowledged on the wire, so the kernel's own retransmission of our FIN
-// is left to do it.
+// waits for it (FIN_WAIT1).
 func ourFINAcked(r *Restored) error {
 	h, err := infoHead(r.fd)
 	if err != nil {

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -107,6 +108,10 @@ type repairCase struct {
 	// noResend: the restored socket must send the client nothing it
 	// already has (the client then sends no DSACK for old data).
 	noResend bool
+	// dataFirst: the client sends this many bytes after the switch and
+	// before the commit, which must reach the restored socket (still in
+	// repair mode) at once: without a retransmission timeout.
+	dataFirst int
 }
 
 // appOpts are socket options an application sets and would miss if the
@@ -237,6 +242,13 @@ func repairCases() []repairCase {
 				f.clientWrite(700)
 				f.await(repair.StateFinWait2, 700, 0)
 			}},
+		{name: "fin-wait2-data-before-commit", want: repair.StateFinWait2, post: 10000, noResend: true, dataFirst: 900,
+			prepare: func(f *flow) {
+				f.serverWrite(5000)
+				f.serverFIN()
+				f.clientWrite(700)
+				f.await(repair.StateFinWait2, 700, 0)
+			}},
 		{name: "close-wait", want: repair.StateCloseWait, post: 10000,
 			prepare: func(f *flow) {
 				f.clientWrite(3000)
@@ -357,6 +369,18 @@ func runRepairCase(t *testing.T, bed *testbed.Bed, v6 bool, port uint16, tc repa
 			st, _, _, ok := sockState(t, bed.S2, port)
 			return ok && st == repair.StateCloseWait, st.String()
 		})
+	}
+	if tc.dataFirst > 0 {
+		info0 := clientInfo(t, bed, client)
+		f.clientWrite(tc.dataFirst)
+		want := len(got.RecvQueue) + tc.dataFirst
+		eventually(t, 10*time.Second, "the client's data to reach s2's restored socket before the commit", func() (bool, string) {
+			st, rq, _, ok := sockState(t, bed.S2, port)
+			return ok && int(rq) == want, fmt.Sprintf("%v rq=%d, want %d", st, rq, want)
+		})
+		if info := clientInfo(t, bed, client); info.TotalRTO != info0.TotalRTO {
+			t.Errorf("the client's data before the commit cost it %d retransmission timeouts", info.TotalRTO-info0.TotalRTO)
+		}
 	}
 	if err := restored.Commit(); err != nil {
 		t.Fatal(err)
