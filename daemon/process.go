@@ -57,10 +57,14 @@ type procMode struct {
 	// leaving are the processes migrating away from here, by pid, with
 	// the peer each goes to: a process moves in one migration at a time.
 	leaving map[int]string
+	// ended are the migrations that arrived here and ended, with how,
+	// for outcomeKeep: a finish asked again (its answer was lost) gets
+	// the same answer, not "unknown".
+	ended map[uint64]procOutcome
 }
 
 func newProcMode() *procMode {
-	return &procMode{flows: map[app.Tuple]migrate.Flow{}, in: map[uint64]*procIn{}, leaving: map[int]string{}}
+	return &procMode{flows: map[app.Tuple]migrate.Flow{}, in: map[uint64]*procIn{}, leaving: map[int]string{}, ended: map[uint64]procOutcome{}}
 }
 
 // leave marks the processes of tree as migrating to peer to, unless one of
@@ -602,10 +606,19 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	// with the copy here already gone.
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Commit: true}); err != nil {
+	if err := commitOn(fctx, c, tx); err != nil {
+		if strings.Contains(err.Error(), endedAborted) {
+			// The target's copy is gone (its pages stopped, or its
+			// timeout passed): the process carries on here, as when
+			// the pages break.
+			return abort(errors.Join(fmt.Errorf("commit on %s: %w", r.To, err), steerBack()))
+		}
 		errs = append(errs, fmt.Errorf("commit on %s: %w", r.To, err))
-	} else if err := j.write(journalCommitted); err != nil {
-		errs = append(errs, err)
+	} else {
+		fault(ctx, "process-committed") // process-committed-crash: this host dies after the commit, before its journal says so (tests)
+		if err := j.write(journalCommitted); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	fault(ctx, "process-retire") // process-retire-crash: this host dies after the commit (tests)
 	errs = append(errs, d.retireSource(tree, socks)...)
@@ -616,6 +629,34 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	return nil
 }
+
+// commitOn commits migration tx on the target of c, asking again while
+// the target does not answer (a reply lost on the way, a connection
+// broken) until ctx is done: the target answers a repeated commit as it
+// did the first. An answer of the target's own ends it.
+func commitOn(ctx context.Context, c *peer.Client, tx uint64) error {
+	for {
+		actx, cancel := context.WithTimeout(ctx, commitAttempt)
+		err := c.ProcessFinish(actx, &peer.ProcessFinishRequest{TxID: tx, Commit: true})
+		cancel()
+		var re *peer.RemoteError
+		if err == nil || errors.As(err, &re) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(commitRetry):
+		}
+	}
+}
+
+// commitAttempt bounds one try of a commit, commitRetry is the wait
+// before the next.
+var (
+	commitAttempt = 3 * time.Second
+	commitRetry   = 200 * time.Millisecond
+)
 
 // Deadlines of a process migration's phases on the source: a hung CRIU
 // or a stalled target must not keep the process stopped and its

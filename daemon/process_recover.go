@@ -340,7 +340,7 @@ func (d *Daemon) finishProcess(ctx context.Context, j *procJournal) error {
 	var err error
 	for {
 		err = d.commitOnTarget(ctx, j, pcfg)
-		if err == nil || time.Now().After(until) {
+		if err == nil || time.Now().After(until) || strings.Contains(err.Error(), endedAborted) {
 			break
 		}
 		select {
@@ -383,6 +383,16 @@ func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logg
 	until := j.Prepared.Add(procInTimeout + 5*time.Second)
 	for {
 		err := d.abortOnTarget(ctx, j, reason)
+		if err != nil && strings.Contains(err.Error(), endedCommitted) {
+			// The commit reached the target before this daemon
+			// stopped: the process runs there, and must not here too.
+			if err := errors.Join(d.retireSource(j.tree, j.socks)...); err != nil {
+				log.Error("process mode: the target runs the process of the unfinished migration; ending its copy here; the next start tries again", "err", err)
+				return false
+			}
+			log.Warn("process mode: the target had committed the unfinished migration: the process runs there, its copy here is gone")
+			return true
+		}
 		if err == nil || j.Phase == journalHeld {
 			break
 		}

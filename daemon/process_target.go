@@ -351,8 +351,16 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
 	}
 	delete(d.proc.in, r.TxID)
+	now := time.Now()
+	for tx, o := range d.proc.ended {
+		if now.Sub(o.at) > outcomeKeep {
+			delete(d.proc.ended, tx)
+		}
+	}
+	ended, known := d.proc.ended[r.TxID]
 	if ok {
 		in.finished = true
+		d.proc.ended[r.TxID] = procOutcome{from: from, committed: r.Commit, at: now}
 	}
 	if ok && r.Commit {
 		for t, f := range in.flows {
@@ -361,11 +369,20 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	}
 	d.proc.mu.Unlock()
 	switch {
+	case !ok && known && ended.from != from:
+		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, ended.from, from)
+	case !ok && known && ended.committed && r.Commit:
+		return nil // asked again: the answer to the first commit was lost
+	case !ok && known && ended.committed:
+		// An abort after the commit must not let the source resume
+		// its copy: the process runs here.
+		return fmt.Errorf("process migration %d on %s: %s: its process runs here", r.TxID, d.cfg.Name, endedCommitted)
+	case !ok && known && r.Commit:
+		return fmt.Errorf("no process migration %d on %s to commit: %s (its pages stopped coming, or no commit within %v): its process is gone", r.TxID, d.cfg.Name, endedAborted, procInTimeout)
 	case !ok && r.Commit:
-		// Aborted or expired here (its pages stopped coming, or no
-		// commit within procInTimeout): its process is gone, which the
-		// source must know.
-		return fmt.Errorf("no process migration %d on %s to commit: it ended here (aborted, or no commit within %v)", r.TxID, d.cfg.Name, procInTimeout)
+		// Unknown: ended here long ago, or before a restart of this
+		// daemon, whose restored processes it no longer manages.
+		return fmt.Errorf("no process migration %d on %s to commit: unknown here (ended more than %v ago, or before mtcpd restarted)", r.TxID, d.cfg.Name, outcomeKeep)
 	case !ok:
 		return nil
 	}
@@ -395,6 +412,26 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	d.log.Info("process migration aborted", "from", from, "tx", r.TxID, "reason", r.Reason)
 	return err
 }
+
+// procOutcome is how a migration that arrived here ended.
+type procOutcome struct {
+	from      string
+	committed bool
+	at        time.Time
+}
+
+// outcomeKeep is how long a target remembers how a migration ended:
+// longer than a source asks again, a restarted source's recovery
+// included.
+const outcomeKeep = 30 * time.Minute
+
+// The target's answers to a finish of a migration it has ended, for the
+// source to tell them apart: committed (its process runs on the target),
+// aborted (it is gone).
+const (
+	endedCommitted = "already committed"
+	endedAborted   = "already aborted"
+)
 
 // procUpdate records what a restore made (set runs under d.proc.mu) and
 // reports whether the migration was ended meanwhile (ProcessFinish), in

@@ -831,15 +831,15 @@ func TestProcessSourceCrashWhileRestoring(t *testing.T) {
 
 // TestProcessSourceCrashAfterSwitch: the source's mtcpd dies right after
 // the switch, before it had the target commit (MTCP_FAULT=
-// process-commit-crash on s1), or once the target has committed, before
-// it killed its stopped copy (process-retire-crash). Started again, it
-// finishes the migration: the target commits if it has not, the copy at
-// s1 is killed, and the client is served from s2 throughout.
+// process-commit-crash on s1), once the target has committed but before
+// its journal says so (process-committed-crash), or once the journal
+// says so, before it killed its stopped copy (process-retire-crash).
+// Started again, it finishes the migration: the target commits if it has
+// not (and answers a second commit as it did the first), the copy at s1
+// is killed, and the client is served from s2 throughout.
 func TestProcessSourceCrashAfterSwitch(t *testing.T) {
 	skipUnlessProcessMode(t)
-	// Before the target's commit, and after it (the target then refuses
-	// a second commit: the restarted daemon must only retire its copy).
-	for _, fault := range []string{"process-commit-crash", "process-retire-crash"} {
+	for _, fault := range []string{"process-commit-crash", "process-committed-crash", "process-retire-crash"} {
 		t.Run(fault, func(t *testing.T) { sourceCrashAfterSwitch(t, fault) })
 	}
 }
