@@ -27,6 +27,7 @@ type procIn struct {
 	dir      string     // the checkpoint (tmpfs)
 	pages    chan error // the pages stream's outcome, once
 	started  bool       // a pages stream was opened
+	restore  bool       // its restore was asked for (d.proc.mu): once only
 	pid      int        // the restored process, once restored (d.proc.mu)
 	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
 	finished bool       // ProcessFinish ended it (d.proc.mu)
@@ -161,6 +162,14 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	in, err := d.procIn(r.TxID, from)
 	if err != nil {
 		return nil, err
+	}
+	d.proc.mu.Lock()
+	again := in.restore
+	in.restore = true
+	d.proc.mu.Unlock()
+	if again {
+		// A second restore would start a second copy of the process.
+		return nil, fmt.Errorf("process migration %d: its restore was asked for already", r.TxID)
 	}
 	rep := &peer.ProcessRestoreReply{}
 	if delay, err := faultDuration("restore-delay"); err != nil {

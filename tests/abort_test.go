@@ -1055,8 +1055,8 @@ func TestSteerOnlyByServer(t *testing.T) {
 // connections are not ones it may install: the flow of a session that
 // lives on s2 already, and a flow to an address no member of the pool
 // owns. Each restore is refused before anything is installed, with an
-// error saying why; the session's reply rewrite on s2 stays, and the
-// session goes on.
+// error saying why, and so is a second restore of the same migration;
+// the session's reply rewrite on s2 stays, and the session goes on.
 func TestRefuseProcessFlows(t *testing.T) {
 	testbed.RequireNetns(t) // dials from s3's namespace
 	bed := testbed.ForTest(t)
@@ -1090,6 +1090,12 @@ func TestRefuseProcessFlows(t *testing.T) {
 			var re *peer.RemoteError
 			if !errors.As(err, &re) || !strings.Contains(re.Msg, tc.want) {
 				t.Errorf("ProcessRestore of %s: %v, want refused with %q", tc.name, err, tc.want)
+			}
+			// One restore per migration: a second would start a second
+			// copy of the process.
+			_, err = c.ProcessRestore(abortCtx(t, 10*time.Second), &peer.ProcessRestoreRequest{TxID: tx})
+			if !errors.As(err, &re) || !strings.Contains(re.Msg, "asked for already") {
+				t.Errorf("a second ProcessRestore of the migration: %v, want refused", err)
 			}
 			c.ProcessFinish(abortCtx(t, 10*time.Second), &peer.ProcessFinishRequest{TxID: tx, Reason: "test"})
 			after := flowElems(t, bed.S2, s.client, "reply")
