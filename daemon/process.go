@@ -61,6 +61,10 @@ type procMode struct {
 	// for outcomeKeep: a finish asked again (its answer was lost) gets
 	// the same answer, not "unknown".
 	ended map[uint64]procOutcome
+	// writing is the size of the page image files incoming migrations
+	// are writing to the checkpoint file system, announced and not
+	// written yet.
+	writing uint64
 }
 
 func newProcMode() *procMode {

@@ -131,26 +131,40 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 		return in.lazyErr
 	}
 	// The page images land where the restore reads them, as long as
-	// they leave the machine room (a tmpfs is memory).
-	room, err := criu.Room(in.dir)
-	if err != nil {
-		in.pages <- err
-		return err
-	}
+	// they leave the machine room (a tmpfs is memory): each file is
+	// checked against the room left now, less what the files other
+	// migrations are writing meanwhile have announced.
 	// The pages come within the migration's own bound, or not at all:
 	// a source that stops sending must not keep this reader for ever.
 	conn.SetDeadline(time.Now().Add(procInTimeout))
-	var total uint64
+	var total, writing uint64
+	done := func() {
+		d.proc.mu.Lock()
+		d.proc.writing -= writing
+		d.proc.mu.Unlock()
+		writing = 0
+	}
 	_, err = peer.ReceiveFiles(conn, conn, in.dir, func(name string, size uint64) error {
+		done() // the file before is written
 		if !criu.ValidImageName(name) || !criu.IsPagesImage(name) {
 			return errors.New("not a memory page image")
 		}
-		if total += size; total > uint64(room) {
-			return fmt.Errorf("the process's memory (%d MiB so far) does not fit in %s on %s: %d MiB free, less a reserve of %d%% of its size",
-				total>>20, filepath.Dir(in.dir), d.cfg.Name, room>>20, criu.RoomReservePercent)
+		total += size
+		d.proc.mu.Lock()
+		defer d.proc.mu.Unlock()
+		room, err := criu.Room(in.dir)
+		if err != nil {
+			return err
 		}
+		if others := d.proc.writing; size+others > uint64(room) {
+			return fmt.Errorf("the process's memory (%d MiB so far) does not fit in %s on %s: %d MiB free, less a reserve of %d%% of its size, and %d MiB being written by other migrations",
+				total>>20, filepath.Dir(in.dir), d.cfg.Name, room>>20, criu.RoomReservePercent, others>>20)
+		}
+		d.proc.writing += size
+		writing = size
 		return nil
 	})
+	done()
 	in.pages <- err
 	return err
 }
