@@ -37,6 +37,7 @@ type Config struct {
 	// Peers are the other members of the pool.
 	Peers []PeerConfig `yaml:"peers"`
 	// TLS names the pool CA and this server's certificate and key (PEM).
+	// They are reloaded on SIGHUP and when one of them changes.
 	TLS TLSConfig `yaml:"tls"`
 	// Steering is "forward" (default: the host that owns the service
 	// address forwards the flow) or "gateway" (the gateway named by

@@ -77,6 +77,8 @@ type Daemon struct {
 
 	// pol is the policy engine and the load measurements (policy.go).
 	pol *policyState
+	// tlsFiles reloads the TLS files (tlsreload.go).
+	tlsFiles *tlsReload
 }
 
 // Run starts the daemon and serves until ctx is done.
@@ -90,9 +92,11 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	d.proc = newProcMode()
 	d.movedFile, d.movedDirty = movedPath(cfg), make(chan struct{}, 1)
 	var err error
-	if d.tls, err = (peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}).Config(cfg.Name); err != nil {
+	files := peer.TLSFiles{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}
+	if d.tls, err = files.Config(cfg.Name); err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
 	}
+	d.tlsFiles = newTLSReload(files, cfg.Name, d.tls, log.With("part", "peer"))
 	// One connection's state can reach 2 × repair.MaxQueueLen: a frame
 	// must hold at least that. Batches are split to fit (remoteTarget).
 	d.tls.MaxFrame = 2*repair.MaxQueueLen + 1<<20

@@ -148,12 +148,18 @@ func (d *Daemon) runPolicy(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-hup:
+			if d.tlsFiles != nil {
+				d.tlsFiles.reload("sighup", true)
+			}
 			if ps.engine != nil {
 				ps.reload("sighup", true)
 			} else {
 				ps.log.Info("SIGHUP: no policy file is configured (policy: in the configuration)")
 			}
 		case <-t.C:
+		}
+		if d.tlsFiles != nil {
+			d.tlsFiles.reload("change", false)
 		}
 		if ps.engine != nil {
 			ps.reload("change", false)

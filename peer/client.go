@@ -74,7 +74,7 @@ func Dial(ctx context.Context, addr string, peerName string, cfg *Config) (*Clie
 		var oe *net.OpError
 		if errors.As(err, &oe) && oe.Op == "remote error" {
 			// Say what is wrong with our certificate, if we can tell.
-			if _, verr := verifyOwn(cfg.Certificate, cfg.Roots); verr != nil {
+			if _, verr := verifyOwn(cfg.current()); verr != nil {
 				return nil, opErr("TLS handshake", fmt.Errorf("%s refused this server's certificate: %w: this server's certificate is not valid for the pool: %v", peerName, err, verr))
 			}
 			return nil, opErr("TLS handshake", fmt.Errorf("%s refused this server's certificate: %w (is %s a member of the same pool, with the same CA? See its log)", peerName, err, peerName))

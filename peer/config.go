@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"sync/atomic"
 	"time"
 )
 
@@ -48,6 +49,12 @@ type Config struct {
 	// Log receives refused connections, protocol errors and handler
 	// panics. Nil discards them.
 	Log *slog.Logger
+	// Credentials, if set, replaces Certificate and Roots: each
+	// connection, accepted or dialled, takes the certificate and pool CA
+	// it holds when the connection starts, so that they can be replaced
+	// while the Config is in use (a renewed certificate, a new pool CA).
+	// Connections already open keep theirs.
+	Credentials *Credentials
 	// Members, if set, says whether a peer name (from its certificate)
 	// is a member of the pool as this server's configuration has it:
 	// a client it refuses is refused at the handshake, whatever its
@@ -99,14 +106,51 @@ func (c *Config) log() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
+// Credentials holds a member's certificate and pool CA for a [Config]
+// whose connections should take them as they are replaced. It is safe for
+// concurrent use.
+type Credentials struct {
+	v atomic.Pointer[credentials]
+}
+
+type credentials struct {
+	cert  tls.Certificate
+	roots *x509.CertPool
+}
+
+// NewCredentials returns Credentials holding cert and roots.
+func NewCredentials(cert tls.Certificate, roots *x509.CertPool) *Credentials {
+	c := &Credentials{}
+	c.Set(cert, roots)
+	return c
+}
+
+// Set replaces the certificate and pool CA for the connections that
+// start from now on.
+func (c *Credentials) Set(cert tls.Certificate, roots *x509.CertPool) {
+	c.v.Store(&credentials{cert: cert, roots: roots})
+}
+
+// current returns the certificate and pool CA a new connection uses.
+func (c *Config) current() (tls.Certificate, *x509.CertPool) {
+	if c.Credentials != nil {
+		if v := c.Credentials.v.Load(); v != nil {
+			return v.cert, v.roots
+		}
+		return tls.Certificate{}, nil
+	}
+	return c.Certificate, c.Roots
+}
+
 func (c *Config) check() error {
 	if c == nil {
 		return errors.New("no peer.Config")
 	}
-	if len(c.Certificate.Certificate) == 0 || c.Certificate.PrivateKey == nil {
+	cert, roots := c.current()
+	if len(cert.Certificate) == 0 || cert.PrivateKey == nil {
 		return errors.New("peer.Config has no certificate and key: load them with TLSFiles.Config")
 	}
-	if c.Roots == nil {
+	if roots == nil {
 		return errors.New("peer.Config has no pool CA (Roots): load it with TLSFiles.Config")
 	}
 	return nil
@@ -114,12 +158,21 @@ func (c *Config) check() error {
 
 // serverTLS is the TLS configuration of accepted connections: TLS 1.3
 // only, client certificate required and verified against the pool CA.
+// Each handshake takes the credentials current when it starts.
 func (c *Config) serverTLS() *tls.Config {
+	base := c.serverTLSNow()
+	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return c.serverTLSNow(), nil }
+	return base
+}
+
+// serverTLSNow is serverTLS with the credentials current now.
+func (c *Config) serverTLSNow() *tls.Config {
+	cert, roots := c.current()
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{c.Certificate},
+		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    c.Roots,
+		ClientCAs:    roots,
 		NextProtos:   []string{alpn},
 		// Connections last; resumption would only add a second path
 		// to authentication.
@@ -142,10 +195,11 @@ func (c *Config) serverTLS() *tls.Config {
 // clientTLS is the TLS configuration for dialling peerName: the server
 // must prove it is peerName with a certificate of the pool CA.
 func (c *Config) clientTLS(peerName string) *tls.Config {
+	cert, roots := c.current()
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{c.Certificate},
-		RootCAs:      c.Roots,
+		Certificates: []tls.Certificate{cert},
+		RootCAs:      roots,
 		ServerName:   peerName,
 		NextProtos:   []string{alpn},
 		VerifyConnection: func(cs tls.ConnectionState) error {

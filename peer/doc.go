@@ -35,7 +35,9 @@
 // own key (mode 0600; [TLSFiles.Config] refuses a key readable by group
 // or others). There is no revocation list: to remove a member for good,
 // make a new pool CA and issue new certificates to the others, or issue
-// short-lived certificates and stop renewing the member's.
+// short-lived certificates and stop renewing the member's. A [Config]
+// with [Credentials] takes new certificates and a new pool CA without a
+// restart (mtcpd reloads its TLS files on SIGHUP and when they change).
 //
 // # Making certificates
 //

@@ -260,3 +260,50 @@ func TestRequestTimeBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestCredentialsReplaced: a server whose Credentials move it to a new
+// pool CA refuses from then on the members of the old CA and accepts
+// those of the new one, while a connection made before goes on; a client
+// whose Credentials change dials with the new ones.
+func TestCredentialsReplaced(t *testing.T) {
+	oldCA, newCA := testCA(t, "old-pool"), testCA(t, "new-pool")
+	s1old, s1new := memberConfig(t, oldCA, "s1"), memberConfig(t, newCA, "s1")
+	scfg := &Config{Name: "s1", Credentials: NewCredentials(s1old.Certificate, s1old.Roots)}
+	s := startServer(t, scfg, &testHandler{})
+	dial := func(cfg *Config) (*Client, error) { return Dial(context.Background(), s.addr, "s1", cfg) }
+	before, err := dial(memberConfig(t, oldCA, "c1"))
+	if err != nil {
+		t.Fatalf("a member of the old CA before the change: %v", err)
+	}
+	defer before.Close()
+
+	scfg.Credentials.Set(s1new.Certificate, s1new.Roots)
+	if c, err := dial(memberConfig(t, oldCA, "c1")); err == nil {
+		c.Close()
+		t.Fatal("a member of the old CA dialled in after the server moved to the new one")
+	}
+	c2new := memberConfig(t, newCA, "c2")
+	after, err := dial(c2new)
+	if err != nil {
+		t.Fatalf("a member of the new CA after the change: %v", err)
+	}
+	after.Close()
+	if _, err := before.Status(context.Background()); err != nil {
+		t.Fatalf("the connection made before the change: %v", err)
+	}
+
+	// A client moved to the new CA the same way.
+	c3 := memberConfig(t, oldCA, "c3")
+	c3new := memberConfig(t, newCA, "c3")
+	ccfg := &Config{Name: "c3", Credentials: NewCredentials(c3.Certificate, c3.Roots)}
+	if c, err := dial(ccfg); err == nil {
+		c.Close()
+		t.Fatal("a client of the old CA got through to a server of the new one")
+	}
+	ccfg.Credentials.Set(c3new.Certificate, c3new.Roots)
+	c, err := dial(ccfg)
+	if err != nil {
+		t.Fatalf("the client once moved to the new CA: %v", err)
+	}
+	c.Close()
+}
