@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"slices"
 	"sync/atomic"
@@ -205,6 +206,14 @@ func (c *Config) clientTLS(peerName string) *tls.Config {
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			if cs.NegotiatedProtocol != alpn {
 				return fmt.Errorf("server does not speak %s (ALPN): it is not an mtcp peer", alpn)
+			}
+			// The name checked above may be one of several in the
+			// certificate: the member it names for sure must be the
+			// one dialled (unless dialled by address).
+			if _, err := netip.ParseAddr(peerName); err != nil {
+				if id := identity(cs.PeerCertificates[0]); id != peerName {
+					return fmt.Errorf("server's certificate is valid for %q but names member %q: another member answers at %s's address", peerName, id, peerName)
+				}
 			}
 			return memberUsages(cs.PeerCertificates[0])
 		},

@@ -21,8 +21,10 @@
 //     and no [Handler] method runs.
 //   - The dialling side checks that the server's certificate names the
 //     peer it meant to reach (the DNS name, or IP address, given to
-//     [Dial]): an address taken over by another member, or misconfigured,
-//     is refused.
+//     [Dial]) and, dialled by name, that the member the certificate names
+//     for sure (see below) is that one, not another whose certificate
+//     also lists the name: an address taken over by another member, or
+//     misconfigured, is refused.
 //   - Handlers learn who is calling (the certificate's common name, or
 //     its first DNS name). Every member may send every request: there
 //     are no roles within a pool.

@@ -372,3 +372,38 @@ func TestGateKey(t *testing.T) {
 		t.Errorf("key of 2001:db8:1:2::1: %v", k)
 	}
 }
+
+// TestServerNamesOtherMember: a server whose certificate is valid for the
+// name dialled but names another member (common name s2, DNS names s1 and
+// s2) is refused: it is s2 answering at s1's address.
+func TestServerNamesOtherMember(t *testing.T) {
+	ca := testCA(t, "test-pool")
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: "s2"},
+		NotBefore:    time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		DNSNames:    []string{"s1", "s2"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := memberConfig(t, ca, "s2")
+	scfg.Certificate = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	s := startServer(t, scfg, &testHandler{})
+	_, err = Dial(context.Background(), s.addr, "s1", memberConfig(t, ca, "c1"))
+	if err == nil || !strings.Contains(err.Error(), `names member "s2"`) {
+		t.Fatalf("dialling s1, answered by s2 with a certificate valid for both names: %v, want refused", err)
+	}
+	c, err := Dial(context.Background(), s.addr, "s2", memberConfig(t, ca, "c1"))
+	if err != nil {
+		t.Fatalf("dialling s2, its own name: %v", err)
+	}
+	c.Close()
+}
