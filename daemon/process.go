@@ -610,7 +610,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	// with the copy here already gone.
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if err := commitOn(fctx, c, tx); err != nil {
+	if err := d.commitOn(fctx, r.To, tx); err != nil {
 		if strings.Contains(err.Error(), endedAborted) {
 			// The target's copy is gone (its pages stopped, or its
 			// timeout passed): the process carries on here, as when
@@ -634,14 +634,18 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	return nil
 }
 
-// commitOn commits migration tx on the target of c, asking again while
-// the target does not answer (a reply lost on the way, a connection
-// broken) until ctx is done: the target answers a repeated commit as it
-// did the first. An answer of the target's own ends it.
-func commitOn(ctx context.Context, c *peer.Client, tx uint64) error {
+// commitOn commits migration tx on target to, asking again while the
+// target does not answer (a reply lost on the way, a connection broken:
+// d.peer dials again for the next try) until ctx is done: the target answers a
+// repeated commit as it did the first. An answer of the target's own
+// ends it.
+func (d *Daemon) commitOn(ctx context.Context, to string, tx uint64) error {
 	for {
 		actx, cancel := context.WithTimeout(ctx, commitAttempt)
-		err := c.ProcessFinish(actx, &peer.ProcessFinishRequest{TxID: tx, Commit: true})
+		c, err := d.peer(actx, to)
+		if err == nil {
+			err = c.ProcessFinish(actx, &peer.ProcessFinishRequest{TxID: tx, Commit: true})
+		}
 		cancel()
 		var re *peer.RemoteError
 		if err == nil || errors.As(err, &re) {

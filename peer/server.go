@@ -153,10 +153,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 // Connections not authenticated yet are bounded, in all and per source
-// address (IPv6: per /64, see gateKey): each holds a descriptor for up to the handshake timeout, and
-// anyone who can reach the port can open them. Beyond the bounds a new
-// connection is closed at once; the members' own connections, already
-// authenticated, do not count.
+// address (IPv6: per /64, see gateKey): each holds a descriptor for up to
+// the handshake timeout, and anyone who can reach the port can open
+// them. Beyond the bounds a new connection is closed at once; the
+// members' own connections, already authenticated, do not count.
 const (
 	maxHandshakes        = 256
 	maxHandshakesPerAddr = 16
