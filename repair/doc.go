@@ -18,11 +18,12 @@
 // captured with their FINs accounted for and rebuilt at commit: an outbound
 // FIN by shutdown(2), an inbound one by a FIN segment injected through a raw
 // socket ([Injector]), in the order the state machine needs. An outbound
-// FIN the peer has acknowledged (FIN_WAIT2) is not sent again: at
-// [Restore] already, the socket shuts down still in repair mode, which
-// counts the FIN as sent, and an injected acknowledgement of it moves the
-// socket on; the peer's segments, which all acknowledge that FIN, are
-// then taken in from the switch on, before the commit.
+// FIN that went out (FIN_WAIT1 with its data all sent, FIN_WAIT2) is not
+// sent again: at [Restore] already, the socket shuts down still in repair
+// mode, which counts the FIN as sent (it goes out again only if the peer
+// turns out not to have it), and in FIN_WAIT2 an injected acknowledgement
+// of it moves the socket on; a peer's segments that acknowledge that FIN
+// are then taken in from the switch on, before the commit.
 //
 // A socket in repair mode sends nothing of its own but acknowledges what
 // reaches it. [RestoreOptions.Quiet] marks a restored socket so that a

@@ -377,8 +377,8 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 		r.inj, err = newInjector(domain == unix.AF_INET6, marks.Inject)
 		r.ownInj = err == nil
 	}
-	if err == nil && st.TCPState == StateFinWait2 {
-		err = r.finAcked()
+	if err == nil && finAtRestore(st) {
+		err = r.finSent()
 	}
 	if err != nil {
 		if r.ownInj {
@@ -390,27 +390,37 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	return r, nil
 }
 
-// finAcked brings a FIN_WAIT2 socket, rebuilt ESTABLISHED, to FIN_WAIT2
-// while it is still in repair mode: the peer has acknowledged our FIN.
+// finAtRestore tells whether our FIN is put in at Restore (finSent)
+// rather than at Commit: when it follows the data sent, in FIN_WAIT1 and
+// FIN_WAIT2. A FIN_WAIT1 socket with data it had not sent yet takes its
+// FIN after that data, written at Commit (its peer cannot have the FIN).
+func finAtRestore(st *State) bool {
+	return st.TCPState == StateFinWait2 || (st.TCPState == StateFinWait1 && st.Unsent == 0)
+}
+
+// finSent brings a socket whose FIN had gone out (FIN_WAIT1, FIN_WAIT2),
+// rebuilt ESTABLISHED, to its state while it is still in repair mode.
 // Shut down in repair mode, with the send queue selected, the socket
-// counts the FIN as sent without sending it; an injected acknowledgement
-// of it then moves the socket on. Shut down once out of repair mode, the
-// FIN would go to the peer again: a duplicate, and with IPv6 one whose
-// new flow label makes Linux peers change their own (a duplicate with
-// another label reads as a path failure).
+// counts the FIN as sent without sending it (FIN_WAIT1): like the rest of
+// its send queue, it goes out again only if the peer turns out not to
+// have it. In FIN_WAIT2 the peer has acknowledged it: an injected
+// acknowledgement moves the socket on. Shut down once out of repair mode,
+// the FIN would go to the peer again: a duplicate, and with IPv6 one
+// whose new flow label makes Linux peers change their own (a duplicate
+// with another label reads as a path failure).
 //
-// Done here rather than at Commit: every segment of the peer's
-// acknowledges our FIN, and one that reaches the socket between the
+// Done here rather than at Commit: a peer that has our FIN acknowledges
+// it in every segment, and one that reaches the socket between the
 // switch and the commit (the peer's data, its FIN) would acknowledge what
 // a socket without the FIN never sent, which the kernel discards; the
 // peer would send it again only after its retransmission timeout.
-func (r *Restored) finAcked() error {
+func (r *Restored) finSent() error {
 	h, err := infoHead(r.fd)
 	if err != nil {
 		return err
 	}
 	if TCPState(h.state) != StateEstablished {
-		return fmt.Errorf("FIN_WAIT2 socket rebuilt as %v, not ESTABLISHED", TCPState(h.state))
+		return fmt.Errorf("%v socket rebuilt as %v, not ESTABLISHED", r.st.TCPState, TCPState(h.state))
 	}
 	if err := selectQueue(r.fd, queueSend); err != nil {
 		return err
@@ -418,7 +428,10 @@ func (r *Restored) finAcked() error {
 	if err := unix.Shutdown(r.fd, unix.SHUT_WR); err != nil {
 		return fmt.Errorf("shutdown in repair mode: %w", err)
 	}
-	return ourFINAcked(r)
+	if r.st.TCPState == StateFinWait2 {
+		return ourFINAcked(r)
+	}
+	return nil
 }
 
 // Blank is a new TCP socket already in repair mode, made ahead of a restore
@@ -604,8 +617,8 @@ func (r *Restored) commit() error {
 		}
 		tookIn = tookIn || n > uint64(len(st.RecvQueue))
 	}
-	// A FIN_WAIT2 socket counts our FIN as sent and acknowledged from
-	// Restore on (finAcked).
+	// A FIN_WAIT1 or FIN_WAIT2 socket counts our FIN as sent (and in
+	// FIN_WAIT2 acknowledged) from Restore on (finSent).
 	if err := repairOff(fd, probe); err != nil {
 		return err
 	}
@@ -641,7 +654,9 @@ func (r *Restored) commit() error {
 		}
 		return shutdown()
 	case StateFinWait1:
-		return shutdown()
+		if !finAtRestore(st) {
+			return shutdown()
+		}
 	case StateClosing:
 		if err := shutdown(); err != nil {
 			return err

@@ -249,6 +249,19 @@ func repairCases() []repairCase {
 				f.clientWrite(700)
 				f.await(repair.StateFinWait2, 700, 0)
 			}},
+		{name: "fin-wait1-data-before-commit", want: repair.StateFinWait1, post: 10000, dataFirst: 900,
+			prepare: func(f *flow) {
+				// The client has the data and the FIN; s1 never hears
+				// of it (the client's segments are dropped on s1).
+				f.rules.hold(f.t)
+				f.serverWrite(5000)
+				f.serverFIN()
+				f.await(repair.StateFinWait1, 0, 5001)
+				eventually(f.t, 10*time.Second, "the client to have the server's data and FIN", func() (bool, string) {
+					st, rq, _, ok := sockState(f.t, f.bed.Client, uint16(f.client.LocalAddr().(*net.TCPAddr).Port))
+					return ok && st == repair.StateCloseWait && rq == 5001, fmt.Sprintf("%v rq=%d", st, rq)
+				})
+			}},
 		{name: "close-wait", want: repair.StateCloseWait, post: 10000,
 			prepare: func(f *flow) {
 				f.clientWrite(3000)
