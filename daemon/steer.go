@@ -179,5 +179,15 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 	// Ends the pass, and sends on anything left held (if the pass
 	// failed, or the new rules could not go in).
 	_, rerr := d.q.Release(fs...)
+	if err == nil && rerr != nil {
+		return &steeredError{rerr}
+	}
 	return errors.Join(err, rerr)
 }
+
+// steeredError is a steering operation's error that came once its rules
+// were in (sending on what the holds had queued).
+type steeredError struct{ err error }
+
+func (e *steeredError) Error() string { return "the new rules are in, but: " + e.err.Error() }
+func (e *steeredError) Unwrap() error { return e.err }

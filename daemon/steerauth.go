@@ -80,10 +80,12 @@ func (d *Daemon) servedBy(from string, flows []migrate.Flow) []migrate.Flow {
 
 // noteSteered records what a steering operation of member by ("" for this
 // host) did: where a switch sent the flows (also when only its holds
-// could not be lifted, as the new destinations are in), or that their
-// server refreshed them. err is the operation's outcome.
+// could not be lifted, or what they queued not sent on, as the new
+// destinations are in), or that their server refreshed them. err is the
+// operation's outcome.
 func (d *Daemon) noteSteered(by, op string, flows []migrate.Flow, to netip.Addr, err error) {
-	if err != nil && !(op == peer.SteerSwitch && errors.Is(err, nat.ErrHoldsKept)) {
+	var after *steeredError
+	if err != nil && !(op == peer.SteerSwitch && (errors.Is(err, nat.ErrHoldsKept) || errors.As(err, &after))) {
 		return
 	}
 	now := time.Now()

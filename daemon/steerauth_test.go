@@ -43,6 +43,10 @@ func TestSteerAuthority(t *testing.T) {
 	may("s3", false)
 	d.noteSteered("s2", peer.SteerSwitch, fs, a("10.0.0.3"), &nat.OpError{Op: "apply", Err: nat.ErrHoldsKept})
 	may("s3", true)
+	// So does one whose queued packets could not be sent on.
+	d.noteSteered("s3", peer.SteerSwitch, fs, a("10.0.0.2"), &steeredError{nat.ErrClosed})
+	may("s2", true)
+	d.noteSteered("s2", peer.SteerSwitch, fs, a("10.0.0.3"), &nat.OpError{Op: "apply", Err: nat.ErrHoldsKept})
 	// s2 switched it away: it may undo that for a while, then not.
 	may("s2", true)
 	st := d.steered[f]
