@@ -201,10 +201,12 @@ func readFrameCharged(r io.Reader, max int, charge func(n int) (release func(), 
 }
 
 // readPayload reads n bytes. Its buffer grows as they arrive, at most
-// fourfold at a time from readChunk: a length alone, sent without its
-// bytes, makes it allocate no more than that. Past the first chunk, if r
-// can set read deadlines, a read that brings nothing for frameStall ends
-// it with a deadline error, and leaves r without a deadline otherwise.
+// sixteenfold at a time from readChunk: a length alone, sent without its
+// bytes, makes it allocate no more than that, and a large frame costs
+// few copies. Past the first chunk, if r can set read deadlines, a frame
+// that brings nothing for frameStall ends it with a deadline error (the
+// deadline moves on at most every frameStall/8 of progress, not at every
+// read), and leaves r without a deadline otherwise.
 func readPayload(r io.Reader, n int) ([]byte, error) {
 	b := make([]byte, min(n, readChunk))
 	if _, err := io.ReadFull(r, b); err != nil {
@@ -220,12 +222,18 @@ func readPayload(r io.Reader, n int) ([]byte, error) {
 	if dl != nil {
 		defer dl.SetReadDeadline(time.Time{})
 	}
+	var moved time.Time // when the deadline was last moved on
 	for len(b) < n {
 		if len(b) == cap(b) {
-			b = slices.Grow(b, min(n, 4*cap(b))-len(b))
+			// Not slices.Grow: it would also copy the zeroes of its
+			// new part.
+			nb := make([]byte, len(b), min(n, 16*cap(b)))
+			copy(nb, b)
+			b = nb
 		}
-		if dl != nil {
-			dl.SetReadDeadline(time.Now().Add(frameStall))
+		if now := time.Now(); dl != nil && now.Sub(moved) >= frameStall/8 {
+			dl.SetReadDeadline(now.Add(frameStall))
+			moved = now
 		}
 		m, err := r.Read(b[len(b):min(n, cap(b))])
 		b = b[:len(b)+m]
