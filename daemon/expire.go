@@ -97,7 +97,7 @@ func (d *Daemon) expireHolds(cutoff time.Time) {
 	}
 	d.mu.Unlock()
 	for from, fs := range by {
-		err := d.steerLocal(peer.SteerUnhold, fs, netip.Addr{})
+		err := d.steerLocal("", peer.SteerUnhold, fs, netip.Addr{})
 		d.log.Warn("lifted holds their source never switched nor lifted", "from", from, "flows", len(fs), "err", err)
 	}
 }

@@ -43,9 +43,7 @@ func (s steering) each(ctx context.Context, flows []migrate.Flow, op string, to 
 	var errs []error
 	for p, fs := range groups {
 		if p == "" {
-			err := s.d.steerLocal(op, fs, to)
-			s.d.noteSteered("", op, fs, to, err)
-			errs = append(errs, err)
+			errs = append(errs, s.d.steerLocal("", op, fs, to))
 			continue
 		}
 		pc, err := s.d.peer(ctx, p)
@@ -105,9 +103,7 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	} else if err := d.maySteer(from, r.Op, fs); err != nil {
 		return err
 	}
-	err := d.steerLocal(r.Op, fs, r.To)
-	d.noteSteered(from, r.Op, fs, r.To, err)
-	if err != nil {
+	if err := d.steerLocal(from, r.Op, fs, r.To); err != nil {
 		return err
 	}
 	if r.Op != peer.SteerRefresh {
@@ -122,10 +118,15 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 // holds queued before it lifts them, so that they meet the new rules (or
 // the old ones) ahead of the packets that come once the holds are gone:
 // overtaken, they would look lost to the receiver, which would have the
-// client send them again.
-func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) error {
+// client send them again. by is the member that asked ("" for this
+// host): a switch whose new destinations went in, and a refresh, are
+// recorded for it (noteSwitched, noteRefreshed).
+func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) error {
 	if op == peer.SteerRefresh {
 		_, err := d.nat.Refresh(natFlows(flows))
+		if err == nil {
+			d.noteRefreshed(by, flows)
+		}
 		return err
 	}
 	var b nat.Batch
@@ -167,6 +168,9 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 		_, err := d.q.Pass(fs...)
 		return err
 	})
+	if op == peer.SteerSwitch && switched(err) {
+		d.noteSwitched(by, flows, to)
+	}
 	if errors.Is(err, nat.ErrHoldsKept) {
 		// The new rules are in but the holds stay, even after a few
 		// tries: the pass stays on, so that what they queue goes on at
@@ -179,15 +183,5 @@ func (d *Daemon) steerLocal(op string, flows []migrate.Flow, to netip.Addr) erro
 	// Ends the pass, and sends on anything left held (if the pass
 	// failed, or the new rules could not go in).
 	_, rerr := d.q.Release(fs...)
-	if err == nil && rerr != nil {
-		return &steeredError{rerr}
-	}
 	return errors.Join(err, rerr)
 }
-
-// steeredError is a steering operation's error that came once its rules
-// were in (sending on what the holds had queued).
-type steeredError struct{ err error }
-
-func (e *steeredError) Error() string { return "the new rules are in, but: " + e.err.Error() }
-func (e *steeredError) Unwrap() error { return e.err }

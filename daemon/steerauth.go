@@ -9,7 +9,6 @@ import (
 
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/nat"
-	"github.com/mtcp-dev/mtcp/peer"
 )
 
 // A steering point holds and switches a flow for the member that serves
@@ -37,16 +36,16 @@ type steered struct {
 
 // server returns who serves f as this steering point knows it (the
 // member's name, "" for this host): where its last switch sent it, else
-// the owner of the address its client dialled.
-func (d *Daemon) server(f migrate.Flow) (st steered, known bool) {
+// the owner of the address its client dialled. d.mu is held.
+func (d *Daemon) server(f migrate.Flow) steered {
 	if st, ok := d.steered[f]; ok {
-		return st, true
+		return st
 	}
 	at, ok := d.owner(f.Service.Addr())
 	if !ok {
 		at = "?"
 	}
-	return steered{at: at, by: at}, false
+	return steered{at: at, by: at}
 }
 
 // maySteer refuses a peer's steering request unless from serves every one
@@ -55,7 +54,7 @@ func (d *Daemon) maySteer(from, op string, flows []migrate.Flow) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, f := range flows {
-		st, _ := d.server(f)
+		st := d.server(f)
 		if st.at == from || (st.by == from && time.Since(st.when) < switchUndoWindow) {
 			continue
 		}
@@ -73,36 +72,37 @@ func (d *Daemon) servedBy(from string, flows []migrate.Flow) []migrate.Flow {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return slices.DeleteFunc(flows, func(f migrate.Flow) bool {
-		st, _ := d.server(f)
-		return st.at != from
+		return d.server(f).at != from
 	})
 }
 
-// noteSteered records what a steering operation of member by ("" for this
-// host) did: where a switch sent the flows (also when only its holds
-// could not be lifted, or what they queued not sent on, as the new
-// destinations are in), or that their server refreshed them. err is the
-// operation's outcome.
-func (d *Daemon) noteSteered(by, op string, flows []migrate.Flow, to netip.Addr, err error) {
-	var after *steeredError
-	if err != nil && !(op == peer.SteerSwitch && (errors.Is(err, nat.ErrHoldsKept) || errors.As(err, &after))) {
-		return
-	}
+// switched tells whether a switch whose rules' transaction ended with err
+// sent its flows on: it did if the error only says that its holds could
+// not be lifted, the new destinations being in.
+func switched(err error) bool { return err == nil || errors.Is(err, nat.ErrHoldsKept) }
+
+// noteSwitched records that member by ("" for this host) had flows
+// switched to to.
+func (d *Daemon) noteSwitched(by string, flows []migrate.Flow, to netip.Addr) {
 	now := time.Now()
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	switch op {
-	case peer.SteerSwitch:
-		at, _ := d.owner(to)
-		for _, f := range flows {
-			d.steered[f] = steered{at: at, by: by, when: now, seen: now}
-		}
-	case peer.SteerRefresh:
-		for _, f := range flows {
-			if st, ok := d.steered[f]; ok && st.at == by {
-				st.seen = now
-				d.steered[f] = st
-			}
+	at, _ := d.owner(to)
+	for _, f := range flows {
+		d.steered[f] = steered{at: at, by: by, when: now, seen: now}
+	}
+}
+
+// noteRefreshed records that member by refreshed flows, which keeps the
+// records of those it serves.
+func (d *Daemon) noteRefreshed(by string, flows []migrate.Flow) {
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, f := range flows {
+		if st, ok := d.steered[f]; ok && st.at == by {
+			st.seen = now
+			d.steered[f] = st
 		}
 	}
 }

@@ -35,18 +35,24 @@ func TestSteerAuthority(t *testing.T) {
 	may("s2", false)
 	may("s3", false)
 	// s1 switches it to s2: s2 serves it.
-	d.noteSteered("", peer.SteerSwitch, fs, a("10.0.0.2"), nil)
+	d.noteSwitched("", fs, a("10.0.0.2"))
 	may("s2", true)
 	may("s3", false)
-	// A failed switch changes nothing; one whose holds stay in does.
-	d.noteSteered("s2", peer.SteerSwitch, fs, a("10.0.0.3"), nat.ErrClosed)
+	// A failed switch is not recorded (steerLocal records it only when
+	// switched says so); one whose holds stay in is.
+	if switched(nat.ErrClosed) {
+		t.Fatal("a switch whose transaction failed counts as switched")
+	}
 	may("s3", false)
-	d.noteSteered("s2", peer.SteerSwitch, fs, a("10.0.0.3"), &nat.OpError{Op: "apply", Err: nat.ErrHoldsKept})
+	if !switched(&nat.OpError{Op: "apply", Err: nat.ErrHoldsKept}) {
+		t.Fatal("a switch whose holds stay in does not count as switched")
+	}
+	d.noteSwitched("s2", fs, a("10.0.0.3"))
 	may("s3", true)
-	// So does one whose queued packets could not be sent on.
-	d.noteSteered("s3", peer.SteerSwitch, fs, a("10.0.0.2"), &steeredError{nat.ErrClosed})
+	// Switched back and forth.
+	d.noteSwitched("s3", fs, a("10.0.0.2"))
 	may("s2", true)
-	d.noteSteered("s2", peer.SteerSwitch, fs, a("10.0.0.3"), &nat.OpError{Op: "apply", Err: nat.ErrHoldsKept})
+	d.noteSwitched("s2", fs, a("10.0.0.3"))
 	// s2 switched it away: it may undo that for a while, then not.
 	may("s2", true)
 	st := d.steered[f]
@@ -56,7 +62,7 @@ func TestSteerAuthority(t *testing.T) {
 	may("s3", true)
 	// Refreshes: only of the flows the sender serves, and they keep
 	// the record alive.
-	d.noteSteered("s3", peer.SteerSwitch, []migrate.Flow{g}, a("10.0.0.1"), nil) // g: s3 sends it home
+	d.noteSwitched("s3", []migrate.Flow{g}, a("10.0.0.1")) // g: s3 sends it home
 	if got := d.servedBy("s3", []migrate.Flow{f, g}); len(got) != 1 || got[0] != f {
 		t.Fatalf("s3 serves %v of f and g, want f alone", got)
 	}
@@ -64,11 +70,11 @@ func TestSteerAuthority(t *testing.T) {
 	st = d.steered[f]
 	st.seen = old
 	d.steered[f] = st
-	d.noteSteered("s2", peer.SteerRefresh, fs, netip.Addr{}, nil)
+	d.noteRefreshed("s2", fs)
 	if !d.steered[f].seen.Equal(old) {
 		t.Fatal("a refresh from s2, which does not serve f, kept its record alive")
 	}
-	d.noteSteered("s3", peer.SteerRefresh, fs, netip.Addr{}, nil)
+	d.noteRefreshed("s3", fs)
 	if time.Since(d.steered[f].seen) > time.Minute {
 		t.Fatal("a refresh from s3, which serves f, did not keep its record alive")
 	}
