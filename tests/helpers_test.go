@@ -113,7 +113,7 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 // watchRSTs counts the TCP resets the client host sends and receives.
 // It returns a function reading both counters.
 func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
-	return watchRSTsMatching(t, client, "mtcpwatch", "", "", "")
+	return watchRSTsMatching(t, client, "mtcpwatch", "", "", rstRules{})
 }
 
 // watchPortRSTs counts only the resets of connections to the server port
@@ -121,7 +121,7 @@ func watchRSTs(t testing.TB, client *testbed.Host) func() (in, out int) {
 // earlier case sends late.
 func watchPortRSTs(t testing.TB, client *testbed.Host, port uint16) func() (in, out int) {
 	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatch%d", port),
-		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port), "")
+		fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port), rstRules{})
 }
 
 // watchPortRSTsApart is watchPortRSTs that counts apart the resets that
@@ -155,6 +155,8 @@ type rstWatch struct {
 	t      testing.TB
 	client *testbed.Host
 	table  string
+	// rsts reads the resets counted in and out (neither stale nor late).
+	rsts func() (in, out int)
 }
 
 func watchPortRSTsApart(t testing.TB, client *testbed.Host, port uint16, svc ...netip.Addr) *rstWatch {
@@ -164,33 +166,13 @@ func watchPortRSTsApart(t testing.TB, client *testbed.Host, port uint16, svc ...
 	for _, a := range svc {
 		fmt.Fprintf(&outFirst, "%s daddr %s tcp dport %d tcp flags & (rst | ack) == rst counter name stale return\n\t\t", l3(a), a, port)
 	}
-	nft(t, client, fmt.Sprintf(`table inet %[1]s {
-	counter rst_in {}
-	counter rst_out {}
-	counter stale {}
-	counter late {}
-	set fin {
-		type inet_service
-		flags dynamic
-	}
-	chain in {
-		type filter hook input priority 0
-		tcp sport %[2]d tcp flags & fin == fin add @fin { tcp sport }
-		tcp sport %[2]d tcp sport @fin tcp flags & (rst | ack) == rst counter name late return
-		tcp sport %[2]d tcp flags & rst == rst counter name rst_in
-	}
-	chain out {
-		type filter hook output priority 0
-		%[3]stcp dport %[2]d tcp flags & rst == rst counter name rst_out
-	}
-}
-`, w.table, port, outFirst.String()))
+	w.rsts = watchRSTsMatching(t, client, w.table, fmt.Sprintf("tcp sport %d ", port), fmt.Sprintf("tcp dport %d ", port), rstRules{
+		decls: "counter late {}\n\tset fin {\n\t\ttype inet_service\n\t\tflags dynamic\n\t}\n\t",
+		inFirst: fmt.Sprintf("tcp sport %[1]d tcp flags & fin == fin add @fin { tcp sport }\n\t\t"+
+			"tcp sport %[1]d tcp sport @fin tcp flags & (rst | ack) == rst counter name late return\n\t\t", port),
+		outFirst: outFirst.String(),
+	})
 	return w
-}
-
-// rsts reads the resets counted in and out (neither stale nor late).
-func (w *rstWatch) rsts() (in, out int) {
-	return nftCounter(w.t, w.client, w.table, "rst_in"), nftCounter(w.t, w.client, w.table, "rst_out")
 }
 
 // stale and late read the counters of those kinds (see watchPortRSTsApart).
@@ -274,29 +256,35 @@ func watchFlowRSTs(t testing.TB, client *testbed.Host, c *net.TCPConn) func() (i
 		fam = 6
 	}
 	return watchRSTsMatching(t, client, fmt.Sprintf("mtcpwatchflow%d_%d", fam, port),
-		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port), "")
+		fmt.Sprintf("tcp dport %d ", port), fmt.Sprintf("tcp sport %d ", port), rstRules{})
 }
+
+// rstRules are what a watch adds to watchRSTsMatching's table: decls
+// (counters, sets), rules evaluated before the rst_in count (inFirst) and
+// before the rst_out count (outFirst); a rule ending in return keeps what
+// it matched out of that count.
+type rstRules struct{ decls, inFirst, outFirst string }
 
 // watchRSTsMatching installs table (counters rst_in, rst_out and stale)
 // on the client host: resets in matching inMatch, resets out matching
-// outMatch. outFirst holds rules evaluated before the rst_out count (a
-// rule ending in return keeps what it matched out of rst_out).
-func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch, outFirst string) func() (in, out int) {
+// outMatch, with the rules of more.
+func watchRSTsMatching(t testing.TB, client *testbed.Host, table, inMatch, outMatch string, more rstRules) func() (in, out int) {
 	t.Helper()
 	nft(t, client, fmt.Sprintf(`table inet %s {
 	counter rst_in {}
 	counter rst_out {}
 	counter stale {}
+	%s
 	chain in {
 		type filter hook input priority 0
-		%stcp flags & rst == rst counter name rst_in
+		%s%stcp flags & rst == rst counter name rst_in
 	}
 	chain out {
 		type filter hook output priority 0
 		%s%stcp flags & rst == rst counter name rst_out
 	}
 }
-`, table, inMatch, outFirst, outMatch))
+`, table, more.decls, more.inFirst, inMatch, more.outFirst, outMatch))
 	return func() (int, int) {
 		return nftCounter(t, client, table, "rst_in"), nftCounter(t, client, table, "rst_out")
 	}
