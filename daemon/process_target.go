@@ -130,13 +130,13 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 		<-in.lazyEnd
 		return in.lazyErr
 	}
+	// The pages come within the migration's own bound, or not at all:
+	// a source that stops sending must not keep this reader for ever.
+	conn.SetDeadline(time.Now().Add(procInTimeout))
 	// The page images land where the restore reads them, as long as
 	// they leave the machine room (a tmpfs is memory): each file is
 	// checked against the room left now, less what the files other
 	// migrations are writing meanwhile have announced.
-	// The pages come within the migration's own bound, or not at all:
-	// a source that stops sending must not keep this reader for ever.
-	conn.SetDeadline(time.Now().Add(procInTimeout))
 	var total, writing uint64
 	done := func() {
 		d.proc.mu.Lock()
@@ -244,7 +244,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			rewrite[a] = own
 		}
 	}
-	if err := d.checkProcessFlows(r.Flows, rewrite); err != nil {
+	if err := d.checkProcessFlows(ctx, r.Flows, rewrite); err != nil {
 		return nil, err
 	}
 	if rep.Rewritten, err = criu.Rewrite(in.dir, rewrite); err != nil {
@@ -269,10 +269,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	var rules []nat.Flow
 	for _, pf := range r.Flows {
 		f := migrate.Flow{Client: pf.Flow.Client, Service: pf.Flow.Service}
-		local := pf.Local
-		if to, ok := rewrite[local.Addr().Unmap()]; ok {
-			local = netip.AddrPortFrom(to, local.Port())
-		}
+		local := restoredLocal(pf, rewrite)
 		if local.Addr().Unmap() != f.Service.Addr().Unmap() {
 			b.ReplyFrom(natFlow(f), local)
 			rules = append(rules, natFlow(f))
@@ -475,7 +472,7 @@ var errAbortedMeanwhile = errors.New("the migration was aborted while the proces
 // restored here (its local address rewritten), exists on this host
 // already: their reply rewrites would replace that connection's, and an
 // undo would remove them.
-func (d *Daemon) checkProcessFlows(flows []peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) error {
+func (d *Daemon) checkProcessFlows(ctx context.Context, flows []peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) error {
 	want := map[app.Tuple]migrate.Flow{}
 	ports := map[uint16]bool{}
 	for _, pf := range flows {
@@ -483,15 +480,12 @@ func (d *Daemon) checkProcessFlows(flows []peer.ProcessFlow, rewrite map[netip.A
 		if err := d.checkFlow(f); err != nil {
 			return err
 		}
-		local := unmapAP(pf.Local)
-		if to, ok := rewrite[local.Addr()]; ok {
-			local = netip.AddrPortFrom(to, local.Port())
-		}
+		local := unmapAP(restoredLocal(pf, rewrite))
 		want[app.Tuple{Local: local, Remote: unmapAP(f.Client)}] = f
 		ports[local.Port()] = true
 	}
 	for port := range ports {
-		conns, err := repair.List(context.Background(), repair.ListOptions{Port: port, States: allStates})
+		conns, err := repair.List(ctx, repair.ListOptions{Port: port, States: allStates})
 		if err != nil {
 			return fmt.Errorf("listing the connections on port %d: %w", port, err)
 		}
@@ -502,6 +496,16 @@ func (d *Daemon) checkProcessFlows(flows []peer.ProcessFlow, rewrite map[netip.A
 		}
 	}
 	return nil
+}
+
+// restoredLocal is the local address a process flow's socket has once
+// restored here: the source's, or this host's that rewrite puts in its
+// place.
+func restoredLocal(pf peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) netip.AddrPort {
+	if to, ok := rewrite[pf.Local.Addr().Unmap()]; ok {
+		return netip.AddrPortFrom(to, pf.Local.Port())
+	}
+	return pf.Local
 }
 
 // undoRestore removes what the restore of an aborted migration made:
