@@ -30,6 +30,11 @@ import (
 //	target-pages-refuse  the target of a lazy process migration takes
 //	                 the page stream for broken as soon as it has restored
 //	                 the process (which it then kills)
+//	target-pages-end-refuse  the same, once the target has every page
+//	                 (so that the source commits meanwhile)
+//	process-committed-crash  the source of a process migration exits
+//	                 (status 3) once the target has committed, before its
+//	                 journal records it
 //	process-retire-crash  the source of a process migration exits
 //	                 (status 3) once the target has committed, before it
 //	                 kills its stopped copy

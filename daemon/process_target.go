@@ -319,6 +319,9 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			if err == nil {
 				err = in.lp.Wait(wctx)
 			}
+			if err == nil {
+				err = fault(wctx, "target-pages-end") // target-pages-end-refuse: they stop at the end (tests)
+			}
 			st := in.lp.Stats()
 			d.log.Info("process migration: memory pages in place", "from", from, "tx", r.TxID, "err", err, "pages", st.Pages,
 				"faults", st.Faults, "fault_wait_mean", st.FaultWait/time.Duration(max(st.Faults, 1)), "fault_wait_max", st.FaultWaitMax, "processes", st.Processes)
@@ -418,6 +421,21 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		case <-in.lazyEnd:
 		case <-ctx.Done():
 			lp.Kill()
+			<-in.lazyEnd
+		}
+		if in.lazyErr != nil {
+			// The pages stopped coming all the same (or the commit
+			// waited too long for the last): the process was killed
+			// for it, and the migration ends as an abort, which
+			// the source is told so that its copy carries on.
+			d.proc.mu.Lock()
+			d.proc.ended[r.TxID] = procOutcome{from: from, at: now}
+			for t := range in.flows {
+				delete(d.proc.flows, t)
+			}
+			d.proc.mu.Unlock()
+			return errors.Join(fmt.Errorf("process migration %d on %s: %s: its memory pages stopped coming (%v): its process is gone", r.TxID, d.cfg.Name, endedAborted, in.lazyErr),
+				d.undoRestore(in))
 		}
 	} else if lp != nil {
 		lp.Kill()

@@ -994,15 +994,23 @@ func TestProcessEndedRulesGo(t *testing.T) {
 
 // TestProcessLazyPagesBreak: the page stream of a lazy migration breaks
 // right after the target restored the process (MTCP_FAULT=
-// target-pages-refuse on s2), so the target kills its copy. The source
-// lets its own copy carry on instead of killing it too: redis runs at s1
-// and serves a new client, and s2 keeps no copy and no rules.
+// target-pages-refuse on s2), or once every page is there, which lets the
+// source commit meanwhile (target-pages-end-refuse), so the target kills
+// its copy. The source lets its own copy carry on instead of killing it
+// too (told by the target's answer to its commit, the second time): redis
+// runs at s1 and serves a new client, and s2 keeps no copy and no rules.
 func TestProcessLazyPagesBreak(t *testing.T) {
 	skipUnlessProcessMode(t)
+	for _, fault := range []string{"target-pages-refuse", "target-pages-end-refuse"} {
+		t.Run(fault, func(t *testing.T) { lazyPagesBreak(t, fault) })
+	}
+}
+
+func lazyPagesBreak(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "lazy",
-		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=target-pages-refuse"}}})
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=" + fault}}})
 	r := p.StartRedis(bed.S1, pool.RedisOptions{})
 	gc, err := r.Dial()
 	if err != nil {
