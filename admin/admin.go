@@ -26,8 +26,14 @@ type Conn struct {
 	// Local is the socket's own local address on this host (differs from
 	// Service after a migration).
 	Local string `json:"local"`
-	// App is the application service serving it (":7000").
+	// App is the application service serving it (":7000"), empty for a
+	// connection of a process that does not use mtcp's app library.
 	App string `json:"app"`
+	// PID and Command name the process holding a connection no
+	// application serves (App is empty): process mode moves it together
+	// with that process (mtcpctl migrate --pid PID), not on its own.
+	PID     int    `json:"pid,omitempty"`
+	Command string `json:"command,omitempty"`
 	// State is the TCP state ("ESTABLISHED", ...).
 	State string `json:"state"`
 	// RTT and Retrans come from the socket's TCP_INFO.

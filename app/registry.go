@@ -300,6 +300,18 @@ func (r *Registry) Conns(service string) []Tuple {
 	return out
 }
 
+// PIDs returns the process IDs of the registered applications (as
+// SO_PEERCRED gave them when each connected).
+func (r *Registry) PIDs() map[int]bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[int]bool, len(r.services))
+	for _, a := range r.services {
+		out[a.pid] = true
+	}
+	return out
+}
+
 // NumConns returns how many connections the applications of all services
 // report: what len of every service's Conns would sum to, without
 // building and sorting the lists.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mtcp-dev/mtcp/admin"
+	"github.com/mtcp-dev/mtcp/app"
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/repair"
 )
@@ -40,7 +41,7 @@ func (d *Daemon) adminHandler() http.Handler {
 			admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("bad request: %w", err))
 			return
 		}
-		flows, err := d.selectFlows(&req)
+		flows, err := d.selectFlows(r.Context(), &req)
 		if err != nil {
 			admin.WriteError(w, http.StatusBadRequest, err)
 			return
@@ -57,17 +58,22 @@ func (d *Daemon) adminHandler() http.Handler {
 	return mux
 }
 
-// conns lists the connections served here, with their TCP figures.
+// conns lists the connections served here, with their TCP figures: those
+// of the applications registered here, then those of processes (see
+// processConns).
 func (d *Daemon) conns(ctx context.Context) []admin.Conn {
 	flows := d.localFlows()
 	diag := map[netip.AddrPort]repair.Conn{}
-	if list, err := repair.List(ctx, repair.ListOptions{}); err == nil {
+	list, err := repair.List(ctx, repair.ListOptions{})
+	if err == nil {
 		for _, c := range list {
 			diag[c.Remote] = c
 		}
 	}
 	out := make([]admin.Conn, 0, len(flows))
+	served := make(map[app.Tuple]bool, len(flows))
 	for _, lf := range flows {
+		served[lf.Tuple] = true
 		c := admin.Conn{Client: lf.Flow.Client.String(), Service: lf.Flow.Service.String(), Local: lf.Tuple.Local.String(), App: lf.App}
 		if dc, ok := diag[lf.Flow.Client]; ok && dc.Local == lf.Tuple.Local {
 			c.State, c.RTT, c.Retrans = dc.State.String(), dc.Info.RTT, dc.Info.TotalRetrans
@@ -77,12 +83,20 @@ func (d *Daemon) conns(ctx context.Context) []admin.Conn {
 		}
 		out = append(out, c)
 	}
+	for _, pc := range d.processConns(ctx, list, served) {
+		c := admin.Conn{Client: pc.flow.Client.String(), Service: pc.flow.Service.String(), Local: pc.local.String(),
+			PID: pc.owner.PID, Command: pc.owner.Comm, State: pc.conn.State.String(), RTT: pc.conn.Info.RTT, Retrans: pc.conn.Info.TotalRetrans}
+		if err := pc.conn.Migratable(); err != nil {
+			c.Migratable = err.Error()
+		}
+		out = append(out, c)
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Client < out[j].Client })
 	return out
 }
 
 // selectFlows resolves a migrate request's selection to flows served here.
-func (d *Daemon) selectFlows(req *admin.MigrateRequest) ([]migrate.Flow, error) {
+func (d *Daemon) selectFlows(ctx context.Context, req *admin.MigrateRequest) ([]migrate.Flow, error) {
 	n := 0
 	for _, set := range []bool{len(req.Flows) > 0, req.Service != "", req.All} {
 		if set {
@@ -118,6 +132,9 @@ func (d *Daemon) selectFlows(req *admin.MigrateRequest) ([]migrate.Flow, error) 
 			}
 			f, ok := byClient[unmapAP(ap)]
 			if !ok {
+				if pc, ok := d.processConnOf(ctx, unmapAP(ap)); ok {
+					return nil, fmt.Errorf("the connection from %v belongs to process %d (%s), which does not use mtcp's app library: it moves only with its whole process (mtcpctl migrate --pid %d --to PEER)", ap, pc.owner.PID, pc.owner.Comm, pc.owner.PID)
+				}
 				return nil, fmt.Errorf("no connection from %v is served here (see mtcpctl conns)", ap)
 			}
 			out = append(out, f)

@@ -1046,3 +1046,82 @@ func lazyPagesBreak(t *testing.T, fault string) {
 	}
 	noProcessRules(t, bed, bed.S2)
 }
+
+// TestConnsListsProcesses: `mtcpctl conns` (the admin API's conns) lists,
+// beside the connections of the application registered with mtcpd, those
+// of a server process that knows nothing of mtcp (redis), with its pid and
+// command, where it lives: at s1, then at s2 after process mode moved it,
+// with the address its client dialled. Migrating such a connection on its
+// own is refused with an error that names the process to move instead.
+func TestConnsListsProcesses(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rc, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if got, err := newRESP(rc).do("PING"); err != nil || got != "PONG" {
+		t.Fatalf("PING: %q %v", got, err)
+	}
+	kv := p.Dial(bed.S1, false)
+	defer kv.Close()
+	client := pool.Unmap(rc.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+	kvClient := pool.Unmap(kv.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+	dialled := netip.AddrPortFrom(pool.Addr(bed.S1, false), r.Port).String()
+
+	// find waits until h's mtcpd lists the connection from c.
+	find := func(h *testbed.Host, c string) admin.Conn {
+		t.Helper()
+		var found admin.Conn
+		eventually(t, 10*time.Second, h.Name+" to list the connection from "+c, func() (bool, string) {
+			conns, err := p.Admin(h).Conns(context.Background())
+			for _, cn := range conns {
+				if cn.Client == c {
+					found = cn
+					return true, ""
+				}
+			}
+			return false, fmt.Sprintf("%+v %v", conns, err)
+		})
+		return found
+	}
+	want := admin.Conn{Client: client, Service: dialled, Local: dialled, PID: r.PID, Command: "redis-server", State: "ESTABLISHED"}
+	got := find(bed.S1, client)
+	if got.Client != want.Client || got.Service != want.Service || got.Local != want.Local || got.PID != want.PID ||
+		got.Command != want.Command || got.App != "" || got.State != want.State || got.Migratable != "" {
+		t.Errorf("s1 lists redis's connection as %+v, want %+v", got, want)
+	}
+	if kvc := find(bed.S1, kvClient); kvc.App == "" || kvc.PID != 0 {
+		t.Errorf("s1 lists the application's connection as %+v, want it served by its application, with no pid", kvc)
+	}
+
+	_, err = p.Admin(bed.S1).Migrate(context.Background(), &admin.MigrateRequest{Flows: []string{client}, To: "s2"})
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("--pid %d", r.PID)) {
+		t.Errorf("migrating redis's connection on its own: %v, want an error naming --pid %d", err, r.PID)
+	}
+
+	r.MigrateProcess(bed.S2)
+	want.Local = netip.AddrPortFrom(pool.Addr(bed.S2, false), r.Port).String()
+	want.PID = r.PID
+	got = find(bed.S2, client)
+	if got.Client != want.Client || got.Service != want.Service || got.Local != want.Local || got.PID != want.PID ||
+		got.Command != want.Command || got.App != "" {
+		t.Errorf("s2 lists redis's connection as %+v, want %+v", got, want)
+	}
+	conns, err := p.Admin(bed.S1).Conns(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range conns {
+		if c.Client == client {
+			t.Errorf("s1 still lists redis's connection after it moved: %+v", c)
+		}
+	}
+	if got, err := newRESP(rc).do("PING"); err != nil || got != "PONG" {
+		t.Fatalf("PING after the move: %q %v", got, err)
+	}
+}

@@ -36,10 +36,16 @@ func newConnsCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "conns [-o json]",
 		Short: "List the connections mtcpd can migrate",
-		Long: `List this server's TCP connections that mtcpd knows, like ss: the client's
-address, the service address the client dialled (it stays the same wherever
-the connection lives), the socket's local address here, the application
-service serving it, its TCP state, round-trip time and retransmissions.`,
+		Long: `List this server's TCP connections that mtcpd can migrate, like ss: the
+client's address, the service address the client dialled (it stays the same
+wherever the connection lives), the socket's local address here, who serves
+it, its TCP state, round-trip time and retransmissions.
+
+A connection is served either by an application service registered with
+mtcpd (APP shows it, e.g. :7000), which moves it on its own, or by a process
+that does not use mtcp's app library (APP shows "pid PID (COMMAND)"), which
+moves only together with that process: mtcpctl migrate --pid PID. NOTE says
+why a connection cannot move, if it cannot.`,
 		Example: `  sudo mtcpctl conns
   sudo mtcpctl conns -o json | jq '.[].client'`,
 		Args: noArgs,
@@ -58,8 +64,15 @@ service serving it, its TCP state, round-trip time and retransmissions.`,
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "STATE\tCLIENT\tSERVICE\tLOCAL\tAPP\tRTT\tRETRANS\tNOTE")
 			for _, c := range conns {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%s\n", c.State, c.Client, c.Service, c.Local, c.App,
-					c.RTT.Round(time.Microsecond), c.Retrans, c.Migratable)
+				by, note := c.App, c.Migratable
+				if c.App == "" && c.PID != 0 {
+					by = fmt.Sprintf("pid %d (%s)", c.PID, c.Command)
+					if note == "" {
+						note = fmt.Sprintf("moves with its process: migrate --pid %d", c.PID)
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%s\n", c.State, c.Client, c.Service, c.Local, by,
+					c.RTT.Round(time.Microsecond), c.Retrans, note)
 			}
 			return tw.Flush()
 		},
@@ -85,7 +98,8 @@ are switched to PEER, they carry on here as if nothing had happened.
 
 Select the connections with --flow (the client's address, repeatable),
 --service (every connection of an application service, e.g. :7000) or
---all. Exit status 3 means some connections moved and some did not.
+--all (every connection of the application services registered here).
+Exit status 3 means some connections moved and some did not.
 
 Process mode moves a whole process instead (with CRIU ≥ 4.2 on both
 servers): its memory, threads, files and every established TCP connection,
@@ -145,7 +159,7 @@ must exist on both servers.`,
 	}
 	cmd.Flags().StringSliceVar(&flows, "flow", nil, "client address IP:PORT of a connection to move (repeatable)")
 	cmd.Flags().StringVar(&service, "service", "", "move every connection of this application service (e.g. :7000)")
-	cmd.Flags().BoolVar(&all, "all", false, "move every migratable connection")
+	cmd.Flags().BoolVar(&all, "all", false, "move every connection of the application services registered here")
 	cmd.Flags().IntVar(&pid, "pid", 0, "process mode: move the process PID (CRIU) with all its connections")
 	cmd.Flags().BoolVar(&process, "process", false, "process mode for --service: move the process that owns the listener")
 	cmd.Flags().StringVar(&to, "to", "", "name of the peer to move them to")
@@ -204,7 +218,9 @@ to one peer (--to) or spread over the healthy peers (--spread). A progress
 bar shows how many have moved (on a terminal). Connections that cannot move
 stay here and are listed at the end; the exit status is then 3, or 1 if
 none moved. With -o json the final progress, with every batch's report, is
-printed as JSON.`,
+printed as JSON. A drain moves the connections of the application services
+registered with mtcpd; a process that does not use mtcp's app library
+(mtcpctl conns shows its PID) moves with migrate --pid.`,
 		Example: `  sudo mtcpctl drain --to s2
   sudo mtcpctl drain --spread
   sudo mtcpctl drain --to s3 --batch 500 -o json`,
