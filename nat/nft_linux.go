@@ -747,11 +747,6 @@ func (n *nftConn) lookup(id setID, elems []setElem, found func(setElem, rawElem)
 }
 
 // rawElem is one element read back from the kernel.
-type rawElem struct {
-	key, data []byte
-	expires   time.Duration
-}
-
 // dumpBuf is the receive buffer of set dumps. The kernel fills each dump
 // datagram up to the largest buffer recvmsg was given (at most ~32 KiB),
 // and restarts its walk of the set from the first element for every
@@ -760,42 +755,18 @@ type rawElem struct {
 // took 12.8 s of kernel time here; big datagrams cut that by about eight.
 const dumpBuf = 64 << 10
 
-// dumpAttempts bounds the re-reads of a set whose dump was inconsistent.
-const dumpAttempts = 20
-
-// elements reads one set back.
-//
-// The kernel resumes a dump for each datagram by skipping as many elements
-// as it has sent, in hash-table order. If the table is resized between two
-// datagrams (it grows after a big batch, in deferred work) the order
-// changes and the dump repeats some elements and misses as many others:
-// seen here right after adding 10,000 elements, ~10% duplicates. So a dump
-// with a duplicate key is read again until it has none.
+// elements reads one set back (see settle).
 func (n *nftConn) elements(id setID) ([]rawElem, error) {
-	for range dumpAttempts {
-		els, err := n.dump(id)
-		if err != nil {
-			return nil, err
-		}
-		seen := make(map[string]struct{}, len(els))
-		dup := false
-		for _, e := range els {
-			if _, ok := seen[string(e.key)]; ok {
-				dup = true
-				break
-			}
-			seen[string(e.key)] = struct{}{}
-		}
-		if !dup {
-			return els, nil
-		}
-		time.Sleep(time.Millisecond) // let the resize finish
+	els, err := settle(func() ([]rawElem, int, error) { return n.dump(id) })
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", setSpecs[id].name, err)
 	}
-	return nil, fmt.Errorf("list set %s: %d dumps in a row repeated elements (the set keeps being resized or changed); try again", setSpecs[id].name, dumpAttempts)
+	return els, nil
 }
 
-// dump reads one set back once.
-func (n *nftConn) dump(id setID) ([]rawElem, error) {
+// dump reads one set back once. parts is how many datagrams the kernel
+// sent it in: one walk of the set each.
+func (n *nftConn) dump(id setID) (els []rawElem, parts int, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*opTimeout)
 	defer cancel()
 	name := setSpecs[id].name
@@ -806,7 +777,7 @@ func (n *nftConn) dump(id setID) ([]rawElem, error) {
 		netlink.Attribute{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: cstr(name)},
 	))
 	if err := n.sock.send(ctx, w.b); err != nil {
-		return nil, fmt.Errorf("list set %s: %w", name, err)
+		return nil, 0, fmt.Errorf("list set %s: %w", name, err)
 	}
 	if len(n.buf) < dumpBuf {
 		n.buf = make([]byte, dumpBuf)
@@ -815,7 +786,7 @@ func (n *nftConn) dump(id setID) ([]rawElem, error) {
 	for {
 		msgs, err := n.sock.recv(ctx, n.buf)
 		if err != nil {
-			return nil, fmt.Errorf("list set %s: %w", name, err)
+			return nil, 0, fmt.Errorf("list set %s: %w", name, err)
 		}
 		for _, m := range msgs {
 			if m.seq != seq {
@@ -823,17 +794,18 @@ func (n *nftConn) dump(id setID) ([]rawElem, error) {
 			}
 			switch m.typ {
 			case nlmsgDone:
-				return out, nil
+				return out, parts, nil
 			case nlmsgError:
 				if err := ackError(m); err != nil {
-					return nil, fmt.Errorf("list set %s: %w", name, err)
+					return nil, 0, fmt.Errorf("list set %s: %w", name, err)
 				}
 			default:
 				if len(m.data) < nfgenmsgLen {
 					continue
 				}
+				parts++
 				if out, err = decodeElems(out, m.data[nfgenmsgLen:]); err != nil {
-					return nil, fmt.Errorf("list set %s: %w", name, err)
+					return nil, 0, fmt.Errorf("list set %s: %w", name, err)
 				}
 			}
 		}
