@@ -133,7 +133,7 @@ func (d *Daemon) selectFlows(ctx context.Context, req *admin.MigrateRequest) ([]
 			f, ok := byClient[unmapAP(ap)]
 			if !ok {
 				if pc, ok := d.processConnOf(ctx, unmapAP(ap)); ok {
-					return nil, fmt.Errorf("the connection from %v belongs to process %d (%s), which does not use mtcp's app library: it moves only with its whole process (mtcpctl migrate --pid %d --to PEER)", ap, pc.owner.PID, pc.owner.Comm, pc.owner.PID)
+					return nil, fmt.Errorf("the connection from %v is held by process %d (%s), and no application registered with mtcpd serves it: it moves only with its whole process (mtcpctl migrate --pid %d --to PEER), unless that process uses mtcp's app library and has not registered with mtcpd yet (it reconnects after mtcpd restarts)", ap, pc.owner.PID, pc.owner.Comm, pc.owner.PID)
 				}
 				return nil, fmt.Errorf("no connection from %v is served here (see mtcpctl conns)", ap)
 			}

@@ -22,7 +22,8 @@ type procConn struct {
 
 // processConns lists the connections on this host's own addresses held by
 // processes other than mtcpd and the registered applications: those of
-// servers process mode can move. list is a socket listing without owners
+// servers process mode can move (and, until they register again after a
+// restart of mtcpd, those of applications). list is a socket listing without owners
 // (nil: none made yet); served are the local tuples the applications
 // report, left out. The owners are looked up only when list has such
 // connections, since that scans every process's descriptors.

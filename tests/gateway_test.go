@@ -233,7 +233,7 @@ func waitServedFlow(t *testing.T, p *pool.Pool, h *testbed.Host, flow string) {
 		}
 		var seen []string
 		for _, cn := range cs {
-			if cn.Client == flow {
+			if cn.Client == flow && cn.App != "" {
 				return true, ""
 			}
 			seen = append(seen, cn.Client)

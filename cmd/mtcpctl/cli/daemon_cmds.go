@@ -44,8 +44,10 @@ it, its TCP state, round-trip time and retransmissions.
 A connection is served either by an application service registered with
 mtcpd (APP shows it, e.g. :7000), which moves it on its own, or by a process
 that does not use mtcp's app library (APP shows "pid PID (COMMAND)"), which
-moves only together with that process: mtcpctl migrate --pid PID. NOTE says
-why a connection cannot move, if it cannot.`,
+moves only together with that process: mtcpctl migrate --pid PID. (Right
+after mtcpd restarts, an application's connections show that way too until
+the application has registered again.) NOTE says why a connection cannot
+move, if it cannot.`,
 		Example: `  sudo mtcpctl conns
   sudo mtcpctl conns -o json | jq '.[].client'`,
 		Args: noArgs,
