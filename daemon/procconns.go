@@ -23,9 +23,9 @@ type procConn struct {
 // processConns lists the connections on this host's own addresses held by
 // processes other than mtcpd and the registered applications: those of
 // servers process mode can move (and, until they register again after a
-// restart of mtcpd, those of applications). list is a socket listing without owners
-// (nil: none made yet); served are the local tuples the applications
-// report, left out. The owners are looked up only when list has such
+// restart of mtcpd, those of applications). list is a socket listing
+// without owners; served are the local tuples the applications report,
+// left out. The owners are looked up only when list has such
 // connections, since that scans every process's descriptors.
 func (d *Daemon) processConns(ctx context.Context, list []repair.Conn, served map[app.Tuple]bool) []procConn {
 	candidate := func(c repair.Conn) bool {
