@@ -37,6 +37,12 @@ const (
 	// commit follows it). A lazy dump has no separate freeze phase: its
 	// dump phase includes the freezing.
 	PhasePages = "pages"
+	// PhaseRetry ends an attempt that was undone because the process
+	// accepted a connection after its sockets were listed, before its
+	// dump (nothing would have held or switched that connection): the
+	// process went on at the source, with every connection, and the
+	// migration starts again. Took is how long the attempt took.
+	PhaseRetry = "retry"
 )
 
 // ProcessPhase is one finished phase.

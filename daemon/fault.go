@@ -38,6 +38,11 @@ import (
 //	process-retire-crash  the source of a process migration exits
 //	                 (status 3) once the target has committed, before it
 //	                 kills its stopped copy
+//	listed-delay=D   the source of a process migration waits D after it
+//	                 has listed the process's connections, before it
+//	                 prepares the target and dumps the process (a
+//	                 connection the process accepts meanwhile makes it
+//	                 start again)
 //	restore-delay=D  the target of a process migration waits D before it
 //	                 restores (the source's process stays stopped meanwhile)
 //	restore-deadline=D  the source of a process migration gives the

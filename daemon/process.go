@@ -295,6 +295,36 @@ func (d *Daemon) isOwnAddr(a netip.Addr) bool {
 	return ok && p == ""
 }
 
+// errAcceptedMeanwhile is the error of a process migration undone
+// because the process accepted connections after its sockets were
+// listed, before its dump.
+var errAcceptedMeanwhile = errors.New("the process accepted connections while it was being checkpointed")
+
+// acceptRetries is how many times MigrateProcess starts a migration
+// undone with errAcceptedMeanwhile, in all.
+const acceptRetries = 3
+
+// acceptedSince returns the connections the processes of tree hold that
+// are not among socks (by socket inode): those accepted since socks were
+// listed. Only the tree's descriptors are read.
+func acceptedSince(ctx context.Context, tree []int, socks []procSocket) ([]procSocket, error) {
+	conns, err := repair.List(ctx, repair.ListOptions{Owners: true, OwnersAmong: tree})
+	if err != nil {
+		return nil, err
+	}
+	known := make(map[uint64]bool, len(socks))
+	for _, s := range socks {
+		known[s.conn.Inode] = true
+	}
+	var out []procSocket
+	for _, c := range conns {
+		if len(c.Owners) > 0 && !known[c.Inode] {
+			out = append(out, procSocket{conn: c, owner: c.Owners[0], flow: migrate.Flow{Client: c.Remote, Service: c.Local}})
+		}
+	}
+	return out, nil
+}
+
 func flowsOf(socks []procSocket) []migrate.Flow {
 	out := make([]migrate.Flow, len(socks))
 	for i, s := range socks {
@@ -309,14 +339,26 @@ func flowsOf(socks []procSocket) []migrate.Flow {
 func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, progress func(admin.ProcessPhase)) *admin.ProcessReport {
 	rep := &admin.ProcessReport{To: r.To, PID: r.PID, Phases: []admin.ProcessPhase{}}
 	start := time.Now()
-	err := d.migrateProcess(ctx, r, rep, func(name string, took time.Duration) {
+	phase := func(name string, took time.Duration) {
 		p := admin.ProcessPhase{Name: name, Took: took}
 		rep.Phases = append(rep.Phases, p)
 		processPhaseSeconds.WithLabelValues(name).Observe(took.Seconds())
 		if progress != nil {
 			progress(p)
 		}
-	})
+	}
+	var err error
+	for attempt := 1; ; attempt++ {
+		t0 := time.Now()
+		err = d.migrateProcess(ctx, r, rep, phase)
+		if !errors.Is(err, errAcceptedMeanwhile) || attempt == acceptRetries || ctx.Err() != nil {
+			break
+		}
+		d.log.Info("process migration: starting again", "pid", rep.PID, "to", r.To, "err", err)
+		// The report is the last attempt's, after a retry phase.
+		*rep = admin.ProcessReport{To: r.To, PID: r.PID, Phases: []admin.ProcessPhase{}}
+		phase(admin.PhaseRetry, time.Since(t0))
+	}
 	if err != nil {
 		rep.Aborted = true
 		rep.Error = err.Error()
@@ -376,6 +418,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	rep.Conns = len(socks)
 	flows := flowsOf(socks)
+	if delay, err := faultDuration("listed-delay"); err == nil && delay > 0 {
+		time.Sleep(delay) // tests: a wider window for connections accepted now
+	}
 
 	c, err := d.peer(ctx, r.To)
 	if err != nil {
@@ -467,6 +512,19 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	dctx, dcancel := context.WithTimeout(ctx, procDumpDeadline)
 	res, err := pd.Run(dctx)
 	dcancel()
+	if err == nil {
+		// A connection the process accepted after its sockets were
+		// listed is in the checkpoint, but nothing holds or switches
+		// it: its client would be reset. The process goes on here
+		// instead, with every connection, and MigrateProcess starts
+		// the migration again.
+		var extra []procSocket
+		if extra, err = acceptedSince(ctx, tree, socks); err == nil && len(extra) > 0 {
+			socks = append(socks, extra...) // for abort to thaw them too
+			j.addSockets(extra)
+			err = errors.Join(fmt.Errorf("%w: %d, from %v first", errAcceptedMeanwhile, len(extra), extra[0].conn.Remote), j.write(journalHeld))
+		}
+	}
 	if err != nil {
 		pages.Close()
 		return abort(err)

@@ -109,11 +109,17 @@ func newJournal(dir, to string, tx uint64, lazy bool, prepared time.Time, tree [
 		}
 		j.Procs = append(j.Procs, journalProc{PID: p, Start: st})
 	}
+	j.addSockets(socks)
+	return j, nil
+}
+
+// addSockets records socks among the migration's sockets, for a recovery
+// to thaw.
+func (j *procJournal) addSockets(socks []procSocket) {
 	for _, s := range socks {
 		j.Sockets = append(j.Sockets, journalSock{Client: s.flow.Client, Service: s.flow.Service,
 			Local: s.conn.Local, Remote: s.conn.Remote, PID: s.owner.PID, FD: s.owner.FD})
 	}
-	return j, nil
 }
 
 // write records that the migration has reached phase: the file is

@@ -122,7 +122,7 @@ func list(ctx context.Context, o ListOptions) ([]Conn, error) {
 		}
 	}
 	if o.Owners && len(conns) > 0 {
-		if err := fillOwners(ctx, "/proc", conns); err != nil {
+		if err := fillOwners(ctx, "/proc", conns, o.OwnersAmong); err != nil {
 			return nil, err
 		}
 	}
@@ -337,10 +337,11 @@ func parseTCPInfo(b []byte) TCPInfo {
 }
 
 // fillOwners sets the Owners of conns by scanning procRoot/<pid>/fd for
-// links to "socket:[inode]". Processes and descriptors that vanish or
-// cannot be read while the scan runs are skipped: the scan is as racy as
-// the dump, and a process exiting mid-scan is not an error.
-func fillOwners(ctx context.Context, procRoot string, conns []Conn) error {
+// links to "socket:[inode]", of every process or, when among is not nil,
+// of those. Processes and descriptors that vanish or cannot be read while
+// the scan runs are skipped: the scan is as racy as the dump, and a
+// process exiting mid-scan is not an error.
+func fillOwners(ctx context.Context, procRoot string, conns []Conn, among []int) error {
 	want := make(map[uint64][]int, len(conns)) // inode -> indexes into conns
 	for i, c := range conns {
 		if c.Inode != 0 { // 0: an orphan or a TIME_WAIT socket, owned by nobody
@@ -350,20 +351,24 @@ func fillOwners(ctx context.Context, procRoot string, conns []Conn) error {
 	if len(want) == 0 {
 		return nil
 	}
-	d, err := os.Open(procRoot)
-	if err != nil {
-		return fmt.Errorf("find socket owners: %w", err)
-	}
-	names, err := d.Readdirnames(-1)
-	d.Close()
-	if err != nil {
-		return fmt.Errorf("find socket owners: read %s: %w", procRoot, err)
-	}
-	for _, name := range names {
-		pid, err := strconv.Atoi(name)
-		if err != nil || pid <= 0 {
-			continue
+	pids := among
+	if pids == nil {
+		d, err := os.Open(procRoot)
+		if err != nil {
+			return fmt.Errorf("find socket owners: %w", err)
 		}
+		names, err := d.Readdirnames(-1)
+		d.Close()
+		if err != nil {
+			return fmt.Errorf("find socket owners: read %s: %w", procRoot, err)
+		}
+		for _, name := range names {
+			if pid, err := strconv.Atoi(name); err == nil && pid > 0 {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	for _, pid := range slices.Compact(slices.Sorted(slices.Values(pids))) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("find socket owners: %w", err)
 		}

@@ -661,7 +661,7 @@ func TestFillOwners(t *testing.T) {
 	os.MkdirAll(filepath.Join(root, "self"), 0o755)
 
 	conns := []Conn{{Inode: 100}, {Inode: 200}, {Inode: 300}, {Inode: 0}}
-	if err := fillOwners(context.Background(), root, conns); err != nil {
+	if err := fillOwners(context.Background(), root, conns, nil); err != nil {
 		t.Fatal(err)
 	}
 	want := [][]Owner{
@@ -672,6 +672,18 @@ func TestFillOwners(t *testing.T) {
 	for i := range conns {
 		if !slices.Equal(conns[i].Owners, want[i]) {
 			t.Errorf("inode %d: owners %+v, want %+v", conns[i].Inode, conns[i].Owners, want[i])
+		}
+	}
+
+	// Among pid 20 and one that is gone: pid 10's descriptors are not read.
+	conns = []Conn{{Inode: 100}, {Inode: 200}, {Inode: 300}}
+	if err := fillOwners(context.Background(), root, conns, []int{20, 30, 20}); err != nil {
+		t.Fatal(err)
+	}
+	want = [][]Owner{{{20, 7, "worker"}}, {{20, 8, "worker"}}, nil}
+	for i := range conns {
+		if !slices.Equal(conns[i].Owners, want[i]) {
+			t.Errorf("among 20 and 30: inode %d: owners %+v, want %+v", conns[i].Inode, conns[i].Owners, want[i])
 		}
 	}
 }

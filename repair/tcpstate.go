@@ -158,6 +158,11 @@ type ListOptions struct {
 	// CAP_SYS_PTRACE) to see other users' processes.
 	Owners bool
 
+	// OwnersAmong, when not nil, limits the scan of Owners to these
+	// processes: a socket none of them holds is listed without owners.
+	// It costs what their descriptors do, not the host's.
+	OwnersAmong []int
+
 	// Port, when non-zero, keeps only connections whose local port is
 	// Port. The kernel does the filtering, so a busy host does not pay
 	// for the connections it skips.

@@ -1125,3 +1125,85 @@ func TestConnsListsProcesses(t *testing.T) {
 		t.Fatalf("PING after the move: %q %v", got, err)
 	}
 }
+
+// TestProcessAcceptedDuringDump: redis accepts a connection after s1's
+// mtcpd has listed its sockets and before it dumps it (the window widened
+// to a second by MTCP_FAULT=listed-delay=1s). The checkpoint has that
+// connection, but nothing would have held or switched it, and its client
+// would have been reset: the migration is undone and starts again, and
+// moves it with the others. Both clients go on at s2 without an error or
+// a reset.
+func TestProcessAcceptedDuringDump(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
+		Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=listed-delay=1s"}}})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	first, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	loop := startGoLoop(t, first)
+	eventually(t, 10*time.Second, "the first client to run", func() (bool, string) {
+		return loop.count() > 100, fmt.Sprint(loop.count())
+	})
+
+	type result struct {
+		rep *admin.ProcessReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{Port: r.Port, To: "s2"}, nil)
+		done <- result{rep, err}
+	}()
+	time.Sleep(300 * time.Millisecond) // listed, not dumped yet
+	late, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	lc := newRESP(late)
+	if got, err := lc.do("SET", "late", "before"); err != nil || got != "OK" {
+		t.Fatalf("SET on the late connection: %q %v", got, err)
+	}
+	res := <-done
+	if res.err != nil {
+		t.Fatalf("migration: %v (report %+v)", res.err, res.rep)
+	}
+	r.Host, r.PID = bed.S2, res.rep.NewPID
+	var retries int
+	for _, ph := range res.rep.Phases {
+		if ph.Name == admin.PhaseRetry {
+			retries++
+		}
+	}
+	t.Logf("moved with %d connections after %d retries, phases %+v", res.rep.Conns, retries, res.rep.Phases)
+	if retries != 1 || res.rep.Conns != 2 {
+		t.Errorf("%d retries and %d connections moved, want 1 retry and both connections", retries, res.rep.Conns)
+	}
+	if got, err := lc.do("GET", "late"); err != nil || got != "before" {
+		t.Fatalf("GET on the late connection after the move: %q %v", got, err)
+	}
+	if got, err := lc.do("SET", "late", "after"); err != nil || got != "OK" {
+		t.Fatalf("SET on the late connection after the move: %q %v", got, err)
+	}
+	before := loop.count()
+	eventually(t, 10*time.Second, "the first client to go on", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("first client: %v", err)
+	}
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != r.PID {
+		t.Errorf("the listener on s2 belongs to pid %d, want %d", pid, r.PID)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client host saw %d resets in, %d out on port %d", in, out, r.Port)
+	}
+}

@@ -109,7 +109,9 @@ for servers that do not use mtcp's app library. --pid PID selects the
 process. --service :PORT selects the process that owns the listener on
 PORT when no application registered with mtcpd serves PORT (mtcpctl status
 lists those); --process forces process mode for --service. Each phase is
-printed as it finishes (dump, transfer, restore, switch, then pages). By
+printed as it finishes (dump, transfer, restore, switch, then pages; retry
+when the process accepted a connection during the dump, which undoes the
+migration and starts it again, three attempts in all). By
 default (process_pages: lazy in mtcpd's config) the process is restored on
 the target before its memory moves, and its pages follow on demand and in
 the background (post-copy): the connections are held only for the dump of
