@@ -41,7 +41,10 @@ const (
 	// accepted a connection after its sockets were listed, before its
 	// dump (nothing would have held or switched that connection): the
 	// process went on at the source, with every connection, and the
-	// migration starts again. Took is how long the attempt took.
+	// migration starts again. Took is how long the attempt took. The
+	// last attempt goes through whatever the process accepted (see
+	// ProcessReport.Unmoved), so that a server that takes new
+	// connections all the time can still move.
 	PhaseRetry = "retry"
 )
 
@@ -62,6 +65,11 @@ type ProcessReport struct {
 	Command string `json:"command"`
 	// Conns is how many TCP connections moved with it.
 	Conns int `json:"conns"`
+	// Unmoved counts the connections the process accepted during the
+	// last attempt's dump, after every attempt had found such
+	// connections (see PhaseRetry): they did not move, and their clients
+	// are reset when the source's copy goes.
+	Unmoved int `json:"unmoved,omitempty"`
 	// Lazy is set for a post-copy migration: the process was restored
 	// before its memory moved (see PhasePages).
 	Lazy bool `json:"lazy,omitempty"`

@@ -22,6 +22,11 @@ const (
 // when CRIU is missing or too old. The error's text says what to do.
 var ErrUnavailable = errors.New("CRIU is unavailable")
 
+// ErrInFlight is wrapped by the error of a dump that failed because a
+// listening socket of the tree had connections not accepted yet (see
+// DumpOptions.SkipInFlight).
+var ErrInFlight = errors.New("a listening socket has connections it has not accepted yet")
+
 // OpError is the error of a CRIU operation: which one, and why. For
 // failures inside CRIU, Log holds the last lines of CRIU's log.
 type OpError struct {
@@ -183,6 +188,12 @@ type DumpOptions struct {
 	// [ServeLazyPages] answers its page requests from the stopped tree's
 	// memory. Pages must be nil: CRIU's own lazy page server is not used.
 	Lazy bool
+	// SkipInFlight dumps a listening socket without the connections
+	// waiting in its queue, not accepted yet: they are not restored, and
+	// their clients are reset when the dumped tree's listener closes.
+	// false: such a socket fails the dump with an error wrapping
+	// ErrInFlight, and the tree carries on.
+	SkipInFlight bool
 }
 
 // DumpResult reports a dump, with CRIU's own figures.

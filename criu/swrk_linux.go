@@ -125,7 +125,11 @@ func (s *swrk) call(ctx context.Context, req *rpc.CriuReq, notify func(*rpc.Criu
 		}
 		if !resp.GetSuccess() {
 			msg := resp.GetCrErrmsg()
-			if msg == "" {
+			if msg == "" || strings.Contains(msg, "RLIMIT_NOFILE") {
+				// CRIU's first error, which it reports here, is often
+				// that it could not raise its own RLIMIT_NOFILE, which
+				// it carries on after (see logTail): the log says why
+				// it failed.
 				msg = "failed"
 			}
 			if e := resp.GetCrErrno(); e != 0 {
@@ -371,6 +375,9 @@ func prepareDump(o DumpOptions) (_ *PreparedDump, err error) {
 		ShellJob:       proto.Bool(o.ShellJob),
 		ExtUnixSk:      proto.Bool(o.ExtUnixSockets),
 	}
+	if o.SkipInFlight {
+		p.opts.TcpSkipInFlight = proto.Bool(true)
+	}
 	var extra []*os.File
 	switch {
 	case o.Lazy:
@@ -444,7 +451,11 @@ func (p *PreparedDump) Run(ctx context.Context) (*DumpResult, error) {
 	defer p.release()
 	res, err := p.run(ctx)
 	if err != nil {
-		return nil, &OpError{Op: "dump", Err: err, Log: logTail(filepath.Join(p.o.Dir, "dump.log"))}
+		log := logTail(filepath.Join(p.o.Dir, "dump.log"))
+		if strings.Contains(log, "In-flight connection") {
+			err = fmt.Errorf("%w: %w", ErrInFlight, err)
+		}
+		return nil, &OpError{Op: "dump", Err: err, Log: log}
 	}
 	return res, nil
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -300,29 +301,50 @@ func (d *Daemon) isOwnAddr(a netip.Addr) bool {
 // listed, before its dump.
 var errAcceptedMeanwhile = errors.New("the process accepted connections while it was being checkpointed")
 
-// acceptRetries is how many times MigrateProcess starts a migration
-// undone with errAcceptedMeanwhile, in all.
+// acceptRetries is how many attempts MigrateProcess makes at a process
+// migration that keeps finding connections accepted during its dump
+// (errAcceptedMeanwhile); the last one goes through without them.
 const acceptRetries = 3
 
 // acceptedSince returns the connections the processes of tree hold that
 // are not among socks (by socket inode): those accepted since socks were
-// listed. Only the tree's descriptors are read.
-func acceptedSince(ctx context.Context, tree []int, socks []procSocket) ([]procSocket, error) {
-	conns, err := repair.List(ctx, repair.ListOptions{Owners: true, OwnersAmong: tree})
+// listed; and how many connections wait in the queues of the tree's
+// listeners, not accepted yet. Only the tree's descriptors are read.
+func acceptedSince(ctx context.Context, tree []int, socks []procSocket) (accepted []procSocket, queued int, err error) {
+	conns, err := repair.List(ctx, repair.ListOptions{States: append([]repair.TCPState{repair.StateListen}, allStates...), Owners: true, OwnersAmong: tree})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	known := make(map[uint64]bool, len(socks))
 	for _, s := range socks {
 		known[s.conn.Inode] = true
 	}
-	var out []procSocket
+	listening := map[netip.AddrPort]bool{}
 	for _, c := range conns {
-		if len(c.Owners) > 0 && !known[c.Inode] {
-			out = append(out, procSocket{conn: c, owner: c.Owners[0], flow: migrate.Flow{Client: c.Remote, Service: c.Local}})
+		if c.State == repair.StateListen && len(c.Owners) > 0 {
+			listening[c.Local] = true
 		}
 	}
-	return out, nil
+	for _, c := range conns {
+		switch {
+		case c.State == repair.StateListen:
+		case len(c.Owners) > 0 && !known[c.Inode]:
+			accepted = append(accepted, procSocket{conn: c, owner: c.Owners[0], flow: migrate.Flow{Client: c.Remote, Service: c.Local}})
+		case c.Inode == 0 && c.State == repair.StateEstablished && (listening[c.Local] || listening[netip.AddrPortFrom(unspecified(c.Local.Addr()), c.Local.Port())]):
+			// A child of a listener, not accepted yet, has no file.
+			queued++
+		}
+	}
+	return accepted, queued, nil
+}
+
+// unspecified is the wildcard address of a's family, as a listener bound
+// to every address has it.
+func unspecified(a netip.Addr) netip.Addr {
+	if a.Is4() {
+		return netip.IPv4Unspecified()
+	}
+	return netip.IPv6Unspecified()
 }
 
 func flowsOf(socks []procSocket) []migrate.Flow {
@@ -350,13 +372,15 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 	var err error
 	for attempt := 1; ; attempt++ {
 		t0 := time.Now()
-		err = d.migrateProcess(ctx, r, rep, phase)
-		if !errors.Is(err, errAcceptedMeanwhile) || attempt == acceptRetries || ctx.Err() != nil {
+		err = d.migrateProcess(ctx, r, rep, phase, attempt == acceptRetries)
+		if !errors.Is(err, errAcceptedMeanwhile) || ctx.Err() != nil {
 			break
 		}
 		d.log.Info("process migration: starting again", "pid", rep.PID, "to", r.To, "err", err)
-		// The report is the last attempt's, after a retry phase.
-		*rep = admin.ProcessReport{To: r.To, PID: r.PID, Phases: []admin.ProcessPhase{}}
+		// The report is the last attempt's, after a retry phase for
+		// each attempt before it.
+		retries := slices.DeleteFunc(rep.Phases, func(p admin.ProcessPhase) bool { return p.Name != admin.PhaseRetry })
+		*rep = admin.ProcessReport{To: r.To, PID: r.PID, Phases: retries}
 		phase(admin.PhaseRetry, time.Since(t0))
 	}
 	if err != nil {
@@ -372,7 +396,7 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 	return rep
 }
 
-func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, rep *admin.ProcessReport, phase func(string, time.Duration)) error {
+func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, rep *admin.ProcessReport, phase func(string, time.Duration), last bool) error {
 	if d.apps == nil {
 		return fmt.Errorf("%s is a gateway, not a server", d.cfg.Name)
 	}
@@ -453,7 +477,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	defer os.RemoveAll(dir)
 	// CRIU starts before the hold: its start-up is not spent while the
 	// connections wait.
-	pd, err := criu.PrepareDump(criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true, Lazy: lazy})
+	pd, err := criu.PrepareDump(criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true, Lazy: lazy, SkipInFlight: last})
 	if err != nil {
 		finish(err.Error())
 		return err
@@ -512,17 +536,30 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	dctx, dcancel := context.WithTimeout(ctx, procDumpDeadline)
 	res, err := pd.Run(dctx)
 	dcancel()
+	if errors.Is(err, criu.ErrInFlight) {
+		// Connections wait in a listener's queue: the process goes on
+		// here and accepts them, and MigrateProcess starts again.
+		err = fmt.Errorf("%w: %w", errAcceptedMeanwhile, err)
+	}
 	if err == nil {
 		// A connection the process accepted after its sockets were
 		// listed is in the checkpoint, but nothing holds or switches
 		// it: its client would be reset. The process goes on here
 		// instead, with every connection, and MigrateProcess starts
-		// the migration again.
+		// the migration again; but the last attempt goes through,
+		// without them and without those still in a listener's queue
+		// (SkipInFlight).
 		var extra []procSocket
-		if extra, err = acceptedSince(ctx, tree, socks); err == nil && len(extra) > 0 {
-			socks = append(socks, extra...) // for abort to thaw them too
-			j.addSockets(extra)
-			err = errors.Join(fmt.Errorf("%w: %d, from %v first", errAcceptedMeanwhile, len(extra), extra[0].conn.Remote), j.write(journalHeld))
+		var queued int
+		if extra, queued, err = acceptedSince(ctx, tree, socks); err == nil && (len(extra) > 0 || queued > 0) {
+			if last {
+				rep.Unmoved = len(extra) + queued
+				d.log.Warn("process migration: connections the process accepted, or had queued, during its dump do not move; their clients will be reset", "pid", pid, "accepted", len(extra), "queued", queued, "attempts", acceptRetries)
+			} else {
+				socks = append(socks, extra...) // for abort to thaw them too
+				j.addSockets(extra)
+				err = errors.Join(fmt.Errorf("%w: %d accepted, %d queued", errAcceptedMeanwhile, len(extra), queued), j.write(journalHeld))
+			}
 		}
 	}
 	if err != nil {

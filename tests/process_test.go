@@ -1207,3 +1207,83 @@ func TestProcessAcceptedDuringDump(t *testing.T) {
 		t.Errorf("the client host saw %d resets in, %d out on port %d", in, out, r.Port)
 	}
 }
+
+// TestProcessMovesUnderNewConnections: clients connect to redis every
+// 2 ms while it moves s1 -> s2. Each attempt finds connections accepted
+// or queued during its dump (CRIU refuses to dump a listener with a
+// queue), is undone and starts again; the last one goes through without
+// them. The migration succeeds, its report counts what did not move, and
+// the connections that were there before it keep working at s2.
+func TestProcessMovesUnderNewConnections(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	first, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	loop := startGoLoop(t, first)
+	var before []net.Conn
+	for range 20 {
+		c, err := r.Dial()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		before = append(before, c)
+	}
+
+	stop := make(chan struct{})
+	churned := make(chan []net.Conn, 1)
+	go func() {
+		var cs []net.Conn
+		defer func() { churned <- cs }()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			if c, err := r.Dial(); err == nil {
+				cs = append(cs, c)
+			}
+		}
+	}()
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{Port: r.Port, To: "s2"}, nil)
+	close(stop)
+	for _, c := range <-churned {
+		defer c.Close()
+	}
+	if err != nil {
+		t.Fatalf("migration under new connections: %v", err)
+	}
+	r.Host, r.PID = bed.S2, rep.NewPID
+	retries := 0
+	for _, ph := range rep.Phases {
+		if ph.Name == admin.PhaseRetry {
+			retries++
+		}
+	}
+	t.Logf("moved %d connections after %d retries; %d did not move", rep.Conns, retries, rep.Unmoved)
+	if retries == 0 {
+		t.Errorf("no retry: every attempt should have found connections accepted or queued during its dump")
+	}
+	for i, c := range before {
+		if got, err := newRESP(c).do("PING"); err != nil || got != "PONG" {
+			t.Errorf("connection %d, from before the migration: PING after it: %q %v", i, got, err)
+		}
+	}
+	before0 := loop.count()
+	eventually(t, 10*time.Second, "the first client to go on", func() (bool, string) {
+		return loop.count() > before0+100, fmt.Sprint(loop.count() - before0)
+	})
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("first client: %v", err)
+	}
+}

@@ -111,7 +111,8 @@ PORT when no application registered with mtcpd serves PORT (mtcpctl status
 lists those); --process forces process mode for --service. Each phase is
 printed as it finishes (dump, transfer, restore, switch, then pages; retry
 when the process accepted a connection during the dump, which undoes the
-migration and starts it again, three attempts in all). By
+migration and starts it again; the third attempt goes through, and the
+report counts the connections that then did not move). By
 default (process_pages: lazy in mtcpd's config) the process is restored on
 the target before its memory moves, and its pages follow on demand and in
 the background (post-copy): the connections are held only for the dump of

@@ -107,6 +107,9 @@ func printProcessReport(w io.Writer, rep *admin.ProcessReport) {
 		fmt.Fprintf(w, "moved process %d (%s) to %s as pid %d with %d connection(s); %d pages, %d bytes of other images\n",
 			rep.PID, rep.Command, rep.To, rep.NewPID, rep.Conns, rep.Pages, rep.ImageBytes)
 	}
+	if rep.Unmoved > 0 {
+		fmt.Fprintf(w, "  %d connection(s) the process accepted during its last dump did not move, and their clients are reset (it took new ones during every attempt)\n", rep.Unmoved)
+	}
 	var parts []string
 	for _, name := range []string{admin.PhaseFreeze, admin.PhaseDump, admin.PhaseTransfer, admin.PhaseRestore, admin.PhaseSwitch, admin.PhasePages} {
 		if slices.ContainsFunc(rep.Phases, func(p admin.ProcessPhase) bool { return p.Name == name }) {
