@@ -373,7 +373,10 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 	for attempt := 1; ; attempt++ {
 		t0 := time.Now()
 		err = d.migrateProcess(ctx, r, rep, phase, attempt == acceptRetries)
-		if !errors.Is(err, errAcceptedMeanwhile) || ctx.Err() != nil {
+		// The last attempt ends the loop whatever its error: one CRIU
+		// refused for queued connections all the same (a socket
+		// SkipInFlight does not cover) is not tried again.
+		if !errors.Is(err, errAcceptedMeanwhile) || attempt == acceptRetries || ctx.Err() != nil {
 			break
 		}
 		d.log.Info("process migration: starting again", "pid", rep.PID, "to", r.To, "err", err)
