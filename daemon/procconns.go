@@ -51,7 +51,10 @@ func (d *Daemon) processConns(ctx context.Context, list []repair.Conn, served ma
 		if !candidate(c) {
 			continue
 		}
-		owner, ok := eldestOwner(c.Owners, func(pid int) bool { return pid == self || apps[pid] })
+		if slices.ContainsFunc(c.Owners, func(o repair.Owner) bool { return o.PID == self || apps[o.PID] }) {
+			continue
+		}
+		owner, ok := eldestOwner(c.Owners)
 		if !ok {
 			continue
 		}
@@ -101,19 +104,16 @@ func (d *Daemon) dialled(tu app.Tuple) migrate.Flow {
 	return migrate.Flow{Client: tu.Remote, Service: tu.Local}
 }
 
-// eldestOwner picks, of the processes holding a socket, the one none of
-// whose ancestors holds it too (the master of workers that share it),
-// lowest PID first among equals. It reports false when a process skip
-// accepts holds the socket, or when nobody does.
-func eldestOwner(owners []repair.Owner, skip func(pid int) bool) (repair.Owner, bool) {
+// eldestOwner picks, of the processes holding a socket (owners, sorted by
+// PID, as repair.List gives them), the one whose parent does not hold it
+// too (the master of workers that share it), the lowest PID of those. It
+// reports false when nobody holds it.
+func eldestOwner(owners []repair.Owner) (repair.Owner, bool) {
 	holds := map[int]bool{}
 	for _, o := range owners {
-		if skip(o.PID) {
-			return repair.Owner{}, false
-		}
 		holds[o.PID] = true
 	}
-	for _, o := range owners { // sorted by PID
+	for _, o := range owners {
 		if !holds[ppidOf(o.PID)] {
 			return o, true
 		}

@@ -214,16 +214,13 @@ func listenerOwner(ctx context.Context, port uint16) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	owners := map[int]bool{}
+	var owners []repair.Owner
 	for _, l := range ls {
-		for _, o := range l.Owners {
-			owners[o.PID] = true
-		}
+		owners = append(owners, l.Owners...)
 	}
-	for p := range owners {
-		if !owners[ppidOf(p)] {
-			return p, nil
-		}
+	slices.SortFunc(owners, func(a, b repair.Owner) int { return a.PID - b.PID })
+	if o, ok := eldestOwner(owners); ok {
+		return o.PID, nil
 	}
 	return 0, fmt.Errorf("no process listens on TCP port %d on this server", port)
 }
