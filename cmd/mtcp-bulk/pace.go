@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // fineWait is the longest wait pace sleeps through with nanosleep(2).
@@ -16,16 +14,15 @@ const fineWait = 2 * time.Millisecond
 // pace waits until due or until ctx ends, whichever comes first, and
 // returns ctx's cause if it ended. Short waits block the goroutine's
 // thread in nanosleep(2), which keeps the kernel's high-resolution
-// timing; longer ones use a Go timer and stay cancellable.
+// timing (on Linux; see sleepFine); longer ones use a Go timer and stay
+// cancellable.
 func pace(ctx context.Context, due time.Time) error {
 	wait := time.Until(due)
 	if wait <= 0 {
 		return nil
 	}
 	if wait <= fineWait {
-		ts := unix.NsecToTimespec(int64(wait))
-		for unix.Nanosleep(&ts, &ts) == unix.EINTR {
-		}
+		sleepFine(wait)
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
 		}
