@@ -341,7 +341,9 @@ func (c *Config) CheckFiles() error {
 	if c.Policy != "" {
 		pol, err := policy.LoadFile(c.Policy)
 		if err == nil {
-			err = c.checkPolicy(pol)
+			if err = c.CheckPolicy(pol); err != nil {
+				err = fmt.Errorf("policy %s: %w", c.Policy, err)
+			}
 		}
 		if err != nil {
 			errs = append(errs, err)
@@ -350,20 +352,14 @@ func (c *Config) CheckFiles() error {
 	return errors.Join(errs...)
 }
 
-// checkPolicy checks that the servers a policy names (maintenance,
-// weights, targets) are this one or its peers: a misspelt name would
-// silently drain nothing, or weigh a server that does not exist.
-func (c *Config) checkPolicy(pol *policy.Policy) error {
-	var unknown []string
-	for _, s := range pol.Servers() {
-		if _, ok := c.Peer(s); !ok && s != c.Name {
-			unknown = append(unknown, s)
-		}
+// CheckPolicy checks that the servers a policy names (maintenance,
+// weights, targets) are this one or its peers (policy.Policy.CheckPool).
+func (c *Config) CheckPolicy(pol *policy.Policy) error {
+	pool := []string{c.Name}
+	for _, p := range c.Peers {
+		pool = append(pool, p.Name)
 	}
-	if len(unknown) > 0 {
-		return fmt.Errorf("policy %s names servers that are not in the pool (%s and its peers): %s", c.Policy, c.Name, strings.Join(unknown, ", "))
-	}
-	return nil
+	return pol.CheckPool(pool)
 }
 
 // Peer returns the named peer's configuration.

@@ -144,7 +144,7 @@ func TestCheckPolicyServers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = c.checkPolicy(pol)
+		err = c.CheckPolicy(pol)
 		switch {
 		case tc.unknown == "" && err != nil:
 			t.Errorf("%q: %v", tc.file, err)

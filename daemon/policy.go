@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -70,7 +71,7 @@ func newPolicyState(cfg *Config, log *slog.Logger) (*policyState, error) {
 	}
 	pol, err := policy.Parse(b)
 	if err == nil {
-		err = cfg.checkPolicy(pol)
+		err = cfg.CheckPolicy(pol)
 	}
 	if err != nil {
 		policyReloads.WithLabelValues("start", "error").Inc()
@@ -110,7 +111,7 @@ func (ps *policyState) reload(cause string, force bool) {
 	ps.tried = sum
 	pol, err := policy.Parse(b)
 	if err == nil {
-		err = ps.cfg.checkPolicy(pol)
+		err = ps.cfg.CheckPolicy(pol)
 	}
 	if err != nil {
 		ps.log.Error("policy reload failed: the running policy stays", "file", ps.path, "cause", cause, "err", strings.ReplaceAll(err.Error(), "\n", "; "))
@@ -212,7 +213,7 @@ func (d *Daemon) policyTick(ctx context.Context) {
 	s := policy.Snapshot{Now: now, Heartbeat: HeartbeatInterval, Conns: conns,
 		Self:  policy.Server{Name: d.cfg.Name, Load: load, Paths: paths, Services: d.services()},
 		Peers: d.policyPeers()}
-	for _, dec := range ps.engine.Decide(s) {
+	for _, dec := range d.decide(ps.engine, s) {
 		d.carryOut(ctx, dec)
 	}
 	for _, p := range s.Peers {
@@ -222,6 +223,18 @@ func (d *Daemon) policyTick(ctx context.Context) {
 		}
 		peerUp.WithLabelValues(p.Name).Set(up)
 	}
+}
+
+// decide runs the engine's decision. A bug in it costs that decision, not
+// the daemon with the migrations and holds it has in flight.
+func (d *Daemon) decide(e *policy.Engine, s policy.Snapshot) (decs []policy.Decision) {
+	defer func() {
+		if r := recover(); r != nil {
+			d.log.Error("policy decision failed: nothing decided this time", "panic", r, "stack", string(debug.Stack()))
+			decs = nil
+		}
+	}()
+	return e.Decide(s)
 }
 
 func (d *Daemon) services() []string {

@@ -592,7 +592,8 @@ func (e *Engine) rule(r *Rule, v *view) Decision {
 	case a.Count > 0:
 		n = min(n, a.Count)
 	case a.Fraction != nil:
-		n = min(n, int(math.Ceil(*a.Fraction*float64(len(cands))-1e-9)))
+		// Rounded up: a fraction of a few connections moves at least one.
+		n = min(n, max(1, int(math.Ceil(*a.Fraction*float64(len(cands))-1e-9))))
 	}
 	if lim := e.pol.Limits.Rate; lim > 0 {
 		used := 0

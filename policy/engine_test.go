@@ -107,6 +107,22 @@ rules:
 	}
 }
 
+// TestFractionRoundsUp: a fraction too small for one connection of those
+// matching still moves one, as the README says ("rounded up"), rather
+// than none with the rule's cooldown started.
+func TestFractionRoundsUp(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: tiny
+    when: {conns: {above: 0}}
+    migrate: {to: weighted, fraction: 1e-12}
+`)
+	d := ruleDecision(t, NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, conns(10, 1000))), "tiny")
+	if d.Reason != ReasonTriggered || d.Count() != 1 {
+		t.Fatalf("%s, %d moved (%s), want 1", d.Reason, d.Count(), d.Detail)
+	}
+}
+
 func TestLeastLoadedChoice(t *testing.T) {
 	rule := `
 rules:
@@ -273,6 +289,7 @@ func TestWeighted(t *testing.T) {
 		{"weights: {s2: 3, s3: 1}", 8, "s2:6,s3:2"},
 		{"weights: {s2: 1, s3: 1}", 3, "s2:2,s3:1"},
 		{"weights: {s2: 0, s3: 1}", 4, "s3:4"},
+		{"weights: {s2: 1e307, s3: 1e307}", 4, "s2:2,s3:2"},
 	} {
 		t.Run(tc.weights, func(t *testing.T) {
 			pol := mustParse(t, fmt.Sprintf(`

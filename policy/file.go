@@ -494,17 +494,17 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 	for _, th := range []struct {
 		name string
 		t    *Threshold
-		frac bool
+		kind levelKind
 	}{
-		{"cpu", c.CPU, true}, {"run_queue", c.RunQueue, false}, {"memory", c.Memory, true},
-		{"memory_pressure", c.MemoryPressure, true}, {"conns", c.Conns, false},
-		{"rtt", c.RTT, false}, {"retransmits", c.Retransmits, false}, {"delivery_rate", c.DeliveryRate, false},
+		{"cpu", c.CPU, fraction}, {"run_queue", c.RunQueue, measure}, {"memory", c.Memory, fraction},
+		{"memory_pressure", c.MemoryPressure, fraction}, {"conns", c.Conns, measure},
+		{"rtt", c.RTT, duration}, {"retransmits", c.Retransmits, measure}, {"delivery_rate", c.DeliveryRate, measure},
 	} {
 		if th.t == nil {
 			continue
 		}
 		n++
-		th.t.validate(ps, at("when", th.name), th.frac)
+		th.t.validate(ps, at("when", th.name), th.kind)
 	}
 	if c.Maintenance {
 		n++
@@ -522,7 +522,7 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 	if a.Count < 0 {
 		ps.add(at("migrate", "count"), "%d is negative", a.Count)
 	}
-	if a.Fraction != nil && (*a.Fraction <= 0 || *a.Fraction > 1) {
+	if a.Fraction != nil && !(*a.Fraction > 0 && *a.Fraction <= 1) { // NaN too
 		ps.add(at("migrate", "fraction"), "%v: want more than 0 and at most 1", *a.Fraction)
 	}
 	if a.Count > 0 && a.Fraction != nil {
@@ -562,14 +562,17 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 	case Weighted:
 		sum := 0.0
 		for _, name := range sortedKeys(a.Weights) {
-			if w := a.Weights[name]; w < 0 || math.IsNaN(w) {
-				ps.add(at("migrate", "weights", name), "%v: a weight is at least 0", w)
+			if w := a.Weights[name]; w < 0 || math.IsNaN(w) || math.IsInf(w, 0) {
+				ps.add(at("migrate", "weights", name), "%v: a weight is a number, at least 0", w)
 			} else {
 				sum += w
 			}
 		}
-		if len(a.Weights) > 0 && sum == 0 {
+		switch {
+		case len(a.Weights) > 0 && sum == 0:
 			ps.add(at("migrate", "weights"), "every weight is 0: nothing would move")
+		case math.IsInf(sum, 0):
+			ps.add(at("migrate", "weights"), "the weights add up to more than a float64 holds: use smaller ones (only their ratios count)")
 		}
 	default:
 		ps.add(at("migrate", "to"), "%q: want least_loaded, path_cost or weighted", a.To)
@@ -580,8 +583,13 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 	if len(a.Weights) > 0 && a.To != Weighted {
 		ps.add(at("migrate", "weights"), "only weighted uses weights (to is %s)", a.To)
 	}
-	if a.Margin != nil && *a.Margin < 0 {
+	switch {
+	case a.Margin != nil && (math.IsNaN(*a.Margin) || math.IsInf(*a.Margin, 0)):
+		ps.add(at("migrate", "margin"), "%v: want a number", *a.Margin)
+	case a.Margin != nil && *a.Margin < 0:
 		ps.add(at("migrate", "margin"), "%v is negative", *a.Margin)
+	case a.Margin != nil && a.To == Weighted:
+		ps.add(at("migrate", "margin"), "weighted compares no load, so it takes no margin")
 	}
 	for j, t := range a.Targets {
 		if t == "" || slices.Contains(a.Targets[:j], t) {
@@ -590,7 +598,18 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 	}
 }
 
-func (t *Threshold) validate(ps *problems, at []any, frac bool) {
+// levelKind is what a metric's levels are, which decides how they may be
+// written.
+type levelKind int
+
+const (
+	fraction levelKind = iota // 0 to 1, or a percentage
+	measure                   // a count or a rate: a plain number
+	duration                  // a time: a duration with its unit
+)
+
+func (t *Threshold) validate(ps *problems, at []any, kind levelKind) {
+	frac := kind == fraction
 	sub := func(k string) []any { return append(slices.Clone(at), k) }
 	switch {
 	case t.Above == nil && t.Below == nil:
@@ -610,12 +629,24 @@ func (t *Threshold) validate(ps *problems, at []any, frac bool) {
 	if frac && *level > 1 {
 		ps.add(sub(key), "%v: this is a fraction from 0 to 1 (or a percentage: 80%%)", float64(*level))
 	}
-	if !frac {
-		// A percentage reads as a fraction: 80% of a count is 0.8.
-		for _, k := range []string{"above", "below", "clear"} {
-			if n := nodeAt(ps.root, sub(k)); n != nil && strings.HasSuffix(strings.TrimSpace(n.Value), "%") {
-				ps.add(sub(k), "%s: this metric is a count or a measure, not a fraction: give a number", n.Value)
-			}
+	for _, k := range []string{"above", "below", "clear"} {
+		n := nodeAt(ps.root, sub(k))
+		if n == nil {
+			continue
+		}
+		v := strings.TrimSpace(n.Value)
+		_, numErr := strconv.ParseFloat(v, 64)
+		_, durErr := time.ParseDuration(v)
+		switch {
+		case kind != fraction && strings.HasSuffix(v, "%"):
+			// A percentage reads as a fraction: 80% of a count is 0.8.
+			ps.add(sub(k), "%s: this metric is a count or a measure, not a fraction: give a number", n.Value)
+		case kind == duration && numErr == nil && v != "0":
+			// A bare number would be seconds: 80 meant as 80 ms would
+			// never fire.
+			ps.add(sub(k), "%s: this metric is a time: give its unit, e.g. 80ms", n.Value)
+		case kind != duration && numErr != nil && durErr == nil:
+			ps.add(sub(k), "%s: this metric is not a time: give a number", n.Value)
 		}
 	}
 	if t.Clear != nil {
@@ -706,6 +737,22 @@ func (pol *Policy) Servers() []string {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// CheckPool checks that the servers the policy names (Servers) are all in
+// pool, the names of the servers it runs among: a misspelt name would
+// silently drain nothing, or weigh a server that does not exist.
+func (pol *Policy) CheckPool(pool []string) error {
+	var unknown []string
+	for _, s := range pol.Servers() {
+		if !slices.Contains(pool, s) {
+			unknown = append(unknown, s)
+		}
+	}
+	if len(unknown) > 0 {
+		return fmt.Errorf("names servers that are not in the pool (%s): %s", strings.Join(pool, ", "), strings.Join(unknown, ", "))
+	}
+	return nil
 }
 
 // inMaintenance reports whether server is listed under maintenance.

@@ -3,9 +3,11 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/mtcp-dev/mtcp/policy"
 )
@@ -34,20 +36,30 @@ version does not parse. See README.md ("Policy") for the format.`,
 
 // policyCheck is the result of 'policy check' (-o json).
 type policyCheck struct {
-	File   string   `json:"file"`
+	File string `json:"file"`
+	// Config is the mtcpd configuration whose pool the servers the
+	// policy names were checked against; empty if none was.
+	Config string   `json:"config,omitempty"`
 	OK     bool     `json:"ok"`
 	Rules  []string `json:"rules,omitempty"`
 	Errors []string `json:"errors,omitempty"`
 }
 
+// defaultConfig is mtcpd's configuration file where it is installed.
+const defaultConfig = "/etc/mtcp/mtcpd.yaml"
+
 func newPolicyCheckCmd() *cobra.Command {
 	var output outputFormat
+	var config string
 	cmd := &cobra.Command{
-		Use:   "check FILE [-o json]",
+		Use:   "check FILE [--config MTCPD_YAML] [-o json]",
 		Short: "Validate a policy file",
 		Long: `Validate a policy file as mtcpd would load it: unknown keys, values of the
 wrong type and invalid settings are errors, each reported with its line
-number. Nothing is sent to mtcpd.
+number. The servers it names (maintenance, weights, targets) are checked
+against the pool of an mtcpd configuration: --config, or ` + defaultConfig + `
+if it exists (mtcpd refuses a policy that names a server outside its
+pool). Nothing is sent to mtcpd.
 
 Exit status: 0 when the file is valid, 1 when it is not (or cannot be
 read), 2 on a usage error.`,
@@ -61,6 +73,9 @@ read), 2 on a usage error.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			res := policyCheck{File: args[0]}
 			pol, err := policy.LoadFile(args[0])
+			if err == nil {
+				res.Config, err = checkPool(cmd, config, args[0], pol)
+			}
 			if err == nil {
 				res.OK = true
 				for _, r := range pol.Rules {
@@ -82,6 +97,11 @@ read), 2 on a usage error.`,
 				if len(res.Rules) > 0 {
 					fmt.Fprintf(w, ": %s", strings.Join(res.Rules, ", "))
 				}
+				if res.Config != "" {
+					fmt.Fprintf(w, "; the servers it names are in the pool of %s", res.Config)
+				} else {
+					fmt.Fprintf(w, "; the servers it names were not checked (no %s: give --config)", defaultConfig)
+				}
 				fmt.Fprintln(w)
 			}
 			if err != nil {
@@ -91,5 +111,53 @@ read), 2 on a usage error.`,
 		},
 	}
 	addOutputFlag(cmd, &output)
+	cmd.Flags().StringVar(&config, "config", "", "mtcpd configuration whose pool the servers the policy names must be in (default "+defaultConfig+" if it exists)")
 	return cmd
+}
+
+// checkPool checks the servers pol (from file) names against the pool of the mtcpd
+// configuration named by config, or of defaultConfig if config is empty
+// and it exists. It returns the configuration used ("" for none).
+func checkPool(cmd *cobra.Command, config, file string, pol *policy.Policy) (string, error) {
+	if !cmd.Flags().Changed("config") {
+		if _, err := os.Stat(defaultConfig); err != nil {
+			return "", nil
+		}
+		config = defaultConfig
+	}
+	pool, err := poolOf(config)
+	if err != nil {
+		return config, err
+	}
+	if err := pol.CheckPool(pool); err != nil {
+		return config, fmt.Errorf("policy %s, checked against %s: %w", file, config, err)
+	}
+	return config, nil
+}
+
+// poolOf reads the names of the servers of an mtcpd configuration's pool:
+// its own and its peers'. The rest of the file is mtcpd's to check
+// (mtcpd -check).
+func poolOf(config string) ([]string, error) {
+	b, err := os.ReadFile(config)
+	if err != nil {
+		return nil, fmt.Errorf("mtcpd configuration: %w", err)
+	}
+	var c struct {
+		Name  string `yaml:"name"`
+		Peers []struct {
+			Name string `yaml:"name"`
+		} `yaml:"peers"`
+	}
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("mtcpd configuration %s: %w", config, err)
+	}
+	if c.Name == "" {
+		return nil, fmt.Errorf("mtcpd configuration %s: no name: is it mtcpd's?", config)
+	}
+	pool := []string{c.Name}
+	for _, p := range c.Peers {
+		pool = append(pool, p.Name)
+	}
+	return pool, nil
 }
