@@ -289,16 +289,34 @@ func isRefused(err error) bool {
 	return errors.As(err, &oe) && oe.Op == "dial"
 }
 
+// QueryTimeout bounds Status and Conns, which a working mtcpd answers at
+// once: past it, mtcpd is taken to be stuck. (Migrations and drains have
+// no such bound: they may rightly take minutes.)
+var QueryTimeout = 30 * time.Second
+
+// query runs a GET that QueryTimeout bounds.
+func (c *Client) query(ctx context.Context, path string, out any) error {
+	qctx, cancel := context.WithTimeoutCause(ctx, QueryTimeout, errStuck)
+	defer cancel()
+	err := c.do(qctx, http.MethodGet, path, nil, out)
+	if err != nil && errors.Is(context.Cause(qctx), errStuck) && ctx.Err() == nil {
+		return fmt.Errorf("mtcpd at %s did not answer within %v: it is stuck or overloaded (its log may say why)", c.path, QueryTimeout)
+	}
+	return err
+}
+
+var errStuck = errors.New("mtcpd did not answer in time")
+
 // Status returns the daemon's view of the pool.
 func (c *Client) Status(ctx context.Context) (*Status, error) {
 	var s Status
-	return &s, c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+	return &s, c.query(ctx, "/v1/status", &s)
 }
 
 // Conns lists the connections the daemon can see.
 func (c *Client) Conns(ctx context.Context) ([]Conn, error) {
 	var cs []Conn
-	return cs, c.do(ctx, http.MethodGet, "/v1/conns", nil, &cs)
+	return cs, c.query(ctx, "/v1/conns", &cs)
 }
 
 // Migrate moves connections and reports what happened.

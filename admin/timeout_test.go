@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -38,5 +39,44 @@ func TestSilentClientDropped(t *testing.T) {
 	}
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatalf("a silent client was still connected after %v", time.Since(t0))
+	}
+}
+
+// TestStuckDaemon: status and conns give up on an admin socket that
+// accepts but never answers, and say so.
+func TestStuckDaemon(t *testing.T) {
+	old := QueryTimeout
+	QueryTimeout = 300 * time.Millisecond
+	defer func() { QueryTimeout = old }()
+	path := filepath.Join(t.TempDir(), "admin.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // accepted, never answered
+		}
+	}()
+	c := NewClient(path)
+	for name, call := range map[string]func() error{
+		"status": func() error { _, err := c.Status(context.Background()); return err },
+		"conns":  func() error { _, err := c.Conns(context.Background()); return err },
+	} {
+		done := make(chan error, 1)
+		go func() { done <- call() }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "did not answer within 300ms") {
+				t.Errorf("%s: %v, want it to say mtcpd did not answer", name, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: still waiting after 10s", name)
+		}
 	}
 }
