@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -124,7 +125,14 @@ const (
 	DefaultFlowIdle = 24 * time.Hour
 )
 
-// LoadConfig reads and validates a configuration file.
+// maxSocketPath is the longest path a unix socket may be bound to
+// (sun_path's 108 bytes, less the terminating NUL).
+const maxSocketPath = 107
+
+// LoadConfig reads and validates a configuration file. Relative paths of
+// the files it names (tls, policy) are taken from the file's directory,
+// not from mtcpd's working directory, so that a file checked in one
+// directory loads the same from another (systemd starts mtcpd in /).
 func LoadConfig(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -133,6 +141,15 @@ func LoadConfig(path string) (*Config, error) {
 	c, err := ParseConfig(b)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	dir, err := filepath.Abs(filepath.Dir(path))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	for _, p := range []*string{&c.TLS.CA, &c.TLS.Cert, &c.TLS.Key, &c.Policy} {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
 	}
 	return c, nil
 }
@@ -149,7 +166,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		}
 		// "field x not found in type daemon.Config": the type means
 		// nothing to an operator.
-		return nil, errors.New(inTypeRE.ReplaceAllString(err.Error(), " (unknown key)"))
+		return nil, errors.New(inTypeRE.ReplaceAllString(placeError(b, err).Error(), " (unknown key)"))
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) && !emptyDocument(&more) {
@@ -184,15 +201,58 @@ func ParseConfig(b []byte) (*Config, error) {
 	return &c, c.validate()
 }
 
-// validName reports whether a server name is made of letters, digits,
-// '-' and '.', as a DNS name is.
-func validName(s string) bool {
-	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.') {
-			return false
-		}
+// parsedRE finds the text a value's parser refused in its error
+// (netip's `ParseAddr("10.1.2.300"): ...`).
+var parsedRE = regexp.MustCompile(`\("([^"]*)"\)`)
+
+// placeError gives a decoding error that has no line (a value's own
+// parser refused it, as netip does an address) the line and key of the
+// value it names, so that an operator can tell which of many addresses is
+// wrong.
+func placeError(b []byte, err error) error {
+	m := parsedRE.FindStringSubmatch(err.Error())
+	if m == nil || strings.Contains(err.Error(), "line ") {
+		return err
 	}
-	return s != ""
+	var root yaml.Node
+	if yaml.Unmarshal(b, &root) != nil {
+		return err
+	}
+	var find func(n *yaml.Node, path string) (*yaml.Node, string)
+	find = func(n *yaml.Node, path string) (*yaml.Node, string) {
+		switch n.Kind {
+		case yaml.ScalarNode:
+			if n.Value == m[1] {
+				return n, path
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				p := n.Content[i].Value
+				if path != "" {
+					p = path + "." + p
+				}
+				if f, fp := find(n.Content[i+1], p); f != nil {
+					return f, fp
+				}
+			}
+		default:
+			for i, c := range n.Content {
+				p := path
+				if n.Kind == yaml.SequenceNode {
+					p = fmt.Sprintf("%s[%d]", path, i)
+				}
+				if f, fp := find(c, p); f != nil {
+					return f, fp
+				}
+			}
+		}
+		return nil, ""
+	}
+	n, path := find(&root, "")
+	if n == nil {
+		return err
+	}
+	return fmt.Errorf("line %d: %s: %w", n.Line, path, err)
 }
 
 func (c *Config) validate() error {
@@ -200,8 +260,8 @@ func (c *Config) validate() error {
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if c.Name == "" {
 		bad("name: missing (this server's identity, as in its certificate)")
-	} else if !validName(c.Name) {
-		bad("name: %q: letters, digits, '-' and '.' only (it names certificates and files)", c.Name)
+	} else if err := peer.CheckName(c.Name); err != nil {
+		bad("name: %v (it names certificates and files)", err)
 	}
 	if c.Role != "server" && c.Role != "gateway" {
 		bad("role: %q is not server or gateway", c.Role)
@@ -244,6 +304,8 @@ func (c *Config) validate() error {
 			switch {
 			case !a.IsValid() || a.IsUnspecified() || a.IsMulticast() || a.Is4In6():
 				bad("%s: service address %v is not a host's unicast address", who, a)
+			case a.IsLoopback() || a.IsLinkLocalUnicast():
+				bad("%s: service address %v cannot be reached from another host (loopback or link-local)", who, a)
 			case fams[a.Is6()]:
 				bad("%s: two service addresses of one family (%v): one per family is used", who, a)
 			case owned[a] != "":
@@ -259,6 +321,12 @@ func (c *Config) validate() error {
 	if c.TLS.CA == "" || c.TLS.Cert == "" || c.TLS.Key == "" {
 		bad("tls: ca, cert and key are all required (the control channel is mutual TLS)")
 	}
+	if len(c.Peers) == 0 {
+		bad("peers: none: a pool needs at least one other member to move connections to")
+	}
+	if c.Role == "server" && c.Steering == "gateway" && c.Gateway == c.Name {
+		bad("gateway: %q is this server: the gateway is another host, whose mtcpd has role: gateway", c.Gateway)
+	}
 	names := map[string]bool{c.Name: true}
 	for i, p := range c.Peers {
 		switch {
@@ -266,12 +334,18 @@ func (c *Config) validate() error {
 			bad("peers[%d]: name missing", i)
 		case names[p.Name]:
 			bad("peers[%d]: name %q used twice", i, p.Name)
+		default:
+			if err := peer.CheckName(p.Name); err != nil {
+				bad("peers[%d]: name %v", i, err)
+			}
 		}
 		names[p.Name] = true
 		if p.Addr == "" {
 			bad("peers[%d] (%s): addr missing", i, p.Name)
 		} else if err := checkHostPort(p.Addr); err != nil {
 			bad("peers[%d] (%s): addr: %v", i, p.Name, err)
+		} else if p.Addr == c.PeerListen {
+			bad("peers[%d] (%s): addr %s is this server's own peer_listen", i, p.Name, p.Addr)
 		}
 		if len(p.ServiceAddrs) == 0 && p.Name != c.Gateway {
 			// The steering point and the target check flows against them.
@@ -288,10 +362,21 @@ func (c *Config) validate() error {
 	if c.Policy != "" && c.Role != "server" {
 		bad("policy: only a server runs a policy (role is %s)", c.Role)
 	}
-	for _, p := range []string{c.AdminSocket, c.AppSocket} {
-		if !strings.HasPrefix(p, "/") {
-			bad("socket path %q must be absolute", p)
+	for _, s := range []struct{ key, path string }{{"admin_socket", c.AdminSocket}, {"app_socket", c.AppSocket}} {
+		switch {
+		case !strings.HasPrefix(s.path, "/"):
+			bad("%s: %q must be absolute", s.key, s.path)
+		case strings.HasSuffix(s.path, "/"):
+			bad("%s: %q is a directory: name the socket file in it", s.key, s.path)
+		case len(s.path) > maxSocketPath:
+			bad("%s: %q is %d bytes long: a unix socket's path takes at most %d", s.key, s.path, len(s.path), maxSocketPath)
 		}
+	}
+	if c.AdminSocket == c.AppSocket {
+		bad("app_socket: %q is admin_socket too: they must differ", c.AppSocket)
+	}
+	if c.Metrics != "" && c.Metrics == c.PeerListen {
+		bad("metrics: %q is peer_listen too: they must differ", c.Metrics)
 	}
 	return errors.Join(errs...)
 }

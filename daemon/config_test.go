@@ -51,7 +51,8 @@ func TestParseConfig(t *testing.T) {
 		{"bad address", strings.Replace(goodConfig, "10.77.2.11,", "10.77.2.300,", 1), "10.77.2.300"},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: /etc/mtcp/ca.pem, ", "tls: {", 1), "tls: ca, cert and key"},
 		{"bad steering", goodConfig + "steering: sideways\n", `steering: "sideways"`},
-		{"bad name", strings.Replace(goodConfig, "name: s1\n", "name: s1/../x\n", 1), `name: "s1/../x": letters, digits`},
+		{"bad name", strings.Replace(goodConfig, "name: s1\n", "name: s1/../x\n", 1), `name: "s1/../x": character '/' not allowed`},
+		{"bad peer name", strings.Replace(goodConfig, "name: s2\n", "name: s2!\n", 1), `peers[0]: name "s2!": character '!' not allowed`},
 		{"bad process pages", goodConfig + "process_pages: later\n", `process_pages: "later" is not lazy or eager`},
 		{"gateway unknown", goodConfig + "steering: gateway\ngateway: gw\n", `"gw" is not one of the peers`},
 		{"peer_listen not host:port", strings.Replace(goodConfig, "peer_listen: 10.77.3.11:7700", "peer_listen: localhost", 1), "peer_listen: \"localhost\" is not host:port"},
@@ -68,6 +69,17 @@ func TestParseConfig(t *testing.T) {
 		{"two IPv4 service addresses", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11, 10.77.2.21,", 1), "two service addresses of one family"},
 		{"a peer without service addresses", strings.Replace(goodConfig, "    service_addrs: [10.77.2.12]\n", "", 1), "peers[0] (s2): service_addrs missing"},
 		{"a peer's service address", strings.Replace(goodConfig, "service_addrs: [10.77.2.12]", "service_addrs: [10.77.2.11]", 1), "service address 10.77.2.11 is s1's too"},
+		{"a bad peer address, placed", strings.Replace(goodConfig, "service_addrs: [10.77.2.12]", `service_addrs: [10.77.2.12, "fd77:2::12::"]`, 1), `line 8: peers[0].service_addrs[1]: ParseAddr("fd77:2::12::")`},
+		{"a prefix for an address, placed", strings.Replace(goodConfig, "[10.77.2.11,", "[10.77.2.11/24,", 1), `line 3: service_addrs[0]: ParseAddr("10.77.2.11/24")`},
+		{"loopback service address", strings.Replace(goodConfig, "[10.77.2.11,", "[127.0.0.1,", 1), "service address 127.0.0.1 cannot be reached from another host"},
+		{"link-local service address", strings.Replace(goodConfig, `"fd77:2::11"`, `"fe80::1"`, 1), "service address fe80::1 cannot be reached"},
+		{"no peers", goodConfig[:strings.Index(goodConfig, "peers:")] + "peers: []\n" + goodConfig[strings.Index(goodConfig, "tls:"):], "peers: none"},
+		{"a peer at our own address", strings.Replace(goodConfig, "addr: 10.77.3.12:7700", "addr: 10.77.3.11:7700", 1), "peers[0] (s2): addr 10.77.3.11:7700 is this server's own peer_listen"},
+		{"a server its own gateway", goodConfig + "steering: gateway\ngateway: s1\n", `gateway: "s1" is this server`},
+		{"one socket for both", goodConfig + "admin_socket: /run/mtcp/x.sock\napp_socket: /run/mtcp/x.sock\n", "app_socket: \"/run/mtcp/x.sock\" is admin_socket too"},
+		{"socket path a directory", goodConfig + "admin_socket: /run/mtcp/\n", "admin_socket: \"/run/mtcp/\" is a directory"},
+		{"socket path too long", goodConfig + "admin_socket: /run/" + strings.Repeat("x", 110) + "\n", "a unix socket's path takes at most 107"},
+		{"metrics on the peer port", goodConfig + "metrics: 10.77.3.11:7700\n", "metrics: \"10.77.3.11:7700\" is peer_listen too"},
 	} {
 		if tc.want == "" {
 			continue
@@ -150,6 +162,29 @@ func TestCheckPolicyServers(t *testing.T) {
 			t.Errorf("%q: %v", tc.file, err)
 		case tc.unknown != "" && (err == nil || !strings.HasSuffix(err.Error(), ": "+tc.unknown)):
 			t.Errorf("%q: error %v, want it to name %s", tc.file, err, tc.unknown)
+		}
+	}
+}
+
+// TestLoadConfigRelativePaths: the files a configuration names by
+// relative paths are found beside it, wherever mtcpd runs from.
+func TestLoadConfigRelativePaths(t *testing.T) {
+	dir := t.TempDir()
+	conf := strings.Replace(goodConfig, "tls: {ca: /etc/mtcp/ca.pem, cert: /etc/mtcp/s1.pem, key: /etc/mtcp/s1-key.pem}", "tls: {ca: pki/ca.pem, cert: /etc/mtcp/s1.pem, key: ./s1-key.pem}", 1) + "policy: policy.yaml\n"
+	path := filepath.Join(dir, "mtcpd.yaml")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for got, want := range map[string]string{
+		c.TLS.CA: filepath.Join(dir, "pki/ca.pem"), c.TLS.Cert: "/etc/mtcp/s1.pem",
+		c.TLS.Key: filepath.Join(dir, "s1-key.pem"), c.Policy: filepath.Join(dir, "policy.yaml"),
+	} {
+		if got != want {
+			t.Errorf("path %q, want %q", got, want)
 		}
 	}
 }

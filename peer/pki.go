@@ -153,12 +153,12 @@ func (ca *CA) Issue(name string, ips []netip.Addr, dns []string, validity time.D
 }
 
 func (ca *CA) issue(name string, ips []netip.Addr, dns []string, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return nil, nil, fmt.Errorf("issue: %w: member name %w", ErrInvalidName, err)
 	}
 	names := []string{name}
 	for _, d := range dns {
-		if err := checkName(d); err != nil {
+		if err := CheckName(d); err != nil {
 			return nil, nil, fmt.Errorf("issue %s: %w: DNS name %w", name, ErrInvalidName, err)
 		}
 		if !slices.Contains(names, d) {
@@ -208,9 +208,11 @@ func (ca *CA) issue(name string, ips []netip.Addr, dns []string, notBefore, notA
 	return pemBlock("CERTIFICATE", der), pemBlock("PRIVATE KEY", keyDER), nil
 }
 
-// checkName accepts names usable both as a certificate's DNS name and as
+// CheckName accepts names usable both as a certificate's DNS name and as
 // a TLS server name: letters, digits, '-', '_' and '.'-separated labels.
-func checkName(s string) error {
+// A pool member's name is one (mtcpd's configuration and mtcpctl certs
+// check theirs with it).
+func CheckName(s string) error {
 	if s == "" {
 		return errors.New("is empty")
 	}

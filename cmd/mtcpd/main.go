@@ -26,6 +26,20 @@ server of a pool; together they move live TCP connections between the
 servers while the clients keep their connections. Control it with mtcpctl
 (root only, through the admin socket named in the configuration).
 
+-check validates the configuration and loads the files it names (the TLS
+certificate and key against the pool CA, the policy file) as mtcpd will
+at start, then exits. Relative paths in the configuration are taken from
+its own directory.
+
+Signals: SIGHUP reloads the TLS files and the policy file (mtcpd also
+notices within a second when they change). Every other setting, the
+pool's peers included, is read at start only: restart mtcpd to change it.
+SIGINT and SIGTERM stop mtcpd, letting migrations under way finish for up
+to 30 s.
+
+Environment: GOGC and GOMAXPROCS as for any Go program; MTCP_CPUPROFILE=DIR
+writes CPU profiles there (a new one at each SIGUSR2).
+
 Flags:
 `)
 		flag.PrintDefaults()
