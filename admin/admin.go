@@ -63,6 +63,10 @@ type Report struct {
 	Failed  map[string]string        `json:"failed,omitempty"`
 	Timings map[string]time.Duration `json:"timings_ns"`
 	Aborted bool                     `json:"aborted"`
+	// Error is what went wrong as a whole (a phase that failed, an abort
+	// that could not put everything back), if anything; Failed says
+	// which connections it cost.
+	Error string `json:"error,omitempty"`
 }
 
 // DrainRequest asks to move every connection away: to one peer (To) or

@@ -168,7 +168,7 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		for _, f := range flows {
 			rep.Failed[f.Client.String()] = err.Error()
 		}
-		rep.Aborted = true
+		rep.Aborted, rep.Error = true, err.Error()
 		return rep, err
 	}
 	// One transaction per application service: the target checks it has
@@ -203,7 +203,11 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		d.log.Info("migration", "to", to, "app", svc, "moved", len(mr.Moved), "failed", len(mr.Failed), "aborted", mr.Aborted,
 			"commit_after_switch", mr.CommitAfterSwitch, "err", err)
 	}
-	return rep, errors.Join(errs...)
+	err = errors.Join(errs...)
+	if err != nil {
+		rep.Error = err.Error()
+	}
+	return rep, err
 }
 
 // streamLines starts a streamed answer of JSON lines (progress) and
@@ -291,8 +295,10 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 			rep, err := d.migrate(r.Context(), part, to, &later)
 			mu.Lock()
 			defer mu.Unlock()
-			if rep == nil {
+			if err != nil {
 				errs = append(errs, err)
+			}
+			if rep == nil {
 				p.Failed += len(part)
 				return
 			}

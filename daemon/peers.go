@@ -27,6 +27,30 @@ type peerConn struct {
 	err      error
 	lastSeen time.Time
 	rtt      time.Duration
+	// late counts the heartbeats in a row that got no answer in time.
+	late int
+}
+
+// lateHeartbeats is how many heartbeats in a row may go unanswered in
+// time before the connection to the peer is closed and dialled again,
+// as long as no other request waits on it. A heartbeat shares its
+// connection with migrations: one stuck behind a large transfer frame
+// on a slow link must not close the connection under the transfer.
+const lateHeartbeats = 5
+
+// dropAfterHeartbeat tells whether a heartbeat that ended with err, the
+// late-th in a row without an answer in time, with pending other requests
+// waiting on the same connection, should close that connection: at once
+// if it failed (closed, refused, garbled), but if it was only late, once
+// late reaches lateHeartbeats with nothing else waiting.
+func dropAfterHeartbeat(err error, late, pending int) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, context.DeadlineExceeded):
+		return late >= lateHeartbeats && pending == 0
+	}
+	return true
 }
 
 // HeartbeatInterval is how often the daemon asks each peer for its status.
@@ -127,13 +151,21 @@ func (d *Daemon) heartbeat(ctx context.Context, name string) {
 	var st *peer.StatusReply
 	if err == nil {
 		st, err = c.Status(hctx)
-		if err != nil {
-			d.dropPeer(name, err)
-		}
 	}
 	d.peersMu.Lock()
 	pc := d.peers[name]
 	d.peersMu.Unlock()
+	pc.mu.Lock()
+	if err == nil {
+		pc.late = 0
+	} else if c != nil && errors.Is(err, context.DeadlineExceeded) {
+		pc.late++
+	}
+	drop := c != nil && dropAfterHeartbeat(err, pc.late, c.Pending())
+	pc.mu.Unlock()
+	if drop {
+		d.dropPeer(name, err)
+	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	pc.err = err

@@ -383,6 +383,13 @@ func (l *laterDiscards) flush(d *Daemon) error {
 	return d.discard(outs, rm)
 }
 
+// Addr is this server's service address of the family: where a switch
+// taken back sends the flows again.
+func (s source) Addr(family int) netip.Addr {
+	a, _ := s.d.cfg.ServiceAddr(family == 6)
+	return a
+}
+
 func natFlow(f migrate.Flow) nat.Flow { return nat.Flow{Client: f.Client, Service: f.Service} }
 
 func natFlows(fs []migrate.Flow) []nat.Flow {

@@ -103,6 +103,12 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	} else if err := d.maySteer(from, r.Op, fs); err != nil {
 		return err
 	}
+	if err := ctx.Err(); err != nil {
+		// The member gave up on it (its deadline passed): applied now, a
+		// hold could come after the unhold of the abort that followed,
+		// and hold the flow for good.
+		return fmt.Errorf("%s on %s: %w", r.Op, d.cfg.Name, err)
+	}
 	if err := d.steerLocal(from, r.Op, fs, r.To); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -54,6 +55,10 @@ type Source interface {
 	Thaw(ctx context.Context, flows []Flow) error
 	// Discard drops the frozen sockets of flows the target now owns.
 	Discard(ctx context.Context, flows []Flow) error
+	// Addr is the source's address on the service network of the given
+	// family (4 or 6): where a switch that must be taken back sends the
+	// flows again.
+	Addr(family int) netip.Addr
 }
 
 // Target is the server the connections move to.
@@ -188,9 +193,12 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	if len(flows) == 0 {
 		return rep, nil
 	}
+	// base is the context of the phases: ctx until the switch, which
+	// must not be given up half-way (below).
+	base := ctx
 	// within runs fn under phase p's deadline.
 	within := func(p Phase, fn func(ctx context.Context) error) error {
-		pctx, cancel := context.WithTimeout(ctx, d.get(p))
+		pctx, cancel := context.WithTimeout(base, d.get(p))
 		defer cancel()
 		return fn(pctx)
 	}
@@ -324,22 +332,42 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		return rep, errors.Join(&PhaseError{Phase: PhaseTransfer, Err: errors.New("the target restored no connection")}, cleanupErr)
 	}
 
+	// From here on the caller can no longer cancel (an operator's Ctrl-C,
+	// a policy's timeout, a daemon stopping): a switch given up half-way
+	// may have sent the flows to the target all the same, and a commit
+	// given up would lose them. Each phase keeps its own deadline.
+	base = context.WithoutCancel(ctx)
+
 	// The switch is the point of no return: once the steering point sends
 	// the flows to the target, the target owns them. Where the target
 	// rewrites its own replies, the commit that brings them to life goes
 	// out with the switch: from then on too, the target owns them.
-	switchFlows := func(ctx context.Context) error {
+	switchTo := func(ctx context.Context, addr func(family int) netip.Addr) error {
+		var errs []error
 		for fam, fs := range byFamily(moving) {
-			if err := st.Switch(ctx, fs, tgt.Addr(fam)); err != nil {
-				return err
-			}
+			errs = append(errs, st.Switch(ctx, fs, addr(fam)))
 		}
-		return nil
+		return errors.Join(errs...)
+	}
+	switchFlows := func(ctx context.Context) error { return switchTo(ctx, tgt.Addr) }
+	// lose reports flows past the point of no return as failed: moved,
+	// but maybe not alive.
+	lose := func(fs []Flow, why string, err error) {
+		timings.Lock()
+		defer timings.Unlock()
+		for _, f := range fs {
+			rep.Failed[f] = fmt.Errorf("%s: %w", why, err)
+		}
+		rep.Moved = slices.DeleteFunc(slices.Clone(rep.Moved), func(f Flow) bool { return slices.Contains(fs, f) })
 	}
 	commit := func(ctx context.Context) error {
 		err := tgt.Commit(ctx, moving)
 		var fe FlowErrors
-		if errors.As(err, &fe) {
+		if err != nil && !errors.As(err, &fe) {
+			// No answer (a connection lost, a deadline): the target may
+			// have brought them to life or not.
+			lose(moving, fmt.Sprintf("commit on %s: outcome unknown, the connection may be lost", tgt.Name()), err)
+		} else if errors.As(err, &fe) {
 			// Lost: past the switch the source has let them go.
 			timings.Lock()
 			for f, ferr := range fe {
@@ -366,7 +394,20 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}
 	if st.RepliesNeedSwitch() {
 		rep.CommitAfterSwitch = true
-		if err := phase(PhaseSwitch, switchFlows); err != nil {
+		err := phase(PhaseSwitch, switchFlows)
+		if err != nil && cleanup(switchFlows) == nil {
+			err = nil
+		}
+		if err != nil {
+			// The steering point may have switched some flows all the
+			// same (a reply lost, a family of two, holds it could not
+			// lift): lifting the hold would not bring them back, and
+			// the target's aborted sockets would answer them with
+			// resets. Only once the flows are switched back to the
+			// source is it safe to resume them there.
+			if back := cleanup(func(ctx context.Context) error { return switchTo(ctx, src.Addr) }); back != nil {
+				err = fmt.Errorf("%w; switching them back to the source failed too: %w", err, back)
+			}
 			fail(moving, err)
 			rep.Aborted = true
 			return rep, errors.Join(err, cleanupErr, stay(moving, true))
@@ -386,6 +427,9 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		if err != nil && cleanup(switchFlows) == nil {
 			err = nil
 		}
+		if err != nil {
+			lose(moving, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
+		}
 		return rep, errors.Join(err, phase(PhaseCommit, commitAndDiscard), cleanupErr)
 	}
 	// The commit is what the client waits for: it goes out from this
@@ -398,6 +442,9 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			// back: one more try. If it fails too, the flows stay the
 			// target's with their packets held at the steering point.
 			err = nil
+		}
+		if err != nil {
+			lose(moving, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
 		}
 		// The source lets go of its frozen copies once the steering
 		// point sends it nothing more of them (or, if the switch

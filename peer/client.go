@@ -211,6 +211,13 @@ func (c *Client) readLoop(conn net.Conn) {
 	}
 }
 
+// Pending returns how many requests wait for their answers.
+func (c *Client) Pending() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.pending)
+}
+
 func (c *Client) forget(id uint64) {
 	c.mu.Lock()
 	delete(c.pending, id)

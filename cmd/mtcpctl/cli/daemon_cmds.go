@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -175,6 +176,8 @@ must exist on both servers.`,
 
 func reportError(rep *admin.Report) error {
 	switch {
+	case len(rep.Failed) == 0 && rep.Error != "":
+		return errors.New(rep.Error)
 	case len(rep.Failed) == 0:
 		return nil
 	case len(rep.Moved) == 0:
@@ -187,9 +190,12 @@ func reportError(rep *admin.Report) error {
 func printReport(w io.Writer, rep *admin.Report) {
 	fmt.Fprintf(w, "moved %d connection(s) to %s", len(rep.Moved), rep.To)
 	if len(rep.Failed) > 0 {
-		fmt.Fprintf(w, ", %d stayed here", len(rep.Failed))
+		fmt.Fprintf(w, ", %d failed", len(rep.Failed))
 	}
 	fmt.Fprintln(w)
+	if rep.Error != "" {
+		fmt.Fprintf(w, "  error: %s\n", rep.Error)
+	}
 	phases := []string{"prepare", "quiesce", "hold", "capture", "transfer", "switch", "commit"}
 	var parts []string
 	for _, p := range phases {
