@@ -21,6 +21,9 @@ import (
 //	                 source's deadline cancels it)
 //	import-refuse    the target's application takes none of the
 //	                 connections a commit hands it (they end)
+//	switched-refuse  a steering point makes every switch it is asked
+//	                 for, then answers with an error, as if its answer
+//	                 were lost
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it

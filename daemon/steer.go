@@ -115,6 +115,9 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	if r.Op != peer.SteerRefresh {
 		d.noteHolds(from, r.Op, fs)
 	}
+	if r.Op == peer.SteerSwitch {
+		return fault(ctx, "switched") // switched-refuse: the answer is lost (tests)
+	}
 	return nil
 }
 

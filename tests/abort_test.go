@@ -461,6 +461,53 @@ func TestAbortTargetFaults(t *testing.T) {
 	}
 }
 
+// TestAbortGatewaySwitchLost: with gateway steering, the gateway makes
+// the switch s1 -> s2 but its answer is lost (MTCP_FAULT=switched-refuse,
+// every time). The source cannot tell whether the flows went to s2: it
+// switches them back to itself before it resumes them, rather than lift
+// a hold that is no longer there and leave the gateway sending them to
+// s2, whose aborted sockets would reset them. An IPv4 and an IPv6 session
+// carry on at s1 with their state, with no reset, and no host keeps
+// anything for them.
+func TestAbortGatewaySwitchLost(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Steering: "gateway",
+		Env: map[string][]string{"mtcpd-" + bed.Gateway.Name: {"MTCP_FAULT=switched-refuse"}}})
+	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+	req := &admin.MigrateRequest{To: "s2"}
+	for _, s := range sessions {
+		req.Flows = append(req.Flows, s.client.String())
+	}
+	rep, err := p.Admin(bed.S1).Migrate(abortCtx(t, 60*time.Second), req)
+	t.Logf("migrate: err=%v report=%+v", err, rep)
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	if len(rep.Moved) != 0 || !rep.Aborted || !strings.Contains(rep.Error, "switching them back to the source failed too") {
+		t.Errorf("report %+v: want nothing moved, aborted, the switch back tried", rep)
+	}
+	for _, s := range sessions {
+		if why := rep.Failed[s.client.String()]; !strings.Contains(why, "switched-refuse") {
+			t.Errorf("failure of %s is %q, want it to name the fault", s, why)
+		}
+	}
+	for _, s := range sessions {
+		s.check(t)
+		s.expect("SET after the lost switch", "OK")
+		s.check(t)
+	}
+	assertNoTrace(t, p, bed, false, sessions...)
+	for _, s := range sessions {
+		if e := flowElems(t, bed.Gateway, s.client, ""); len(e) > 0 {
+			t.Errorf("the gateway still steers %s: %v", s, e)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
 // poolTrust returns the pool CA's certificates (to verify the daemons)
 // and a peer identity named name, issued by the pool CA: a member's
 // credentials as far as the daemons can tell.
