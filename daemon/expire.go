@@ -63,6 +63,15 @@ func (d *Daemon) expireTransfers(cutoff time.Time) {
 			old = append(old, in)
 		}
 	}
+	for tx, rec := range d.commits {
+		select {
+		case <-rec.done:
+			if time.Since(rec.at) > CommitMemory {
+				delete(d.commits, tx)
+			}
+		default: // under way
+		}
+	}
 	d.mu.Unlock()
 	for _, in := range old {
 		err := d.discardIncoming(in)

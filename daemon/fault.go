@@ -21,6 +21,9 @@ import (
 //	                 source's deadline cancels it)
 //	import-refuse    the target's application takes none of the
 //	                 connections a commit hands it (they end)
+//	commit-answer-refuse  the source of a connection-mode migration takes
+//	                 the target's answer to its commit for lost with the
+//	                 connection, and asks again
 //	switched-refuse  a steering point makes every switch it is asked
 //	                 for, then answers with an error, as if its answer
 //	                 were lost

@@ -298,8 +298,24 @@ func resultErrors(rs []peer.ItemResult, n int) []error {
 // Commit reports the flows the target could not bring to life as
 // migrate.FlowErrors (its results follow the restored items, in the order
 // of flows).
+//
+// A commit whose connection to the target was lost before its answer came
+// is asked for once more on a new connection: the target answers it as it
+// did the first (or does it now, if the first never reached it).
 func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
-	r, err := t.c.Commit(ctx, &peer.CommitRequest{TxID: t.tx})
+	req := &peer.CommitRequest{TxID: t.tx}
+	r, err := t.c.Commit(ctx, req)
+	if err == nil && fault(ctx, "commit-answer") != nil {
+		r, err = nil, fmt.Errorf("%w: the answer lost (%s=commit-answer-refuse)", peer.ErrClosed, FaultEnv)
+	}
+	if errors.Is(err, peer.ErrClosed) && ctx.Err() == nil {
+		t.d.dropPeer(t.name, err)
+		if c, derr := t.d.peer(ctx, t.name); derr == nil {
+			t.d.log.Warn("commit: connection to the target lost, asking again", "to", t.name, "tx", t.tx, "err", err)
+			t.c = c
+			r, err = c.Commit(ctx, req)
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -266,18 +266,54 @@ func (d *Daemon) rewritesReplies(f migrate.Flow, local netip.AddrPort) bool {
 
 // Commit brings the transfer's connections to life and hands them to
 // their application.
+// CommitMemory is how long a target remembers a commit's answer, for a
+// source that asks again because it did not get it.
+const CommitMemory = 2 * time.Minute
+
+// commitRecord is a commit done or under way: done is closed once reply
+// holds its answer.
+type commitRecord struct {
+	from  string
+	at    time.Time
+	done  chan struct{}
+	reply *peer.CommitReply
+}
+
+// Commit brings a transfer's restored sockets to life and hands them to
+// their applications. Asked again for the same transaction (its source
+// did not get the answer), it gives the first commit's answer.
 func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest) (*peer.CommitReply, error) {
 	d.mu.Lock()
+	if rec, ok := d.commits[r.TxID]; ok && rec.from == from {
+		d.mu.Unlock()
+		select {
+		case <-rec.done:
+			return rec.reply, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	in, ok := d.restoring[r.TxID]
 	if ok && in.from != from {
 		d.mu.Unlock()
 		return nil, fmt.Errorf("transaction %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
 	}
 	delete(d.restoring, r.TxID)
+	rec := &commitRecord{from: from, at: time.Now(), done: make(chan struct{})}
+	if ok {
+		d.commits[r.TxID] = rec
+	}
 	d.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("no transfer %d waiting on %s", r.TxID, d.cfg.Name)
 	}
+	rec.reply = d.commit(ctx, in)
+	close(rec.done)
+	return rec.reply, nil
+}
+
+// commit is Commit's work on a transfer taken from restoring.
+func (d *Daemon) commit(ctx context.Context, in *incoming) *peer.CommitReply {
 	results := make([]peer.ItemResult, len(in.items))
 	// The sockets come to life first, all of them: from here on every
 	// moment counts for the clients. Then each application takes its
@@ -339,7 +375,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 			f.Close()
 		}
 	}
-	return &peer.CommitReply{Results: results}, nil
+	return &peer.CommitReply{Results: results}
 }
 
 // tuple is the restored socket's own ends.

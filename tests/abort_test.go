@@ -508,6 +508,39 @@ func TestAbortGatewaySwitchLost(t *testing.T) {
 	}
 }
 
+// TestCommitAnswerLost: s1 takes s2's answer to its commit for lost with
+// the connection (MTCP_FAULT=commit-answer-refuse) and asks again on a new
+// connection; s2 gives the first commit's answer again. Both sessions,
+// IPv4 and IPv6, are reported moved and carry on at s2 with their state,
+// with no reset. (Asked again, s2 used to answer that it had no such
+// transfer, and the connections, alive on s2, were reported failed.)
+func TestCommitAnswerLost(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=commit-answer-refuse"}}})
+	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+	req := &admin.MigrateRequest{To: "s2"}
+	for _, s := range sessions {
+		req.Flows = append(req.Flows, s.client.String())
+	}
+	rep, err := p.Admin(bed.S1).Migrate(abortCtx(t, 60*time.Second), req)
+	t.Logf("migrate: err=%v report=%+v", err, rep)
+	if err != nil || len(rep.Moved) != len(sessions) || len(rep.Failed) != 0 || rep.Error != "" {
+		t.Fatalf("migrate: %v, %+v: want both moved", err, rep)
+	}
+	for _, s := range sessions {
+		s.expect("HOST", "s2")
+		s.expect("GET colour", s.colour)
+		s.sent++
+		if got := s.do("COUNT"); got != strconv.Itoa(s.sent) {
+			t.Errorf("%s: COUNT = %q, want %d", s, got, s.sent)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
 // poolTrust returns the pool CA's certificates (to verify the daemons)
 // and a peer identity named name, issued by the pool CA: a member's
 // credentials as far as the daemons can tell.
