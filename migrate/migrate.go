@@ -364,9 +364,10 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		err := tgt.Commit(ctx, moving)
 		var fe FlowErrors
 		if err != nil && !errors.As(err, &fe) {
-			// No answer (a connection lost, a deadline): the target may
-			// have brought them to life or not.
-			lose(moving, fmt.Sprintf("commit on %s: outcome unknown, the connection may be lost", tgt.Name()), err)
+			// No answer (a connection lost, a deadline), or a refusal
+			// for them all: the target may have brought them to life or
+			// not.
+			lose(moving, fmt.Sprintf("commit on %s failed: the connection may be lost", tgt.Name()), err)
 		} else if errors.As(err, &fe) {
 			// Lost: past the switch the source has let them go.
 			timings.Lock()
