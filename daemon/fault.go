@@ -21,6 +21,8 @@ import (
 //	                 source's deadline cancels it)
 //	import-refuse    the target's application takes none of the
 //	                 connections a commit hands it (they end)
+//	commit-socket-refuse  the target fails to bring any restored socket
+//	                 to life at the commit (they go silently)
 //	commit-answer-refuse  the source of a connection-mode migration takes
 //	                 the target's answer to its commit for lost with the
 //	                 connection, and asks again

@@ -325,6 +325,13 @@ func (d *Daemon) commit(ctx context.Context, in *incoming) *peer.CommitReply {
 		if err != nil {
 			results[i] = peer.ItemResult{Error: err.Error()}
 			d.log.Error("commit failed", "flow", item.flow, "err", err)
+			// Its socket is gone: the reaper, finding none, removes its
+			// rules here and at its steering point.
+			d.mu.Lock()
+			d.moved[item.tuple()] = item.flow
+			d.adopted[item.tuple()] = true
+			d.movedChanged()
+			d.mu.Unlock()
 			continue
 		}
 		files[i] = f
@@ -387,6 +394,9 @@ func (item *inItem) tuple() app.Tuple { return app.Tuple{Local: item.local, Remo
 // the client from an address it never dialled.
 func commitSocket(ctx context.Context, item *inItem) (*os.File, error) {
 	if err := item.rw.wait(ctx); err != nil {
+		return nil, errors.Join(err, item.r.Abort())
+	}
+	if err := fault(ctx, "commit-socket"); err != nil {
 		return nil, errors.Join(err, item.r.Abort())
 	}
 	if err := item.r.Commit(); err != nil {

@@ -1045,15 +1045,22 @@ func TestRefuseBadItems(t *testing.T) {
 }
 
 // TestImportRefusedRulesGo: past the switch, the target's application
-// does not take the connection (MTCP_FAULT=import-refuse on s2): the
+// does not take the connection (MTCP_FAULT=import-refuse on s2), or the
+// target cannot bring its socket to life (commit-socket-refuse): the
 // migration reports it lost, the client sees the connection end, and the
 // flow's rules (s1's forward, s2's reply rewrite) go once its socket is
 // gone, as for any ended connection, rather than wait for their idle
 // timeout.
 func TestImportRefusedRulesGo(t *testing.T) {
 	testbed.RequireNetns(t) // reads the hosts' tables from the test process
+	for _, fault := range []string{"import-refuse", "commit-socket-refuse"} {
+		t.Run(fault, func(t *testing.T) { testCommitFailedRulesGo(t, fault) })
+	}
+}
+
+func testCommitFailedRulesGo(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
-	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=import-refuse"}}})
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=" + fault}}})
 	s := newAbortSession(t, p, bed, false)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
