@@ -284,6 +284,7 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		sem   = make(chan struct{}, drainInFlight)
 		later laterDiscards // the frozen sockets to close at the end
 	)
+	defer d.deferDiscards(&later)()
 	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
 		part := flows[i:min(i+batch, len(flows))]
 		to := targets[t%len(targets)]
@@ -314,6 +315,9 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		p.Error = err.Error()
 	}
 	send(p)
+	if delay, err := faultDuration("drain-flush-delay"); err == nil && delay > 0 {
+		time.Sleep(delay) // tests: connections may come back meanwhile
+	}
 	// Every connection is on its target and the drain said so: the
 	// frozen copies go now, inert until then.
 	if err := later.flush(d); err != nil {

@@ -55,6 +55,9 @@ import (
 //	                 restores (the source's process stays stopped meanwhile)
 //	restore-deadline=D  the source of a process migration gives the
 //	                 target's restore D instead of a minute
+//	drain-flush-delay=D  a drain waits D once it has said it is done
+//	                 before it closes its frozen copies (a connection
+//	                 migrated back meanwhile must not meet them)
 //	orphan-after=D   transactions of other daemons left without their end
 //	                 (see expire.go) expire after D instead of
 //	                 OrphanTimeout; for tests

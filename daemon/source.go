@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -352,10 +354,15 @@ func (d *Daemon) discard(outs, rm []*outgoing) error {
 // need the CPU time. The frozen sockets are inert meanwhile (repair mode,
 // their flows steered away); their applications have let go of them
 // already.
+//
+// A connection that comes back here while they wait (moved back by its
+// new server) has its old socket closed and its old rules removed first,
+// before its restore (takeDeferred): the frozen socket holds its 4-tuple,
+// and the late removal would take the new rules away.
 type laterDiscards struct {
 	mu   sync.Mutex
-	outs []*outgoing
-	rm   []*outgoing
+	outs map[app.Tuple]*outgoing
+	rm   map[app.Tuple]*outgoing
 }
 
 // add keeps outs and rm for later, unless that would keep more than
@@ -366,21 +373,72 @@ func (l *laterDiscards) add(outs, rm []*outgoing) bool {
 	if len(l.outs)+len(outs) > drainDeferMax {
 		return false
 	}
-	l.outs = append(l.outs, outs...)
-	l.rm = append(l.rm, rm...)
+	if l.outs == nil {
+		l.outs, l.rm = map[app.Tuple]*outgoing{}, map[app.Tuple]*outgoing{}
+	}
+	for _, o := range outs {
+		l.outs[unmapTuple(o.tuple)] = o
+	}
+	for _, o := range rm {
+		l.rm[unmapTuple(o.tuple)] = o
+	}
 	return true
+}
+
+// take removes what is kept for tuple t and returns it.
+func (l *laterDiscards) take(t app.Tuple) (outs, rm []*outgoing) {
+	t = unmapTuple(t)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if o, ok := l.outs[t]; ok {
+		outs = append(outs, o)
+		delete(l.outs, t)
+	}
+	if o, ok := l.rm[t]; ok {
+		rm = append(rm, o)
+		delete(l.rm, t)
+	}
+	return outs, rm
 }
 
 // flush discards what was kept.
 func (l *laterDiscards) flush(d *Daemon) error {
 	l.mu.Lock()
-	outs, rm := l.outs, l.rm
+	outs, rm := slices.Collect(maps.Values(l.outs)), slices.Collect(maps.Values(l.rm))
 	l.outs, l.rm = nil, nil
 	l.mu.Unlock()
 	if len(outs) == 0 && len(rm) == 0 {
 		return nil
 	}
 	return d.discard(outs, rm)
+}
+
+// deferDiscards registers a drain's later discards, for takeDeferred,
+// until the returned function is called.
+func (d *Daemon) deferDiscards(l *laterDiscards) (done func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.laters[l] = struct{}{}
+	return func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		delete(d.laters, l)
+	}
+}
+
+// takeDeferred discards now what a drain keeps for later of the
+// connection t, which is about to be restored here again.
+func (d *Daemon) takeDeferred(t app.Tuple) error {
+	d.mu.Lock()
+	ls := slices.Collect(maps.Keys(d.laters))
+	d.mu.Unlock()
+	var errs []error
+	for _, l := range ls {
+		if outs, rm := l.take(t); len(outs)+len(rm) > 0 {
+			errs = append(errs, d.discard(outs, rm))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Addr is this server's service address of the family: where a switch

@@ -249,6 +249,11 @@ func (d *Daemon) restoreOne(it peer.Item) (*inItem, error) {
 		return nil, err
 	}
 	item := &inItem{flow: f, app: svc, snap: it.App, local: netip.AddrPortFrom(own, f.Service.Port())}
+	// Back here during a drain that moved it away: its old socket, kept
+	// frozen until the drain ends, holds the 4-tuple.
+	if err := d.takeDeferred(item.tuple()); err != nil {
+		return nil, err
+	}
 	// A socket that needs a reply rewrite here stays quiet until it is in.
 	quiet := d.rewritesReplies(f, item.local)
 	if item.r, err = repair.Restore(st, repair.RestoreOptions{Local: item.local, Remote: f.Client, Blank: d.takeBlank(v6), Quiet: quiet, Injector: d.inject, Marks: d.cfg.Marks.repair()}); err != nil {

@@ -282,6 +282,62 @@ func TestAdminDrain(t *testing.T) {
 	}
 }
 
+// TestDrainComesBack: sessions drained from s1 to s2 are migrated back
+// to s1 before s1 has closed the frozen copies the drain keeps until its
+// end (MTCP_FAULT=drain-flush-delay=6s on s1). They move back, with their
+// state: s1 closes the copy of each first, whose 4-tuple the restore
+// needs, and removes its old rules then, not at the end of the drain,
+// when they would be the new ones. After that end they still work; no
+// client saw a RST.
+func TestDrainComesBack(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=drain-flush-delay=6s"}}})
+	const n = 20
+	sessions := make([]*kv, n)
+	for i := range sessions {
+		c := p.Dial(bed.S1, i%2 == 1)
+		sessions[i] = &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		if got := sessions[i].do(fmt.Sprintf("SET k %d", i)); got != "OK" {
+			t.Fatalf("session %d: SET: %q", i, got)
+		}
+	}
+	pool.Eventually(t, 20*time.Second, "s1 to see every session", func() (bool, string) {
+		cs, err := p.Admin(bed.S1).Conns(context.Background())
+		return err == nil && len(cs) == n, fmt.Sprint(len(cs))
+	})
+	start := time.Now()
+	if prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 10}, nil); err != nil || prog.Done != n {
+		t.Fatalf("drain: %v (%+v)", err, prog)
+	}
+	back := sessions[:4] // two of each family
+	req := &admin.MigrateRequest{To: "s1"}
+	for _, s := range back {
+		req.Flows = append(req.Flows, s.c.LocalAddr().String())
+	}
+	rep, err := p.Admin(bed.S2).Migrate(context.Background(), req)
+	if time.Since(start) > 5*time.Second {
+		t.Fatalf("the drain and the migration back took %v: the drain's frozen copies may be gone already, the test shows nothing", time.Since(start))
+	}
+	if err != nil || len(rep.Moved) != len(back) {
+		t.Fatalf("migrating back to s1 during the drain's end: %v, %+v", err, rep)
+	}
+	for i, s := range back {
+		s.expectOn("s1", strconv.Itoa(i))
+	}
+	time.Sleep(time.Until(start.Add(8 * time.Second))) // past the drain's end
+	for i, s := range sessions {
+		host := "s2"
+		if i < len(back) {
+			host = "s1"
+		}
+		s.expectOn(host, strconv.Itoa(i))
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
+	}
+}
+
 // expectOn checks that host serves the session now and that its key k
 // still holds v.
 func (s *kv) expectOn(host, v string) {
