@@ -188,7 +188,7 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		tgt := &remoteTarget{d: d, name: to, cfg: cfg, c: c, tx: d.nextTx(), app: svc}
 		start := time.Now()
 		mr, err := migrate.Run(ctx, fs, source{d: d, later: later}, steering{d}, tgt, migrate.Deadlines{})
-		observe(mr, err, time.Since(start))
+		observe(mr, time.Since(start))
 		errs = append(errs, err)
 		for _, f := range mr.Moved {
 			rep.Moved = append(rep.Moved, f.Client.String())

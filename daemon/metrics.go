@@ -39,7 +39,7 @@ func metricsHandler() http.Handler {
 }
 
 // observe records a transaction in the metrics.
-func observe(rep *migrate.Report, err error, took time.Duration) {
+func observe(rep *migrate.Report, took time.Duration) {
 	if rep == nil {
 		return
 	}
@@ -48,10 +48,19 @@ func observe(rep *migrate.Report, err error, took time.Duration) {
 		phaseSeconds.WithLabelValues(string(p)).Observe(t.Seconds())
 	}
 	migrations.WithLabelValues("moved", "").Add(float64(len(rep.Moved)))
-	phase := "partial"
-	var pe *migrate.PhaseError
-	if errors.As(err, &pe) {
-		phase = string(pe.Phase)
+	// Each failed connection under the phase it failed in: a
+	// transaction's error names one phase, its connections may have
+	// failed in several.
+	byPhase := map[string]int{}
+	for _, ferr := range rep.Failed {
+		phase := "partial"
+		var pe *migrate.PhaseError
+		if errors.As(ferr, &pe) {
+			phase = string(pe.Phase)
+		}
+		byPhase[phase]++
 	}
-	migrations.WithLabelValues("failed", phase).Add(float64(len(rep.Failed)))
+	for phase, n := range byPhase {
+		migrations.WithLabelValues("failed", phase).Add(float64(n))
+	}
 }

@@ -264,7 +264,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	var quiesced []Flow
 	for i, f := range flows {
 		if i < len(quiesceErrs) && quiesceErrs[i] != nil {
-			rep.Failed[f] = quiesceErrs[i]
+			rep.Failed[f] = &PhaseError{Phase: PhaseQuiesce, Err: quiesceErrs[i]}
 			continue
 		}
 		quiesced = append(quiesced, f)
@@ -293,7 +293,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	var notCaptured []Flow
 	for i, err := range perFlow {
 		if err != nil && i < len(quiesced) {
-			rep.Failed[quiesced[i]] = err
+			rep.Failed[quiesced[i]] = &PhaseError{Phase: PhaseCapture, Err: err}
 			notCaptured = append(notCaptured, quiesced[i])
 		}
 	}
@@ -318,7 +318,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	var moving, refused []Flow
 	for i, it := range items {
 		if i < len(restoreErrs) && restoreErrs[i] != nil {
-			rep.Failed[it.Flow] = fmt.Errorf("target %s: %w", tgt.Name(), restoreErrs[i])
+			rep.Failed[it.Flow] = &PhaseError{Phase: PhaseTransfer, Err: fmt.Errorf("target %s: %w", tgt.Name(), restoreErrs[i])}
 			refused = append(refused, it.Flow)
 			continue
 		}
@@ -352,11 +352,11 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	switchFlows := func(ctx context.Context) error { return switchTo(ctx, tgt.Addr) }
 	// lose reports flows past the point of no return as failed: moved,
 	// but maybe not alive.
-	lose := func(fs []Flow, why string, err error) {
+	lose := func(fs []Flow, p Phase, why string, err error) {
 		timings.Lock()
 		defer timings.Unlock()
 		for _, f := range fs {
-			rep.Failed[f] = fmt.Errorf("%s: %w", why, err)
+			rep.Failed[f] = &PhaseError{Phase: p, Err: fmt.Errorf("%s: %w", why, err)}
 		}
 		rep.Moved = slices.DeleteFunc(slices.Clone(rep.Moved), func(f Flow) bool { return slices.Contains(fs, f) })
 	}
@@ -367,12 +367,12 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			// No answer (a connection lost, a deadline), or a refusal
 			// for them all: the target may have brought them to life or
 			// not.
-			lose(moving, fmt.Sprintf("commit on %s failed: the connection may be lost", tgt.Name()), err)
+			lose(moving, PhaseCommit, fmt.Sprintf("commit on %s failed: the connection may be lost", tgt.Name()), err)
 		} else if errors.As(err, &fe) {
 			// Lost: past the switch the source has let them go.
 			timings.Lock()
 			for f, ferr := range fe {
-				rep.Failed[f] = fmt.Errorf("commit on %s: %w", tgt.Name(), ferr)
+				rep.Failed[f] = &PhaseError{Phase: PhaseCommit, Err: fmt.Errorf("commit on %s: %w", tgt.Name(), ferr)}
 			}
 			kept := make([]Flow, 0, len(rep.Moved)) // not in place: moving is shared
 			for _, f := range rep.Moved {
@@ -429,7 +429,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			err = nil
 		}
 		if err != nil {
-			lose(moving, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
+			lose(moving, PhaseSwitch, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
 		}
 		return rep, errors.Join(err, phase(PhaseCommit, commitAndDiscard), cleanupErr)
 	}
@@ -445,7 +445,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 			err = nil
 		}
 		if err != nil {
-			lose(moving, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
+			lose(moving, PhaseSwitch, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
 		}
 		// The source lets go of its frozen copies once the steering
 		// point sends it nothing more of them (or, if the switch
