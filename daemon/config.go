@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mtcp-dev/mtcp/internal/yamlerr"
 	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
 	"github.com/mtcp-dev/mtcp/policy"
@@ -166,10 +167,10 @@ func ParseConfig(b []byte) (*Config, error) {
 		}
 		// "field x not found in type daemon.Config": the type means
 		// nothing to an operator.
-		return nil, errors.New(inTypeRE.ReplaceAllString(placeError(b, err).Error(), " (unknown key)"))
+		return nil, yamlerr.Explain(placeError(b, err))
 	}
 	var more yaml.Node
-	if err := dec.Decode(&more); !errors.Is(err, io.EOF) && !emptyDocument(&more) {
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) && !yamlerr.Empty(&more) {
 		return nil, fmt.Errorf("line %d: a second YAML document (---): the configuration is one document", more.Line)
 	}
 	if c.Role == "" {
@@ -380,19 +381,6 @@ func (c *Config) validate() error {
 	}
 	return errors.Join(errs...)
 }
-
-// emptyDocument reports whether n is a document with nothing in it (a
-// trailing "---", perhaps with comments).
-func emptyDocument(n *yaml.Node) bool {
-	if n.Kind == yaml.DocumentNode && len(n.Content) == 1 {
-		n = n.Content[0]
-	}
-	return n.Kind == 0 || n.Kind == yaml.DocumentNode && len(n.Content) == 0 ||
-		n.Kind == yaml.ScalarNode && n.Tag == "!!null" && n.Value == ""
-}
-
-// inTypeRE matches the Go type in the YAML decoder's unknown-key errors.
-var inTypeRE = regexp.MustCompile(` in type [A-Za-z0-9_.]+`)
 
 // checkHostPort checks a host:port the daemon listens on or dials.
 func checkHostPort(s string) error {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/mtcp-dev/mtcp/internal/yamlerr"
 )
 
 // Policy is a parsed and validated policy file. Parse and LoadFile fill in
@@ -304,10 +306,10 @@ func Parse(b []byte) (*Policy, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("the policy file is empty")
 		}
-		return nil, err
+		return nil, yamlerr.Explain(err)
 	}
 	var extra yaml.Node
-	if err := dec.Decode(&extra); err == nil {
+	if err := dec.Decode(&extra); err == nil && !yamlerr.Empty(&extra) {
 		return nil, &Error{Line: extra.Line, Msg: "a second YAML document: a policy file holds one"}
 	}
 	if err := pol.validate(&root); err != nil {

@@ -82,8 +82,10 @@ read), 2 on a usage error.`,
 					res.Rules = append(res.Rules, r.Name)
 				}
 			} else {
-				// Parse joins every problem it found, one per line.
-				for line := range strings.Lines(err.Error()) {
+				// Parse joins every problem it found, one per line;
+				// the file is named once, in res.File.
+				msg := strings.TrimPrefix(err.Error(), "policy "+args[0]+": ")
+				for line := range strings.Lines(msg) {
 					res.Errors = append(res.Errors, strings.TrimSpace(line))
 				}
 			}

@@ -1,0 +1,52 @@
+package yamlerr
+
+import (
+	"strings"
+	"testing"
+
+	"go.yaml.in/yaml/v3"
+)
+
+type inner struct{ A int }
+
+type config struct {
+	Peers  []string `yaml:"peers"`
+	Missed int      `yaml:"missed"`
+	Rate   float64  `yaml:"rate"`
+	On     bool     `yaml:"on"`
+	Inner  inner    `yaml:"inner"`
+}
+
+func TestExplain(t *testing.T) {
+	for _, tc := range []struct{ yaml, want string }{
+		{"colour: blue\n", "line 1: field colour not found (unknown key)"},
+		{"peers: s3\n", "line 1: want a list, e.g. [a, b], not a string (s3)"},
+		{"missed: three\n", "line 1: want a whole number, not a string (three)"},
+		{"rate: fast\n", "line 1: want a number, not a string (fast)"},
+		{"on: maybe\n", "line 1: want true or false, not a string (maybe)"},
+		{"inner: [1]\n", "line 1: want a mapping of keys to values, not a list"},
+		{"peers: {a: 1}\nmissed: x\n", "line 1: want a list, e.g. [a, b], not a mapping\nline 2: want a whole number, not a string (x)"},
+	} {
+		dec := yaml.NewDecoder(strings.NewReader(tc.yaml))
+		dec.KnownFields(true)
+		var c config
+		err := Explain(dec.Decode(&c))
+		if err == nil || err.Error() != tc.want {
+			t.Errorf("%q: %v, want %q", tc.yaml, err, tc.want)
+		}
+	}
+}
+
+func TestEmpty(t *testing.T) {
+	for doc, want := range map[string]bool{"a: 1\n---\n": true, "a: 1\n--- # nothing\n": true, "a: 1\n---\nb: 2\n": false} {
+		dec := yaml.NewDecoder(strings.NewReader(doc))
+		var first, second yaml.Node
+		if err := dec.Decode(&first); err != nil {
+			t.Fatal(err)
+		}
+		dec.Decode(&second)
+		if got := Empty(&second); got != want {
+			t.Errorf("%q: Empty = %v, want %v", doc, got, want)
+		}
+	}
+}
