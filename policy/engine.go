@@ -452,6 +452,9 @@ func (e *Engine) rule(r *Rule, v *view) Decision {
 	}
 	var mine []Conn
 	for _, c := range s.Conns {
+		if r.addr.IsValid() && c.Service.Addr().Unmap() != r.addr {
+			continue // dialled another address
+		}
 		if r.port == 0 || appPort(c.App) == r.port || c.Service.Port() == r.port {
 			mine = append(mine, c)
 		}

@@ -123,6 +123,29 @@ rules:
 	}
 }
 
+// TestServiceAddress: a rule for ADDR:PORT counts and moves only the
+// connections whose clients dialled ADDR, not those of the same port on
+// another address.
+func TestServiceAddress(t *testing.T) {
+	cs := conns(6, 1000)
+	for i := range cs[:4] {
+		cs[i].Service = netip.MustParseAddrPort("[fd77:2::11]:7000")
+	}
+	for svc, want := range map[string]int{"\"[fd77:2::11]:7000\"": 4, "\"10.77.2.11:7000\"": 2, "\":7000\"": 6} {
+		pol := mustParse(t, fmt.Sprintf(`
+rules:
+  - name: r
+    service: %s
+    when: {conns: {above: 0}}
+    migrate: {to: weighted, fraction: 1}
+`, svc))
+		d := ruleDecision(t, NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, cs)), "r")
+		if d.Count() != want {
+			t.Errorf("service %s: %d moved (%s), want %d", svc, d.Count(), d.Detail, want)
+		}
+	}
+}
+
 func TestLeastLoadedChoice(t *testing.T) {
 	rule := `
 rules:

@@ -70,7 +70,8 @@ type Rule struct {
 	// Name identifies the rule in logs and metrics; required, unique.
 	Name string `yaml:"name"`
 	// Service restricts the rule to the connections of one application
-	// service, ":PORT" or "ADDR:PORT"; empty means every service.
+	// service, ":PORT", or "ADDR:PORT" for those of its connections whose
+	// clients dialled ADDR; empty means every service.
 	Service string `yaml:"service"`
 	// When is the trigger: every condition given must hold.
 	When Conditions `yaml:"when"`
@@ -83,6 +84,7 @@ type Rule struct {
 	DryRun bool `yaml:"dry_run"`
 
 	port uint16
+	addr netip.Addr // of Service, if it has one
 }
 
 // Conditions are a rule's trigger. Server conditions (CPU to Conns,
@@ -484,6 +486,12 @@ func (r *Rule) validate(ps *problems, i int, names map[string]bool) {
 		port, err := strconv.ParseUint(r.Service[i+1:], 10, 16)
 		if i < 0 || err != nil || port == 0 {
 			ps.add(at("service"), "%q: want :PORT or ADDR:PORT, e.g. \":7000\"", r.Service)
+		} else if i > 0 {
+			ap, err := netip.ParseAddrPort(r.Service)
+			if err != nil {
+				ps.add(at("service"), "%q: %s is not an IP address (want :PORT or ADDR:PORT, e.g. \"10.0.0.1:7000\")", r.Service, r.Service[:i])
+			}
+			r.addr = ap.Addr().Unmap()
 		}
 		r.port = uint16(port)
 	}

@@ -49,6 +49,7 @@ func TestParseErrors(t *testing.T) {
 		{"rtt clear without a unit", "rules:\n  - name: a\n    when: {rtt: {above: 80ms, clear: 0.05}}\n", []string{"line 3: rules[0].when.rtt.clear: 0.05: this metric is a time"}},
 		{"duration for cpu", "rules:\n  - name: a\n    when: {cpu: {above: 50ms}}\n", []string{"line 3: rules[0].when.cpu.above: 50ms: this metric is not a time"}},
 		{"duration for a count", "rules:\n  - name: a\n    when: {conns: {above: 1s}}\n", []string{"line 3: rules[0].when.conns.above: 1s: this metric is not a time"}},
+		{"service address not an address", "rules:\n  - name: a\n    service: \"foo:7000\"\n    when: {conns: {above: 5}}\n", []string{`line 3: rules[0].service: "foo:7000": foo is not an IP address`}},
 		{"bad service", "rules:\n  - name: a\n    service: web\n    when: {conns: {above: 5}}\n", []string{`line 3: rules[0].service: "web"`}},
 		{"bad day", "rules:\n  - name: a\n    when:\n      during:\n        - {days: [mon, funday], from: \"02:00\", to: \"03:00\"}\n", []string{`line 5: rules[0].when.during[0].days[1]: "funday"`}},
 		{"bad clock", "rules:\n  - name: a\n    when:\n      during:\n        - from: \"2am\"\n          to: \"03:00\"\n", []string{`line 5: rules[0].when.during[0].from: "2am"`}},
