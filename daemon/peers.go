@@ -176,6 +176,7 @@ func (d *Daemon) heartbeat(ctx context.Context, name string) {
 
 func (d *Daemon) peerStatus() []admin.PeerStatus {
 	var out []admin.PeerStatus
+	missed := time.Duration(d.peerMissed())
 	for _, p := range d.cfg.Peers {
 		ps := admin.PeerStatus{Name: p.Name, Addr: p.Addr}
 		d.peersMu.Lock()
@@ -184,7 +185,7 @@ func (d *Daemon) peerStatus() []admin.PeerStatus {
 		if pc != nil {
 			pc.mu.Lock()
 			ps.LastSeen, ps.RTT = pc.lastSeen, pc.rtt
-			ps.Healthy = pc.err == nil && !pc.lastSeen.IsZero() && time.Since(pc.lastSeen) < 3*HeartbeatInterval
+			ps.Healthy = pc.err == nil && !pc.lastSeen.IsZero() && time.Since(pc.lastSeen) < missed*HeartbeatInterval
 			if pc.err != nil {
 				ps.Error = pc.err.Error()
 			}

@@ -44,6 +44,22 @@ type policyState struct {
 	mu    sync.Mutex // guards what Status reads
 	load  policy.Load
 	paths map[netip.Prefix]time.Duration
+	// missed is the policy's peers.missed (0 without a policy): how
+	// many heartbeats a peer may miss and still be up.
+	missed int
+}
+
+// peerMissed is how many heartbeats in a row a peer may miss before it
+// counts as down: the policy's peers.missed, or its default.
+func (d *Daemon) peerMissed() int {
+	if d.pol != nil {
+		d.pol.mu.Lock()
+		defer d.pol.mu.Unlock()
+		if d.pol.missed > 0 {
+			return d.pol.missed
+		}
+	}
+	return policy.DefaultMissed
 }
 
 // Figure names in peer.StatusReply.Figures.
@@ -79,6 +95,7 @@ func newPolicyState(cfg *Config, log *slog.Logger) (*policyState, error) {
 	}
 	ps.tried = sha256.Sum256(b)
 	ps.engine = policy.NewEngine(pol)
+	ps.missed = pol.Peers.Missed
 	policyReloads.WithLabelValues("start", "ok").Inc()
 	policyOK.Set(1)
 	ps.log.Info("policy loaded", "file", ps.path, "rules", len(pol.Rules), "interval", pol.Interval.D(), "dry_run", pol.DryRun)
@@ -120,6 +137,9 @@ func (ps *policyState) reload(cause string, force bool) {
 		return
 	}
 	ps.engine.SetPolicy(pol)
+	ps.mu.Lock()
+	ps.missed = pol.Peers.Missed
+	ps.mu.Unlock()
 	policyReloads.WithLabelValues(cause, "ok").Inc()
 	policyOK.Set(1)
 	ps.log.Info("policy reloaded", "file", ps.path, "cause", cause, "rules", len(pol.Rules), "interval", pol.Interval.D(), "dry_run", pol.DryRun)
