@@ -188,3 +188,32 @@ func TestLoadConfigRelativePaths(t *testing.T) {
 		}
 	}
 }
+
+// TestREADMEConfig: the configuration README.md shows is valid.
+func TestREADMEConfig(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "2. `/etc/mtcp/mtcpd.yaml` on each server")
+	if !ok {
+		t.Fatal("README.md no longer shows mtcpd.yaml")
+	}
+	var conf strings.Builder
+	started := false
+	for line := range strings.Lines(rest) {
+		if strings.HasPrefix(line, "       ") {
+			started = true
+			conf.WriteString(strings.TrimPrefix(line, "       "))
+		} else if started {
+			break
+		}
+	}
+	c, err := ParseConfig([]byte(conf.String()))
+	if err != nil {
+		t.Fatalf("README.md's configuration:\n%s\n%v", conf.String(), err)
+	}
+	if c.Name != "s1" || len(c.Peers) != 1 || c.Policy == "" {
+		t.Errorf("README.md's configuration read as %+v", c)
+	}
+}

@@ -60,7 +60,7 @@ Files are PEM, keys ECDSA P-256 (PKCS#8), readable by their owner only.
   # For each server, with the names and addresses its peers dial:
   mtcpctl certs issue --dir ./pool-ca --name s1 --ip 10.77.3.11
   # Then copy ./pool-ca/ca.pem, s1.pem and s1-key.pem to s1, and in its
-  # mtcpd.yaml:  tls: {ca: /etc/mtcp/ca.pem, cert: /etc/mtcp/s1.pem, key: /etc/mtcp/s1-key.pem}`,
+  # mtcpd.yaml:  tls: {ca: /etc/mtcp/pki/ca.pem, cert: /etc/mtcp/pki/s1.pem, key: /etc/mtcp/pki/s1-key.pem}`,
 		Args: subcommandArgs,
 		RunE: missingSubcommand,
 	}
@@ -289,7 +289,7 @@ func printIssued(w io.Writer, info *certInfo, dir, name string, caNotAfter time.
 	tw.Flush()
 	fmt.Fprintf(w, "Copy %s, %s and %s to %s, readable by root only; its mtcpd.yaml names them:\n",
 		filepath.Join(dir, caCertFile), info.Cert, info.Key, name)
-	fmt.Fprintf(w, "  tls: {ca: /etc/mtcp/%s, cert: /etc/mtcp/%s.pem, key: /etc/mtcp/%s-key.pem}\n", caCertFile, name, name)
+	fmt.Fprintf(w, "  tls: {ca: /etc/mtcp/pki/%s, cert: /etc/mtcp/pki/%s.pem, key: /etc/mtcp/pki/%s-key.pem}\n", caCertFile, name, name)
 }
 
 // loadCADir loads the pool CA of dir.
