@@ -461,6 +461,19 @@ func TestAbortTargetFaults(t *testing.T) {
 	}
 }
 
+// migrateSessions asks from's mtcpd to migrate the sessions to the member
+// to, and logs its answer.
+func migrateSessions(t *testing.T, p *pool.Pool, from *testbed.Host, to string, sessions []*abortSession) (*admin.Report, error) {
+	t.Helper()
+	req := &admin.MigrateRequest{To: to}
+	for _, s := range sessions {
+		req.Flows = append(req.Flows, s.client.String())
+	}
+	rep, err := p.Admin(from).Migrate(abortCtx(t, 60*time.Second), req)
+	t.Logf("migrate: err=%v report=%+v", err, rep)
+	return rep, err
+}
+
 // TestAbortGatewaySwitchLost: with gateway steering, the gateway makes
 // the switch s1 -> s2 but its answer is lost (MTCP_FAULT=switched-refuse,
 // every time). The source cannot tell whether the flows went to s2: it
@@ -475,12 +488,7 @@ func TestAbortGatewaySwitchLost(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{Steering: "gateway",
 		Env: map[string][]string{"mtcpd-" + bed.Gateway.Name: {"MTCP_FAULT=switched-refuse"}}})
 	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
-	req := &admin.MigrateRequest{To: "s2"}
-	for _, s := range sessions {
-		req.Flows = append(req.Flows, s.client.String())
-	}
-	rep, err := p.Admin(bed.S1).Migrate(abortCtx(t, 60*time.Second), req)
-	t.Logf("migrate: err=%v report=%+v", err, rep)
+	rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
 	if err != nil {
 		t.Fatalf("migrate: %v", err)
 	}
@@ -519,12 +527,7 @@ func TestCommitAnswerLost(t *testing.T) {
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=commit-answer-refuse"}}})
 	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
-	req := &admin.MigrateRequest{To: "s2"}
-	for _, s := range sessions {
-		req.Flows = append(req.Flows, s.client.String())
-	}
-	rep, err := p.Admin(bed.S1).Migrate(abortCtx(t, 60*time.Second), req)
-	t.Logf("migrate: err=%v report=%+v", err, rep)
+	rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
 	if err != nil || len(rep.Moved) != len(sessions) || len(rep.Failed) != 0 || rep.Error != "" {
 		t.Fatalf("migrate: %v, %+v: want both moved", err, rep)
 	}

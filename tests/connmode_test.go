@@ -239,18 +239,7 @@ func TestAdminDrain(t *testing.T) {
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{Quiet: true})
 	const n = 300
-	sessions := make([]*kv, n)
-	for i := range sessions {
-		c := p.Dial(bed.S1, i%2 == 1)
-		sessions[i] = &kv{t: t, c: c, rd: bufio.NewReader(c)}
-		if got := sessions[i].do(fmt.Sprintf("SET k %d", i)); got != "OK" {
-			t.Fatalf("session %d: SET: %q", i, got)
-		}
-	}
-	pool.Eventually(t, 20*time.Second, "s1 to see every session", func() (bool, string) {
-		cs, err := p.Admin(bed.S1).Conns(context.Background())
-		return err == nil && len(cs) == n, fmt.Sprint(len(cs))
-	})
+	sessions := drainSessions(t, p, bed, n)
 	var reports int
 	prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 100}, func(admin.Progress) { reports++ })
 	if err != nil || prog.Done != n || prog.Failed != 0 {
@@ -294,18 +283,7 @@ func TestDrainComesBack(t *testing.T) {
 	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=drain-flush-delay=6s"}}})
 	const n = 20
-	sessions := make([]*kv, n)
-	for i := range sessions {
-		c := p.Dial(bed.S1, i%2 == 1)
-		sessions[i] = &kv{t: t, c: c, rd: bufio.NewReader(c)}
-		if got := sessions[i].do(fmt.Sprintf("SET k %d", i)); got != "OK" {
-			t.Fatalf("session %d: SET: %q", i, got)
-		}
-	}
-	pool.Eventually(t, 20*time.Second, "s1 to see every session", func() (bool, string) {
-		cs, err := p.Admin(bed.S1).Conns(context.Background())
-		return err == nil && len(cs) == n, fmt.Sprint(len(cs))
-	})
+	sessions := drainSessions(t, p, bed, n)
 	start := time.Now()
 	if prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 10}, nil); err != nil || prog.Done != n {
 		t.Fatalf("drain: %v (%+v)", err, prog)
@@ -336,6 +314,25 @@ func TestDrainComesBack(t *testing.T) {
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the clients saw %d RSTs and sent %d", in, out)
 	}
+}
+
+// drainSessions opens n kv sessions with s1, of both address families,
+// sets key k to each one's index, and waits until s1's mtcpd serves them.
+func drainSessions(t *testing.T, p *pool.Pool, bed *testbed.Bed, n int) []*kv {
+	t.Helper()
+	sessions := make([]*kv, n)
+	for i := range sessions {
+		c := p.Dial(bed.S1, i%2 == 1)
+		sessions[i] = &kv{t: t, c: c, rd: bufio.NewReader(c)}
+		if got := sessions[i].do(fmt.Sprintf("SET k %d", i)); got != "OK" {
+			t.Fatalf("session %d: SET: %q", i, got)
+		}
+	}
+	pool.Eventually(t, 20*time.Second, "s1 to see every session", func() (bool, string) {
+		cs, err := p.Admin(bed.S1).Conns(context.Background())
+		return err == nil && len(cs) == n, fmt.Sprint(len(cs))
+	})
+	return sessions
 }
 
 // expectOn checks that host serves the session now and that its key k
