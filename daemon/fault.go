@@ -23,6 +23,9 @@ import (
 //	                 connections a commit hands it (they end)
 //	commit-socket-refuse  the target fails to bring any restored socket
 //	                 to life at the commit (they go silently)
+//	commit-drop      the source of a connection-mode migration closes its
+//	                 connection to the target 0.2 ms after it has sent
+//	                 the commit, while the target commits, and asks again
 //	commit-answer-refuse  the source of a connection-mode migration takes
 //	                 the target's answer to its commit for lost with the
 //	                 connection, and asks again

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"slices"
 	"sync"
 	"time"
 
@@ -33,22 +34,28 @@ type peerConn struct {
 
 // lateHeartbeats is how many heartbeats in a row may go unanswered in
 // time before the connection to the peer is closed and dialled again,
-// as long as no other request waits on it. A heartbeat shares its
-// connection with migrations: one stuck behind a large transfer frame
-// on a slow link must not close the connection under the transfer.
-const lateHeartbeats = 5
+// as long as no other request waits on it; stuckHeartbeats, whatever
+// waits. A heartbeat shares its connection with migrations: one stuck
+// behind a large transfer frame on a slow link must not close the
+// connection under the transfer, but a connection to a host that died
+// must go even while requests wait on it.
+const (
+	lateHeartbeats  = 5
+	stuckHeartbeats = 3 * lateHeartbeats
+)
 
 // dropAfterHeartbeat tells whether a heartbeat that ended with err, the
 // late-th in a row without an answer in time, with pending other requests
 // waiting on the same connection, should close that connection: at once
 // if it failed (closed, refused, garbled), but if it was only late, once
-// late reaches lateHeartbeats with nothing else waiting.
+// late reaches lateHeartbeats with nothing else waiting, or
+// stuckHeartbeats whatever waits.
 func dropAfterHeartbeat(err error, late, pending int) bool {
 	switch {
 	case err == nil:
 		return false
 	case errors.Is(err, context.DeadlineExceeded):
-		return late >= lateHeartbeats && pending == 0
+		return late >= lateHeartbeats && pending == 0 || late >= stuckHeartbeats
 	}
 	return true
 }
@@ -90,9 +97,10 @@ func (d *Daemon) peer(ctx context.Context, name string) (*peer.Client, error) {
 	return c, nil
 }
 
-// dropPeer closes a peer's connection after an error, so that the next
-// call dials again.
-func (d *Daemon) dropPeer(name string, err error) {
+// dropPeer closes a peer's connection c after an error, so that the next
+// call dials again; if another call has dialled anew meanwhile, that
+// connection stays.
+func (d *Daemon) dropPeer(name string, c *peer.Client, err error) {
 	d.peersMu.Lock()
 	pc := d.peers[name]
 	d.peersMu.Unlock()
@@ -101,9 +109,10 @@ func (d *Daemon) dropPeer(name string, err error) {
 	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	if pc.client != nil {
+	if pc.client != nil && pc.client == c {
 		pc.client.Close()
 		pc.client = nil
+		pc.late = 0
 	}
 	pc.err = err
 }
@@ -164,7 +173,7 @@ func (d *Daemon) heartbeat(ctx context.Context, name string) {
 	drop := c != nil && dropAfterHeartbeat(err, pc.late, c.Pending())
 	pc.mu.Unlock()
 	if drop {
-		d.dropPeer(name, err)
+		d.dropPeer(name, c, err)
 	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
@@ -305,12 +314,17 @@ func resultErrors(rs []peer.ItemResult, n int) []error {
 // did the first (or does it now, if the first never reached it).
 func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 	req := &peer.CommitRequest{TxID: t.tx}
+	if slices.Contains(faults, "commit-drop") {
+		// The connection breaks while the target commits (tests).
+		c := t.c
+		time.AfterFunc(200*time.Microsecond, func() { c.Close() })
+	}
 	r, err := t.c.Commit(ctx, req)
 	if err == nil && fault(ctx, "commit-answer") != nil {
 		r, err = nil, fmt.Errorf("%w: the answer lost (%s=commit-answer-refuse)", peer.ErrClosed, FaultEnv)
 	}
 	if errors.Is(err, peer.ErrClosed) && ctx.Err() == nil {
-		t.d.dropPeer(t.name, err)
+		t.d.dropPeer(t.name, t.c, err)
 		if c, derr := t.d.peer(ctx, t.name); derr == nil {
 			t.d.log.Warn("commit: connection to the target lost, asking again", "to", t.name, "tx", t.tx, "err", err)
 			t.c = c

@@ -21,7 +21,8 @@ func TestDropAfterHeartbeat(t *testing.T) {
 		{late, 1, 0, false},
 		{late, lateHeartbeats - 1, 0, false},
 		{late, lateHeartbeats, 1, false},
-		{late, lateHeartbeats + 10, 3, false},
+		{late, stuckHeartbeats - 1, 3, false},
+		{late, stuckHeartbeats, 3, true},
 		{late, lateHeartbeats, 0, true},
 		{errors.New("connection closed"), 0, 2, true},
 	} {

@@ -312,8 +312,23 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 	if !ok {
 		return nil, fmt.Errorf("no transfer %d waiting on %s", r.TxID, d.cfg.Name)
 	}
-	rec.reply = d.commit(ctx, in)
-	close(rec.done)
+	defer func() {
+		if rec.reply == nil { // d.commit panicked: a retry must not wait for ever
+			rec.reply = &peer.CommitReply{Results: slices.Repeat([]peer.ItemResult{{Error: "the commit failed on " + d.cfg.Name}}, len(in.items))}
+		}
+		close(rec.done)
+	}()
+	// The commit goes on if the connection it came on ends (the server
+	// cancels the requests of a lost connection): the source asks again
+	// on a new one and must find it done, not half done. Its deadline
+	// stays.
+	cctx := context.WithoutCancel(ctx)
+	if dl, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		cctx, cancel = context.WithDeadline(cctx, dl)
+		defer cancel()
+	}
+	rec.reply = d.commit(cctx, in)
 	return rec.reply, nil
 }
 

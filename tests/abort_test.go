@@ -522,10 +522,21 @@ func TestAbortGatewaySwitchLost(t *testing.T) {
 // IPv4 and IPv6, are reported moved and carry on at s2 with their state,
 // with no reset. (Asked again, s2 used to answer that it had no such
 // transfer, and the connections, alive on s2, were reported failed.)
+//
+// With commit-drop, s1 closes the connection while s2 commits: s2 goes on
+// with the commit (it no longer follows the connection's end, which left
+// sockets aborted and imports failed) and answers the question asked
+// again as before.
 func TestCommitAnswerLost(t *testing.T) {
+	for _, fault := range []string{"commit-answer-refuse", "commit-drop"} {
+		t.Run(fault, func(t *testing.T) { testCommitAnswerLost(t, fault) })
+	}
+}
+
+func testCommitAnswerLost(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=commit-answer-refuse"}}})
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=" + fault}}})
 	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
 	rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
 	if err != nil || len(rep.Moved) != len(sessions) || len(rep.Failed) != 0 || rep.Error != "" {
