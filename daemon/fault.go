@@ -24,7 +24,7 @@ import (
 //	commit-socket-refuse  the target fails to bring any restored socket
 //	                 to life at the commit (they go silently)
 //	commit-drop      the source of a connection-mode migration closes its
-//	                 connection to the target 0.2 ms after it has sent
+//	                 connection to the target 50 µs after it has begun to send
 //	                 the commit, while the target commits, and asks again
 //	commit-answer-refuse  the source of a connection-mode migration takes
 //	                 the target's answer to its commit for lost with the

@@ -317,7 +317,7 @@ func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 	if slices.Contains(faults, "commit-drop") {
 		// The connection breaks while the target commits (tests).
 		c := t.c
-		time.AfterFunc(200*time.Microsecond, func() { c.Close() })
+		time.AfterFunc(50*time.Microsecond, func() { c.Close() })
 	}
 	r, err := t.c.Commit(ctx, req)
 	if err == nil && fault(ctx, "commit-answer") != nil {
