@@ -144,7 +144,10 @@ const (
 type Report struct {
 	// Moved are the flows the target owns now.
 	Moved []Flow
-	// Failed are the flows that stayed at the source, with why.
+	// Failed are the flows that did not move, with why (a PhaseError
+	// naming the phase). Those that failed before the switch stayed at
+	// the source; those past it (a commit or a switch that failed, which
+	// cannot be taken back) may be lost, and their error says so.
 	Failed map[Flow]error
 	// Timings is how long each phase took.
 	Timings map[Phase]time.Duration

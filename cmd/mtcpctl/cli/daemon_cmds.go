@@ -102,7 +102,9 @@ are switched to PEER, they carry on here as if nothing had happened.
 Select the connections with --flow (the client's address, repeatable),
 --service (every connection of an application service, e.g. :7000) or
 --all (every connection of the application services registered here).
-Exit status 3 means some connections moved and some did not.
+Exit status 3 means some connections moved and some did not: those that
+failed before the switch carry on here; the rare ones that failed past it
+(the target's commit) may be lost, and their error says so.
 
 Process mode moves a whole process instead (with CRIU ≥ 4.2 on both
 servers): its memory, threads, files and every established TCP connection,
@@ -226,9 +228,10 @@ func newDrainCmd() *cobra.Command {
 		Short: "Move every connection away from this server",
 		Long: `Move every migratable connection away from this server, for maintenance:
 to one peer (--to) or spread over the healthy peers (--spread). A progress
-bar shows how many have moved (on a terminal). Connections that cannot move
-stay here and are listed at the end; the exit status is then 3, or 1 if
-none moved. With -o json the final progress, with every batch's report, is
+bar shows how many have moved (on a terminal). Connections that could not
+move are listed at the end with why (they carry on here, but for the rare
+ones that failed past the switch, whose error says they may be lost); the
+exit status is then 3, or 1 if none moved. With -o json the final progress, with every batch's report, is
 printed as JSON. A drain moves the connections of the application services
 registered with mtcpd; a process that does not use mtcp's app library
 (mtcpctl conns shows its PID) moves with migrate --pid.`,
