@@ -32,6 +32,9 @@ func Explain(err error) error {
 	msg = inTypeRE.ReplaceAllString(msg, " (unknown key)")
 	msg = unmarshalRE.ReplaceAllStringFunc(msg, func(s string) string {
 		g := unmarshalRE.FindStringSubmatch(s)
+		if g[1] == "int" && (strings.HasPrefix(g[3], "int") || strings.HasPrefix(g[3], "uint")) {
+			return fmt.Sprintf("%s is out of range (%s)", g[2], g[3])
+		}
 		got := kinds[g[1]]
 		if got == "" {
 			got = "!!" + g[1]
@@ -47,6 +50,8 @@ func Explain(err error) error {
 // wanted names what a Go type holds.
 func wanted(t string) string {
 	switch {
+	case t == "time.Duration":
+		return "a duration such as 500ms, 10s or 24h"
 	case strings.HasPrefix(t, "[]"):
 		return "a list, e.g. [a, b]"
 	case strings.HasPrefix(t, "map["), strings.Contains(t, "."):

@@ -3,6 +3,7 @@ package yamlerr
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -10,11 +11,13 @@ import (
 type inner struct{ A int }
 
 type config struct {
-	Peers  []string `yaml:"peers"`
-	Missed int      `yaml:"missed"`
-	Rate   float64  `yaml:"rate"`
-	On     bool     `yaml:"on"`
-	Inner  inner    `yaml:"inner"`
+	Peers  []string      `yaml:"peers"`
+	Missed int           `yaml:"missed"`
+	Rate   float64       `yaml:"rate"`
+	On     bool          `yaml:"on"`
+	Inner  inner         `yaml:"inner"`
+	Idle   time.Duration `yaml:"idle"`
+	Queue  uint16        `yaml:"queue"`
 }
 
 func TestExplain(t *testing.T) {
@@ -25,6 +28,9 @@ func TestExplain(t *testing.T) {
 		{"rate: fast\n", "line 1: want a number, not a string (fast)"},
 		{"on: maybe\n", "line 1: want true or false, not a string (maybe)"},
 		{"inner: [1]\n", "line 1: want a mapping of keys to values, not a list"},
+		{"idle: soon\n", "line 1: want a duration such as 500ms, 10s or 24h, not a string (soon)"},
+		{"queue: 70000\n", "line 1: 70000 is out of range (uint16)"},
+		{"queue: -1\n", "line 1: -1 is out of range (uint16)"},
 		{"peers: {a: 1}\nmissed: x\n", "line 1: want a list, e.g. [a, b], not a mapping\nline 2: want a whole number, not a string (x)"},
 	} {
 		dec := yaml.NewDecoder(strings.NewReader(tc.yaml))

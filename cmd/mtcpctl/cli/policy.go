@@ -3,6 +3,7 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strings"
 
@@ -102,7 +103,7 @@ read), 2 on a usage error.`,
 				if res.Config != "" {
 					fmt.Fprintf(w, "; the servers it names are in the pool of %s", res.Config)
 				} else {
-					fmt.Fprintf(w, "; the servers it names were not checked (no %s: give --config)", defaultConfig)
+					fmt.Fprintf(w, "; the servers it names were not checked (%s not there or not readable: give --config)", defaultConfig)
 				}
 				fmt.Fprintln(w)
 			}
@@ -129,6 +130,9 @@ func checkPool(cmd *cobra.Command, config, file string, pol *policy.Policy) (str
 	}
 	pool, err := poolOf(config)
 	if err != nil {
+		if !cmd.Flags().Changed("config") && errors.Is(err, fs.ErrPermission) {
+			return "", nil // mtcpd's, root's to read: not asked for
+		}
 		return config, err
 	}
 	if err := pol.CheckPool(pool); err != nil {
