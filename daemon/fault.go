@@ -30,8 +30,9 @@ import (
 //	                 the target's answer to its commit for lost with the
 //	                 connection, and asks again
 //	switched-refuse  a steering point makes every switch it is asked
-//	                 for, then answers with an error, as if its answer
-//	                 were lost
+//	                 for away from the flows' home (the address their
+//	                 clients dialled), then answers with an error, as if
+//	                 its answer were lost
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it

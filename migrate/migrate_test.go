@@ -26,6 +26,10 @@ type world struct {
 	gateway   bool            // the steering's RepliesNeedSwitch
 	receiving map[Flow]bool   // flows captured while their client was sending
 	lost      map[Flow]bool   // flows the target fails to commit
+	// cancelAt cancels the caller's context (cancel) when that call
+	// comes; a call whose context is done fails.
+	cancelAt string
+	cancel   context.CancelFunc
 
 	// switched counts the switches done or failed; committedEarly is
 	// set by a commit that came before any. If concurrent is set, a switch waits
@@ -46,6 +50,11 @@ func (w *world) call(ctx context.Context, name string, fs []Flow) error {
 	}
 	w.calls = append(w.calls, name+"("+strings.Join(keys, ",")+")")
 	w.mu.Unlock()
+	if w.cancelAt == name {
+		defer w.cancel()
+	} else if err := ctx.Err(); err != nil {
+		return err
+	}
 	if w.blockAt == name {
 		<-ctx.Done()
 		return ctx.Err()
@@ -248,6 +257,17 @@ func TestRun(t *testing.T) {
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)", "tgt.Commit(40001,40002,40003)",
 				"st.Switch(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
+		// Past the transfer the caller's giving up (Ctrl-C, a policy's
+		// timeout, a daemon stopping) no longer stops the migration.
+		{name: "caller gives up after the transfer", w: world{cancelAt: "tgt.Transfer"}, wantMoved: 3, wantCalls: []string{
+			"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+			"tgt.Transfer(40001,40002,40003)", "st.Switch(40001,40002,40003)",
+			"tgt.Commit(40001,40002,40003)", "src.Discard(40001,40002,40003)"}},
+		// Before, it aborts the migration.
+		{name: "caller gives up at the capture", w: world{cancelAt: "src.Capture"}, wantErr: PhaseTransfer, wantCalls: []string{
+			"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
+			"tgt.Transfer(40001,40002,40003)", "tgt.Abort(40001,40002,40003)",
+			"src.Thaw(40001,40002,40003)", "st.Unhold(40001,40002,40003)"}},
 		{name: "one flow not restored", w: world{refuse: map[Flow]bool{fs[1]: true}}, wantMoved: 2,
 			wantCalls: []string{"tgt.Prepare()", QH, "src.Capture(40001,40002,40003)",
 				"tgt.Transfer(40001,40002,40003)", "src.Thaw(40002)", "st.Unhold(40002)",
@@ -317,7 +337,10 @@ func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wa
 	w.concurrent = !ordered && w.failAt != "st.Switch"
 	w.commitBegun = make(chan struct{})
 	d := Deadlines{Transfer: 20 * time.Millisecond, Switch: 20 * time.Millisecond, Commit: 200 * time.Millisecond}
-	rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	w.cancel = cancel
+	rep, err := Run(ctx, fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
 	var pe *PhaseError
 	switch {
 	case wantErr == "" && err != nil:
