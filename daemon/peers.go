@@ -314,23 +314,20 @@ func resultErrors(rs []peer.ItemResult, n int) []error {
 // did the first (or does it now, if the first never reached it).
 func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 	req := &peer.CommitRequest{TxID: t.tx}
-	if slices.Contains(faults, "commit-drop") {
-		// The connection breaks while the target commits (tests).
-		c := t.c
-		time.AfterFunc(50*time.Microsecond, func() { c.Close() })
-	}
-	r, err := t.c.Commit(ctx, req)
-	if err == nil && fault(ctx, "commit-answer") != nil {
-		r, err = nil, fmt.Errorf("%w: the answer lost (%s=commit-answer-refuse)", peer.ErrClosed, FaultEnv)
-	}
-	if errors.Is(err, peer.ErrClosed) && ctx.Err() == nil {
-		t.d.dropPeer(t.name, t.c, err)
-		if c, derr := t.d.peer(ctx, t.name); derr == nil {
-			t.d.log.Warn("commit: connection to the target lost, asking again", "to", t.name, "tx", t.tx, "err", err)
-			t.c = c
-			r, err = c.Commit(ctx, req)
+	var r *peer.CommitReply
+	first := true
+	err := t.again(ctx, "commit", func(c *peer.Client) (err error) {
+		if first && slices.Contains(faults, "commit-drop") {
+			// The connection breaks while the target commits (tests).
+			time.AfterFunc(50*time.Microsecond, func() { c.Close() })
 		}
-	}
+		r, err = c.Commit(ctx, req)
+		if first && err == nil && fault(ctx, "commit-answer") != nil {
+			r, err = nil, fmt.Errorf("%w: the answer lost (%s=commit-answer-refuse)", peer.ErrClosed, FaultEnv)
+		}
+		first = false
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -350,5 +347,25 @@ func (t *remoteTarget) Commit(ctx context.Context, flows []migrate.Flow) error {
 }
 
 func (t *remoteTarget) Abort(ctx context.Context, flows []migrate.Flow) error {
-	return t.c.Abort(ctx, &peer.AbortRequest{TxID: t.tx, Reason: "source aborted"})
+	req := &peer.AbortRequest{TxID: t.tx, Reason: "source aborted"}
+	return t.again(ctx, "abort", func(c *peer.Client) error { return c.Abort(ctx, req) })
+}
+
+// again runs call on the connection to the target and, if that connection
+// was lost before the answer came, once more on a new one. A commit or an
+// abort asked twice is answered as the first was (Daemon.Commit remembers
+// its answers; an abort of a transfer gone is done).
+func (t *remoteTarget) again(ctx context.Context, op string, call func(c *peer.Client) error) error {
+	err := call(t.c)
+	if !errors.Is(err, peer.ErrClosed) || ctx.Err() != nil {
+		return err
+	}
+	t.d.dropPeer(t.name, t.c, err)
+	c, derr := t.d.peer(ctx, t.name)
+	if derr != nil {
+		return errors.Join(err, derr)
+	}
+	t.d.log.Warn(op+": the connection to the target was lost, asking again", "to", t.name, "tx", t.tx, "err", err)
+	t.c = c
+	return call(c)
 }
