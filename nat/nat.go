@@ -26,8 +26,10 @@ const (
 )
 
 // The default mark bits of Options.InjectMark and Options.QuietMark: bits
-// 28 and 29, clear of the bits kube-proxy (0x4000, 0x8000), Cilium
-// (0x0f00) and the small marks of policy routing use. They must equal
+// 28 and 29, clear of the bits kube-proxy (0x4000, 0x8000), Cilium's magic
+// values (0x0f00) and the small marks of policy routing use. (Cilium
+// carries a security identity in the upper 16 bits of some of its marks,
+// which may have them set: on such a host, choose others.) They must equal
 // repair.DefaultMarks; nat does not import repair, so they are kept equal
 // by hand.
 const (

@@ -449,9 +449,14 @@ func markBit(bit uint32) []expr.Any {
 }
 
 // quietRule drops what sockets marked with the quiet bit send, before any
-// rewrite.
+// rewrite: TCP only, so that another tool's packets whose marks happen to
+// have the bit are spared at least when they are not TCP.
 func (n *nftConn) quietRule(quiet uint32) nftReq {
-	es := append(markBit(quiet),
+	es := append([]expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: uint32(regKey)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: uint32(regKey), Data: []byte{unix.IPPROTO_TCP}},
+	}, markBit(quiet)...)
+	es = append(es,
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: uint32(regKey), Data: make([]byte, 4)},
 		&expr.Counter{},
 		&expr.Verdict{Kind: expr.VerdictDrop},

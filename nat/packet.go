@@ -12,6 +12,7 @@ const (
 	protoTCP      = 6
 	protoRouting  = 43
 	protoFragment = 44
+	protoAH       = 51
 	protoDstOpts  = 60
 )
 
@@ -54,6 +55,17 @@ func packetFlow(p []byte) (f Flow, ok bool) {
 					return f, false
 				}
 				n := (int(rest[1]) + 1) * 8
+				if len(rest) < n {
+					return f, false
+				}
+				next, rest = rest[0], rest[n:]
+			case protoAH:
+				// Authentication header: its length counts 4-byte
+				// words, less 2 (RFC 4302).
+				if len(rest) < 2 {
+					return f, false
+				}
+				n := (int(rest[1]) + 2) * 4
 				if len(rest) < n {
 					return f, false
 				}

@@ -219,6 +219,14 @@ func TestPacketFlow(t *testing.T) {
 	if got, ok := packetFlow(tcpPacket(f6, dst...)); !ok || got != f6 {
 		t.Errorf("IPv6 with extension header: %v, %v", got, ok)
 	}
+	// IPv6 with an authentication header (AH, 16 bytes: length 2) before
+	// TCP: its length counts differently.
+	ah := tcpPacket(f6, protoAH, 0, 0, 0, 0, 0, 0, 0)
+	ah = append(ah[:40], append([]byte{protoTCP, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, ah[48:]...)...)
+	ah[6] = protoAH
+	if got, ok := packetFlow(ah); !ok || got != f6 {
+		t.Errorf("IPv6 with AH: %v, %v", got, ok)
+	}
 	udp := tcpPacket(f4)
 	udp[9] = 17
 	frag := tcpPacket(f4)

@@ -254,6 +254,13 @@ func (q *Queue) read() {
 func (q *Queue) ack(seq uint32, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if errors.Is(err, syscall.ENOENT) {
+		// A verdict for a packet the kernel no longer queues: it dropped
+		// it (a netfilter hook of the namespace was unregistered, which
+		// flushes every queue, or its device went down). Nothing is left
+		// to release: not a failure of the release.
+		err = nil
+	}
 	if err != nil {
 		for _, w := range q.waiters {
 			if seq >= w.lo && seq <= w.hi {
