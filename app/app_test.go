@@ -678,3 +678,38 @@ func TestServeConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestNothingBeforeRegistered: a request for a service sent while its
+// application registers never reaches the application ahead of its
+// "registered" answer (which it would take for a protocol violation).
+func TestNothingBeforeRegistered(t *testing.T) {
+	a := apptest.Start(t, "A", counter("A", nil))
+	for i := range 50 {
+		svc := fmt.Sprintf("127.0.0.1:%d", 20000+i)
+		r := dialRaw(t, a.Socket)
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			tu := app.Tuple{Local: netip.MustParseAddrPort(svc), Remote: netip.MustParseAddrPort("10.0.0.1:1")}
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+				a.Registry.Export(ctx, svc, tu)
+				cancel()
+			}
+		}()
+		r.frame(t, fmt.Sprintf(`{"type":"register","version":1,"service":%q}`, svc), -1)
+		m := r.reply(t)
+		close(stop)
+		<-done
+		if m["type"] != "registered" {
+			t.Fatalf("registration %d: first answer %v, want registered", i, m)
+		}
+		r.Close()
+	}
+}

@@ -35,14 +35,23 @@ func Example() {
 				return nil, err
 			}
 		}
-		rd := bufio.NewReader(io.MultiReader(bytes.NewReader(st.Pending), conn))
-		st.Pending = nil
+		// The input not yet answered: the snapshot's first, then the
+		// client's. When the handler stops, all of it that was read and
+		// not answered goes in the snapshot: the partial line, what bufio
+		// buffered, and what is left of the snapshot's own.
+		pending := bytes.NewReader(st.Pending)
+		rd := bufio.NewReader(io.MultiReader(pending, conn))
+		unanswered := func(partial string) []byte {
+			buffered, _ := rd.Peek(rd.Buffered())
+			rest, _ := io.ReadAll(pending)
+			return append(append([]byte(partial), buffered...), rest...)
+		}
 		for {
 			if len(st.Unsent) > 0 {
 				n, err := conn.Write(st.Unsent)
 				st.Unsent = st.Unsent[n:]
 				if errors.Is(err, app.ErrMigrating) {
-					st.Pending, _ = rd.Peek(rd.Buffered())
+					st.Pending = unanswered("")
 					return json.Marshal(&st)
 				} else if err != nil {
 					return nil, err
@@ -50,8 +59,7 @@ func Example() {
 			}
 			line, err := rd.ReadString('\n')
 			if errors.Is(err, app.ErrMigrating) {
-				buffered, _ := rd.Peek(rd.Buffered())
-				st.Pending = append([]byte(line), buffered...)
+				st.Pending = unanswered(line)
 				return json.Marshal(&st)
 			}
 			if err == io.EOF {

@@ -58,6 +58,10 @@ type appConn struct {
 
 	version int // negotiated at registration
 	service string
+	// ready is set, under r.mu, once the application has been told it is
+	// registered: until then its service is reserved but not served, so
+	// that no request reaches it ahead of its "registered".
+	ready   bool
 	conns   map[Tuple]struct{}
 	pending map[uint64]*call // requests awaiting their answer, by id
 }
@@ -247,6 +251,9 @@ func (a *appConn) register(m *message, fds []int) error {
 		return err
 	}
 	a.mc.bin.Store(a.version >= binVersion)
+	r.mu.Lock()
+	a.ready = true
+	r.mu.Unlock()
 	r.log.Info("application registered", "service", m.Service, "pid", a.pid, "pid_claimed", m.PID, "protocol", a.version)
 	return nil
 }
@@ -256,7 +263,7 @@ func (r *Registry) app(service string) (*appConn, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a := r.services[service]
-	if a == nil {
+	if a == nil || !a.ready {
 		return nil, fmt.Errorf("%w: %q (registered: %s); is the application running?", ErrNoService, service, strings.Join(r.servicesLocked(), ", "))
 	}
 	return a, nil
@@ -271,7 +278,10 @@ func (r *Registry) Services() []string {
 
 func (r *Registry) servicesLocked() []string {
 	out := make([]string, 0, len(r.services))
-	for s := range r.services {
+	for s, a := range r.services {
+		if !a.ready {
+			continue
+		}
 		out = append(out, s)
 	}
 	slices.Sort(out)
@@ -284,7 +294,7 @@ func (r *Registry) Conns(service string) []Tuple {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a := r.services[service]
-	if a == nil {
+	if a == nil || !a.ready {
 		return nil
 	}
 	out := make([]Tuple, 0, len(a.conns))
