@@ -58,9 +58,10 @@ type appConn struct {
 
 	version int // negotiated at registration
 	service string
-	// ready is set, under r.mu, once the application has been told it is
-	// registered: until then its service is reserved but not served, so
-	// that no request reaches it ahead of its "registered".
+	// ready is set, under r.mu, as the application is told it is
+	// registered (with the connection's writes held until that answer is
+	// out): before, its service is reserved but not served, so that no
+	// request reaches it ahead of its "registered".
 	ready   bool
 	conns   map[Tuple]struct{}
 	pending map[uint64]*call // requests awaiting their answer, by id
@@ -247,13 +248,17 @@ func (a *appConn) register(m *message, fds []int) error {
 	a.version = min(hi, protocolVersion)
 	r.services[m.Service] = a
 	r.mu.Unlock()
-	if err := a.mc.write(&message{Type: msgRegistered, Service: m.Service, Version: a.version}); err != nil {
+	// Served from when the answer goes out: a request for the service
+	// waits for the connection's writes, which the answer holds, so it
+	// cannot reach the application first.
+	if err := a.mc.writeFirst(&message{Type: msgRegistered, Service: m.Service, Version: a.version}, func() {
+		r.mu.Lock()
+		a.ready = true
+		r.mu.Unlock()
+	}); err != nil {
 		return err
 	}
 	a.mc.bin.Store(a.version >= binVersion)
-	r.mu.Lock()
-	a.ready = true
-	r.mu.Unlock()
 	r.log.Info("application registered", "service", m.Service, "pid", a.pid, "pid_claimed", m.PID, "protocol", a.version)
 	return nil
 }

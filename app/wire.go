@@ -315,6 +315,26 @@ func (c *msgConn) write(m *message, fds ...int) error {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	return c.sendLocked(m.Type, frame, oob)
+}
+
+// writeFirst writes m as write does, once publish has run with the
+// connection's writes held: no message written after publish returns can
+// go out ahead of m.
+func (c *msgConn) writeFirst(m *message, publish func()) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	publish()
+	body, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode %s message: %w", m.Type, err)
+	}
+	frame := append(binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(body)), uint32(len(body))), body...)
+	return c.sendLocked(m.Type, frame, nil)
+}
+
+// sendLocked sends one encoded frame; c.wmu is held.
+func (c *msgConn) sendLocked(typ string, frame, oob []byte) error {
 	c.uc.SetWriteDeadline(time.Now().Add(writeTimeout))
 	// A stream socket may take part of a large frame; the descriptors are
 	// attached to the first part, the rest follows as plain data.
@@ -323,9 +343,9 @@ func (c *msgConn) write(m *message, fds ...int) error {
 		_, err = c.uc.Write(frame[n:])
 	}
 	if err != nil {
-		return fmt.Errorf("send %s message: %w", m.Type, err)
+		return fmt.Errorf("send %s message: %w", typ, err)
 	}
-	c.frames.add("->", m.Type)
+	c.frames.add("->", typ)
 	return nil
 }
 
