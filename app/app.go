@@ -239,6 +239,12 @@ type verdictMsg struct {
 // handed over to mtcpd; it is no verdict of the protocol.
 const verdictUnsent = "unsent"
 
+// verdictLetGo is the outcome of an export whose verdict never came and
+// whose socket stayed frozen: this server lets it go, and tells mtcpd it
+// is closed (no verdict will make mtcpd forget it). It is no verdict of
+// the protocol.
+const verdictLetGo = "let-go"
+
 // offeredVersion is the highest protocol version Serve offers (tests
 // lower it to exercise version 1).
 var offeredVersion atomic.Int32
@@ -800,13 +806,33 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	wait := time.NewTimer(s.cfg.VerdictWait)
 	defer wait.Stop()
 	var vm verdictMsg
+	// decideHere claims the decision, unless a verdict is being
+	// delivered already: then that one counts (a verdict that comes
+	// later is answered with an error, not taken and left unanswered).
+	decideHere := func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if ex.decided {
+			return false
+		}
+		ex.decided = true
+		return true
+	}
 	select {
 	case vm = <-ex.verdict:
 	case <-ex.link.done:
-		vm.v = s.afterLinkLoss(c)
+		if decideHere() {
+			vm.v = s.afterLinkLoss(c)
+		} else {
+			vm = <-ex.verdict
+		}
 	case <-wait.C:
-		s.log.Warn("no verdict from mtcpd on an exported connection; deciding here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
-		vm.v = s.afterLinkLoss(c)
+		if decideHere() {
+			s.log.Warn("no verdict from mtcpd on an exported connection; deciding here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
+			vm.v = s.afterLinkLoss(c)
+		} else {
+			vm = <-ex.verdict
+		}
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
 	}
@@ -849,7 +875,7 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 // deadlines, in which its daemon thaws it if the migration fails.
 // frozenPoll is how soon it is first looked at again (then less and less
 // often, up to once a second).
-const frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
+var frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
 
 // afterLinkLoss decides what becomes of exported connection c once the
 // link to mtcpd is gone and no verdict will come. A socket the daemon
@@ -872,7 +898,7 @@ func (s *server) afterLinkLoss(c *served) string {
 		}
 		if time.Now().After(deadline) {
 			s.log.Warn("no verdict from mtcpd on an exported connection, which stayed frozen; letting it go", "conn", c.tuple, "waited", frozenWait)
-			return verdictGone
+			return verdictLetGo
 		}
 		select {
 		case <-s.ctx.Done():

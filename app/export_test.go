@@ -1,6 +1,9 @@
 package app
 
-import "maps"
+import (
+	"maps"
+	"time"
+)
 
 // SetAllowUID replaces the peer uid check of r, which Serve otherwise
 // derives from the socket's owner. Call it before Serve.
@@ -20,6 +23,14 @@ func Frames(r *Registry) map[string]int {
 	r.frames.mu.Lock()
 	defer r.frames.mu.Unlock()
 	return maps.Clone(r.frames.n)
+}
+
+// SetFrozenWait replaces how long an exported connection left without a
+// verdict may stay frozen, until restore is called.
+func SetFrozenWait(d time.Duration) (restore func()) {
+	old := frozenWait
+	frozenWait = d
+	return func() { frozenWait = old }
 }
 
 // MaxBatch is the most items in one frame.

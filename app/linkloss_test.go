@@ -23,8 +23,10 @@ import (
 // with it, and one client connection that mtcpd has been given (Export),
 // with no verdict yet.
 type exportSetup struct {
-	c *client
-	e *app.Exported
+	c   *client
+	e   *app.Exported
+	reg *app.Registry
+	svc string
 	// stopRegistry stops the registry, which breaks the link, and waits
 	// for it; once.
 	stopRegistry func()
@@ -79,7 +81,7 @@ func newExportSetup(t *testing.T, verdictWait time.Duration) *exportSetup {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Socket.Close() })
-	return &exportSetup{c: c, e: e, stopRegistry: stop}
+	return &exportSetup{c: c, e: e, reg: reg, svc: svc, stopRegistry: stop}
 }
 
 // repair sets the exported socket's TCP_REPAIR to v, as mtcpd does.
@@ -120,4 +122,42 @@ func TestVerdictWait(t *testing.T) {
 	x := newExportSetup(t, 300*time.Millisecond)
 	x.c.c.SetDeadline(time.Now().Add(10 * time.Second))
 	x.c.do(t, "y", "2 A y")
+}
+
+// TestLateVerdictAnswered: mtcpd gives its verdict on a frozen exported
+// connection only after Config.VerdictWait, when the application decides
+// by itself already. The late verdict is answered at once (the
+// application used to take it and answer nothing, which held up the
+// answers of its whole batch until mtcpd gave up), and the connection,
+// thawed, is served on here.
+func TestLateVerdictAnswered(t *testing.T) {
+	x := newExportSetup(t, 300*time.Millisecond)
+	x.repair(t, unix.TCP_REPAIR_ON)
+	time.Sleep(600 * time.Millisecond) // past VerdictWait
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	err := x.e.Finish(ctx, false)
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("the late verdict was answered after %v (%v)", took, err)
+	}
+	t.Logf("late verdict: %v", err)
+	x.repair(t, unix.TCP_REPAIR_OFF)
+	x.c.c.SetDeadline(time.Now().Add(10 * time.Second))
+	x.c.do(t, "y", "2 A y")
+}
+
+// TestLetGoReportsClosed: mtcpd never gives its verdict on a frozen
+// exported connection, which stays frozen: the application lets it go
+// after its frozen wait, and tells mtcpd it is closed, so that mtcpd no
+// longer lists it (nor keeps its rules for it: a connection listed is a
+// connection served).
+func TestLetGoReportsClosed(t *testing.T) {
+	t.Cleanup(app.SetFrozenWait(300 * time.Millisecond)) // restored once the application has stopped
+	x := newExportSetup(t, 200*time.Millisecond)
+	x.repair(t, unix.TCP_REPAIR_ON)
+	apptest.Eventually(t, 5*time.Second, "the let-go connection to be reported closed", func() (bool, string) {
+		cs := x.reg.Conns(x.svc)
+		return len(cs) == 0, fmt.Sprint(cs)
+	})
 }
