@@ -37,15 +37,24 @@ const DefaultDaemonSocket = "/run/mtcp/app.sock"
 // and later Reads and Writes on conn fail with an error wrapping
 // ErrMigrating (a Write reports how many bytes it wrote before that: they
 // are sent, count them). The library exports the connection if Serve then
-// returns a non-nil next, or an error wrapping ErrMigrating or
-// context.Canceled; a handler without state returns []byte{} or the error
-// it got (either way, its next Serve gets an empty, non-nil snapshot).
-// Any other return (nil, nil or an unrelated error) ends the
-// connection, and the migration fails.
+// returns a non-nil next with a nil error, or an error wrapping
+// ErrMigrating or context.Canceled (with next or without); a handler
+// without state returns []byte{} or the error it got (either way, its next
+// Serve gets an empty, non-nil snapshot). Any other return (nil, nil, or
+// an unrelated error, whatever next is) ends the connection, and the
+// migration fails.
+//
+// conn is not a *net.TCPConn. Closing it ends the connection (the client
+// sees it end) and fails a migration under way: do not defer
+// conn.Close(); the library closes the connection when Serve returns
+// without exporting it. Deadlines set on conn are cleared when a
+// connection resumes here after a failed migration, and a connection
+// migrated in starts with none.
 //
 // Serve must not use conn after it returns, nor keep goroutines that do:
 // an exported connection belongs to the daemon until its verdict, and
-// then to another server or to a new call of Serve.
+// then to another server or to a new call of Serve. (A Close after Serve
+// returned does nothing.)
 type Handler interface {
 	Serve(ctx context.Context, conn net.Conn, snapshot []byte) (next []byte, err error)
 }
@@ -746,7 +755,9 @@ func (s *server) run(c *served, snapshot []byte) {
 				if err != nil {
 					why += ": " + err.Error()
 				}
-				ex.out.add(readyItem{it: item{ID: ex.id, Error: why}}, true)
+				// Truncated: a frame too large would cost the link to
+				// mtcpd, and every export on it.
+				ex.out.add(readyItem{it: item{ID: ex.id, Error: truncate(why)}}, true)
 			}
 			if err != nil && s.ctx.Err() == nil {
 				s.log.Debug("connection ended", "conn", c.tuple, "err", err)

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -348,6 +349,33 @@ func TestHandlerEndingDuringExport(t *testing.T) {
 		conns := a.Registry.Conns(a.Service)
 		return len(conns) == 0, fmt.Sprint(conns)
 	})
+}
+
+// TestHandlerHugeError: a handler that ends its connection during an
+// export with an error of megabytes (a client's input in it, say) fails
+// that export only: the link to mtcpd stays, and the next connection
+// exports.
+func TestHandlerHugeError(t *testing.T) {
+	var first atomic.Bool
+	first.Store(true)
+	h := app.HandlerFunc(func(ctx context.Context, conn net.Conn, snap []byte) ([]byte, error) {
+		<-ctx.Done()
+		if first.CompareAndSwap(true, false) {
+			return nil, errors.New(strings.Repeat("x", 3<<20))
+		}
+		return []byte{}, nil
+	})
+	a := apptest.Start(t, "A", h)
+	c1, c2 := dial(t, a), dial(t, a)
+	t1, t2 := a.WaitConn(t, c1.c), a.WaitConn(t, c2.c)
+	if _, err := a.Registry.Export(ctxT(t), a.Service, t1); err == nil || !strings.Contains(err.Error(), "ended the connection: xxx") || len(err.Error()) > 8<<10 {
+		t.Fatalf("first export: want the handler's error, cut short; got %d bytes: %.100v", len(fmt.Sprint(err)), err)
+	}
+	e, err := a.Registry.Export(ctxT(t), a.Service, t2)
+	if err != nil {
+		t.Fatalf("second export, on the same link: %v", err)
+	}
+	e.Finish(ctxT(t), false)
 }
 
 func TestOversizedSnapshotKeepsConnection(t *testing.T) {

@@ -85,8 +85,16 @@ func (c *conn) Write(p []byte) (int, error) {
 }
 
 // Close closes the connection: the handler is done with it and it will
-// not be exported.
+// not be exported. Once its handler has returned it does nothing: the
+// socket may be another's by then (a timer the handler left behind must
+// not end a connection resumed or migrated away).
 func (c *conn) Close() error {
+	c.mu.Lock()
+	retired := c.retired
+	c.mu.Unlock()
+	if retired {
+		return nil
+	}
 	c.closed.Store(true)
 	return c.tc.Close()
 }
