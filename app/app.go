@@ -159,7 +159,7 @@ func Serve(ctx context.Context, cfg Config) error {
 		log:     log.With("service", cfg.Service),
 		ctx:     sctx,
 		conns:   map[Tuple]*served{},
-		exports: map[uint64]*served{},
+		exports: map[exportKey]*served{},
 	}
 	if err := s.connect(sctx); err != nil {
 		ln.Close()
@@ -194,7 +194,7 @@ type server struct {
 	mu      sync.Mutex
 	link    *link // nil while disconnected from mtcpd
 	conns   map[Tuple]*served
-	exports map[uint64]*served // by export id
+	exports map[exportKey]*served // by link and export id
 	closing bool
 }
 
@@ -234,6 +234,14 @@ type exportReq struct {
 
 	sent    bool // the connection was handed over to mtcpd
 	decided bool // a verdict was delivered
+}
+
+// exportKey names an export: its id is its daemon's, so unique only on
+// the link it came by (a daemon that restarted counts from 1 again while
+// exports of its previous run may still wait).
+type exportKey struct {
+	l  *link
+	id uint64
 }
 
 // verdictMsg is the outcome of an export: verdictGone, verdictResume, or
@@ -445,13 +453,13 @@ func (s *server) onExport(l *link, m *message) {
 		case c.export != nil:
 			fail(codeGeneric, fmt.Sprintf("connection %s is already being exported (request %d)", it.Tuple, c.export.id))
 			continue
-		case s.exports[it.ID] != nil:
+		case s.exports[exportKey{l, it.ID}] != nil:
 			fail(codeGeneric, fmt.Sprintf("export id %d is already in use", it.ID))
 			continue
 		}
 		out.expect()
 		c.export = &exportReq{id: it.ID, link: l, out: out, verdict: make(chan verdictMsg, 1)}
-		s.exports[it.ID] = c
+		s.exports[exportKey{l, it.ID}] = c
 		stop = append(stop, c)
 	}
 	// Stop the handlers outside the lock, but with the cancel functions
@@ -491,7 +499,7 @@ func (s *server) onVerdict(l *link, m *message) error {
 	ack := s.newAnswerer(l, m.ID, typ, v1, false)
 	for _, it := range items {
 		s.mu.Lock()
-		c := s.exports[it.ID]
+		c := s.exports[exportKey{l, it.ID}]
 		var ex *exportReq
 		if c != nil && c.export != nil && c.export.link == l && c.export.sent && !c.export.decided {
 			ex = c.export
@@ -741,7 +749,7 @@ func (s *server) run(c *served, snapshot []byte) {
 		if !exporting {
 			delete(s.conns, c.tuple)
 			if ex != nil {
-				delete(s.exports, ex.id)
+				delete(s.exports, exportKey{ex.link, ex.id})
 				c.export = nil
 			}
 			s.notifyLocked(msgClosed, c.tuple)
@@ -803,7 +811,7 @@ func exportable(next []byte, err error) bool {
 func (s *server) endExport(c *served, ex *exportReq) {
 	c.tc.SetDeadline(time.Time{})
 	s.mu.Lock()
-	delete(s.exports, ex.id)
+	delete(s.exports, exportKey{ex.link, ex.id})
 	c.export = nil
 	s.mu.Unlock()
 }
@@ -864,7 +872,7 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 		return false
 	}
 	s.mu.Lock()
-	delete(s.exports, ex.id)
+	delete(s.exports, exportKey{ex.link, ex.id})
 	delete(s.conns, c.tuple)
 	c.export = nil
 	if vm.v != verdictGone {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -23,10 +24,11 @@ import (
 // with it, and one client connection that mtcpd has been given (Export),
 // with no verdict yet.
 type exportSetup struct {
-	c   *client
-	e   *app.Exported
-	reg *app.Registry
-	svc string
+	c    *client
+	e    *app.Exported
+	reg  *app.Registry
+	svc  string
+	sock string
 	// stopRegistry stops the registry, which breaks the link, and waits
 	// for it; once.
 	stopRegistry func()
@@ -81,7 +83,7 @@ func newExportSetup(t *testing.T, verdictWait time.Duration) *exportSetup {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Socket.Close() })
-	return &exportSetup{c: c, e: e, reg: reg, svc: svc, stopRegistry: stop}
+	return &exportSetup{c: c, e: e, reg: reg, svc: svc, sock: sock, stopRegistry: stop}
 }
 
 // repair sets the exported socket's TCP_REPAIR to v, as mtcpd does.
@@ -160,4 +162,44 @@ func TestLetGoReportsClosed(t *testing.T) {
 		cs := x.reg.Conns(x.svc)
 		return len(cs) == 0, fmt.Sprint(cs)
 	})
+}
+
+// TestExportIDsPerLink: mtcpd restarts while an exported connection of
+// its previous run stays frozen (its application waits for a thaw). The
+// new mtcpd numbers its exports from 1 again: they are not refused for an
+// id the old one used.
+func TestExportIDsPerLink(t *testing.T) {
+	x := newExportSetup(t, 0)
+	x.repair(t, unix.TCP_REPAIR_ON)
+	x.stopRegistry()
+	os.Remove(x.sock)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: x.sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := app.NewRegistry(apptest.Logger(t, "registry2"))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- reg.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done })
+	apptest.Eventually(t, 10*time.Second, "the application to register again", func() (bool, string) {
+		return len(reg.Services()) == 1, fmt.Sprint(reg.Services())
+	})
+	nc, err := net.Dial("tcp", x.svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c := &client{c: nc.(*net.TCPConn), rd: bufio.NewReader(nc)}
+	c.do(t, "z", "1 A z")
+	apptest.Eventually(t, apptest.Timeout, "the new connection to be reported", func() (bool, string) {
+		return slices.Contains(reg.Conns(x.svc), apptest.TupleOf(nc)), fmt.Sprint(reg.Conns(x.svc))
+	})
+	e, err := reg.Export(ctxT(t), x.svc, apptest.TupleOf(nc))
+	if err != nil {
+		t.Fatalf("export by the new mtcpd: %v", err)
+	}
+	e.Finish(ctxT(t), false)
+	e.Socket.Close()
+	x.repair(t, unix.TCP_REPAIR_OFF) // let the old one go on
 }
