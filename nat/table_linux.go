@@ -217,7 +217,12 @@ func (t *Table) dropDuplicates(ch [numSets]setChanges, reqs []nftReq, err error)
 	if derr := t.nft.commit(t.nft.elemReqs(drop)); derr != nil {
 		return err
 	}
-	return t.nft.commit(reqs)
+	if cerr := t.nft.commit(reqs); cerr != nil {
+		// The drop is in: the table is not as it was, whatever the
+		// transaction's own error says.
+		return fmt.Errorf("%w (after one copy of each element it adds was removed, which stays so)", cerr)
+	}
+	return nil
 }
 
 // liftTries are the waits before each try of a transaction that lifts
