@@ -333,7 +333,14 @@ type Restored struct {
 // namespace. The local address must be local to the host (bindable); the
 // socket binds to it even if another socket uses the port, because repair
 // mode forces address reuse.
-func Restore(st *State, o RestoreOptions) (*Restored, error) {
+func Restore(st *State, o RestoreOptions) (r *Restored, err error) {
+	// The blank is ours whatever happens: closed if refused before it is
+	// used.
+	defer func() {
+		if err != nil && o.Blank != nil && o.Blank.fd >= 0 {
+			o.Blank.Close()
+		}
+	}()
 	if err := st.Validate(); err != nil {
 		return nil, opErr("restore", err)
 	}
@@ -344,7 +351,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	if err := marks.checkMark(st); err != nil {
 		return nil, opErr("restore", err)
 	}
-	r := &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet, marks: marks, inj: o.Injector}
+	r = &Restored{fd: -1, st: st, local: st.Local, remote: st.Remote, quiet: o.Quiet, marks: marks, inj: o.Injector}
 	if o.Local.IsValid() {
 		r.local = o.Local
 	}
@@ -370,7 +377,7 @@ func Restore(st *State, o RestoreOptions) (*Restored, error) {
 	fd := b.fd
 	b.fd = -1 // the Restored owns it now, whatever happens
 	r.fd = fd
-	err := r.build()
+	err = r.build()
 	if err == nil && r.inj == nil && (st.TCPState.inboundFIN() || st.TCPState == StateFinWait2 || r.quiet || st.AckPending) {
 		// Made now, in the namespace of the restore, so that Commit can
 		// run on any thread.

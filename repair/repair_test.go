@@ -802,7 +802,11 @@ func TestRestoreRefusesMarks(t *testing.T) {
 	} {
 		st := sampleState()
 		st.Sockopts.Mark = tc.mark
-		r, err := Restore(st, RestoreOptions{Marks: tc.marks})
+		blank, err := NewBlank(st.Local.Addr().Is6())
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := Restore(st, RestoreOptions{Marks: tc.marks, Blank: blank})
 		if err == nil {
 			r.Abort()
 			t.Errorf("%s: Restore accepted it", name)
@@ -810,6 +814,11 @@ func TestRestoreRefusesMarks(t *testing.T) {
 		}
 		if errors.Is(err, ErrMalformed) != tc.malformed {
 			t.Errorf("%s: %v; want ErrMalformed %v", name, err, tc.malformed)
+		}
+		// Refused, it still took the blank over: closed, not leaked.
+		if blank.fd >= 0 {
+			t.Errorf("%s: the blank socket was left open", name)
+			blank.Close()
 		}
 		t.Logf("%s: %v", name, err)
 	}
