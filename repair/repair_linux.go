@@ -554,11 +554,20 @@ func (r *Restored) build() error {
 	win := st.Window
 	// rcv_wup may point past the inbound FIN, which is not restored until
 	// commit: pull it back to rcv_nxt and widen the window by as much, so
-	// the right edge the peer was promised stays where it was.
+	// the right edge the peer was promised stays where it was. It may lag
+	// rcv_nxt (an acknowledgement was still delayed at the capture): bring
+	// it up to rcv_nxt and narrow the window by as much, same right edge,
+	// or the stale acknowledgement injected at commit (rcv_nxt-1, not
+	// before a lagging rcv_wup) would be taken as a new one and answered
+	// with nothing.
 	rcvNxt := st.RecvSeq + uint32(len(st.RecvQueue))
-	if d := int32(win.RcvWup - rcvNxt); d > 0 {
+	switch d := int32(win.RcvWup - rcvNxt); {
+	case d > 0:
 		win.RcvWup = rcvNxt
 		win.RcvWnd += uint32(d)
+	case d < 0:
+		win.RcvWup = rcvNxt
+		win.RcvWnd -= min(win.RcvWnd, uint32(-d))
 	}
 	if err := setWindow(fd, win); err != nil {
 		return err

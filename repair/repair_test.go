@@ -592,6 +592,11 @@ func TestFrozenQuiet(t *testing.T) {
 				t.Fatal(err)
 			}
 			conn = commitConn(t, ns, r)
+			// The commit acknowledged at once: the restored socket has
+			// sent something (not waited for the client to send again).
+			if out := tcpInfo(t, conn).Segs_out; out == 0 {
+				t.Fatalf("%+v: the restored socket sent nothing on commit", tc)
+			}
 		}
 		conn.SetDeadline(time.Now().Add(10 * time.Second))
 		b := make([]byte, 1)
