@@ -90,14 +90,20 @@ func (f *Frozen) Capture() (*State, error) {
 	}
 	var st *State
 	err := control(f.rc, func(fd int) (err error) {
-		info, err := infoHead(fd)
-		if err != nil {
-			return err
+		// A segment that changes the state (a FIN) can reach the frozen
+		// socket while it is read: then it is read again.
+		for try := 0; ; try++ {
+			info, err := infoHead(fd)
+			if err != nil {
+				return err
+			}
+			f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
+			f.gotData = info.dataSegsIn > 0
+			st, err = captureState(fd, info, local, remote, f)
+			if !errors.Is(err, errStateChanged) || try == 2 {
+				return err
+			}
 		}
-		f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
-		f.gotData = info.dataSegsIn > 0
-		st, err = captureState(fd, info, local, remote, f)
-		return err
 	})
 	if err != nil {
 		return nil, opErr("capture", err)
@@ -295,6 +301,13 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, f *Fro
 		}
 		st.AckPending = n > f.markedRecv || f.markedWup != rcvNxt
 	}
+	// The queues' sequence numbers go with the state read first only if
+	// no FIN came in meanwhile.
+	if again, err := infoHead(fd); err != nil {
+		return nil, err
+	} else if again.state != info.state {
+		return nil, fmt.Errorf("%w: %v, then %v", errStateChanged, TCPState(info.state), TCPState(again.state))
+	}
 	if st.TCPState.inboundFIN() {
 		rcvNxt--
 	}
@@ -311,6 +324,9 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, f *Fro
 	}
 	return st, nil
 }
+
+// errStateChanged: the socket's TCP state changed while it was captured.
+var errStateChanged = errors.New("the connection's state changed during the capture")
 
 // Restored is a socket rebuilt from a State, still in repair mode: it has
 // its queues and sequence numbers but has sent nothing. [Restored.Commit]
