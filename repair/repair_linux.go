@@ -374,6 +374,11 @@ func Restore(st *State, o RestoreOptions) (r *Restored, err error) {
 	if o.Remote.IsValid() {
 		r.remote = o.Remote
 	}
+	for _, ap := range []netip.AddrPort{r.local, r.remote} {
+		if ap.Addr().Is4In6() || ap.Addr().Zone() != "" || ap.Port() == 0 {
+			return nil, opErr("restore", fmt.Errorf("address %v: want a plain IPv4 or IPv6 address and a port", ap))
+		}
+	}
 	if r.local.Addr().Is4() != r.remote.Addr().Is4() || r.local.Addr().Is4() != st.Local.Addr().Is4() {
 		return nil, opErr("restore", fmt.Errorf("address family mismatch: %v -> %v for a %v connection", r.local, r.remote, st.Local))
 	}
@@ -601,7 +606,9 @@ func (r *Restored) build() error {
 }
 
 // Sockopts returns the socket options the restored socket has, as its
-// State gave them.
+// State gave them, but for TCP_NODELAY and keepalive, which only Conn
+// sets (Go's own defaults get in their way): a caller of File sets them
+// itself.
 func (r *Restored) Sockopts() Sockopts { return r.st.Sockopts }
 
 // Local returns the restored socket's local address.

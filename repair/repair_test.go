@@ -753,6 +753,11 @@ func TestRestoreBadInput(t *testing.T) {
 	if _, err := Restore(st, RestoreOptions{Local: netip4("[::1]:5")}); err == nil {
 		t.Fatal("Restore accepted a family mismatch")
 	}
+	for _, o := range []RestoreOptions{{Local: netip4("[::ffff:127.0.0.1]:5")}, {Remote: netip4("127.0.0.1:0")}} {
+		if _, err := Restore(st, o); err == nil || !strings.Contains(err.Error(), "want a plain IPv4 or IPv6 address and a port") {
+			t.Fatalf("Restore(%+v) = %v, want it refused", o, err)
+		}
+	}
 	// An address that is not local cannot be bound: a clear error, and no
 	// socket left behind.
 	st.Local = netip4("192.0.2.1:80")
