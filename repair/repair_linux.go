@@ -817,23 +817,26 @@ func readQueue(fd int, q repairQueue) (uint32, []byte, error) {
 	if err := selectQueue(fd, q); err != nil {
 		return 0, nil, err
 	}
-	seq, err := queueSeq(fd)
-	if err != nil {
-		return 0, nil, err
-	}
-	inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
-	if err != nil {
-		return 0, nil, fmt.Errorf("SIOCINQ: %w", err)
-	}
-	if q == queueRecv {
-		if inq, err = checkUrgent(fd, inq); err != nil {
+	// The queue and its sequence number agree if the sequence number is
+	// the same before and after the peek; whatever comes in meanwhile,
+	// all of it is read again.
+	for range 100 {
+		seq, err := queueSeq(fd)
+		if err != nil {
 			return 0, nil, err
 		}
-	}
-	if inq == 0 {
-		return seq, nil, nil
-	}
-	for range 100 {
+		inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+		if err != nil {
+			return 0, nil, fmt.Errorf("SIOCINQ: %w", err)
+		}
+		if q == queueRecv {
+			if inq, err = checkUrgent(fd, inq); err != nil {
+				return 0, nil, err
+			}
+		}
+		if inq == 0 {
+			return seq, nil, nil
+		}
 		data, err := peekQueue(fd, q, inq)
 		if err != nil {
 			return 0, nil, err
@@ -842,14 +845,13 @@ func readQueue(fd int, q repairQueue) (uint32, []byte, error) {
 		if err != nil {
 			return 0, nil, err
 		}
-		if again == seq {
-			if len(data) < inq {
-				return 0, nil, fmt.Errorf("receive queue: a peek gave %d of its %d bytes", len(data), inq)
-			}
-			return seq, data, nil
+		if again != seq {
+			continue
 		}
-		inq = len(data) + int(again-seq)
-		seq = again
+		if len(data) < inq {
+			return 0, nil, fmt.Errorf("receive queue: a peek gave %d of its %d bytes", len(data), inq)
+		}
+		return seq, data, nil
 	}
 	return 0, nil, fmt.Errorf("receive queue keeps changing: the flow is not held while frozen")
 }
