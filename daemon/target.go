@@ -269,8 +269,6 @@ func (d *Daemon) rewritesReplies(f migrate.Flow, local netip.AddrPort) bool {
 	return local != f.Service && d.cfg.Steering == "forward"
 }
 
-// Commit brings the transfer's connections to life and hands them to
-// their application.
 // CommitMemory is how long a target remembers a commit's answer, for a
 // source that asks again because it did not get it.
 const CommitMemory = 2 * time.Minute

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -353,40 +354,56 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 		return errors.Join(errs...)
 	}
 	switchFlows := func(ctx context.Context) error { return switchTo(ctx, tgt.Addr) }
-	// lose reports flows past the point of no return as failed: moved,
-	// but maybe not alive.
-	lose := func(fs []Flow, p Phase, why string, err error) {
+	// lose reports flows past the point of no return as failed in phase
+	// p, each with the error errOf gives it: moved, but maybe not alive.
+	lose := func(fs []Flow, p Phase, errOf func(Flow) error) {
 		timings.Lock()
 		defer timings.Unlock()
+		gone := make(map[Flow]bool, len(fs))
 		for _, f := range fs {
-			rep.Failed[f] = &PhaseError{Phase: p, Err: fmt.Errorf("%s: %w", why, err)}
+			gone[f] = true
+			rep.Failed[f] = &PhaseError{Phase: p, Err: errOf(f)}
 		}
-		rep.Moved = slices.DeleteFunc(slices.Clone(rep.Moved), func(f Flow) bool { return slices.Contains(fs, f) })
+		// Not in place: rep.Moved may be moving, which is shared.
+		rep.Moved = slices.DeleteFunc(slices.Clone(rep.Moved), func(f Flow) bool { return gone[f] })
 	}
 	commit := func(ctx context.Context) error {
 		err := tgt.Commit(ctx, moving)
 		var fe FlowErrors
-		if err != nil && !errors.As(err, &fe) {
+		switch {
+		case errors.As(err, &fe):
+			// Lost: past the switch the source has let them go.
+			lose(slices.Collect(maps.Keys(fe)), PhaseCommit, func(f Flow) error { return fmt.Errorf("commit on %s: %w", tgt.Name(), fe[f]) })
+		case err != nil:
 			// No answer (a connection lost, a deadline), or a refusal
 			// for them all: the target may have brought them to life or
 			// not.
-			lose(moving, PhaseCommit, fmt.Sprintf("commit on %s failed: the connection may be lost", tgt.Name()), err)
-		} else if errors.As(err, &fe) {
-			// Lost: past the switch the source has let them go.
-			timings.Lock()
-			for f, ferr := range fe {
-				rep.Failed[f] = &PhaseError{Phase: PhaseCommit, Err: fmt.Errorf("commit on %s: %w", tgt.Name(), ferr)}
-			}
-			kept := make([]Flow, 0, len(rep.Moved)) // not in place: moving is shared
-			for _, f := range rep.Moved {
-				if fe[f] == nil {
-					kept = append(kept, f)
-				}
-			}
-			rep.Moved = kept
-			timings.Unlock()
+			lose(moving, PhaseCommit, func(Flow) error {
+				return fmt.Errorf("commit on %s failed: the connection may be lost: %w", tgt.Name(), err)
+			})
 		}
 		return err
+	}
+	// switchAgain switches the flows, and tries once more if that fails:
+	// the steering point may have sent some of them on already (another
+	// steering point, a reply lost), so a failed switch is not simply
+	// rolled back.
+	switchAgain := func() error {
+		err := phase(PhaseSwitch, switchFlows)
+		if err != nil && cleanup(switchFlows) == nil {
+			return nil
+		}
+		return err
+	}
+	// loseSwitched reports the flows lost when the switch failed twice
+	// after the commit went out (or with it): they are the target's, with
+	// their packets held at the steering point.
+	loseSwitched := func(err error) {
+		if err != nil {
+			lose(moving, PhaseSwitch, func(Flow) error {
+				return fmt.Errorf("switch to %s failed twice: its client's packets may not reach it: %w", tgt.Name(), err)
+			})
+		}
 	}
 	discard := func(ctx context.Context) error { return src.Discard(ctx, moving) }
 	// After the switch: the target commits while the source discards its
@@ -398,11 +415,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	}
 	if st.RepliesNeedSwitch() {
 		rep.CommitAfterSwitch = true
-		err := phase(PhaseSwitch, switchFlows)
-		if err != nil && cleanup(switchFlows) == nil {
-			err = nil
-		}
-		if err != nil {
+		if err := switchAgain(); err != nil {
 			// The steering point may have switched some flows all the
 			// same (a reply lost, a family of two, holds it could not
 			// lift): lifting the hold would not bring them back, and
@@ -422,34 +435,20 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	rep.Moved = moving
 	if receiving(items, moving) {
 		// The commit waits for the switch, but as with the commit going
-		// out at once, a failed switch is tried once more and not rolled
-		// back: it may have sent some of the flows to the target
-		// already (another steering point, a reply lost), and Unhold
-		// would not take that back.
+		// out at once, a failed switch is not rolled back: Unhold would
+		// not take back what it may have sent on.
 		rep.CommitAfterSwitch = true
-		err := phase(PhaseSwitch, switchFlows)
-		if err != nil && cleanup(switchFlows) == nil {
-			err = nil
-		}
-		if err != nil {
-			lose(moving, PhaseSwitch, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
-		}
+		err := switchAgain()
+		loseSwitched(err)
 		return rep, errors.Join(err, phase(PhaseCommit, commitAndDiscard), cleanupErr)
 	}
 	// The commit is what the client waits for: it goes out from this
 	// goroutine, the switch from another.
 	switched := make(chan error, 1)
 	go func() {
-		err := phase(PhaseSwitch, switchFlows)
-		if err != nil && cleanup(switchFlows) == nil {
-			// The target may be live already, so there is no going
-			// back: one more try. If it fails too, the flows stay the
-			// target's with their packets held at the steering point.
-			err = nil
-		}
-		if err != nil {
-			lose(moving, PhaseSwitch, fmt.Sprintf("switch to %s failed twice: its client's packets may not reach it", tgt.Name()), err)
-		}
+		// The target may be live already, so there is no going back.
+		err := switchAgain()
+		loseSwitched(err)
 		// The source lets go of its frozen copies once the steering
 		// point sends it nothing more of them (or, if the switch
 		// failed, holds their packets).
