@@ -825,33 +825,29 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	wait := time.NewTimer(s.cfg.VerdictWait)
 	defer wait.Stop()
 	var vm verdictMsg
-	// decideHere claims the decision, unless a verdict is being
-	// delivered already: then that one counts (a verdict that comes
-	// later is answered with an error, not taken and left unanswered).
-	decideHere := func() bool {
+	// decideHere decides as when the link is lost (afterLinkLoss), unless
+	// a verdict is being delivered already: then that one counts (a
+	// verdict that comes later is answered with an error, not taken and
+	// left unanswered).
+	decideHere := func(warn string) verdictMsg {
 		s.mu.Lock()
-		defer s.mu.Unlock()
-		if ex.decided {
-			return false
-		}
+		claimed := !ex.decided
 		ex.decided = true
-		return true
+		s.mu.Unlock()
+		if !claimed {
+			return <-ex.verdict
+		}
+		if warn != "" {
+			s.log.Warn(warn, "conn", c.tuple, "waited", s.cfg.VerdictWait)
+		}
+		return verdictMsg{v: s.afterLinkLoss(c)}
 	}
 	select {
 	case vm = <-ex.verdict:
 	case <-ex.link.done:
-		if decideHere() {
-			vm.v = s.afterLinkLoss(c)
-		} else {
-			vm = <-ex.verdict
-		}
+		vm = decideHere("")
 	case <-wait.C:
-		if decideHere() {
-			s.log.Warn("no verdict from mtcpd on an exported connection; deciding here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
-			vm.v = s.afterLinkLoss(c)
-		} else {
-			vm = <-ex.verdict
-		}
+		vm = decideHere("no verdict from mtcpd on an exported connection; deciding here")
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
 	}

@@ -291,27 +291,9 @@ func newMsgConn(uc *net.UnixConn) *msgConn {
 
 // write sends m; fds, at most maxBatch, travel with it as SCM_RIGHTS.
 func (c *msgConn) write(m *message, fds ...int) error {
-	if len(fds) > maxBatch {
-		return fmt.Errorf("%s message with %d descriptors, the limit is %d", m.Type, len(fds), maxBatch)
-	}
-	m.FDs = len(fds)
-	var frame []byte
-	if c.bin.Load() {
-		frame = encodeBinary(make([]byte, 4, 256), m)
-	} else {
-		body, err := json.Marshal(m)
-		if err != nil {
-			return fmt.Errorf("encode %s message: %w", m.Type, err)
-		}
-		frame = append(make([]byte, 4, 4+len(body)), body...)
-	}
-	if len(frame)-4 > maxFrame {
-		return fmt.Errorf("%s message is %d bytes, more than the limit of %d", m.Type, len(frame)-4, maxFrame)
-	}
-	binary.BigEndian.PutUint32(frame, uint32(len(frame)-4))
-	var oob []byte
-	if len(fds) > 0 {
-		oob = syscall.UnixRights(fds...)
+	frame, oob, err := c.encode(m, fds)
+	if err != nil {
+		return err
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -322,15 +304,39 @@ func (c *msgConn) write(m *message, fds ...int) error {
 // connection's writes held: no message written after publish returns can
 // go out ahead of m.
 func (c *msgConn) writeFirst(m *message, publish func()) error {
+	frame, oob, err := c.encode(m, nil)
+	if err != nil {
+		return err
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	publish()
-	body, err := json.Marshal(m)
-	if err != nil {
-		return fmt.Errorf("encode %s message: %w", m.Type, err)
+	return c.sendLocked(m.Type, frame, oob)
+}
+
+// encode makes m's frame, and the control message of the fds it carries.
+func (c *msgConn) encode(m *message, fds []int) (frame, oob []byte, err error) {
+	if len(fds) > maxBatch {
+		return nil, nil, fmt.Errorf("%s message with %d descriptors, the limit is %d", m.Type, len(fds), maxBatch)
 	}
-	frame := append(binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(body)), uint32(len(body))), body...)
-	return c.sendLocked(m.Type, frame, nil)
+	m.FDs = len(fds)
+	if c.bin.Load() {
+		frame = encodeBinary(make([]byte, 4, 256), m)
+	} else {
+		body, err := json.Marshal(m)
+		if err != nil {
+			return nil, nil, fmt.Errorf("encode %s message: %w", m.Type, err)
+		}
+		frame = append(make([]byte, 4, 4+len(body)), body...)
+	}
+	if len(frame)-4 > maxFrame {
+		return nil, nil, fmt.Errorf("%s message is %d bytes, more than the limit of %d", m.Type, len(frame)-4, maxFrame)
+	}
+	binary.BigEndian.PutUint32(frame, uint32(len(frame)-4))
+	if len(fds) > 0 {
+		oob = syscall.UnixRights(fds...)
+	}
+	return frame, oob, nil
 }
 
 // sendLocked sends one encoded frame; c.wmu is held.
