@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -167,7 +166,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		}
 		// "field x not found in type daemon.Config": the type means
 		// nothing to an operator.
-		return nil, yamlerr.Explain(placeError(b, err))
+		return nil, yamlerr.Explain(yamlerr.Place(b, err))
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) && !yamlerr.Empty(&more) {
@@ -200,60 +199,6 @@ func ParseConfig(b []byte) (*Config, error) {
 	m := c.Marks.repair().OrDefault()
 	c.Marks = MarksConfig{Inject: m.Inject, Quiet: m.Quiet}
 	return &c, c.validate()
-}
-
-// parsedRE finds the text a value's parser refused in its error
-// (netip's `ParseAddr("10.1.2.300"): ...`).
-var parsedRE = regexp.MustCompile(`\("([^"]*)"\)`)
-
-// placeError gives a decoding error that has no line (a value's own
-// parser refused it, as netip does an address) the line and key of the
-// value it names, so that an operator can tell which of many addresses is
-// wrong.
-func placeError(b []byte, err error) error {
-	m := parsedRE.FindStringSubmatch(err.Error())
-	if m == nil || strings.Contains(err.Error(), "line ") {
-		return err
-	}
-	var root yaml.Node
-	if yaml.Unmarshal(b, &root) != nil {
-		return err
-	}
-	var find func(n *yaml.Node, path string) (*yaml.Node, string)
-	find = func(n *yaml.Node, path string) (*yaml.Node, string) {
-		switch n.Kind {
-		case yaml.ScalarNode:
-			if n.Value == m[1] {
-				return n, path
-			}
-		case yaml.MappingNode:
-			for i := 0; i+1 < len(n.Content); i += 2 {
-				p := n.Content[i].Value
-				if path != "" {
-					p = path + "." + p
-				}
-				if f, fp := find(n.Content[i+1], p); f != nil {
-					return f, fp
-				}
-			}
-		default:
-			for i, c := range n.Content {
-				p := path
-				if n.Kind == yaml.SequenceNode {
-					p = fmt.Sprintf("%s[%d]", path, i)
-				}
-				if f, fp := find(c, p); f != nil {
-					return f, fp
-				}
-			}
-		}
-		return nil, ""
-	}
-	n, path := find(&root, "")
-	if n == nil {
-		return err
-	}
-	return fmt.Errorf("line %d: %s: %w", n.Line, path, err)
 }
 
 func (c *Config) validate() error {

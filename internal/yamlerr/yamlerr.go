@@ -66,6 +66,60 @@ func wanted(t string) string {
 	return "a " + t
 }
 
+// parsedRE finds the text a value's parser refused in its error
+// (netip's `ParseAddr("10.1.2.300"): ...`).
+var parsedRE = regexp.MustCompile(`\("([^"]*)"\)`)
+
+// Place gives a decoding error that has no line (a value's own
+// parser refused it, as netip does an address) the line and key of the
+// value it names, so that an operator can tell which of many addresses is
+// wrong.
+func Place(b []byte, err error) error {
+	m := parsedRE.FindStringSubmatch(err.Error())
+	if m == nil || strings.Contains(err.Error(), "line ") {
+		return err
+	}
+	var root yaml.Node
+	if yaml.Unmarshal(b, &root) != nil {
+		return err
+	}
+	var find func(n *yaml.Node, path string) (*yaml.Node, string)
+	find = func(n *yaml.Node, path string) (*yaml.Node, string) {
+		switch n.Kind {
+		case yaml.ScalarNode:
+			if n.Value == m[1] {
+				return n, path
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				p := n.Content[i].Value
+				if path != "" {
+					p = path + "." + p
+				}
+				if f, fp := find(n.Content[i+1], p); f != nil {
+					return f, fp
+				}
+			}
+		default:
+			for i, c := range n.Content {
+				p := path
+				if n.Kind == yaml.SequenceNode {
+					p = fmt.Sprintf("%s[%d]", path, i)
+				}
+				if f, fp := find(c, p); f != nil {
+					return f, fp
+				}
+			}
+		}
+		return nil, ""
+	}
+	n, path := find(&root, "")
+	if n == nil {
+		return err
+	}
+	return fmt.Errorf("line %d: %s: %w", n.Line, path, err)
+}
+
 // Empty reports whether n, a document the decoder read after the first,
 // holds nothing: a trailing "---", perhaps with comments.
 func Empty(n *yaml.Node) bool {

@@ -1,6 +1,7 @@
 package yamlerr
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -54,5 +55,17 @@ func TestEmpty(t *testing.T) {
 		if got := Empty(&second); got != want {
 			t.Errorf("%q: Empty = %v, want %v", doc, got, want)
 		}
+	}
+}
+
+func TestPlace(t *testing.T) {
+	doc := "peers:\n  - name: s2\n    addrs: [10.0.0.1, \"10.0.0.300\"]\n"
+	err := Place([]byte(doc), errors.New(`ParseAddr("10.0.0.300"): IPv4 field has value >255`))
+	if want := `line 3: peers[0].addrs[1]: ParseAddr("10.0.0.300")`; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("Place: %v, want it to start %q", err, want)
+	}
+	plain := errors.New("line 1: something else")
+	if got := Place([]byte(doc), plain); got != plain {
+		t.Errorf("an error with a line: %v, want it as it was", got)
 	}
 }
