@@ -290,23 +290,20 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, f *Fro
 	if st.Sockopts, err = getSockopts(fd, st.Local.Addr().Is6(), len(recvQ)+len(sendQ) > 0, f.mark, f.marked); err != nil {
 		return nil, err
 	}
-	if f.marked {
-		// Read after the queues: anything counted here beyond what had
-		// come in before the mark went on is unacknowledged, whether
-		// the queues have it or it came too late for them; so is what
-		// rcv_wup lagged behind then.
-		n, err := bytesReceived(fd)
-		if err != nil {
-			return nil, err
-		}
-		st.AckPending = n > f.markedRecv || f.markedWup != rcvNxt
-	}
-	// The queues' sequence numbers go with the state read first only if
-	// no FIN came in meanwhile.
-	if again, err := infoHead(fd); err != nil {
+	// Read after the queues. Their sequence numbers go with the state
+	// read first only if no FIN came in meanwhile.
+	after, err := infoHead(fd)
+	if err != nil {
 		return nil, err
-	} else if again.state != info.state {
-		return nil, fmt.Errorf("%w: %v, then %v", errStateChanged, TCPState(info.state), TCPState(again.state))
+	}
+	if after.state != info.state {
+		return nil, fmt.Errorf("%w: %v, then %v", errStateChanged, TCPState(info.state), TCPState(after.state))
+	}
+	if f.marked {
+		// Anything counted now beyond what had come in before the mark
+		// went on is unacknowledged, whether the queues have it or it
+		// came too late for them; so is what rcv_wup lagged behind then.
+		st.AckPending = after.bytesReceived > f.markedRecv || f.markedWup != rcvNxt
 	}
 	if st.TCPState.inboundFIN() {
 		rcvNxt--
