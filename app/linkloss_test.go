@@ -41,18 +41,8 @@ func newExportSetup(t *testing.T, verdictWait time.Duration) *exportSetup {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: freezes a socket with TCP_REPAIR")
 	}
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "app.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := app.NewRegistry(apptest.Logger(t, "registry"))
-	rctx, stopRegistry := context.WithCancel(context.Background())
-	registryDone := make(chan error, 1)
-	go func() { registryDone <- reg.Serve(rctx, ln) }()
-	stop := sync.OnceFunc(func() { stopRegistry(); <-registryDone })
-	t.Cleanup(stop)
+	sock := filepath.Join(t.TempDir(), "app.sock")
+	reg, stop := startRegistry(t, sock, "registry")
 
 	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -84,6 +74,23 @@ func newExportSetup(t *testing.T, verdictWait time.Duration) *exportSetup {
 	}
 	t.Cleanup(func() { e.Socket.Close() })
 	return &exportSetup{c: c, e: e, reg: reg, svc: svc, sock: sock, stopRegistry: stop}
+}
+
+// startRegistry serves a registry (mtcpd's side) on the unix socket sock
+// until stop, which t's cleanup calls too; stop waits for it, once.
+func startRegistry(t *testing.T, sock, name string) (reg *app.Registry, stop func()) {
+	t.Helper()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg = app.NewRegistry(apptest.Logger(t, name))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- reg.Serve(ctx, ln) }()
+	stop = sync.OnceFunc(func() { cancel(); <-done })
+	t.Cleanup(stop)
+	return reg, stop
 }
 
 // repair sets the exported socket's TCP_REPAIR to v, as mtcpd does.
@@ -173,15 +180,7 @@ func TestExportIDsPerLink(t *testing.T) {
 	x.repair(t, unix.TCP_REPAIR_ON)
 	x.stopRegistry()
 	os.Remove(x.sock)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: x.sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := app.NewRegistry(apptest.Logger(t, "registry2"))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- reg.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); <-done })
+	reg, _ := startRegistry(t, x.sock, "registry2")
 	apptest.Eventually(t, 10*time.Second, "the application to register again", func() (bool, string) {
 		return len(reg.Services()) == 1, fmt.Sprint(reg.Services())
 	})
