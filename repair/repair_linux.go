@@ -256,7 +256,7 @@ func captureState(fd int, info tcpInfoHead, local, remote netip.AddrPort, f *Fro
 	opts := TCPOptions(info.options) & knownOptions
 	st.Options = opts
 	if opts&OptWindowScale != 0 {
-		st.SndWScale, st.RcvWScale = info.wscale&0xf, info.wscale>>4
+		st.SndWScale, st.RcvWScale = wscales(info.wscale, littleEndian)
 	}
 	if st.MSS, err = mssClamp(fd); err != nil {
 		return nil, err

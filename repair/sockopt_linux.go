@@ -6,6 +6,7 @@ package repair
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -42,7 +43,7 @@ type tcpRepairWindow struct {
 // bytes received).
 type tcpInfoHead struct {
 	state, caState, retransmits, probes, backoff, options uint8
-	wscale                                                uint8 // snd_wscale:4 (low), rcv_wscale:4
+	wscale                                                uint8 // snd_wscale:4, rcv_wscale:4 (see wscales)
 	_                                                     uint8
 	_                                                     [11]uint32 // tcpi_rto ... tcpi_last_ack_sent
 	lastDataRecv                                          uint32     // tcpi_last_data_recv: ms since data last came in
@@ -50,6 +51,20 @@ type tcpInfoHead struct {
 	bytesReceived                                         uint64     // tcpi_bytes_received: sequence numbers taken in
 	_                                                     [16]byte   // tcpi_segs_out ... tcpi_min_rtt
 	dataSegsIn                                            uint32     // tcpi_data_segs_in: segments with data taken in
+}
+
+// littleEndian is true on hosts that store the low byte first, where C
+// allocates bit-fields from the least significant bit.
+var littleEndian = binary.NativeEndian.Uint16([]byte{1, 0}) == 1
+
+// wscales splits tcp_info's window-scale byte, two 4-bit fields declared
+// snd_wscale first: C puts the first bit-field in the low bits on a
+// little-endian host and in the high bits on a big-endian one.
+func wscales(b uint8, little bool) (snd, rcv uint8) {
+	if little {
+		return b & 0xf, b >> 4
+	}
+	return b >> 4, b & 0xf
 }
 
 // checkSocket refuses sockets TCP_REPAIR cannot migrate, naming why. It
