@@ -265,6 +265,12 @@ var (
 	// later batch lifts them or they time out (Options.HoldIdle).
 	// [Queue.Pass] keeps such flows' packets going meanwhile.
 	ErrHoldsKept = errors.New("holds still in")
+	// ErrApplied is wrapped by the error of an Apply whose changes went
+	// in, all but the holds it lifts if the error also wraps
+	// ErrHoldsKept, when a step after them failed: the caller's step
+	// ([Table.ApplyThen]), the lifting of the holds, or the second look
+	// for elements that a packet put back.
+	ErrApplied = errors.New("the batch went in")
 	// ErrClosed reports use of a Table or Queue after Close or Destroy.
 	ErrClosed = errors.New("already closed")
 	// ErrUnsupported reports a system without nftables/NFQUEUE (anything

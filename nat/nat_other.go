@@ -55,6 +55,9 @@ func OpenQueue(o Options) (*Queue, error) {
 // Held returns 0.
 func (q *Queue) Held() int { return 0 }
 
+// HeldOf returns 0.
+func (q *Queue) HeldOf(Flow) int { return 0 }
+
 // Release returns an error wrapping ErrUnsupported.
 func (q *Queue) Release(flows ...Flow) (int, error) {
 	return 0, &OpError{Op: "release", Err: ErrUnsupported}

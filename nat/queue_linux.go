@@ -376,6 +376,18 @@ func (q *Queue) Held() int {
 	return q.nheld
 }
 
+// HeldOf returns how many packets of f the Queue holds (0 for a flow it
+// cannot take).
+func (q *Queue) HeldOf(f Flow) int {
+	n, err := f.normalize()
+	if err != nil {
+		return 0
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.held[n])
+}
+
 // Release sends every held packet of the flows on with the verdict
 // NF_REPEAT, in the order they arrived, and returns how many. The packets
 // pass the flows' holds (they get the inject mark bit), so the rules that

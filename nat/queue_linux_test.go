@@ -312,8 +312,8 @@ func TestHoldsKept(t *testing.T) {
 	eventually(t, 5*time.Second, "b to be held", func() bool { return q.Held() == 1 })
 	failing = -1
 	err := unhold()
-	if !errors.Is(err, ErrHoldsKept) {
-		t.Fatalf("unhold with every try failing: %v, want ErrHoldsKept", err)
+	if !errors.Is(err, ErrHoldsKept) || errors.Is(err, ErrApplied) {
+		t.Fatalf("unhold with every try failing: %v, want ErrHoldsKept and not ErrApplied (nothing went in)", err)
 	}
 	if !held() {
 		t.Fatal("the hold is gone although its lifting failed")
@@ -340,6 +340,62 @@ func TestHoldsKept(t *testing.T) {
 	if held() {
 		t.Fatal("the hold is still in")
 	}
+}
+
+// TestErrApplied: an Apply whose batch went in says so (ErrApplied) when
+// a step after it fails, the caller's or the lifting of the holds, so
+// that a switch whose new destination is in is not taken for one that
+// failed.
+func TestErrApplied(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "applied")
+	tb := openIn(t, ns, Options{})
+	f := Flow{Client: netip.MustParseAddrPort("10.9.0.2:40040"), Service: netip.MustParseAddrPort("10.9.0.1:7040")}
+	hold := func() {
+		t.Helper()
+		var b Batch
+		b.Hold(f)
+		if err := tb.Apply(&b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	forwardsTo := func(to netip.Addr) {
+		t.Helper()
+		es, err := tb.Flows()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range es {
+			if e.Kind == KindForward && e.Flow == f && e.Addr == to {
+				return
+			}
+		}
+		t.Fatalf("no forward of %v to %v in %v", f, to, es)
+	}
+	switchTo := func(to string) *Batch {
+		var b Batch
+		b.Remove(f)
+		b.Forward(f, netip.MustParseAddr(to))
+		return &b
+	}
+
+	boom := errors.New("boom")
+	hold()
+	err := tb.ApplyThen(switchTo("10.9.0.3"), func() error { return boom })
+	if !errors.Is(err, ErrApplied) || !errors.Is(err, boom) || errors.Is(err, ErrHoldsKept) {
+		t.Fatalf("a switch whose step failed: %v, want ErrApplied and the step's error", err)
+	}
+	forwardsTo(netip.MustParseAddr("10.9.0.3"))
+
+	hold()
+	tb.mu.Lock()
+	tb.liftFault = func() error { return errors.New("injected") }
+	tb.mu.Unlock()
+	err = tb.Apply(switchTo("10.9.0.4"))
+	if !errors.Is(err, ErrApplied) || !errors.Is(err, ErrHoldsKept) {
+		t.Fatalf("a switch whose holds stayed: %v, want ErrApplied and ErrHoldsKept", err)
+	}
+	forwardsTo(netip.MustParseAddr("10.9.0.4"))
 }
 
 // TestQueueReaderStops: when the reader cannot read the queue any more,

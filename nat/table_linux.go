@@ -114,7 +114,8 @@ func (t *Table) Options() Options { return t.opts }
 // a packet evaluated across the commit can put one back even after that,
 // a goroutine looks for them once more 50 to 100 ms later, unless a later
 // batch has added them back. If a later transaction fails, the first
-// stays applied and Apply says so. b is left unchanged; Apply refuses the
+// stays applied and Apply says so: its error wraps ErrApplied whenever
+// the batch went in. b is left unchanged; Apply refuses the
 // whole batch, changing nothing, if any change in it is malformed (error
 // wrapping ErrInvalid). An empty batch does nothing.
 func (t *Table) Apply(b *Batch) error { return t.ApplyThen(b, nil) }
@@ -189,10 +190,18 @@ func (t *Table) applyLocked(ops []op, then func() error) error {
 	step()
 	if len(lastReqs) > 0 {
 		if err := t.lift(lastReqs); err != nil {
-			return errors.Join(fmt.Errorf("%w: lifting them after the batch's other changes went in: %w", ErrHoldsKept, err), thenErr)
+			return applied(errors.Join(fmt.Errorf("%w: lifting them after the batch's other changes went in: %w", ErrHoldsKept, err), thenErr))
 		}
 	}
-	return errors.Join(t.sweep(p.removed()), thenErr)
+	return applied(errors.Join(t.sweep(p.removed()), thenErr))
+}
+
+// applied marks err, from a step after a batch went in, with ErrApplied.
+func applied(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w, but: %w", ErrApplied, err)
 }
 
 // dropDuplicates handles a transaction (reqs, whose changes are ch) that
