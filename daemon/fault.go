@@ -6,8 +6,10 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/mtcp-dev/mtcp/nat"
 	"github.com/mtcp-dev/mtcp/peer"
 )
 
@@ -33,6 +35,11 @@ import (
 //	                 for away from the flows' home (the address their
 //	                 clients dialled), then answers with an error, as if
 //	                 its answer were lost
+//	switch-rules-refuse  a steering point fails the first switch away
+//	                 from home of each flow, as if the switch's rules
+//	                 could not go in, once the holds have queued a packet
+//	                 of every flow it switches (or after 1.5 s); the
+//	                 source tries again
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
@@ -92,6 +99,38 @@ func fault(ctx context.Context, point string) error {
 		return ctx.Err()
 	}
 	return nil
+}
+
+// switchRulesFailed lists the flows a switch-rules-refuse fault failed a
+// switch of.
+var switchRulesFailed = struct {
+	sync.Mutex
+	m map[nat.Flow]bool
+}{m: map[nat.Flow]bool{}}
+
+// switchRulesFault is the switch-rules-refuse fault of a switch of flows,
+// away from their home unless home; held counts a flow's held packets.
+func switchRulesFault(home bool, flows []nat.Flow, held func(nat.Flow) int) error {
+	if home || !slices.Contains(faults, "switch-rules-refuse") {
+		return nil
+	}
+	switchRulesFailed.Lock()
+	first := false
+	for _, f := range flows {
+		if !switchRulesFailed.m[f] {
+			switchRulesFailed.m[f], first = true, true
+		}
+	}
+	switchRulesFailed.Unlock()
+	if !first {
+		return nil
+	}
+	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(time.Millisecond) {
+		if !slices.ContainsFunc(flows, func(f nat.Flow) bool { return held(f) == 0 }) {
+			break
+		}
+	}
+	return fmt.Errorf("fault injected (%s=switch-rules-refuse)", FaultEnv)
 }
 
 // peerDelay is the delay of a peer-delay=D fault, or 0.

@@ -115,7 +115,7 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	if r.Op != peer.SteerRefresh {
 		d.noteHolds(from, r.Op, fs)
 	}
-	if r.Op == peer.SteerSwitch && r.To != fs[0].Service.Addr().Unmap() {
+	if r.Op == peer.SteerSwitch && len(fs) > 0 && r.To != fs[0].Service.Addr().Unmap() {
 		return fault(ctx, "switched") // switched-refuse: the answer is lost (tests)
 	}
 	return nil
@@ -131,6 +131,9 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 // host): a switch whose new destinations went in, and a refresh, are
 // recorded for it (noteSwitched, noteRefreshed).
 func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) error {
+	if len(flows) == 0 {
+		return nil
+	}
 	if op == peer.SteerRefresh {
 		_, err := d.nat.Refresh(natFlows(flows))
 		if err == nil {
@@ -173,10 +176,13 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 		}
 		return d.nat.Apply(&b)
 	}
-	err := d.nat.ApplyThen(&b, func() error {
-		_, err := d.q.Pass(fs...)
-		return err
-	})
+	err := switchRulesFault(op != peer.SteerSwitch || to == flows[0].Service.Addr().Unmap(), fs, d.q.HeldOf)
+	if err == nil {
+		err = d.nat.ApplyThen(&b, func() error {
+			_, err := d.q.Pass(fs...)
+			return err
+		})
+	}
 	if op == peer.SteerSwitch && switched(err) {
 		d.noteSwitched(by, flows, to)
 	}
@@ -189,8 +195,23 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 			"op", op, "flows", len(flows), "hold_timeout", d.nat.Options().HoldIdle, "err", err)
 		return err
 	}
+	if op == peer.SteerSwitch && err != nil && !switched(err) {
+		// The holds are in with the old destinations: what they queued
+		// stays queued for what comes next (the switch tried again, the
+		// switch back to the source, or the holds lifted), instead of
+		// going on to the frozen source, which would keep it from the
+		// target (the client would send it again).
+		return err
+	}
 	// Ends the pass, and sends on anything left held (if the pass
-	// failed, or the new rules could not go in).
+	// failed).
 	_, rerr := d.q.Release(fs...)
+	if errors.Is(err, nat.ErrApplied) && rerr == nil {
+		// Only a step after the change failed (the pass, a second look
+		// for elements a packet put back): the flows go where they
+		// should.
+		d.log.Warn("steering changed, with a failure after it", "op", op, "flows", len(flows), "err", err)
+		return nil
+	}
 	return errors.Join(err, rerr)
 }

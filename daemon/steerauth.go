@@ -77,9 +77,9 @@ func (d *Daemon) servedBy(from string, flows []migrate.Flow) []migrate.Flow {
 }
 
 // switched tells whether a switch whose rules' transaction ended with err
-// sent its flows on: it did if the error only says that its holds could
-// not be lifted, the new destinations being in.
-func switched(err error) bool { return err == nil || errors.Is(err, nat.ErrHoldsKept) }
+// sent its flows on: it did if the error says that a step after the new
+// destinations went in failed (its holds could not be lifted, say).
+func switched(err error) bool { return err == nil || errors.Is(err, nat.ErrApplied) }
 
 // noteSwitched records that member by ("" for this host) had flows
 // switched to to.

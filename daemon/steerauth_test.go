@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -44,8 +45,11 @@ func TestSteerAuthority(t *testing.T) {
 		t.Fatal("a switch whose transaction failed counts as switched")
 	}
 	may("s3", false)
-	if !switched(&nat.OpError{Op: "apply", Err: nat.ErrHoldsKept}) {
+	if !switched(&nat.OpError{Op: "apply", Err: fmt.Errorf("%w, but: %w", nat.ErrApplied, nat.ErrHoldsKept)}) {
 		t.Fatal("a switch whose holds stay in does not count as switched")
+	}
+	if switched(&nat.OpError{Op: "apply", Err: nat.ErrHoldsKept}) {
+		t.Fatal("holds that stay in after a batch that did not go in count as a switch")
 	}
 	d.noteSwitched("s2", fs, a("10.0.0.3"))
 	may("s3", true)

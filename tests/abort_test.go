@@ -516,6 +516,64 @@ func TestAbortGatewaySwitchLost(t *testing.T) {
 	}
 }
 
+// TestSwitchRefusedKeepsHeld: s1, the source and the steering point, fails
+// the first switch of a migration to s2 (MTCP_FAULT=switch-rules-refuse)
+// once a command that each client sent into the hold is queued; the
+// second try goes through. The commands must stay held for it and reach
+// s2 with the switch: let go at the failure, they went to s1's frozen
+// copy, which kept them from s2, and the clients had to send them again.
+// Both sessions, IPv4 and IPv6, are reported moved and carry on at s2
+// with every command once, the clients sent nothing twice and saw no
+// reset, and s1 holds nothing.
+func TestSwitchRefusedKeepsHeld(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=switch-rules-refuse"}}})
+	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+	// Acknowledgements the clients delayed go out before the hold, so
+	// that what it queues first, and the fault waits for, is a command.
+	time.Sleep(300 * time.Millisecond)
+	type result struct {
+		rep *admin.Report
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
+		done <- result{rep, err}
+	}()
+	for _, s := range sessions {
+		eventually(t, 5*time.Second, "s1 to hold "+s.String(), func() (bool, string) {
+			e := flowElems(t, bed.S1, s.client, "hold")
+			return len(e) == 1, fmt.Sprint(e)
+		})
+		s.send("SET during-hold "+s.client.String(), "OK")
+	}
+	r := <-done
+	if r.err != nil || len(r.rep.Moved) != len(sessions) || len(r.rep.Failed) != 0 {
+		t.Fatalf("migrate: %v, %+v: want both moved", r.err, r.rep)
+	}
+	for _, s := range sessions {
+		s.awaitReplies(t)
+		s.expect("HOST", "s2")
+		s.expect("GET during-hold", s.client.String())
+		s.expect("GET colour", s.colour)
+		s.sent++
+		if got := s.do("COUNT"); got != strconv.Itoa(s.sent) {
+			t.Errorf("%s: COUNT = %q, want %d: the session lost or repeated commands", s, got, s.sent)
+		}
+		if info := clientInfo(t, bed, s.c); info.TotalRetrans != 0 {
+			t.Errorf("%s: the client sent %d segments again: what the hold queued did not wait for the switch that went through", s, info.TotalRetrans)
+		}
+		if e := flowElems(t, bed.S1, s.client, "hold"); len(e) != 0 {
+			t.Errorf("%s: s1 still holds it: %v", s, e)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
 // TestCommitAnswerLost: s1 takes s2's answer to its commit for lost with
 // the connection (MTCP_FAULT=commit-answer-refuse) and asks again on a new
 // connection; s2 gives the first commit's answer again. Both sessions,
