@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -1141,9 +1142,21 @@ func testCommitFailedRulesGo(t *testing.T, fault string) {
 		t.Fatalf("migrate: %v (report %+v), want the flow failed at the commit", err, rep)
 	}
 	s.c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if n, err := s.c.Read(make([]byte, 1)); err == nil {
-		t.Fatalf("the connection lives on (read %d bytes) with nobody to serve it", n)
+	if fault == "commit-socket-refuse" {
+		// The socket went silently: the client learns it when it next
+		// sends, from the reset of whichever host then gets it.
+		if _, err := io.WriteString(s.c, "HOST\n"); err != nil {
+			t.Fatalf("probe: %v", err)
+		}
 	}
+	n, err := s.c.Read(make([]byte, 1))
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the connection lives on (read %d bytes, %v) with nobody to serve it", n, err)
+	}
+	if !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the client's read: %v, want the connection ended (EOF or reset)", err)
+	}
+	t.Logf("the client sees: %v", err)
 	s.c.Close()
 	eventually(t, 20*time.Second, "the flow's rules to go", func() (bool, string) {
 		e1, e2 := flowElems(t, bed.S1, s.client, ""), flowElems(t, bed.S2, s.client, "")
