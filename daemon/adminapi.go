@@ -212,17 +212,26 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 
 // streamLines starts a streamed answer of JSON lines (progress) and
 // returns the function that sends one line at once.
+//
+// A line that its client does not take within streamWriteTimeout ends the
+// stream (the lines after it are dropped), so that a client that stopped
+// reading (a paused pager, a stalled ssh session) does not hold up what
+// sends them.
 func streamLines(w http.ResponseWriter) func(v any) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
 	enc := json.NewEncoder(w)
 	return func(v any) {
-		enc.Encode(v)
-		if f, ok := w.(http.Flusher); ok {
-			f.Flush()
+		rc.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+		if enc.Encode(v) == nil {
+			rc.Flush()
 		}
 	}
 }
+
+// streamWriteTimeout bounds the wait for a client to take a progress line.
+var streamWriteTimeout = 30 * time.Second
 
 // drainInFlight is how many batches of a drain migrate at once. Each
 // holds its connections frozen (and their descriptors open) until it
@@ -285,6 +294,16 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		later laterDiscards // the frozen sockets to close at the end
 	)
 	defer d.deferDiscards(&later)()
+	// Every connection is on its target and the drain has said so (or
+	// the handler panicked): the frozen copies go now, inert until then.
+	defer func() {
+		if delay, err := faultDuration("drain-flush-delay"); err == nil && delay > 0 {
+			time.Sleep(delay) // tests: connections may come back meanwhile
+		}
+		if err := later.flush(d); err != nil {
+			d.log.Warn("drain: discarding the frozen sockets", "err", err)
+		}
+	}()
 	for i, t := 0, 0; i < len(flows); i, t = i+batch, t+1 {
 		part := flows[i:min(i+batch, len(flows))]
 		to := targets[t%len(targets)]
@@ -315,12 +334,4 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		p.Error = err.Error()
 	}
 	send(p)
-	if delay, err := faultDuration("drain-flush-delay"); err == nil && delay > 0 {
-		time.Sleep(delay) // tests: connections may come back meanwhile
-	}
-	// Every connection is on its target and the drain said so: the
-	// frozen copies go now, inert until then.
-	if err := later.flush(d); err != nil {
-		d.log.Warn("drain: discarding the frozen sockets", "err", err)
-	}
 }
