@@ -170,9 +170,12 @@ func FinishMany(ctx context.Context, exps []*Exported, committed bool) []error {
 				}
 				errs[idx[k]] = err
 			}
+			// A connection that moved is not the application's any more,
+			// whatever became of the verdict: it does not report one it
+			// is told is gone, and may never hear of it.
 			a.r.mu.Lock()
 			for _, i := range idx {
-				if committed && errs[i] == nil {
+				if committed {
 					delete(a.conns, exps[i].Tuple)
 				}
 			}

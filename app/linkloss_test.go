@@ -202,3 +202,30 @@ func TestExportIDsPerLink(t *testing.T) {
 	e.Socket.Close()
 	x.repair(t, unix.TCP_REPAIR_OFF) // let the old one go on
 }
+
+// TestGoneVerdictLate: mtcpd's "gone" verdict on an exported connection
+// (it moved away) fails, its deadline over before the application's
+// answer came: mtcpd stops listing the connection all the same, which it
+// would otherwise list (and try to migrate) until the application
+// reconnected, as the application does not report a connection it was
+// told is gone. The verdict is given with its deadline over already; its
+// answer may still make it in time (then it succeeds), so the test tries
+// a few connections.
+func TestGoneVerdictLate(t *testing.T) {
+	late := 0
+	for i := 0; i < 20 && late < 3; i++ {
+		x := newExportSetup(t, 0)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		err := x.e.Finish(ctx, true)
+		if err != nil {
+			late++
+		}
+		if cs := x.reg.Conns(x.svc); len(cs) != 0 {
+			t.Fatalf("after the gone verdict (%v), mtcpd still lists %v", err, cs)
+		}
+	}
+	if late == 0 {
+		t.Fatal("every verdict was answered in time: nothing tested")
+	}
+}
