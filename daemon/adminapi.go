@@ -189,6 +189,9 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		start := time.Now()
 		mr, err := migrate.Run(ctx, fs, source{d: d, later: later}, steering{d}, tgt, migrate.Deadlines{})
 		observe(mr, time.Since(start))
+		if lost := lostAtSwitch(mr); len(lost) > 0 {
+			go d.keepSwitching(lost, tgt)
+		}
 		errs = append(errs, err)
 		for _, f := range mr.Moved {
 			rep.Moved = append(rep.Moved, f.Client.String())

@@ -17,15 +17,17 @@ import (
 // here already, its connection was lost with its source anyway).
 const OrphanTimeout = time.Minute
 
-// HoldOrphanTimeout is how long a steering point keeps a hold another
-// daemon asked for without switching or lifting it: longer than a
+// HoldOrphanTimeout is how long a steering point keeps a hold (another
+// daemon's, or one of its own migrations') without switching or lifting
+// it: longer than a
 // process migration may take (the target gives one two minutes), which
 // holds its flows from before the dump to after the restore. An expired
 // hold is lifted, its queued packets sent on where they were going.
 const HoldOrphanTimeout = 5 * time.Minute
 
-// remoteHold is a hold another daemon asked this steering point for.
-type remoteHold struct {
+// openHold is a hold this steering point made, and for whom ("" for
+// itself).
+type openHold struct {
 	from string
 	at   time.Time
 }
@@ -79,28 +81,29 @@ func (d *Daemon) expireTransfers(cutoff time.Time) {
 	}
 }
 
-// noteHolds records the holds a peer asked for (hold), or forgets them
-// (switch, unhold).
+// noteHolds records the holds a peer (or this host, "") made (hold), or
+// forgets them (switch, unhold), so that expireHolds lifts those never
+// switched nor lifted: their source died, or lost their switch.
 func (d *Daemon) noteHolds(from, op string, flows []migrate.Flow) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, f := range flows {
 		if op == peer.SteerHold {
-			d.remoteHolds[f] = remoteHold{from: from, at: time.Now()}
+			d.openHolds[f] = openHold{from: from, at: time.Now()}
 		} else {
-			delete(d.remoteHolds, f)
+			delete(d.openHolds, f)
 		}
 	}
 }
 
-// expireHolds lifts the holds peers asked for before cutoff and never
-// switched or lifted.
+// expireHolds lifts the holds made before cutoff and never switched or
+// lifted.
 func (d *Daemon) expireHolds(cutoff time.Time) {
 	by := map[string][]migrate.Flow{}
 	d.mu.Lock()
-	for f, h := range d.remoteHolds {
+	for f, h := range d.openHolds {
 		if h.at.Before(cutoff) {
-			delete(d.remoteHolds, f)
+			delete(d.openHolds, f)
 			by[h.from] = append(by[h.from], f)
 		}
 	}

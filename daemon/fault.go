@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +41,7 @@ import (
 //	                 could not go in, once the holds have queued a packet
 //	                 of every flow it switches (or after 1.5 s); the
 //	                 source tries again
+//	switch-rules-refuse=N  the same for the first N switches of each flow
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
@@ -101,28 +103,40 @@ func fault(ctx context.Context, point string) error {
 	return nil
 }
 
-// switchRulesFailed lists the flows a switch-rules-refuse fault failed a
-// switch of.
+// switchRulesFailed counts, per flow, the switches a switch-rules-refuse
+// fault failed.
 var switchRulesFailed = struct {
 	sync.Mutex
-	m map[nat.Flow]bool
-}{m: map[nat.Flow]bool{}}
+	m map[nat.Flow]int
+}{m: map[nat.Flow]int{}}
 
 // switchRulesFault is the switch-rules-refuse fault of a switch of flows,
 // away from their home unless home; held counts a flow's held packets.
 func switchRulesFault(home bool, flows []nat.Flow, held func(nat.Flow) int) error {
-	if home || !slices.Contains(faults, "switch-rules-refuse") {
+	if home {
+		return nil
+	}
+	n := 0
+	for _, f := range faults {
+		if f == "switch-rules-refuse" {
+			n = 1
+		} else if v, ok := strings.CutPrefix(f, "switch-rules-refuse="); ok {
+			n, _ = strconv.Atoi(v)
+		}
+	}
+	if n <= 0 {
 		return nil
 	}
 	switchRulesFailed.Lock()
-	first := false
+	fail := false
 	for _, f := range flows {
-		if !switchRulesFailed.m[f] {
-			switchRulesFailed.m[f], first = true, true
+		if switchRulesFailed.m[f] < n {
+			switchRulesFailed.m[f]++
+			fail = true
 		}
 	}
 	switchRulesFailed.Unlock()
-	if !first {
+	if !fail {
 		return nil
 	}
 	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(time.Millisecond) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/mtcp-dev/mtcp/migrate"
 	"github.com/mtcp-dev/mtcp/nat"
@@ -75,6 +76,72 @@ func (s steering) Unhold(ctx context.Context, flows []migrate.Flow) error {
 	return s.each(ctx, flows, peer.SteerUnhold, netip.Addr{})
 }
 
+// LostSwitchRetry is how long a source tries again, in the background,
+// the switch of flows a migration lost there (it failed twice, the target
+// owning them already): once a second, for a steering point that comes
+// back or restarts meanwhile. Then it lifts their holds, so that they do
+// not fill the queue for good; their clients get resets from wherever
+// their packets then go.
+const LostSwitchRetry = time.Minute
+
+// keepSwitching is LostSwitchRetry's work for the flows of a migration to
+// tgt that failed at their switch.
+func (d *Daemon) keepSwitching(flows []migrate.Flow, tgt migrate.Target) {
+	st := steering{d}
+	try := func(op func(context.Context, []migrate.Flow, int) error) (left []migrate.Flow) {
+		for fam, fs := range flowFamilies(flows) {
+			ctx, cancel := context.WithTimeout(context.Background(), migrate.DefaultDeadlines.Switch)
+			if op(ctx, fs, fam) != nil {
+				left = append(left, fs...)
+			}
+			cancel()
+		}
+		return left
+	}
+	switchOp := func(ctx context.Context, fs []migrate.Flow, fam int) error { return st.Switch(ctx, fs, tgt.Addr(fam)) }
+	for end := time.Now().Add(LostSwitchRetry); len(flows) > 0; {
+		time.Sleep(time.Second)
+		left := try(switchOp)
+		if n := len(flows) - len(left); n > 0 {
+			d.log.Info("switched flows a migration had lost at its switch", "to", tgt.Name(), "flows", n, "left", len(left))
+		}
+		flows = left
+		if len(flows) > 0 && time.Now().After(end) {
+			left = try(func(ctx context.Context, fs []migrate.Flow, _ int) error { return st.Unhold(ctx, fs) })
+			d.log.Error("gave up switching flows a migration lost at its switch; their holds lifted", "to", tgt.Name(), "flows", len(flows), "holds_kept", len(left))
+			return
+		}
+	}
+}
+
+// flowFamilies groups flows by their service address's family (4 or 6).
+func flowFamilies(fs []migrate.Flow) map[int][]migrate.Flow {
+	out := map[int][]migrate.Flow{}
+	for _, f := range fs {
+		fam := 4
+		if f.Service.Addr().Is6() {
+			fam = 6
+		}
+		out[fam] = append(out[fam], f)
+	}
+	return out
+}
+
+// lostAtSwitch lists the flows of r that failed at their switch past the
+// point of no return (the target owns them).
+func lostAtSwitch(r *migrate.Report) []migrate.Flow {
+	if r == nil || r.Aborted {
+		return nil
+	}
+	var out []migrate.Flow
+	for f, err := range r.Failed {
+		if pe, ok := errors.AsType[*migrate.PhaseError](err); ok && pe.Phase == migrate.PhaseSwitch {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
 // RepliesNeedSwitch is true with gateway steering: the gateway gives the
 // target's replies the service address only from the switch on. With
 // forward steering the target installs its own rewrite before it answers
@@ -111,9 +178,6 @@ func (d *Daemon) Steer(ctx context.Context, from string, r *peer.SteerRequest) e
 	}
 	if err := d.steerLocal(from, r.Op, fs, r.To); err != nil {
 		return err
-	}
-	if r.Op != peer.SteerRefresh {
-		d.noteHolds(from, r.Op, fs)
 	}
 	if r.Op == peer.SteerSwitch && len(fs) > 0 && r.To != fs[0].Service.Addr().Unmap() {
 		return fault(ctx, "switched") // switched-refuse: the answer is lost (tests)
@@ -174,7 +238,11 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 		if err := d.q.EndPass(fs...); err != nil {
 			return err
 		}
-		return d.nat.Apply(&b)
+		err := d.nat.Apply(&b)
+		if err == nil {
+			d.noteHolds(by, op, flows)
+		}
+		return err
 	}
 	err := switchRulesFault(op != peer.SteerSwitch || to == flows[0].Service.Addr().Unmap(), fs, d.q.HeldOf)
 	if err == nil {
@@ -185,6 +253,9 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 	}
 	if op == peer.SteerSwitch && switched(err) {
 		d.noteSwitched(by, flows, to)
+	}
+	if err == nil || op == peer.SteerSwitch && switched(err) {
+		d.noteHolds(by, op, flows)
 	}
 	if errors.Is(err, nat.ErrHoldsKept) {
 		// The new rules are in but the holds stay, even after a few

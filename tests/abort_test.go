@@ -575,6 +575,69 @@ func TestSwitchRefusedKeepsHeld(t *testing.T) {
 	}
 }
 
+// TestSwitchLostRecovered: s1, the source and the steering point, fails
+// both tries of a migration's switch to s2 (switch-rules-refuse=2) while
+// s2 commits: the migration reports the sessions failed at the switch,
+// lost maybe, their commands sent meanwhile held at s1. s1 then tries the
+// switch again in the background, which goes through: the sessions carry
+// on at s2 with every command, without a reset, and s1 holds nothing.
+func TestSwitchLostRecovered(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=switch-rules-refuse=2"}}})
+	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+	rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
+	if err != nil || rep.Error == "" || len(rep.Moved) != 0 || rep.Aborted {
+		t.Fatalf("migrate: %v, %+v: want both failed at the switch, not aborted", err, rep)
+	}
+	for _, s := range sessions {
+		if why := rep.Failed[s.client.String()]; !strings.Contains(why, "switch") || !strings.Contains(why, "switch-rules-refuse") {
+			t.Errorf("failure of %s is %q, want it at the switch, naming the fault", s, why)
+		}
+		s.send("SET after-lost "+s.client.String(), "OK")
+	}
+	for _, s := range sessions {
+		s.awaitReplies(t)
+		s.expect("HOST", "s2")
+		s.expect("GET after-lost", s.client.String())
+		s.expect("GET colour", s.colour)
+		s.sent++
+		if got := s.do("COUNT"); got != strconv.Itoa(s.sent) {
+			t.Errorf("%s: COUNT = %q, want %d: the session lost or repeated commands", s, got, s.sent)
+		}
+		if e := flowElems(t, bed.S1, s.client, "hold"); len(e) != 0 {
+			t.Errorf("%s: s1 still holds it: %v", s, e)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestLostSwitchHoldExpires: s1, the source and the steering point, can
+// never switch a migration's flow to s2 (switch-rules-refuse=1000): the
+// migration reports it failed at the switch and leaves it held at s1,
+// where its client's packets would fill the queue. The hold, made by s1
+// for itself, is lifted once it is older than the orphan timeout (2 s
+// here, orphan-after), before s1 gives up its switch in the background
+// (after a minute).
+func TestLostSwitchHoldExpires(t *testing.T) {
+	bed := testbed.ForTest(t)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=switch-rules-refuse=1000,orphan-after=2s"}}})
+	s := newAbortSession(t, p, bed, false)
+	rep, err := migrateSessions(t, p, bed.S1, "s2", []*abortSession{s})
+	if err != nil || !strings.Contains(rep.Failed[s.client.String()], "switch-rules-refuse") {
+		t.Fatalf("migrate: %v, %+v: want the flow failed at the switch", err, rep)
+	}
+	if e := flowElems(t, bed.S1, s.client, "hold"); len(e) != 1 {
+		t.Fatalf("s1 does not hold the flow after its switch failed: %v", e)
+	}
+	eventually(t, 15*time.Second, "s1 to lift the hold", func() (bool, string) {
+		e := flowElems(t, bed.S1, s.client, "hold")
+		return len(e) == 0, fmt.Sprint(e)
+	})
+}
+
 // TestCommitAnswerLost: s1 takes s2's answer to its commit for lost with
 // the connection (MTCP_FAULT=commit-answer-refuse) and asks again on a new
 // connection; s2 gives the first commit's answer again. Both sessions,
