@@ -871,6 +871,8 @@ func sourceCrashAfterSwitch(t *testing.T, fault string) {
 	})
 	if pid := pool.ListenerPID(bed.S2, r.Port); pid == 0 {
 		t.Error("no redis listens on s2")
+	} else {
+		r.Host, r.PID = bed.S2, pid // for the cleanup
 	}
 	if e := flowElems(t, bed.S2, client, ""); len(e) == 0 {
 		t.Error("s2 has no reply rewrite for the client's connection")

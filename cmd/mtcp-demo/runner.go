@@ -34,6 +34,7 @@ type runner struct {
 	mu       sync.Mutex
 	cleanups []func()
 	exiting  bool
+	exitCode int // exit's code, once exiting
 	status   int // raised by cleanups that fail (see failed)
 
 	// onExit, if set, is called once the exit has begun, before the
@@ -102,6 +103,23 @@ func (r *runner) Fatalf(format string, args ...any) {
 	r.exit(1, fmt.Sprintf(format, args...))
 }
 
+// Errorf reports what the pool's cleanups find wrong (a process that
+// crashed or would not stop): the demo fails. While the demo exits on a
+// signal, such reports are its consequences (the terminal's interrupt
+// reaches the pool's processes too), printed with -v only.
+func (r *runner) Errorf(format string, args ...any) {
+	r.mu.Lock()
+	signalled := r.exiting && r.exitCode >= 128
+	r.mu.Unlock()
+	if signalled {
+		if r.verbose {
+			r.errorf("while exiting: "+format, args...)
+		}
+		return
+	}
+	r.failed(format, args...)
+}
+
 // failed records that the demo failed even if it otherwise exits with 0 (a
 // cleanup that finds something left behind).
 func (r *runner) failed(format string, args ...any) {
@@ -131,7 +149,7 @@ func (r *runner) exit(code int, msg string) {
 		}
 		runtime.Goexit()
 	}
-	r.exiting = true
+	r.exiting, r.exitCode = true, code
 	fs := r.cleanups
 	r.cleanups = nil
 	r.mu.Unlock()

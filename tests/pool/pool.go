@@ -30,6 +30,7 @@ import (
 type TB interface {
 	Helper()
 	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
 	Logf(format string, args ...any)
 	Cleanup(func())
 	TempDir() string
@@ -78,8 +79,11 @@ type Pool struct {
 	dir   string
 	procs map[string]*exec.Cmd
 	ended map[string]chan struct{} // closed once the named process has exited
-	ca    *peer.CA
-	opts  Options
+	// mayEnd are the processes that may exit before their cleanup: the
+	// test signalled them, or had them exit.
+	mayEnd sync.Map // *exec.Cmd → true
+	ca     *peer.CA
+	opts   Options
 
 	fwdMu sync.Mutex
 	fwd   map[*testbed.Host]string // local paths of remote admin sockets
@@ -343,11 +347,15 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 		t.Fatalf("start %s: %v", name, err)
 	}
 	ended := make(chan struct{})
-	var tail []string // a quiet process's last lines, for a failure
+	var tail []string    // a quiet process's last lines, for a failure
+	var crashed []string // lines that say it crashed, read before ended
 	go func() {
 		defer close(ended)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
+			if crashLine(sc.Text()) {
+				crashed = append(crashed, sc.Text())
+			}
 			if !p.opts.Quiet {
 				t.Logf("%s: %s", name, sc.Text())
 				continue
@@ -360,13 +368,27 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 		cmd.Wait() // after the last read of its output
 	}()
 	p.procs[name], p.ended[name] = cmd, ended
+	mayCrash := slices.ContainsFunc(p.opts.Env[name], func(e string) bool {
+		return strings.HasPrefix(e, "MTCP_FAULT=") && strings.Contains(e, "-crash")
+	})
 	t.Cleanup(func() {
+		select {
+		case <-ended:
+			if _, ok := p.mayEnd.Load(cmd); !ok && !mayCrash {
+				t.Errorf("%s exited before the test ended (%v)", name, cmd.ProcessState)
+			}
+		default:
+		}
 		testbed.Signal(cmd, syscall.SIGTERM)
 		select {
 		case <-ended:
 		case <-time.After(5 * time.Second):
+			t.Errorf("%s still runs 5 s after SIGTERM: killed", name)
 			cmd.Process.Kill()
 			<-ended
+		}
+		if len(crashed) > 0 {
+			t.Errorf("%s crashed:\n%s", name, strings.Join(crashed, "\n"))
 		}
 		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() && len(tail) > 0 {
 			t.Logf("%s's last %d lines of output:\n%s", name, len(tail), strings.Join(tail, "\n"))
@@ -410,12 +432,19 @@ func (p *Pool) RunDaemonAgain(h *testbed.Host) int {
 	p.t.Helper()
 	name := "mtcpd-" + h.Name + "-again"
 	cmd := p.Spawn(h, name, p.Bin(h, "mtcpd"), "-config", filepath.Join(p.hostDir(h), "mtcpd.yaml"))
+	p.mayEnd.Store(cmd, true)
 	select {
 	case <-p.ended[name]:
 	case <-time.After(15 * time.Second):
 		p.t.Fatalf("the second mtcpd on %s keeps running", h.Name)
 	}
 	return cmd.ProcessState.ExitCode()
+}
+
+// crashLine tells whether a line of a process's output says that it
+// crashed: a Go panic or fatal error, or a data race (under -race).
+func crashLine(l string) bool {
+	return strings.HasPrefix(l, "panic: ") || strings.HasPrefix(l, "fatal error: ") || strings.Contains(l, "WARNING: DATA RACE")
 }
 
 // quietTail is how many lines of a quiet process's output a failed test
@@ -504,5 +533,6 @@ func (p *Pool) Signal(name string, sig os.Signal) error {
 	if !ok {
 		return fmt.Errorf("no process %s", name)
 	}
+	p.mayEnd.Store(cmd, true)
 	return testbed.Signal(cmd, sig)
 }

@@ -81,6 +81,22 @@ func ForTest(t testing.TB) *Bed {
 		// t.Context is already canceled when cleanups run.
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
+		// The test's own cleanups, which stop what it started, ran
+		// first: a process still in the bed was left behind (a
+		// restored copy, say), which Down would kill unseen.
+		var running []string
+		for end := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			var err error
+			if running, err = Running(ctx, b.Prefix); err != nil {
+				t.Errorf("testbed: listing what runs in %s: %v", b.Prefix, err)
+			}
+			if len(running) == 0 || time.Now().After(end) {
+				break
+			}
+		}
+		if len(running) > 0 {
+			t.Errorf("testbed: still running in bed %s once the test's cleanups ran: %s", b.Prefix, strings.Join(running, "; "))
+		}
 		if err := b.Down(ctx); err != nil {
 			t.Error(err)
 		}

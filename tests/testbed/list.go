@@ -112,12 +112,24 @@ func Sweep(ctx context.Context) error {
 // netns NAME"). It is empty after a successful [Bed.Down].
 func Leftovers(ctx context.Context, prefix string) ([]string, error) {
 	var left []string
+	for _, h := range Describe(prefix).Hosts() {
+		if h.Exists() {
+			left = append(left, "netns "+h.NetNS)
+		}
+	}
+	procs, err := Running(ctx, prefix)
+	return append(left, procs...), err
+}
+
+// Running returns the processes inside the bed prefix's namespaces ("pid
+// N (COMM) in netns NAME").
+func Running(ctx context.Context, prefix string) ([]string, error) {
+	var left []string
 	var errs []error
 	for _, h := range Describe(prefix).Hosts() {
 		if !h.Exists() {
 			continue
 		}
-		left = append(left, "netns "+h.NetNS)
 		pids, err := netnsPIDs(ctx, h.NetNS)
 		if err != nil {
 			errs = append(errs, err)
