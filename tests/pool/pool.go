@@ -105,6 +105,9 @@ type Options struct {
 	Env map[string][]string
 	// Quiet keeps the processes' output out of the test log.
 	Quiet bool
+	// FailOn fails the test if a process prints a line containing one
+	// of these (quiet or not), as for a panic.
+	FailOn []string
 	// Policy, when set, is the policy file every server's mtcpd runs,
 	// with load scope netns and a metrics endpoint (policy.go).
 	Policy string
@@ -353,7 +356,7 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 		defer close(ended)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			if crashLine(sc.Text()) {
+			if crashLine(sc.Text()) || slices.ContainsFunc(p.opts.FailOn, func(s string) bool { return strings.Contains(sc.Text(), s) }) {
 				crashed = append(crashed, sc.Text())
 			}
 			if !p.opts.Quiet {
@@ -388,7 +391,7 @@ func (p *Pool) Spawn(h *testbed.Host, name, path string, args ...string) *exec.C
 			<-ended
 		}
 		if len(crashed) > 0 {
-			t.Errorf("%s crashed:\n%s", name, strings.Join(crashed, "\n"))
+			t.Errorf("%s crashed or failed:\n%s", name, strings.Join(crashed, "\n"))
 		}
 		if f, ok := t.(interface{ Failed() bool }); ok && f.Failed() && len(tail) > 0 {
 			t.Logf("%s's last %d lines of output:\n%s", name, len(tail), strings.Join(tail, "\n"))
