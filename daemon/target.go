@@ -289,6 +289,7 @@ func (d *Daemon) Commit(ctx context.Context, from string, r *peer.CommitRequest)
 	d.mu.Lock()
 	if rec, ok := d.commits[r.TxID]; ok && rec.from == from {
 		d.mu.Unlock()
+		d.log.Info("commit asked again: answering as the first time", "from", from, "tx", r.TxID)
 		select {
 		case <-rec.done:
 			return rec.reply, nil

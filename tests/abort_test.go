@@ -658,11 +658,23 @@ func TestCommitAnswerLost(t *testing.T) {
 func testCommitAnswerLost(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=" + fault}}})
+	tap := &logTap{TB: t}
+	p := pool.Start(tap, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=" + fault}}})
 	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
 	rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
 	if err != nil || len(rep.Moved) != len(sessions) || len(rep.Failed) != 0 || rep.Error != "" {
 		t.Fatalf("migrate: %v, %+v: want both moved", err, rep)
+	}
+	// The fault fired: s1 asked again, and s2 had the first commit
+	// (under way or done) when the second came.
+	for _, l := range []struct{ proc, line string }{
+		{"mtcpd-s1", "commit: the connection to the target was lost, asking again"},
+		{"mtcpd-s2", "commit asked again"},
+	} {
+		eventually(t, 5*time.Second, l.proc+" to log "+l.line+" once", func() (bool, string) {
+			m := tap.matching(l.proc, l.line)
+			return len(m) == 1, fmt.Sprint(m)
+		})
 	}
 	for _, s := range sessions {
 		s.expect("HOST", "s2")
