@@ -233,13 +233,15 @@ func TestSecondDaemonRefused(t *testing.T) {
 // 300 sessions of both address families in batches of 100 (several in
 // flight): every session is served by s2 afterwards with its state, no
 // client saw a RST, s1 lists none of them as soon as the drain is done,
-// and s1 closes every frozen copy after that.
+// and s1 closes every frozen copy after that (2 s after, here:
+// drain-flush-delay, so that the test sees them first).
 func TestAdminDrain(t *testing.T) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := pool.Start(t, bed, pool.Options{Quiet: true})
+	p := pool.Start(t, bed, pool.Options{Quiet: true, Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=drain-flush-delay=2s"}}})
 	const n = 300
 	sessions := drainSessions(t, p, bed, n)
+	port := uint16(sessions[0].c.RemoteAddr().(*net.TCPAddr).Port)
 	var reports int
 	prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 100}, func(admin.Progress) { reports++ })
 	if err != nil || prog.Done != n || prog.Failed != 0 {
@@ -250,8 +252,17 @@ func TestAdminDrain(t *testing.T) {
 	if cs, err := p.Admin(bed.S1).Conns(context.Background()); err != nil || len(cs) != 0 {
 		t.Errorf("right after the drain s1 lists %d connections (%v), want none", len(cs), err)
 	}
-	if reports < 3 {
-		t.Errorf("%d progress reports, want one per batch at least", reports)
+	if k := connsOnPort(t, bed.S1, port); k != n {
+		t.Errorf("right after the drain s1 has %d sockets on port %d, want its %d frozen copies", k, port, n)
+	}
+	// The first line, one per batch, the last.
+	if len(prog.Reports) != 3 || reports != 5 {
+		t.Errorf("%d batch reports in %d progress lines, want 3 in 5", len(prog.Reports), reports)
+	}
+	for _, r := range prog.Reports {
+		if len(r.Moved) > 100 {
+			t.Errorf("a batch moved %d connections, more than the 100 asked for", len(r.Moved))
+		}
 	}
 	for i, s := range sessions {
 		if got := s.do("HOST"); got != "s2" {
@@ -261,7 +272,6 @@ func TestAdminDrain(t *testing.T) {
 			t.Fatalf("session %d after the drain: GET k = %q", i, got)
 		}
 	}
-	port := uint16(sessions[0].c.RemoteAddr().(*net.TCPAddr).Port)
 	pool.Eventually(t, 10*time.Second, "s1 to close its frozen copies", func() (bool, string) {
 		k := connsOnPort(t, bed.S1, port)
 		return k == 0, fmt.Sprintf("%d left", k)
@@ -288,6 +298,10 @@ func TestDrainComesBack(t *testing.T) {
 	if prog, err := p.Admin(bed.S1).Drain(context.Background(), &admin.DrainRequest{To: "s2", Batch: 10}, nil); err != nil || prog.Done != n {
 		t.Fatalf("drain: %v (%+v)", err, prog)
 	}
+	port := uint16(sessions[0].c.RemoteAddr().(*net.TCPAddr).Port)
+	if k := connsOnPort(t, bed.S1, port); k != n {
+		t.Fatalf("after the drain s1 has %d sockets on port %d, want its %d frozen copies", k, port, n)
+	}
 	back := sessions[:4] // two of each family
 	req := &admin.MigrateRequest{To: "s1"}
 	for _, s := range back {
@@ -303,7 +317,15 @@ func TestDrainComesBack(t *testing.T) {
 	for i, s := range back {
 		s.expectOn("s1", strconv.Itoa(i))
 	}
+	// Each came back in place of its frozen copy.
+	if k := connsOnPort(t, bed.S1, port); k != n {
+		t.Errorf("with %d sessions back, s1 has %d sockets on port %d, want %d", len(back), k, port, n)
+	}
 	time.Sleep(time.Until(start.Add(8 * time.Second))) // past the drain's end
+	pool.Eventually(t, 5*time.Second, "s1 to close the other frozen copies", func() (bool, string) {
+		k := connsOnPort(t, bed.S1, port)
+		return k == len(back), fmt.Sprintf("%d sockets", k)
+	})
 	for i, s := range sessions {
 		host := "s2"
 		if i < len(back) {
