@@ -267,12 +267,32 @@ func socketsOf(t *testing.T, h *testbed.Host, client netip.AddrPort) []string {
 	return lines
 }
 
+// assertHome waits until a flow that moved around the pool and came
+// back to s1 left nothing behind: no element on any server or the
+// gateway, and one established socket for its client, on s1.
+func assertHome(t *testing.T, bed *testbed.Bed, client netip.AddrPort) {
+	t.Helper()
+	eventually(t, 15*time.Second, "nothing left of "+client.String()+"'s trips", func() (bool, string) {
+		var left []string
+		for _, h := range append(bed.Servers(), bed.Gateway) {
+			for _, e := range flowElems(t, h, client, "") {
+				left = append(left, h.Name+" "+e.Set+" "+e.JSON)
+			}
+			if l := socketsOf(t, h, client); h != bed.S1 && len(l) > 0 || h == bed.S1 && (len(l) != 1 || !strings.Contains(l[0], "ESTAB")) {
+				left = append(left, fmt.Sprintf("%s sockets %q", h.Name, l))
+			}
+		}
+		return len(left) == 0, strings.Join(left, "; ")
+	})
+}
+
 // assertNoTrace checks that nothing is installed for the sessions' flows
-// on s1 and s2 and that s1 still serves them from its own socket. With
-// s2Dead, s2's daemon is gone and its admin socket is not asked.
+// on any server or the gateway and that s1 still serves them from its own
+// socket, and no other server has one. With s2Dead, s2's daemon is gone
+// and its admin socket is not asked.
 func assertNoTrace(t *testing.T, p *pool.Pool, bed *testbed.Bed, s2Dead bool, sessions ...*abortSession) {
 	t.Helper()
-	for _, h := range []*testbed.Host{bed.S1, bed.S2} {
+	for _, h := range append(bed.Servers(), bed.Gateway) {
 		for _, s := range sessions {
 			for _, e := range flowElems(t, h, s.client, "") {
 				t.Errorf("%s: table inet mtcp still holds an element of %s's flow in %s: %s", h.Name, s, e.Set, e.JSON)
@@ -280,8 +300,10 @@ func assertNoTrace(t *testing.T, p *pool.Pool, bed *testbed.Bed, s2Dead bool, se
 		}
 	}
 	for _, s := range sessions {
-		if l := socketsOf(t, bed.S2, s.client); len(l) > 0 {
-			t.Errorf("s2 has a socket for %s's client: %q", s, l)
+		for _, h := range []*testbed.Host{bed.S2, bed.S3} {
+			if l := socketsOf(t, h, s.client); len(l) > 0 {
+				t.Errorf("%s has a socket for %s's client: %q", h.Name, s, l)
+			}
 		}
 		if l := socketsOf(t, bed.S1, s.client); len(l) != 1 || !strings.Contains(l[0], "ESTAB") {
 			t.Errorf("s1 should have exactly one established socket for %s's client, has %q", s, l)
@@ -1293,6 +1315,7 @@ func TestSteerOnlyByServer(t *testing.T) {
 	p.Migrate(bed.S3, bed.S1, s.c)
 	s.expect("HOST", "s1")
 	s.check(t)
+	assertHome(t, bed, s.client)
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}

@@ -73,6 +73,7 @@ func TestSessionMoves(t *testing.T) {
 		if ra := unmapAP(c.RemoteAddr().(*net.TCPAddr).AddrPort()); ra.Addr() != addr(bed.S1, v6) {
 			t.Fatalf("the client talks to %v, not s1", ra)
 		}
+		assertHome(t, bed, unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()))
 	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
