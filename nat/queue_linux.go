@@ -563,6 +563,12 @@ func (q *Queue) wait(w *waiter) error {
 	select {
 	case <-w.done:
 	case <-t.C:
+		// Its acknowledgement lost (the socket's buffer overran): it
+		// waits no more. A later barrier's acknowledgement ends the
+		// releases it covered (released).
+		q.mu.Lock()
+		delete(q.waiters, w.hi)
+		q.mu.Unlock()
 		return fmt.Errorf("no acknowledgement from the kernel after %v", queueAckTimeout)
 	}
 	q.mu.Lock()
