@@ -56,6 +56,9 @@ type Daemon struct {
 	commits map[uint64]*commitRecord
 	// laters are the discards running drains keep for their ends.
 	laters map[*laterDiscards]struct{}
+	// ending are the rules of ended connections left to remove
+	// (reap.go).
+	ending map[migrate.Flow]*endingRules
 	// openHolds are the holds this steering point made, for a peer or
 	// for itself, and has not yet switched or lifted (expire.go).
 	openHolds map[migrate.Flow]openHold
@@ -93,7 +96,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, peers: map[string]*peerConn{},
-		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, unseen: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, commits: map[uint64]*commitRecord{}, laters: map[*laterDiscards]struct{}{}, openHolds: map[migrate.Flow]openHold{}, steered: map[migrate.Flow]steered{},
+		moved: map[app.Tuple]migrate.Flow{}, adopted: map[app.Tuple]bool{}, missing: map[app.Tuple]int{}, unseen: map[app.Tuple]int{}, restoring: map[uint64]*incoming{}, commits: map[uint64]*commitRecord{}, laters: map[*laterDiscards]struct{}{}, openHolds: map[migrate.Flow]openHold{}, ending: map[migrate.Flow]*endingRules{}, steered: map[migrate.Flow]steered{},
 		blanks: map[bool][]*repair.Blank{}, blankWant: map[bool]int{}, frozen: map[migrate.Flow]*outgoing{}}
 	d.proc = newProcMode()
 	d.movedFile, d.movedDirty = movedPath(cfg), make(chan struct{}, 1)

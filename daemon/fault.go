@@ -42,6 +42,8 @@ import (
 //	                 of every flow it switches (or after 1.5 s); the
 //	                 source tries again
 //	switch-rules-refuse=N  the same for the first N switches of each flow
+//	switch-home-refuse  a steering point fails the first switch back home
+//	                 (the end of the flow's steering) of each flow
 //	pages-crash      the source of a lazy process migration exits (status
 //	                 3) right after the switch, while the target still
 //	                 fetches the process's memory from it
@@ -103,24 +105,26 @@ func fault(ctx context.Context, point string) error {
 	return nil
 }
 
-// switchRulesFailed counts, per flow, the switches a switch-rules-refuse
-// fault failed.
+// switchRulesFailed counts, per fault and flow, the switches a
+// switch-rules-refuse or switch-home-refuse fault failed.
 var switchRulesFailed = struct {
 	sync.Mutex
-	m map[nat.Flow]int
-}{m: map[nat.Flow]int{}}
+	m map[string]map[nat.Flow]int
+}{m: map[string]map[nat.Flow]int{}}
 
-// switchRulesFault is the switch-rules-refuse fault of a switch of flows,
-// away from their home unless home; held counts a flow's held packets.
+// switchRulesFault is the switch-rules-refuse fault of a switch of flows
+// away from their home, or switch-home-refuse's of one back home (home);
+// held counts a flow's held packets.
 func switchRulesFault(home bool, flows []nat.Flow, held func(nat.Flow) int) error {
+	name := "switch-rules-refuse"
 	if home {
-		return nil
+		name = "switch-home-refuse"
 	}
 	n := 0
 	for _, f := range faults {
-		if f == "switch-rules-refuse" {
+		if f == name {
 			n = 1
-		} else if v, ok := strings.CutPrefix(f, "switch-rules-refuse="); ok {
+		} else if v, ok := strings.CutPrefix(f, name+"="); ok {
 			n, _ = strconv.Atoi(v)
 		}
 	}
@@ -128,10 +132,15 @@ func switchRulesFault(home bool, flows []nat.Flow, held func(nat.Flow) int) erro
 		return nil
 	}
 	switchRulesFailed.Lock()
+	failed := switchRulesFailed.m[name]
+	if failed == nil {
+		failed = map[nat.Flow]int{}
+		switchRulesFailed.m[name] = failed
+	}
 	fail := false
 	for _, f := range flows {
-		if switchRulesFailed.m[f] < n {
-			switchRulesFailed.m[f]++
+		if failed[f] < n {
+			failed[f]++
 			fail = true
 		}
 	}
@@ -139,12 +148,12 @@ func switchRulesFault(home bool, flows []nat.Flow, held func(nat.Flow) int) erro
 	if !fail {
 		return nil
 	}
-	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(time.Millisecond) {
+	for end := time.Now().Add(1500 * time.Millisecond); !home && time.Now().Before(end); time.Sleep(time.Millisecond) {
 		if !slices.ContainsFunc(flows, func(f nat.Flow) bool { return held(f) == 0 }) {
 			break
 		}
 	}
-	return fmt.Errorf("fault injected (%s=switch-rules-refuse)", FaultEnv)
+	return fmt.Errorf("fault injected (%s=%s)", FaultEnv, name)
 }
 
 // peerDelay is the delay of a peer-delay=D fault, or 0.

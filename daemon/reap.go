@@ -45,6 +45,7 @@ func (d *Daemon) reap(ctx context.Context, unclaimedEvery time.Duration) {
 			continue
 		case <-t.C:
 		}
+		d.retryEnded(ctx)
 		live := map[app.Tuple]bool{}
 		for _, svc := range d.apps.Services() {
 			for _, tu := range d.apps.Conns(svc) {
@@ -84,8 +85,7 @@ func (d *Daemon) reap(ctx context.Context, unclaimedEvery time.Duration) {
 		for _, c := range kernel {
 			live[app.Tuple{Local: c.Local, Remote: c.Remote}] = true
 		}
-		var ended []migrate.Flow
-		var b nat.Batch
+		var ended, local []migrate.Flow
 		d.mu.Lock()
 		for tu, f := range d.moved {
 			// A connection being imported is in moved before its
@@ -109,39 +109,117 @@ func (d *Daemon) reap(ctx context.Context, unclaimedEvery time.Duration) {
 			delete(d.adopted, tu)
 			ended = append(ended, f)
 			if tu.Local != f.Service {
-				b.Remove(natFlow(f))
+				local = append(local, f)
 			}
 		}
 		d.mu.Unlock()
-		d.endRules(ctx, ended, &b)
+		d.endRules(ctx, ended, local)
 	}
 }
 
-// endRules removes the rules of ended connections: b, this host's
-// elements, and the flows' steering at their steering points.
-func (d *Daemon) endRules(ctx context.Context, ended []migrate.Flow, b *nat.Batch) {
+// endRules removes the rules of ended connections: this host's elements
+// of the flows in local, and the steering of every one at its steering
+// point. What fails is tried again at the next sweeps (retryEnded).
+func (d *Daemon) endRules(ctx context.Context, ended, local []migrate.Flow) {
 	if len(ended) == 0 {
 		return
 	}
-	if b.Len() > 0 {
-		if err := d.nat.Apply(b); err != nil {
-			d.log.Warn("removing rules of ended connections", "err", err)
+	d.removeRules(ctx, ended, local)
+	d.log.Info("connections ended", "flows", len(ended))
+}
+
+// removeRules is endRules' work: it removes the steering of unsteer and
+// this host's elements of local, and keeps what failed in d.ending.
+func (d *Daemon) removeRules(ctx context.Context, unsteer, local []migrate.Flow) {
+	var failed []migrate.Flow
+	var failedLocal []migrate.Flow
+	if len(local) > 0 {
+		var b nat.Batch
+		for _, f := range local {
+			b.Remove(natFlow(f))
+		}
+		if err := d.nat.Apply(&b); err != nil {
+			d.log.Warn("removing rules of ended connections", "flows", len(local), "err", err)
+			failedLocal = local
 		}
 	}
 	// Switching a flow "home", to the address it was dialled at, removes
 	// its steering.
 	home := map[netip.Addr][]migrate.Flow{}
-	for _, f := range ended {
+	for _, f := range unsteer {
 		home[f.Service.Addr()] = append(home[f.Service.Addr()], f)
 	}
 	for addr, fs := range home {
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := (steering{d}).Switch(sctx, fs, addr); err != nil {
 			d.log.Warn("removing the steering of ended connections", "flows", len(fs), "err", err)
+			failed = append(failed, fs...)
 		}
 		cancel()
 	}
-	d.log.Info("connections ended", "flows", len(ended))
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	note := func(fs []migrate.Flow, set func(*endingRules)) {
+		for _, f := range fs {
+			e, ok := d.ending[f]
+			if !ok {
+				e = &endingRules{since: now}
+				d.ending[f] = e
+			}
+			set(e)
+		}
+	}
+	note(failed, func(e *endingRules) { e.steer = true })
+	note(failedLocal, func(e *endingRules) { e.local = true })
+}
+
+// endingRetry is how long the removal of an ended connection's rules is
+// tried again. Until their idle timeout (FlowIdle), they would send a
+// new connection from the same client address and port where the old
+// one went.
+const endingRetry = 10 * time.Minute
+
+// endingRules are what is left to remove of an ended connection's rules:
+// its steering, its elements here.
+type endingRules struct {
+	steer, local bool
+	since        time.Time
+}
+
+// retryEnded tries again to remove the rules of ended connections that
+// removeRules could not remove.
+func (d *Daemon) retryEnded(ctx context.Context) {
+	var unsteer, local []migrate.Flow
+	d.mu.Lock()
+	if len(d.ending) == 0 {
+		d.mu.Unlock()
+		return
+	}
+	here := map[migrate.Flow]bool{}
+	for _, f := range d.moved {
+		here[f] = true
+	}
+	for f, e := range d.ending {
+		delete(d.ending, f)
+		if _, frozen := d.frozen[f]; frozen || here[f] || time.Since(e.since) > endingRetry {
+			// A connection of the same four addresses is here again;
+			// or the elements have had time to time out, and a new
+			// connection may have them now.
+			continue
+		}
+		if e.steer {
+			unsteer = append(unsteer, f)
+		}
+		if e.local {
+			local = append(local, f)
+		}
+	}
+	d.mu.Unlock()
+	if len(unsteer)+len(local) > 0 {
+		d.removeRules(ctx, unsteer, local)
+		d.log.Info("tried again to remove the rules of ended connections", "steering", len(unsteer), "local", len(local))
+	}
 }
 
 // reapUnclaimed removes the rules of connections that moved here and that
@@ -196,8 +274,7 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 			}
 		}
 	}
-	var ended []migrate.Flow
-	var b nat.Batch
+	var ended, local []migrate.Flow
 	seen := map[app.Tuple]bool{}
 	d.proc.mu.Lock()
 	d.mu.Lock()
@@ -230,7 +307,7 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 		}
 		ended = append(ended, c.f)
 		if c.tu.Local != c.f.Service {
-			b.Remove(natFlow(c.f))
+			local = append(local, c.f)
 		}
 	}
 	for tu := range d.unseen {
@@ -240,5 +317,5 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 	}
 	d.mu.Unlock()
 	d.proc.mu.Unlock()
-	d.endRules(ctx, ended, &b)
+	d.endRules(ctx, ended, local)
 }

@@ -244,7 +244,10 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 		}
 		return err
 	}
-	err := switchRulesFault(op != peer.SteerSwitch || to == flows[0].Service.Addr().Unmap(), fs, d.q.HeldOf)
+	var err error
+	if op == peer.SteerSwitch {
+		err = switchRulesFault(to == flows[0].Service.Addr().Unmap(), fs, d.q.HeldOf)
+	}
 	if err == nil {
 		err = d.nat.ApplyThen(&b, func() error {
 			_, err := d.q.Pass(fs...)

@@ -81,10 +81,19 @@ func TestSessionMoves(t *testing.T) {
 }
 
 // TestEndedFlowRulesGo: once a migrated session ends (the client quits),
-// its rules go: the forward entry at s1 and the reply rewrite at s2.
+// its rules go: the forward entry at s1 and the reply rewrite at s2. With
+// switch-home-refuse, s1 fails s2's first request to end the flow's
+// steering: s2 asks again at its next sweep.
 func TestEndedFlowRulesGo(t *testing.T) {
+	for _, fault := range []string{"", "switch-home-refuse"} {
+		t.Run("fault="+fault, func(t *testing.T) { endedFlowRulesGo(t, fault) })
+	}
+}
+
+func endedFlowRulesGo(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
-	p := pool.Start(t, bed, pool.Options{})
+	tap := &logTap{TB: t}
+	p := pool.Start(tap, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=" + fault}}})
 	c := p.Dial(bed.S1, false)
 	s := &kv{t: t, c: c, rd: bufio.NewReader(c)}
 	s.do("SET k v")
@@ -112,6 +121,11 @@ func TestEndedFlowRulesGo(t *testing.T) {
 		e1, e2 := flowElems(t, bed.S1, client, ""), flowElems(t, bed.S2, client, "")
 		return len(e1) == 0 && len(e2) == 0, fmt.Sprintf("s1 %v, s2 %v", e1, e2)
 	})
+	if fault != "" {
+		if m := tap.matching("mtcpd-s2", "tried again to remove the rules of ended connections"); len(m) == 0 {
+			t.Error("s2 did not say it tried again")
+		}
+	}
 }
 
 // TestRestartRemembersMovedIn: mtcpd restarted on a host that received
