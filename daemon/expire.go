@@ -42,10 +42,19 @@ func (d *Daemon) expire(ctx context.Context, after time.Duration) {
 	}
 	t := time.NewTicker(max(transfers/10, 100*time.Millisecond))
 	defer t.Stop()
+	// The table's index of what it holds keeps the elements the kernel
+	// timed out (a flow whose rules were never removed) until it is
+	// read again from the kernel.
+	reindex := time.NewTicker(max(d.cfg.FlowIdle/4, time.Minute))
+	defer reindex.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-reindex.C:
+			if _, err := d.nat.Flows(); err != nil {
+				d.log.Warn("reading the table's elements again", "err", err)
+			}
 		case now := <-t.C:
 			d.expireTransfers(now.Add(-transfers))
 			d.expireHolds(now.Add(-holds))
