@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -189,6 +190,14 @@ func TestAddrSpecificServices(t *testing.T) {
 	waitServed(t, p, bed.S1, c)
 	p.Migrate(bed.S1, bed.S2, c)
 	s.expectOn("s2", "v")
+	// Served by s2's application of 10.77.2.12:7001, not by its one of
+	// :7000 (both answer HOST with s2).
+	client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+	want := netip.AddrPortFrom(bed.S2.LAN4, 7001).String()
+	cs, err := p.Admin(bed.S2).Conns(context.Background())
+	if i := slices.IndexFunc(cs, func(cn admin.Conn) bool { return cn.Client == client }); err != nil || i < 0 || cs[i].App != want || cs[i].Local != want {
+		t.Errorf("s2 lists %+v (%v); want %s served by %s, locally %s", cs, err, client, want, want)
+	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
