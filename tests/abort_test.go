@@ -1159,6 +1159,7 @@ func TestOrphansExpire(t *testing.T) {
 func TestRefuseBadItems(t *testing.T) {
 	testbed.RequireNetns(t) // enters the hosts' namespaces from the test process
 	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
 	p := pool.Start(t, bed, pool.Options{})
 	s := newAbortSession(t, p, bed, false)
 	_, cfg := poolTrust(t, p, "s3", bed.S3.Ctl4)
@@ -1201,6 +1202,16 @@ func TestRefuseBadItems(t *testing.T) {
 	if r := tr.Results[len(bad)]; !r.OK {
 		t.Fatalf("the good item: %+v", r)
 	}
+	// The good item alone is built: one socket, one reply rewrite.
+	if l := socketsOf(t, bed.S2, s.client); len(l) != 1 {
+		t.Errorf("s2 has %d sockets for the client, want the good item's: %q", len(l), l)
+	}
+	if e := flowElems(t, bed.S2, s.client, "reply"); len(e) != 1 {
+		t.Errorf("s2 has %d reply rewrites for the client, want the good item's: %v", len(e), e)
+	}
+	if e := flowElems(t, bed.S2, netip.MustParseAddrPort("127.0.0.1:4000"), ""); len(e) != 0 {
+		t.Errorf("s2 has elements for the loopback item: %v", e)
+	}
 	if err := c.Abort(abortCtx(t, 5*time.Second), &peer.AbortRequest{TxID: req.TxID, Reason: "test"}); err != nil {
 		t.Fatalf("Abort: %v", err)
 	}
@@ -1212,6 +1223,9 @@ func TestRefuseBadItems(t *testing.T) {
 	}
 	assertNoTrace(t, p, bed, false, s)
 	s.check(t)
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
+	}
 }
 
 // TestImportRefusedRulesGo: past the switch, the target's application

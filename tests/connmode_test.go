@@ -93,6 +93,7 @@ func TestEndedFlowRulesGo(t *testing.T) {
 
 func endedFlowRulesGo(t *testing.T, fault string) {
 	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
 	tap := &logTap{TB: t}
 	p := pool.Start(tap, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=" + fault}}})
 	c := p.Dial(bed.S1, false)
@@ -126,6 +127,9 @@ func endedFlowRulesGo(t *testing.T, fault string) {
 		if m := tap.matching("mtcpd-s2", "tried again to remove the rules of ended connections"); len(m) == 0 {
 			t.Error("s2 did not say it tried again")
 		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
 
