@@ -356,6 +356,15 @@ func runCase(t *testing.T, fs []Flow, w *world, wantErr Phase, wantMoved int, wa
 		want = append(want, strings.Split(c, "\x00")...)
 	}
 	got := slices.Clone(w.calls)
+	// A flow that stays is thawed before its hold is lifted: what the
+	// hold queued must meet a live socket, not a frozen, quiet one.
+	for u, c := range got {
+		if args, ok := strings.CutPrefix(c, "st.Unhold("); ok {
+			if th := slices.Index(got, "src.Thaw("+args); th < 0 || th > u {
+				t.Fatalf("%s without src.Thaw(%s before it: %q", c, args, got)
+			}
+		}
+	}
 	if wantMoved > 0 || slices.ContainsFunc(wantCalls, func(c string) bool { return strings.Contains(c, "tgt.Commit") }) {
 		i := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "tgt.Transfer") })
 		j := slices.IndexFunc(got, func(c string) bool { return strings.HasPrefix(c, "src.Discard") })
