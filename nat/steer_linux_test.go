@@ -678,7 +678,11 @@ func flood(t *testing.T, b *testbed.Bed, f Flow) {
 	}()
 	t.Cleanup(func() {
 		close(stop)
-		t.Logf("%d segments sent", <-sent)
+		n := <-sent
+		t.Logf("%d segments sent", n)
+		if n == 0 {
+			t.Error("the flood sent nothing: the test saw no traffic")
+		}
 		unix.Close(fd)
 	})
 }
