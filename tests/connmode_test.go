@@ -421,6 +421,15 @@ func TestSilentSessionKeepsRules(t *testing.T) {
 				waitServed(t, p, bed.S1, c)
 				p.Migrate(bed.S1, bed.S2, c)
 				client := unmapAP(c.LocalAddr().(*net.TCPAddr).AddrPort())
+				// The rules time out after idle (so that the silence
+				// outlasts them), and are kept by their refresh.
+				for _, h := range append([]*testbed.Host{point}, others...) {
+					for _, e := range flowElems(t, h, client, "") {
+						if !strings.Contains(e.JSON, fmt.Sprintf(`"timeout": %d,`, int(idle.Seconds()))) {
+							t.Fatalf("%s's element %s: want a timeout of %v", h.Name, e.JSON, idle)
+						}
+					}
+				}
 				time.Sleep(3 * idle) // silent
 				for _, h := range append([]*testbed.Host{point}, others...) {
 					if e := flowElems(t, h, client, ""); len(e) == 0 {
