@@ -224,7 +224,8 @@ func (d *Daemon) retryEnded(ctx context.Context) {
 
 // reapUnclaimed removes the rules of connections that moved here and that
 // no application reports, once the kernel has had no socket for them in
-// two sweeps in a row: the connections of processes that moved here, and
+// two sweeps (a sweep that finds one starts again): the connections of
+// processes that moved here, and
 // those a restart found again from their rules that no application has
 // claimed. While a process or connections migrate to or from here it
 // does nothing: a leaving process's sockets go before its flows are
@@ -255,7 +256,13 @@ func (d *Daemon) reapUnclaimed(ctx context.Context) {
 		}
 	}
 	d.mu.Unlock()
-	if busy || len(cands) == 0 {
+	if busy {
+		// Counted again at the next quiet sweep: two quiet sweeps that
+		// find no socket, not necessarily in a row (on a host that
+		// migrates all the time, a row would be rare).
+		return
+	}
+	if len(cands) == 0 {
 		clear(d.unseen)
 		return
 	}
