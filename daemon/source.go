@@ -205,8 +205,12 @@ func captureOne(o *outgoing, start time.Time, marks repair.Marks) (migrate.Item,
 	// Data within sendingWithin before the batch's capture began: in a
 	// large batch a flow may be captured well after the hold.
 	since, got := fr.SinceData()
-	return migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot,
-		Receiving: got && since <= sendingWithin+time.Since(start)}, nil
+	it := migrate.Item{Flow: o.flow, App: o.exp.Service, State: blob, Snapshot: o.exp.Snapshot,
+		Receiving: got && since <= sendingWithin+time.Since(start)}
+	// The item carries it from here: a drain keeps o until its end, and
+	// with it up to a megabyte per connection (app.MaxSnapshot).
+	o.exp.Snapshot = nil
+	return it, nil
 }
 
 // sendingWithin: a client whose data reached the socket this shortly
