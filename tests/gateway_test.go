@@ -49,9 +49,9 @@ func streamLoop(t *testing.T, steering string, hops int, step int64) {
 	foreign := watchForeign(t, bed.Client, bed.S1, 7000)
 	// A wrong byte of the upload ends the session at the server, which
 	// the client would take for the stream's end if it came last: the
-	// server's debug record of it fails the test.
-	p := pool.Start(t, bed, pool.Options{Steering: steering, App: "mtcp-bulk", AppArgs: []string{"--verbose"}, Quiet: true,
-		FailOn: []string{"upload is not the pattern"}})
+	// server's record of it fails the test.
+	p := pool.Start(t, bed, pool.Options{Steering: steering, App: "mtcp-bulk", Quiet: true,
+		FailOn: []string{"session ended: bad upload"}})
 	loop := []*testbed.Host{bed.S1, bed.S2, bed.S3}
 	var late []func() (int, int)
 	// No subtests: the pool reports its failures to t.

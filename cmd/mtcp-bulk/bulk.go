@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -277,6 +278,7 @@ func (h bulk) Serve(ctx context.Context, conn net.Conn, snap []byte) ([]byte, er
 	st.Received = received.Load()
 	switch {
 	case errors.Is(rerr, errBadUpload):
+		slog.Error("session ended: bad upload", "conn", conn.RemoteAddr(), "err", rerr)
 		return nil, rerr
 	case migrating || errors.Is(rerr, app.ErrMigrating):
 		return json.Marshal(&st)

@@ -76,6 +76,7 @@ func (c Command) Run(args []string, stderr io.Writer) int {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("app", c.Name, "name", *name)
+	slog.SetDefault(log) // for the handlers' own records
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
