@@ -124,15 +124,33 @@ func (d *Daemon) endRules(ctx context.Context, ended, local []migrate.Flow) {
 	if len(ended) == 0 {
 		return
 	}
-	d.removeRules(ctx, ended, local)
+	unsteer, local := d.removeRules(ctx, ended, local)
+	now := time.Now()
+	d.mu.Lock()
+	for _, f := range unsteer {
+		d.endingOf(f, now).steer = true
+	}
+	for _, f := range local {
+		d.endingOf(f, now).local = true
+	}
+	d.mu.Unlock()
 	d.log.Info("connections ended", "flows", len(ended))
 }
 
+// endingOf returns f's entry in d.ending, made with since if new. d.mu is
+// held.
+func (d *Daemon) endingOf(f migrate.Flow, since time.Time) *endingRules {
+	e, ok := d.ending[f]
+	if !ok {
+		e = &endingRules{since: since}
+		d.ending[f] = e
+	}
+	return e
+}
+
 // removeRules is endRules' work: it removes the steering of unsteer and
-// this host's elements of local, and keeps what failed in d.ending.
-func (d *Daemon) removeRules(ctx context.Context, unsteer, local []migrate.Flow) {
-	var failed []migrate.Flow
-	var failedLocal []migrate.Flow
+// this host's elements of local, and returns what it could not remove.
+func (d *Daemon) removeRules(ctx context.Context, unsteer, local []migrate.Flow) (failedSteer, failedLocal []migrate.Flow) {
 	if len(local) > 0 {
 		var b nat.Batch
 		for _, f := range local {
@@ -153,25 +171,11 @@ func (d *Daemon) removeRules(ctx context.Context, unsteer, local []migrate.Flow)
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := (steering{d}).Switch(sctx, fs, addr); err != nil {
 			d.log.Warn("removing the steering of ended connections", "flows", len(fs), "err", err)
-			failed = append(failed, fs...)
+			failedSteer = append(failedSteer, fs...)
 		}
 		cancel()
 	}
-	now := time.Now()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	note := func(fs []migrate.Flow, set func(*endingRules)) {
-		for _, f := range fs {
-			e, ok := d.ending[f]
-			if !ok {
-				e = &endingRules{since: now}
-				d.ending[f] = e
-			}
-			set(e)
-		}
-	}
-	note(failed, func(e *endingRules) { e.steer = true })
-	note(failedLocal, func(e *endingRules) { e.local = true })
+	return failedSteer, failedLocal
 }
 
 // endingRetry is how long the removal of an ended connection's rules is
@@ -181,31 +185,33 @@ func (d *Daemon) removeRules(ctx context.Context, unsteer, local []migrate.Flow)
 const endingRetry = 10 * time.Minute
 
 // endingRules are what is left to remove of an ended connection's rules:
-// its steering, its elements here.
+// its steering, its elements here, since it ended.
 type endingRules struct {
 	steer, local bool
 	since        time.Time
 }
 
 // retryEnded tries again to remove the rules of ended connections that
-// removeRules could not remove.
+// removeRules could not remove, until endingRetry has passed, and unless
+// a connection of the same addresses is on this host again.
 func (d *Daemon) retryEnded(ctx context.Context) {
-	var unsteer, local []migrate.Flow
 	d.mu.Lock()
-	if len(d.ending) == 0 {
-		d.mu.Unlock()
+	n := len(d.ending)
+	d.mu.Unlock()
+	if n == 0 {
 		return
 	}
-	here := map[migrate.Flow]bool{}
+	here := d.hereAgain()
+	var unsteer, local []migrate.Flow
+	d.mu.Lock()
 	for _, f := range d.moved {
-		here[f] = true
+		if _, ok := d.ending[f]; ok {
+			delete(d.ending, f)
+		}
 	}
 	for f, e := range d.ending {
-		delete(d.ending, f)
-		if _, frozen := d.frozen[f]; frozen || here[f] || time.Since(e.since) > endingRetry {
-			// A connection of the same four addresses is here again;
-			// or the elements have had time to time out, and a new
-			// connection may have them now.
+		if here(f) || time.Since(e.since) > endingRetry {
+			delete(d.ending, f)
 			continue
 		}
 		if e.steer {
@@ -216,10 +222,34 @@ func (d *Daemon) retryEnded(ctx context.Context) {
 		}
 	}
 	d.mu.Unlock()
-	if len(unsteer)+len(local) > 0 {
-		d.removeRules(ctx, unsteer, local)
-		d.log.Info("tried again to remove the rules of ended connections", "steering", len(unsteer), "local", len(local))
+	failedSteer, failedLocal := d.removeRules(ctx, unsteer, local)
+	still := func(fs []migrate.Flow) map[migrate.Flow]bool {
+		m := make(map[migrate.Flow]bool, len(fs))
+		for _, f := range fs {
+			m[f] = true
+		}
+		return m
 	}
+	steerLeft, localLeft := still(failedSteer), still(failedLocal)
+	d.mu.Lock()
+	for _, f := range unsteer {
+		if e, ok := d.ending[f]; ok {
+			e.steer = steerLeft[f]
+		}
+	}
+	for _, f := range local {
+		if e, ok := d.ending[f]; ok {
+			e.local = localLeft[f]
+		}
+	}
+	for f, e := range d.ending {
+		if !e.steer && !e.local {
+			delete(d.ending, f)
+		}
+	}
+	d.mu.Unlock()
+	d.log.Info("tried again to remove the rules of ended connections", "steering", len(unsteer), "local", len(local),
+		"steering_failed", len(failedSteer), "local_failed", len(failedLocal))
 }
 
 // reapUnclaimed removes the rules of connections that moved here and that

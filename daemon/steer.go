@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/mtcp-dev/mtcp/migrate"
@@ -85,33 +86,79 @@ func (s steering) Unhold(ctx context.Context, flows []migrate.Flow) error {
 const LostSwitchRetry = time.Minute
 
 // keepSwitching is LostSwitchRetry's work for the flows of a migration to
-// tgt that failed at their switch.
+// tgt that failed at their switch. It tries each steering point's flows
+// of each family on their own, and lets go of a flow once its switch went
+// through, or once it is on this host again (migrated back, or leaving
+// again): its steering is no longer this migration's.
 func (d *Daemon) keepSwitching(flows []migrate.Flow, tgt migrate.Target) {
 	st := steering{d}
-	try := func(op func(context.Context, []migrate.Flow, int) error) (left []migrate.Flow) {
-		for fam, fs := range flowFamilies(flows) {
-			ctx, cancel := context.WithTimeout(context.Background(), migrate.DefaultDeadlines.Switch)
-			if op(ctx, fs, fam) != nil {
-				left = append(left, fs...)
+	type group struct {
+		point string
+		fam   int
+	}
+	groups := map[group][]migrate.Flow{}
+	for fam, fs := range flowFamilies(flows) {
+		for _, f := range fs {
+			p, err := d.point(f)
+			if err != nil {
+				continue // no steering point any more (a new configuration)
 			}
-			cancel()
+			groups[group{p, fam}] = append(groups[group{p, fam}], f)
 		}
-		return left
+	}
+	try := func(op func(context.Context, []migrate.Flow, int) error) (ok, left int) {
+		for g, fs := range groups {
+			fs = slices.DeleteFunc(fs, d.hereAgain())
+			ctx, cancel := context.WithTimeout(context.Background(), migrate.DefaultDeadlines.Switch)
+			err := op(ctx, fs, g.fam)
+			cancel()
+			if err == nil || len(fs) == 0 {
+				ok += len(fs)
+				delete(groups, g)
+				continue
+			}
+			groups[g], left = fs, left+len(fs)
+		}
+		return ok, left
 	}
 	switchOp := func(ctx context.Context, fs []migrate.Flow, fam int) error { return st.Switch(ctx, fs, tgt.Addr(fam)) }
-	for end := time.Now().Add(LostSwitchRetry); len(flows) > 0; {
+	for end := time.Now().Add(LostSwitchRetry); len(groups) > 0; {
 		time.Sleep(time.Second)
-		left := try(switchOp)
-		if n := len(flows) - len(left); n > 0 {
-			d.log.Info("switched flows a migration had lost at its switch", "to", tgt.Name(), "flows", n, "left", len(left))
+		if ok, left := try(switchOp); ok > 0 {
+			d.log.Info("switched flows a migration had lost at its switch", "to", tgt.Name(), "flows", ok, "left", left)
 		}
-		flows = left
-		if len(flows) > 0 && time.Now().After(end) {
-			left = try(func(ctx context.Context, fs []migrate.Flow, _ int) error { return st.Unhold(ctx, fs) })
-			d.log.Error("gave up switching flows a migration lost at its switch; their holds lifted", "to", tgt.Name(), "flows", len(flows), "holds_kept", len(left))
+		if len(groups) > 0 && time.Now().After(end) {
+			lifted, kept := try(func(ctx context.Context, fs []migrate.Flow, _ int) error { return st.Unhold(ctx, fs) })
+			d.log.Error("gave up switching flows a migration lost at its switch; their holds lifted", "to", tgt.Name(), "flows", lifted+kept, "holds_kept", kept)
 			return
 		}
 	}
+}
+
+// hereAgain returns a test of whether a flow is on this host again: served
+// by an application or a process that moved here, restored here, or
+// frozen to leave.
+func (d *Daemon) hereAgain() func(migrate.Flow) bool {
+	here := map[migrate.Flow]bool{}
+	for _, lf := range d.localFlows() {
+		here[lf.Flow] = true
+	}
+	d.proc.mu.Lock()
+	for _, f := range d.proc.flows {
+		here[f] = true
+	}
+	d.proc.mu.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for f := range d.frozen {
+		here[f] = true
+	}
+	for _, in := range d.restoring {
+		for _, it := range in.items {
+			here[it.flow] = true
+		}
+	}
+	return func(f migrate.Flow) bool { return here[f] }
 }
 
 // flowFamilies groups flows by their service address's family (4 or 6).
@@ -257,17 +304,19 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 	if op == peer.SteerSwitch && switched(err) {
 		d.noteSwitched(by, flows, to)
 	}
-	if err == nil || op == peer.SteerSwitch && switched(err) {
-		d.noteHolds(by, op, flows)
+	if switched(err) && !errors.Is(err, nat.ErrHoldsKept) {
+		d.noteHolds(by, op, flows) // lifted: forgotten (kept, they expire)
 	}
 	if errors.Is(err, nat.ErrHoldsKept) {
 		// The new rules are in but the holds stay, even after a few
 		// tries: the pass stays on, so that what they queue goes on at
-		// once, one packet at a time through the queue, until they time
-		// out or a next migration of the flows replaces them.
-		d.log.Error("holds could not be lifted; their flows' packets pass through the queue until the holds time out",
-			"op", op, "flows", len(flows), "hold_timeout", d.nat.Options().HoldIdle, "err", err)
-		return err
+		// once, one packet at a time through the queue, until
+		// expireHolds lifts them (their record stays) or a next
+		// migration of the flows replaces them. The flows go where they
+		// should: for the caller, done.
+		d.log.Error("holds could not be lifted; their flows' packets pass through the queue until they are lifted again",
+			"op", op, "flows", len(flows), "after", HoldOrphanTimeout, "err", err)
+		return nil
 	}
 	if op == peer.SteerSwitch && err != nil && !switched(err) {
 		// The holds are in with the old destinations: what they queued

@@ -268,14 +268,9 @@ func (q *Queue) ack(seq uint32, err error) {
 			}
 		}
 	}
-	w, ok := q.waiters[seq]
-	if !ok {
-		return // an error for an immediate repeat: nothing waits for it
-	}
-	delete(q.waiters, seq)
-	close(w.done)
-	// Every packet queued before the barrier has now been read: marks
-	// set up to it have done their job.
+	// Every packet queued before this message has now been read: marks
+	// set up to it (by a barrier, whether or not its waiter still waits)
+	// have done their job.
 	for f, until := range q.released {
 		if until <= seq {
 			delete(q.released, f)
@@ -284,6 +279,12 @@ func (q *Queue) ack(seq uint32, err error) {
 	if q.allUntil != 0 && q.allUntil <= seq {
 		q.allUntil = 0
 	}
+	w, ok := q.waiters[seq]
+	if !ok {
+		return // an error for an immediate repeat, or a waiter that gave up
+	}
+	delete(q.waiters, seq)
+	close(w.done)
 }
 
 // packet handles one queued packet.

@@ -565,11 +565,16 @@ func TestSwitchRefusedKeepsHeld(t *testing.T) {
 		rep, err := migrateSessions(t, p, bed.S1, "s2", sessions)
 		done <- result{rep, err}
 	}()
+	// Both are held at once (one transaction): the commands go out
+	// together, well within the clients' retransmission timeouts.
+	eventually(t, 5*time.Second, "s1 to hold both sessions", func() (bool, string) {
+		var es []nftElem
+		for _, s := range sessions {
+			es = append(es, flowElems(t, bed.S1, s.client, "hold")...)
+		}
+		return len(es) == len(sessions), fmt.Sprint(es)
+	})
 	for _, s := range sessions {
-		eventually(t, 5*time.Second, "s1 to hold "+s.String(), func() (bool, string) {
-			e := flowElems(t, bed.S1, s.client, "hold")
-			return len(e) == 1, fmt.Sprint(e)
-		})
 		s.send("SET during-hold "+s.client.String(), "OK")
 	}
 	r := <-done
@@ -640,12 +645,12 @@ func TestSwitchLostRecovered(t *testing.T) {
 // never switch a migration's flow to s2 (switch-rules-refuse=1000): the
 // migration reports it failed at the switch and leaves it held at s1,
 // where its client's packets would fill the queue. The hold, made by s1
-// for itself, is lifted once it is older than the orphan timeout (2 s
-// here, orphan-after), before s1 gives up its switch in the background
-// (after a minute).
+// for itself, is lifted once it is older than the orphan timeout (6 s
+// here, orphan-after; the two failed switches take 3 s), before s1 gives
+// up its switch in the background (after a minute).
 func TestLostSwitchHoldExpires(t *testing.T) {
 	bed := testbed.ForTest(t)
-	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=switch-rules-refuse=1000,orphan-after=2s"}}})
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{"mtcpd-s1": {"MTCP_FAULT=switch-rules-refuse=1000,orphan-after=6s"}}})
 	s := newAbortSession(t, p, bed, false)
 	rep, err := migrateSessions(t, p, bed.S1, "s2", []*abortSession{s})
 	if err != nil || !strings.Contains(rep.Failed[s.client.String()], "switch-rules-refuse") {

@@ -261,12 +261,12 @@ func TestSecondDaemonRefused(t *testing.T) {
 // 300 sessions of both address families in batches of 100 (several in
 // flight): every session is served by s2 afterwards with its state, no
 // client saw a RST, s1 lists none of them as soon as the drain is done,
-// and s1 closes every frozen copy after that (2 s after, here:
+// and s1 closes every frozen copy after that (3 s after, here:
 // drain-flush-delay, so that the test sees them first).
 func TestAdminDrain(t *testing.T) {
 	bed := testbed.ForTest(t)
 	rsts := watchRSTs(t, bed.Client)
-	p := pool.Start(t, bed, pool.Options{Quiet: true, Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=drain-flush-delay=2s"}}})
+	p := pool.Start(t, bed, pool.Options{Quiet: true, Env: map[string][]string{"mtcpd-s1": {daemon.FaultEnv + "=drain-flush-delay=3s"}}})
 	const n = 300
 	sessions := drainSessions(t, p, bed, n)
 	port := uint16(sessions[0].c.RemoteAddr().(*net.TCPAddr).Port)

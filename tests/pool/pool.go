@@ -536,6 +536,9 @@ func (p *Pool) Signal(name string, sig os.Signal) error {
 	if !ok {
 		return fmt.Errorf("no process %s", name)
 	}
-	p.mayEnd.Store(cmd, true)
+	switch sig {
+	case syscall.SIGTERM, syscall.SIGKILL, syscall.SIGINT, syscall.SIGQUIT:
+		p.mayEnd.Store(cmd, true)
+	}
 	return testbed.Signal(cmd, sig)
 }
