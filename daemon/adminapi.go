@@ -219,7 +219,9 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 // A line that its client does not take within streamWriteTimeout ends the
 // stream (the lines after it are dropped), so that a client that stopped
 // reading (a paused pager, a stalled ssh session) does not hold up what
-// sends them.
+// sends them. The client is then taken for gone: net/http cancels the
+// request's context, and a drain stops after the batches under way, as
+// when its client disconnects.
 func streamLines(w http.ResponseWriter) func(v any) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
