@@ -97,7 +97,7 @@ func (d *Daemon) keepSwitching(flows []migrate.Flow, tgt migrate.Target) {
 		fam   int
 	}
 	groups := map[group][]migrate.Flow{}
-	for fam, fs := range flowFamilies(flows) {
+	for fam, fs := range migrate.ByFamily(flows) {
 		for _, f := range fs {
 			p, err := d.point(f)
 			if err != nil {
@@ -159,19 +159,6 @@ func (d *Daemon) hereAgain() func(migrate.Flow) bool {
 		}
 	}
 	return func(f migrate.Flow) bool { return here[f] }
-}
-
-// flowFamilies groups flows by their service address's family (4 or 6).
-func flowFamilies(fs []migrate.Flow) map[int][]migrate.Flow {
-	out := map[int][]migrate.Flow{}
-	for _, f := range fs {
-		fam := 4
-		if f.Service.Addr().Is6() {
-			fam = 6
-		}
-		out[fam] = append(out[fam], f)
-	}
-	return out
 }
 
 // lostAtSwitch lists the flows of r that failed at their switch past the

@@ -348,7 +348,7 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	// out with the switch: from then on too, the target owns them.
 	switchTo := func(ctx context.Context, addr func(family int) netip.Addr) error {
 		var errs []error
-		for fam, fs := range byFamily(moving) {
+		for fam, fs := range ByFamily(moving) {
 			errs = append(errs, st.Switch(ctx, fs, addr(fam)))
 		}
 		return errors.Join(errs...)
@@ -481,9 +481,9 @@ func receiving(items []Item, moving []Flow) bool {
 	return false
 }
 
-// byFamily groups flows by the address family (4 or 6) of their service
-// address.
-func byFamily(fs []Flow) map[int][]Flow {
+// ByFamily groups flows by the address family (4 or 6) of their service
+// address, as [Target.Addr] takes it.
+func ByFamily(fs []Flow) map[int][]Flow {
 	out := map[int][]Flow{}
 	for _, f := range fs {
 		fam := 4
