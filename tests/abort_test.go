@@ -693,15 +693,22 @@ func testCommitAnswerLost(t *testing.T, fault string) {
 		t.Fatalf("migrate: %v, %+v: want both moved", err, rep)
 	}
 	// The fault fired: s1 asked again, and s2 had the first commit
-	// (under way or done) when the second came.
-	for _, l := range []struct{ proc, line string }{
-		{"mtcpd-s1", "commit: the connection to the target was lost, asking again"},
-		{"mtcpd-s2", "commit asked again"},
-	} {
+	// (under way or done) when the second came. With commit-drop the
+	// connection may close before the first commit was on its way (the
+	// timer's 50 µs run out early on a loaded machine): s2 then commits
+	// the second, which says nothing of a commit under way.
+	lines := []struct{ proc, line string }{{"mtcpd-s1", "commit: the connection to the target was lost, asking again"}}
+	if fault == "commit-answer-refuse" {
+		lines = append(lines, struct{ proc, line string }{"mtcpd-s2", "commit asked again"})
+	}
+	for _, l := range lines {
 		eventually(t, 5*time.Second, l.proc+" to log "+l.line+" once", func() (bool, string) {
 			m := tap.matching(l.proc, l.line)
 			return len(m) == 1, fmt.Sprint(m)
 		})
+	}
+	if fault == "commit-drop" {
+		t.Logf("s2 answered %d commits asked again (1 if the connection broke during the commit)", len(tap.matching("mtcpd-s2", "commit asked again")))
 	}
 	for _, s := range sessions {
 		s.expect("HOST", "s2")
