@@ -120,22 +120,29 @@ func (p *Pool) StartRedis(h *testbed.Host, o RedisOptions) *Redis {
 }
 
 // ListenerPID finds the process listening on TCP port in h's namespace
-// (IPv4), from /proc/net/tcp and the /proc/*/fd links; 0 if none.
+// (IPv4 or IPv6), from /proc/net/tcp{,6} and the /proc/*/fd links; 0 if
+// none. It panics if it cannot read the namespace's sockets: a listener
+// it could not see must not pass for none.
 func ListenerPID(h *testbed.Host, port uint16) int {
 	var inode string
-	netns.Do(h.NetNSPath(), func() error {
-		b, err := os.ReadFile("/proc/thread-self/net/tcp")
-		if err != nil {
-			return err
-		}
-		for _, l := range strings.Split(string(b), "\n")[1:] {
-			f := strings.Fields(l)
-			if len(f) > 9 && f[3] == "0A" && strings.HasSuffix(f[1], fmt.Sprintf(":%04X", port)) {
-				inode = f[9]
+	err := netns.Do(h.NetNSPath(), func() error {
+		for _, file := range []string{"tcp", "tcp6"} {
+			b, err := os.ReadFile("/proc/thread-self/net/" + file)
+			if err != nil {
+				return err
+			}
+			for _, l := range strings.Split(string(b), "\n")[1:] {
+				f := strings.Fields(l)
+				if len(f) > 9 && f[3] == "0A" && strings.HasSuffix(f[1], fmt.Sprintf(":%04X", port)) && inode == "" {
+					inode = f[9]
+				}
 			}
 		}
 		return nil
 	})
+	if err != nil {
+		panic(fmt.Sprintf("listeners in %s: %v", h.Name, err))
+	}
 	if inode == "" {
 		return 0
 	}
