@@ -579,6 +579,7 @@ func TestProcessOneMigrationAtATime(t *testing.T) {
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager"})
 	r, _, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	targets := []*testbed.Host{bed.S2, bed.S3}
 	reps := make([]*admin.ProcessReport, len(targets))
 	errs := make([]error, len(targets))
@@ -617,6 +618,9 @@ func TestProcessOneMigrationAtATime(t *testing.T) {
 		if pid := pool.ListenerPID(h, r.Port); (pid > 0) != (h == targets[moved]) {
 			t.Errorf("%s: listener pid %d; the process should listen on %s alone", h.Name, pid, targets[moved].Name)
 		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
 
@@ -727,6 +731,7 @@ func TestProcessRestoreDeadline(t *testing.T) {
 		"mtcpd-s1": {daemon.FaultEnv + "=restore-deadline=1s"},
 		"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=3s"}}})
 	r, gc, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -751,6 +756,9 @@ func TestProcessRestoreDeadline(t *testing.T) {
 	}
 	if _, _, err := loop.finish(); err != nil {
 		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
 
