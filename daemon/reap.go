@@ -124,28 +124,31 @@ func (d *Daemon) endRules(ctx context.Context, ended, local []migrate.Flow) {
 	if len(ended) == 0 {
 		return
 	}
-	unsteer, local := d.removeRules(ctx, ended, local)
+	failedSteer, failedLocal := d.removeRules(ctx, ended, local)
 	now := time.Now()
-	d.mu.Lock()
-	for _, f := range unsteer {
-		d.endingOf(f, now).steer = true
-	}
-	for _, f := range local {
-		d.endingOf(f, now).local = true
-	}
-	d.mu.Unlock()
+	d.noteEnding(failedSteer, failedLocal, func(migrate.Flow) time.Time { return now })
 	d.log.Info("connections ended", "flows", len(ended))
 }
 
-// endingOf returns f's entry in d.ending, made with since if new. d.mu is
-// held.
-func (d *Daemon) endingOf(f migrate.Flow, since time.Time) *endingRules {
-	e, ok := d.ending[f]
-	if !ok {
-		e = &endingRules{since: since}
-		d.ending[f] = e
+// noteEnding records in d.ending the steering and local rules of ended
+// connections left to remove, each since the time since gives it.
+func (d *Daemon) noteEnding(steer, local []migrate.Flow, since func(migrate.Flow) time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	entry := func(f migrate.Flow) *endingRules {
+		e, ok := d.ending[f]
+		if !ok {
+			e = &endingRules{since: since(f)}
+			d.ending[f] = e
+		}
+		return e
 	}
-	return e
+	for _, f := range steer {
+		entry(f).steer = true
+	}
+	for _, f := range local {
+		entry(f).local = true
+	}
 }
 
 // removeRules is endRules' work: it removes the steering of unsteer and
@@ -193,25 +196,22 @@ type endingRules struct {
 
 // retryEnded tries again to remove the rules of ended connections that
 // removeRules could not remove, until endingRetry has passed, and unless
-// a connection of the same addresses is on this host again.
+// a connection of the same addresses is on this host again. It runs on
+// the reaper's goroutine, as endRules does.
 func (d *Daemon) retryEnded(ctx context.Context) {
 	d.mu.Lock()
-	n := len(d.ending)
+	retry := d.ending
+	if len(retry) > 0 {
+		d.ending = map[migrate.Flow]*endingRules{}
+	}
 	d.mu.Unlock()
-	if n == 0 {
+	if len(retry) == 0 {
 		return
 	}
 	here := d.hereAgain()
 	var unsteer, local []migrate.Flow
-	d.mu.Lock()
-	for _, f := range d.moved {
-		if _, ok := d.ending[f]; ok {
-			delete(d.ending, f)
-		}
-	}
-	for f, e := range d.ending {
+	for f, e := range retry {
 		if here(f) || time.Since(e.since) > endingRetry {
-			delete(d.ending, f)
 			continue
 		}
 		if e.steer {
@@ -221,33 +221,8 @@ func (d *Daemon) retryEnded(ctx context.Context) {
 			local = append(local, f)
 		}
 	}
-	d.mu.Unlock()
 	failedSteer, failedLocal := d.removeRules(ctx, unsteer, local)
-	still := func(fs []migrate.Flow) map[migrate.Flow]bool {
-		m := make(map[migrate.Flow]bool, len(fs))
-		for _, f := range fs {
-			m[f] = true
-		}
-		return m
-	}
-	steerLeft, localLeft := still(failedSteer), still(failedLocal)
-	d.mu.Lock()
-	for _, f := range unsteer {
-		if e, ok := d.ending[f]; ok {
-			e.steer = steerLeft[f]
-		}
-	}
-	for _, f := range local {
-		if e, ok := d.ending[f]; ok {
-			e.local = localLeft[f]
-		}
-	}
-	for f, e := range d.ending {
-		if !e.steer && !e.local {
-			delete(d.ending, f)
-		}
-	}
-	d.mu.Unlock()
+	d.noteEnding(failedSteer, failedLocal, func(f migrate.Flow) time.Time { return retry[f].since })
 	d.log.Info("tried again to remove the rules of ended connections", "steering", len(unsteer), "local", len(local),
 		"steering_failed", len(failedSteer), "local_failed", len(failedLocal))
 }

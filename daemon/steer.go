@@ -107,12 +107,16 @@ func (d *Daemon) keepSwitching(flows []migrate.Flow, tgt migrate.Target) {
 		}
 	}
 	try := func(op func(context.Context, []migrate.Flow, int) error) (ok, left int) {
+		here := d.hereAgain()
 		for g, fs := range groups {
-			fs = slices.DeleteFunc(fs, d.hereAgain())
+			if fs = slices.DeleteFunc(fs, here); len(fs) == 0 {
+				delete(groups, g)
+				continue
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), migrate.DefaultDeadlines.Switch)
 			err := op(ctx, fs, g.fam)
 			cancel()
-			if err == nil || len(fs) == 0 {
+			if err == nil {
 				ok += len(fs)
 				delete(groups, g)
 				continue
@@ -136,8 +140,8 @@ func (d *Daemon) keepSwitching(flows []migrate.Flow, tgt migrate.Target) {
 }
 
 // hereAgain returns a test of whether a flow is on this host again: served
-// by an application or a process that moved here, restored here, or
-// frozen to leave.
+// by an application or a process that moved here, restored or imported
+// here, or frozen to leave.
 func (d *Daemon) hereAgain() func(migrate.Flow) bool {
 	here := map[migrate.Flow]bool{}
 	for _, lf := range d.localFlows() {
@@ -150,6 +154,9 @@ func (d *Daemon) hereAgain() func(migrate.Flow) bool {
 	d.proc.mu.Unlock()
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	for _, f := range d.moved {
+		here[f] = true
+	}
 	for f := range d.frozen {
 		here[f] = true
 	}

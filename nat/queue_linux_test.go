@@ -351,14 +351,7 @@ func TestErrApplied(t *testing.T) {
 	ns := newNamespace(t, "applied")
 	tb := openIn(t, ns, Options{})
 	f := Flow{Client: netip.MustParseAddrPort("10.9.0.2:40040"), Service: netip.MustParseAddrPort("10.9.0.1:7040")}
-	hold := func() {
-		t.Helper()
-		var b Batch
-		b.Hold(f)
-		if err := tb.Apply(&b); err != nil {
-			t.Fatal(err)
-		}
-	}
+	hold := func() { apply(t, tb, func(b *Batch) { b.Hold(f) }) }
 	forwardsTo := func(to netip.Addr) {
 		t.Helper()
 		es, err := tb.Flows()
