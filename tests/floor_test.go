@@ -23,12 +23,51 @@ import (
 // captures the socket, encodes and decodes its state, restores it on the
 // target, commits it and resumes the writer on it, then switches the flow
 // at s1 and releases what was held: the steps of mtcpd's transaction with
-// none of its messages between processes. What
-// the client sees then is what a migration costs on this machine in the
-// kernel and in the stream's own wakeups; BenchmarkMigrationPause/paced
-// minus this is the control plane's share. Same metrics and the same
+// none of its messages between processes. Same metrics and the same
 // stream (40 MB/s in 4 KiB writes) as BenchmarkMigrationPause.
+//
+// The sub-benchmarks add the hand-offs between processes that a design
+// needs, as one-byte round trips with echo processes that do nothing
+// else, so that what they cost is the processes' wake-ups and the
+// network's hops alone:
+//   - kernel: none. What the client sees is what a migration costs on
+//     this machine in the kernel and in the stream's own wake-ups;
+//     BenchmarkMigrationPause/paced minus this is the control plane's
+//     share.
+//   - one-hop: a round trip over TCP with an echo process on the target,
+//     between the capture and the restore: the least any design that
+//     moves the socket between two hosts' processes pays (the state goes
+//     there, and the source learns it arrived before it lets go).
+//   - handoffs: the hand-offs that no implementation of mtcpd's
+//     transaction can take off its critical path, however it overlaps
+//     them: the application handing its connection to mtcpd, and, once
+//     the transfer's round trip of one-hop is back, the one message that
+//     brings the target's copy to life (the target must not send before
+//     the source knows the transfer arrived, or the source could not
+//     abort); both stand in as one round trip over a unix socket. When
+//     the source is not the steering point s1, the hold's request and
+//     answer, a round trip over TCP with s1, go out beside that one, not
+//     after it. Not counted: the TLS of the peers' channel, any work.
+//     With the wake-ups of the processes as this machine has them, this
+//     is the least a migration through mtcpd can pause.
 func BenchmarkPauseFloor(b *testing.B) {
+	for _, hops := range []floorHops{floorKernel, floorOneHop, floorHandoffs} {
+		b.Run(hops.String(), func(b *testing.B) { benchFloor(b, hops) })
+	}
+}
+
+// floorHops says which hand-offs a BenchmarkPauseFloor run adds.
+type floorHops int
+
+const (
+	floorKernel floorHops = iota
+	floorOneHop
+	floorHandoffs
+)
+
+func (h floorHops) String() string { return [...]string{"kernel", "one-hop", "handoffs"}[h] }
+
+func benchFloor(b *testing.B, hops floorHops) {
 	testbed.RequireNetns(b)
 	bed := testbed.ForTest(b)
 	const port = 7300
@@ -73,16 +112,26 @@ func BenchmarkPauseFloor(b *testing.B) {
 	g := meterStream(client, seed)
 	info0 := clientInfo(b, bed, client.(*net.TCPConn))
 
+	var e *echoes
+	if hops != floorKernel {
+		e = startEchoes(b, hosts)
+	}
+
 	var pauses, baseline []time.Duration
 	i := 0
 	for b.Loop() {
 		from, to := hosts[i%3], hosts[(i+1)%3]
 		i++
 		blank := prepareFloor(b, f, bed.S1, tabs[to], to)
+		var h *hopPlan
+		if e != nil {
+			h = &hopPlan{e: e, from: from, to: to, s1: bed.S1, all: hops == floorHandoffs}
+		}
 		g.start()
 		t0 := time.Now()
 		old := w.stop()
-		moved, frozen := floorMigrate(b, old, f, bed.S1, tabs[bed.S1], to, blank)
+		h.beforeHold(b)
+		moved, frozen := floorMigrate(b, old, f, bed.S1, tabs[bed.S1], to, blank, h)
 		w.conn = moved
 		w.start()
 		floorSwitch(b, f, bed.S1, tabs[bed.S1], q, to)
@@ -119,8 +168,9 @@ func BenchmarkPauseFloor(b *testing.B) {
 // is announced, so that nothing here enters another namespace; the rewrite
 // of the target's replies is in beforehand too (see prepareFloor). The switch
 // (floorSwitch) is left to the caller, to do after it resumes writing, as
-// mtcpd's commit goes out beside the switch with forward steering.
-func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tab *nat.Table, to *testbed.Host, blank *repair.Blank) (net.Conn, *repair.Frozen) {
+// mtcpd's commit goes out beside the switch with forward steering. h, if
+// not nil, adds the transfer's round trip.
+func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tab *nat.Table, to *testbed.Host, blank *repair.Blank, h *hopPlan) (net.Conn, *repair.Frozen) {
 	var hb nat.Batch
 	hb.Hold(f)
 	if err := tab.Apply(&hb); err != nil {
@@ -138,6 +188,7 @@ func floorMigrate(tb testing.TB, c net.Conn, f nat.Flow, s1 *testbed.Host, tab *
 	if err != nil {
 		tb.Fatal(err)
 	}
+	h.transfer(tb)
 	got, err := repair.Decode(blob)
 	if err != nil {
 		tb.Fatal(err)
