@@ -44,7 +44,7 @@ func (d *Daemon) expire(ctx context.Context, after time.Duration) {
 	defer t.Stop()
 	// The table's index of what it holds keeps the elements the kernel
 	// timed out (a flow whose rules were never removed) until it is
-	// read again from the kernel.
+	// pruned (a chunk at a time, not to stall the migrations).
 	reindex := time.NewTicker(max(d.cfg.FlowIdle/4, time.Minute))
 	defer reindex.Stop()
 	for {
@@ -52,8 +52,10 @@ func (d *Daemon) expire(ctx context.Context, after time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-reindex.C:
-			if _, err := d.nat.Flows(); err != nil {
-				d.log.Warn("reading the table's elements again", "err", err)
+			if n, err := d.nat.Prune(); err != nil {
+				d.log.Warn("pruning the table's index of timed-out elements", "err", err)
+			} else if n > 0 {
+				d.log.Debug("pruned the table's index of timed-out elements", "elements", n)
 			}
 		case now := <-t.C:
 			d.expireTransfers(now.Add(-transfers))

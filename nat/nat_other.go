@@ -26,6 +26,9 @@ func (t *Table) ApplyThen(b *Batch, then func() error) error {
 // Flows returns an error wrapping ErrUnsupported.
 func (t *Table) Flows() ([]Entry, error) { return nil, &OpError{Op: "flows", Err: ErrUnsupported} }
 
+// Prune returns an error wrapping ErrUnsupported.
+func (t *Table) Prune() (int, error) { return 0, &OpError{Op: "prune", Err: ErrUnsupported} }
+
 // Refresh returns an error wrapping ErrUnsupported.
 func (t *Table) Refresh(flows []Flow) (int, error) {
 	return 0, &OpError{Op: "refresh", Err: ErrUnsupported}

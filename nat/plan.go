@@ -203,6 +203,15 @@ func addTo[K comparable](m map[Flow]map[K]struct{}, f Flow, k K) {
 	s[k] = struct{}{}
 }
 
+// dropFrom removes k from f's entries in m, and f once it has none.
+func dropFrom[K comparable](m map[Flow]map[K]struct{}, f Flow, k K) {
+	s := m[f]
+	delete(s, k)
+	if len(s) == 0 {
+		delete(m, f)
+	}
+}
+
 // plan is the element changes of one batch, and the index as it will be if
 // they are committed.
 type plan struct {

@@ -5,6 +5,7 @@ package nat
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,8 +19,9 @@ import (
 // A Table keeps an index of the ReplyFrom and GatewayReply elements it
 // installed or found (their keys hold addresses that the Flow alone does
 // not give), which [Batch.Remove] and replacing ReplyFrom/GatewayReply
-// rely on. It is loaded at Open and rebuilt by Flows and Reconcile: if
-// another process edits the same table, call Flows before Remove.
+// rely on. It is loaded at Open and rebuilt by Flows and Reconcile; Prune
+// drops from it the elements the kernel timed out. If another process
+// edits the same table, call Flows before Remove.
 type Table struct {
 	opts Options
 	hold holdVerdict
@@ -312,6 +314,99 @@ func (t *Table) removeStillThere(els [numSets][]setElem) (found [numSets][]setEl
 		return found, n, fmt.Errorf("removing %d elements that packets re-created during their removal: %w", n, err)
 	}
 	return found, n, nil
+}
+
+// Prune drops from the Table's index the ReplyFrom and GatewayReply
+// elements the kernel no longer holds (timed out: a flow whose rules were
+// never removed), and returns how many it dropped. Unlike Flows, which
+// reads the whole table in one hold of the Table's lock, it looks the
+// indexed elements up by key, pruneChunk flows per hold: a long-running
+// owner calls it now and then, and an Apply (a migration's hold) waits
+// for one chunk at most, not for a dump of a table of 100,000 flows.
+func (t *Table) Prune() (int, error) {
+	t.mu.Lock()
+	if t.nft == nil {
+		t.mu.Unlock()
+		return 0, &OpError{Op: "prune", Table: t.name(), Err: ErrClosed}
+	}
+	flows := make([]Flow, 0, len(t.idx.reply)+len(t.idx.gw))
+	for f := range t.idx.reply {
+		flows = append(flows, f)
+	}
+	for f := range t.idx.gw {
+		if _, ok := t.idx.reply[f]; !ok {
+			flows = append(flows, f)
+		}
+	}
+	t.mu.Unlock()
+	n := 0
+	for lo := 0; lo < len(flows); lo += pruneChunk {
+		k, err := t.pruneSome(flows[lo:min(lo+pruneChunk, len(flows))])
+		n += k
+		if err != nil {
+			return n, &OpError{Op: "prune", Table: t.name(), Err: err}
+		}
+	}
+	return n, nil
+}
+
+// pruneChunk is how many flows Prune looks up in one hold of the Table's
+// lock (as refreshChunk).
+const pruneChunk = 256
+
+// pruneSome drops from the index those of the indexed elements of flows
+// that the kernel does not hold.
+func (t *Table) pruneSome(flows []Flow) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nft == nil {
+		return 0, ErrClosed
+	}
+	type indexed struct {
+		f      Flow
+		local  netip.AddrPort // ReplyFrom
+		target netip.Addr     // GatewayReply
+	}
+	var keys [numSets][]setElem
+	var of [numSets]map[string]indexed
+	add := func(id setID, key []byte, e indexed) {
+		if of[id] == nil {
+			of[id] = map[string]indexed{}
+		}
+		keys[id] = append(keys[id], setElem{key: key})
+		of[id][string(key)] = e
+	}
+	for _, f := range flows {
+		v6 := f.Is6()
+		for local := range t.idx.reply[f] {
+			add(setOf(KindReplyFrom, v6), replyKey(f, local), indexed{f: f, local: local})
+		}
+		for target := range t.idx.gw[f] {
+			add(setOf(KindGatewayReply, v6), gwKey(f, target), indexed{f: f, target: target})
+		}
+	}
+	n := 0
+	for id := range numSets {
+		if len(keys[id]) == 0 {
+			continue
+		}
+		there, err := t.nft.present(setID(id), keys[id])
+		if err != nil {
+			return n, err
+		}
+		for _, e := range there {
+			delete(of[id], string(e.key))
+		}
+		for _, e := range of[id] {
+			if e.local.IsValid() {
+				dropFrom(t.idx.reply, e.f, e.local)
+			} else {
+				dropFrom(t.idx.gw, e.f, e.target)
+			}
+			n++
+		}
+	}
+	return n, nil
 }
 
 // Flows lists every element of the table (all kinds, both families) and

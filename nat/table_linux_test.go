@@ -226,6 +226,48 @@ func TestRemoveAfterExpiry(t *testing.T) {
 	}
 }
 
+// TestPrune checks that Prune drops from the index the elements the
+// kernel timed out, over several chunks, and keeps those it holds.
+func TestPrune(t *testing.T) {
+	skipUnlessRoot(t)
+	ns := newNamespace(t, "prune")
+	const idle = 300 * time.Millisecond
+	tb := openIn(t, ns, Options{Idle: idle})
+	old := manyFlows(2*pruneChunk + 10)
+	var b Batch
+	for _, f := range old {
+		b.ReplyFrom(f, netip.MustParseAddrPort("10.77.2.12:7001"))
+	}
+	b.GatewayReply(f6, netip.MustParseAddr("fd77:2::12"))
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := tb.Prune(); err != nil || n != 0 {
+		t.Fatalf("Prune with every element there: %d dropped, %v; want 0", n, err)
+	}
+	time.Sleep(idle + 200*time.Millisecond)
+	b.Reset()
+	b.ReplyFrom(f4, netip.MustParseAddrPort("10.77.2.13:7001"))
+	if err := tb.Apply(&b); err != nil {
+		t.Fatal(err)
+	}
+	n, err := tb.Prune()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := len(old) + 1; n != want {
+		t.Errorf("Prune dropped %d elements; want %d", n, want)
+	}
+	tb.mu.Lock()
+	defer tb.mu.Unlock()
+	if len(tb.idx.reply) != 1 || len(tb.idx.gw) != 0 {
+		t.Errorf("index after Prune: %d flows with reply rewrites, %d with gateway replies; want 1 and 0", len(tb.idx.reply), len(tb.idx.gw))
+	}
+	if _, ok := tb.idx.reply[f4]; !ok {
+		t.Errorf("index after Prune lost %v, whose element is there", f4)
+	}
+}
+
 // TestApply10k applies 10,000 Forward elements in one batch, lists them and
 // removes them in one batch.
 func TestApply10k(t *testing.T) {
