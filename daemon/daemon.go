@@ -62,6 +62,10 @@ type Daemon struct {
 	// openHolds are the holds this steering point made, for a peer or
 	// for itself, and has not yet switched or lifted (expire.go).
 	openHolds map[migrate.Flow]openHold
+	// holdMu orders a hold made and recorded (steerLocal) against
+	// expireHolds' choice of the holds to lift and their lifting, so
+	// that it never lifts a newer hold of the same flow.
+	holdMu sync.Mutex
 	// steered are the flows this steering point has switched, with
 	// where they went and who asked (steerauth.go).
 	steered map[migrate.Flow]steered

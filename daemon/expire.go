@@ -110,6 +110,10 @@ func (d *Daemon) noteHolds(from, op string, flows []migrate.Flow) {
 // expireHolds lifts the holds made before cutoff and never switched or
 // lifted.
 func (d *Daemon) expireHolds(cutoff time.Time) {
+	// A new hold of a flow made between the choice and the lift would be
+	// lifted with the old one.
+	d.holdMu.Lock()
+	defer d.holdMu.Unlock()
 	by := map[string][]migrate.Flow{}
 	d.mu.Lock()
 	for f, h := range d.openHolds {

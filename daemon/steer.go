@@ -274,6 +274,8 @@ func (d *Daemon) steerLocal(by, op string, flows []migrate.Flow, to netip.Addr) 
 	}
 	fs := natFlows(flows)
 	if op == peer.SteerHold {
+		d.holdMu.Lock()
+		defer d.holdMu.Unlock()
 		// A flow whose last holds could not be lifted is still passing
 		// (below): end that, or the new hold would not hold.
 		if err := d.q.EndPass(fs...); err != nil {
