@@ -194,7 +194,10 @@ func (d *Daemon) peerStatus() []admin.PeerStatus {
 		if pc != nil {
 			pc.mu.Lock()
 			ps.LastSeen, ps.RTT = pc.lastSeen, pc.rtt
-			ps.Healthy = pc.err == nil && !pc.lastSeen.IsZero() && time.Since(pc.lastSeen) < missed*HeartbeatInterval
+			// Down after `missed` heartbeats without an answer, as the
+			// policy counts them, not at the first one late (a drain's
+			// transfers share the heartbeats' connection).
+			ps.Healthy = !pc.lastSeen.IsZero() && time.Since(pc.lastSeen) < missed*HeartbeatInterval
 			if pc.err != nil {
 				ps.Error = pc.err.Error()
 			}

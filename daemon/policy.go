@@ -357,9 +357,9 @@ func (d *Daemon) policyConns(ctx context.Context, now time.Time) []policy.Conn {
 	}
 	out := make([]policy.Conn, 0, len(flows))
 	for _, lf := range flows {
-		info := diag[pair{unmapAP(lf.Tuple.Local), unmapAP(lf.Tuple.Remote)}]
+		info, ok := diag[pair{unmapAP(lf.Tuple.Local), unmapAP(lf.Tuple.Remote)}]
 		out = append(out, policy.Conn{Client: lf.Flow.Client, Service: lf.Flow.Service, App: lf.App,
-			RTT: info.RTT, TotalRetrans: info.TotalRetrans, DeliveryRate: info.DeliveryRate,
+			RTT: info.RTT, TotalRetrans: info.TotalRetrans, DeliveryRate: info.DeliveryRate, NoInfo: !ok,
 			Arrived: d.pol.arrived[lf.Tuple]})
 	}
 	return out

@@ -2,8 +2,10 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,6 +69,10 @@ type Conn struct {
 	RTT          time.Duration // smoothed RTT (TCP_INFO)
 	TotalRetrans uint32        // segments retransmitted so far (TCP_INFO)
 	DeliveryRate uint64        // latest delivery rate, bytes per second (TCP_INFO)
+	// NoInfo says that its TCP figures could not be read this time (the
+	// listing of sockets failed, or missed it): the three above are not
+	// zeros measured, and path conditions leave the connection alone.
+	NoInfo bool
 
 	// Arrived is when the connection migrated in; zero if it began here.
 	Arrived time.Time
@@ -160,8 +166,11 @@ type ruleState struct {
 }
 
 type condState struct {
-	active bool
-	since  time.Time
+	// active: the value is past its level, since since; fired: for
+	// that long at least (the hysteresis's clear level applies only
+	// then).
+	active, fired bool
+	since         time.Time
 }
 
 type stamp struct {
@@ -191,11 +200,28 @@ func (e *Engine) Policy() *Policy { return e.pol }
 // trigger timing) across the change when its name stays the same, so a
 // reload never makes a rule act early.
 func (e *Engine) SetPolicy(pol *Policy) {
+	was := map[string]*Rule{}
+	for i := range e.pol.Rules {
+		was[e.pol.Rules[i].Name] = &e.pol.Rules[i]
+	}
 	keep := map[string]*ruleState{}
-	for _, r := range pol.Rules {
-		if st, ok := e.rules[r.Name]; ok {
-			keep[r.Name] = st
+	for i := range pol.Rules {
+		r := &pol.Rules[i]
+		st, ok := e.rules[r.Name]
+		if !ok {
+			continue
 		}
+		if old := was[r.Name]; old == nil || !reflect.DeepEqual(old.When, r.When) {
+			// New levels or durations: the conditions start afresh
+			// (the cooldown stays), so that a condition that was only
+			// pending, or fired at other levels, waits its full "for"
+			// at the new ones.
+			st.conds = map[string]*condState{}
+			for _, c := range e.conns {
+				maps.DeleteFunc(c.conds, func(k string, _ *condState) bool { return strings.HasPrefix(k, r.Name+"/") })
+			}
+		}
+		keep[r.Name] = st
 	}
 	e.pol, e.rules = pol, keep
 }
@@ -214,12 +240,21 @@ func (e *Engine) Decide(s Snapshot) []Decision {
 	}
 	out := e.peerHealth(s)
 	e.measure(s)
-	v := &view{s: s, taken: map[connKey]bool{}, conns: map[string]int{}}
+	v := &view{s: s, taken: map[connKey]bool{}, conns: map[string]int{}, self: s.Self.Load.Conns}
 	for _, p := range s.Peers {
 		v.conns[p.Name] = p.Load.Conns
 	}
+	// Dry-run decisions see what earlier dry-run decisions would have
+	// done, on a copy: real ones never see them.
+	dry := &view{s: s, taken: map[connKey]bool{}, conns: maps.Clone(v.conns), self: v.self}
 	for i := range e.pol.Rules {
-		out = append(out, e.rule(&e.pol.Rules[i], v))
+		r := &e.pol.Rules[i]
+		d := e.rule(r, v, dry)
+		if !d.DryRun {
+			// What it moves is gone for the dry-run rules too.
+			dry.apply(d)
+		}
+		out = append(out, d)
 	}
 	cut := s.Now.Add(-e.pol.Limits.Per.D())
 	e.moved = slices.DeleteFunc(e.moved, func(st stamp) bool { return !st.at.After(cut) })
@@ -231,6 +266,23 @@ type view struct {
 	s     Snapshot
 	taken map[connKey]bool
 	conns map[string]int // peers' connections, counting this snapshot's moves
+	self  int            // this server's connections, counting them too
+}
+
+// apply counts the moves of decision d in the view: its connections are
+// taken, and counted at their targets rather than here. It returns how
+// many connections d moves.
+func (v *view) apply(d Decision) int {
+	total := 0
+	for _, m := range d.Moves {
+		for _, c := range m.Conns {
+			v.taken[c.key()] = true
+		}
+		v.conns[m.To] += len(m.Conns)
+		total += len(m.Conns)
+	}
+	v.self -= total
+	return total
 }
 
 func (e *Engine) peerHealth(s Snapshot) []Decision {
@@ -274,8 +326,15 @@ func (e *Engine) measure(s Snapshot) {
 		seen[k] = true
 		st := e.conns[k]
 		if st == nil {
-			st = &connState{retrans: c.TotalRetrans, retransAt: s.Now, conds: map[string]*condState{}}
+			st = &connState{conds: map[string]*condState{}}
 			e.conns[k] = st
+		}
+		switch {
+		case c.NoInfo:
+			// Not a reading: the rate stays, and so does its base.
+			continue
+		case st.retransAt.IsZero():
+			st.retrans, st.retransAt = c.TotalRetrans, s.Now
 			continue
 		}
 		if dt := s.Now.Sub(st.retransAt).Seconds(); dt > 0 {
@@ -298,19 +357,19 @@ func (t *Threshold) eval(st *condState, v float64, now time.Time) (holds, pendin
 	var over bool
 	if t.Above != nil {
 		level := float64(*t.Above)
-		if st.active && t.Clear != nil {
+		if st.fired && t.Clear != nil {
 			level = float64(*t.Clear)
 		}
 		over = v > level
 	} else {
 		level := float64(*t.Below)
-		if st.active && t.Clear != nil {
+		if st.fired && t.Clear != nil {
 			level = float64(*t.Clear)
 		}
 		over = v < level
 	}
 	if !over {
-		st.active, st.since = false, time.Time{}
+		*st = condState{}
 		return false, false
 	}
 	if !st.active {
@@ -319,6 +378,7 @@ func (t *Threshold) eval(st *condState, v float64, now time.Time) (holds, pendin
 	if now.Sub(st.since) < t.For.D() {
 		return false, true
 	}
+	st.fired = true
 	return true, false
 }
 
@@ -436,9 +496,16 @@ func appPort(app string) uint16 {
 	return uint16(p)
 }
 
-func (e *Engine) rule(r *Rule, v *view) Decision {
-	s := v.s
+func (e *Engine) rule(r *Rule, real, dry *view) Decision {
+	s := real.s
 	d := Decision{Time: s.Now, Rule: r.Name, DryRun: e.pol.DryRun || r.DryRun}
+	// A dry-run rule decides as if the earlier dry-run rules had acted
+	// too; it changes nothing a rule that acts sees. (Its moves do not
+	// count against the rate limit: they move nothing.)
+	v := real
+	if d.DryRun {
+		v = dry
+	}
 	rs := e.rules[r.Name]
 	if rs == nil {
 		rs = &ruleState{conds: map[string]*condState{}}
@@ -515,6 +582,9 @@ func (e *Engine) rule(r *Rule, v *view) Decision {
 	worst := map[connKey]float64{}
 	connPending := 0
 	for _, c := range mine {
+		if len(pcs) > 0 && c.NoInfo {
+			continue // no figures to judge it by, this time
+		}
 		st := e.conns[c.key()]
 		all, anyPending := true, false
 		for i, pc := range pcs {
@@ -641,14 +711,7 @@ func (e *Engine) rule(r *Rule, v *view) Decision {
 	d.Reason, d.Moves = ReasonTriggered, moves
 	d.Detail = strings.Join(why, "; ") + "; " + choice
 	rs.lastAct = s.Now
-	total := 0
-	for _, m := range moves {
-		for _, c := range m.Conns {
-			v.taken[c.key()] = true
-		}
-		v.conns[m.To] += len(m.Conns)
-		total += len(m.Conns)
-	}
+	total := v.apply(d)
 	if !d.DryRun {
 		e.moved = append(e.moved, stamp{s.Now, total})
 	}

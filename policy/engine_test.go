@@ -87,14 +87,18 @@ rules:
 		wantMoves  string
 	}{
 		{0, 0.2, 8, ReasonNotTriggered, ""},
+		// Pending, the value must stay above 0.5: clear applies once
+		// fired, not before.
 		{1 * time.Second, 0.7, 8, ReasonPending, ""},
-		{2 * time.Second, 0.7, 8, ReasonPending, ""},
-		{3 * time.Second, 0.7, 8, ReasonTriggered, "s2:4"},
-		{4 * time.Second, 0.7, 4, ReasonCooldown, ""},
-		{7 * time.Second, 0.45, 4, ReasonCooldown, ""}, // below 0.5 but above clear: still fired
-		{8 * time.Second, 0.45, 4, ReasonTriggered, "s2:2"},
-		{9 * time.Second, 0.25, 2, ReasonNotTriggered, ""},  // below clear
-		{14 * time.Second, 0.45, 2, ReasonNotTriggered, ""}, // must cross 0.5 again
+		{2 * time.Second, 0.45, 8, ReasonNotTriggered, ""},
+		{3 * time.Second, 0.45, 8, ReasonNotTriggered, ""},
+		{4 * time.Second, 0.7, 8, ReasonPending, ""},
+		{6 * time.Second, 0.7, 8, ReasonTriggered, "s2:4"},
+		{7 * time.Second, 0.7, 4, ReasonCooldown, ""},
+		{10 * time.Second, 0.45, 4, ReasonCooldown, ""}, // below 0.5 but above clear: still fired
+		{11 * time.Second, 0.45, 4, ReasonTriggered, "s2:2"},
+		{12 * time.Second, 0.25, 2, ReasonNotTriggered, ""}, // below clear
+		{17 * time.Second, 0.45, 2, ReasonNotTriggered, ""}, // must cross 0.5 again
 	} {
 		ds := e.Decide(snap(t0.Add(step.at), Load{CPU: step.cpu}, idle, Load{CPU: 0.08}, cs[:step.n]))
 		d := ruleDecision(t, ds, "hot")
@@ -444,5 +448,162 @@ maintenance: [s1]
 	e.SetPolicy(mustParse(t, src))
 	if d := ruleDecision(t, e.Decide(snap(t0.Add(time.Second), Load{}, Load{}, Load{}, conns(3, 1001))), "drain"); d.Reason != ReasonCooldown {
 		t.Fatalf("after a reload: %s (%s), want cooldown", d.Reason, d.Detail)
+	}
+}
+
+// TestReloadNewLevels: a reload that changes a rule's levels keeps its
+// cooldown but starts its conditions afresh, so that the new "for" is
+// waited in full; one that changes nothing keeps their timing.
+func TestReloadNewLevels(t *testing.T) {
+	policy := func(above string) string {
+		return `
+rules:
+  - name: hot
+    when: {cpu: {above: ` + above + `, for: 10s}}
+    cooldown: 1s
+`
+	}
+	e := NewEngine(mustParse(t, policy("0.9")))
+	hot := Load{CPU: 0.96}
+	for i := range 12 {
+		e.Decide(snap(t0.Add(time.Duration(i)*time.Second), hot, Load{}, Load{}, conns(4, 1000)))
+	}
+	// Pending for 11 s at the same levels: fires at once after a reload
+	// that changes nothing.
+	e.SetPolicy(mustParse(t, policy("0.9")))
+	if d := ruleDecision(t, e.Decide(snap(t0.Add(20*time.Second), hot, Load{}, Load{}, conns(4, 1000))), "hot"); d.Reason != ReasonTriggered {
+		t.Fatalf("after a reload with the same levels: %s (%s), want triggered", d.Reason, d.Detail)
+	}
+	e.SetPolicy(mustParse(t, policy("0.95")))
+	if d := ruleDecision(t, e.Decide(snap(t0.Add(30*time.Second), hot, Load{}, Load{}, conns(4, 1000))), "hot"); d.Reason != ReasonPending {
+		t.Fatalf("after a reload with a new level: %s (%s), want pending", d.Reason, d.Detail)
+	}
+}
+
+// TestDryRunRuleLeavesOthers: a dry-run rule takes nothing from the rules
+// that act after it.
+func TestDryRunRuleLeavesOthers(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: preview
+    dry_run: true
+    when: {maintenance: true}
+  - name: drain
+    when: {maintenance: true}
+maintenance: [s1]
+`)
+	ds := NewEngine(pol).Decide(snap(t0, Load{}, Load{}, Load{}, conns(4, 1000)))
+	p, d := ruleDecision(t, ds, "preview"), ruleDecision(t, ds, "drain")
+	if !p.DryRun || p.Reason != ReasonTriggered || p.Count() == 0 {
+		t.Fatalf("preview: dry %v %s %d (%s)", p.DryRun, p.Reason, p.Count(), p.Detail)
+	}
+	if d.DryRun || d.Reason != ReasonTriggered || d.Count() != p.Count() {
+		t.Fatalf("drain after a dry-run rule: dry %v %s %d (%s), want %d moved", d.DryRun, d.Reason, d.Count(), d.Detail, p.Count())
+	}
+}
+
+// TestConnsCountThisSnapshot: with by: conns, a second rule counts the
+// connections the first one moved away from this server, not only those
+// it moved to the target, and leaves no peer with more than this server.
+func TestConnsCountThisSnapshot(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: first
+    when: {cpu: {above: 0.5}}
+    migrate: {count: 6, to: least_loaded, by: conns}
+  - name: second
+    when: {cpu: {above: 0.5}}
+    migrate: {to: least_loaded, by: conns}
+`)
+	s := snap(t0, Load{CPU: 0.9}, Load{CPU: 0.1}, Load{CPU: 0.1, Conns: 30}, conns(20, 1000))
+	ds := NewEngine(pol).Decide(s)
+	if got := moves(ruleDecision(t, ds, "first")); got != "s2:6" {
+		t.Fatalf("first: %s", got)
+	}
+	// 14 here and 6 at s2: 4 more leave 10 and 10.
+	if d := ruleDecision(t, ds, "second"); moves(d) != "s2:4" {
+		t.Fatalf("second: %q (%s), want s2:4", moves(d), d.Detail)
+	}
+}
+
+// TestNeverToAPeerThatWouldFire: a rule fired by CPU and comparing
+// connection counts does not pick a peer whose CPU would fire it there.
+func TestNeverToAPeerThatWouldFire(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: hot
+    when: {cpu: {above: 0.8}}
+    migrate: {count: 1, to: least_loaded}
+`)
+	s := snap(t0, Load{CPU: 0.9}, Load{CPU: 0.99, Conns: 2}, Load{CPU: 0.1, Conns: 5}, conns(10, 1000))
+	d := ruleDecision(t, NewEngine(pol).Decide(s), "hot")
+	if moves(d) != "s3:1" || !strings.Contains(d.Detail, "s2's cpu") {
+		t.Fatalf("%q (%s), want s3:1, not s2 for its CPU", moves(d), d.Detail)
+	}
+}
+
+// TestOtherAppsStillMove: a rule for every service moves the connections
+// of an application that has somewhere to go, even when those of another
+// come first and have nowhere to go.
+func TestOtherAppsStillMove(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: drain
+    when: {maintenance: true}
+maintenance: [s1]
+`)
+	cs := conns(3, 1000) // :7000, served by no peer here
+	for _, c := range conns(2, 2000) {
+		c.App, c.Service = ":8000", netip.AddrPortFrom(c.Service.Addr(), 8000)
+		cs = append(cs, c)
+	}
+	s := snap(t0, Load{}, Load{}, Load{}, cs)
+	for i := range s.Peers {
+		s.Peers[i].Services = []string{":8000"}
+	}
+	d := ruleDecision(t, NewEngine(pol).Decide(s), "drain")
+	if d.Reason != ReasonTriggered || d.Count() != 2 {
+		t.Fatalf("%s %q (%s), want the 2 connections of :8000 moved", d.Reason, moves(d), d.Detail)
+	}
+	for _, m := range d.Moves {
+		for _, c := range m.Conns {
+			if c.App != ":8000" {
+				t.Errorf("moved %v of %s", c.Client, c.App)
+			}
+		}
+	}
+}
+
+// TestNoInfo: a connection whose TCP figures could not be read (zeros,
+// NoInfo) is no reading: its retransmission rate keeps its base, and a
+// path condition that zeros would meet leaves it alone.
+func TestNoInfo(t *testing.T) {
+	pol := mustParse(t, `
+rules:
+  - name: lossy
+    when: {retransmits: {above: 10}}
+    migrate: {to: weighted}
+  - name: slow
+    when: {delivery_rate: {below: 1000}}
+    migrate: {to: weighted}
+`)
+	e := NewEngine(pol)
+	cs := conns(1, 1000)
+	cs[0].DeliveryRate = 1e6
+	for i, step := range []struct {
+		retrans uint32
+		noInfo  bool
+	}{{500, false}, {0, true}, {502, false}, {0, true}, {504, false}} {
+		c := cs[0]
+		c.TotalRetrans = step.retrans
+		if step.noInfo {
+			c.TotalRetrans, c.DeliveryRate, c.RTT, c.NoInfo = 0, 0, 0, true
+		}
+		ds := e.Decide(snap(t0.Add(time.Duration(i)*time.Second), Load{}, Load{}, Load{}, []Conn{c}))
+		for _, rule := range []string{"lossy", "slow"} {
+			if d := ruleDecision(t, ds, rule); d.Count() != 0 {
+				t.Fatalf("step %d, rule %s: moves %q (%s)", i, rule, moves(d), d.Detail)
+			}
+		}
 	}
 }

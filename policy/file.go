@@ -168,6 +168,10 @@ const (
 	MetricConns          = "conns"
 )
 
+// loadMetrics are the load metrics, which are also the names of the
+// server conditions on them.
+var loadMetrics = []string{MetricCPU, MetricRunQueue, MetricMemory, MetricMemoryPressure, MetricConns}
+
 // Action moves connections of the rule's service.
 type Action struct {
 	// Count is how many connections to move at most per decision.
@@ -709,8 +713,10 @@ func clock(s string) (time.Duration, bool) {
 // contains reports whether t falls inside the window, in loc.
 func (w *Window) contains(t time.Time, loc *time.Location) bool {
 	t = t.In(loc)
-	midnight := time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, loc)
-	tod := t.Sub(midnight)
+	// The time of day as the clock shows it: on the days the clocks
+	// change, the time elapsed since midnight is an hour off.
+	tod := time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute +
+		time.Duration(t.Second())*time.Second + time.Duration(t.Nanosecond())
 	day := func(wd time.Weekday) bool { return w.everyDay || w.days[wd] }
 	switch {
 	case w.wholeOfDay:

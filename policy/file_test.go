@@ -158,6 +158,52 @@ rules:
 	}
 }
 
+// TestWindowsClockChange: on the days the clocks change, windows follow
+// the clock, not the time elapsed since midnight.
+func TestWindowsClockChange(t *testing.T) {
+	pol, err := Parse([]byte(`
+timezone: Europe/Paris
+rules:
+  - name: office
+    when: {during: [{from: "09:00", to: "17:00"}]}
+  - name: sunday-night
+    when: {during: [{days: [sun], from: "02:00", to: "04:00"}]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	paris, _ := time.LoadLocation("Europe/Paris")
+	for _, tc := range []struct {
+		rule int
+		when string
+		want bool
+	}{
+		// 2026-03-29: 02:00 becomes 03:00.
+		{0, "2026-03-29 08:59", false},
+		{0, "2026-03-29 09:30", true},
+		{0, "2026-03-29 16:59", true},
+		{0, "2026-03-29 17:30", false},
+		{1, "2026-03-29 01:59", false},
+		{1, "2026-03-29 03:30", true},
+		{1, "2026-03-29 04:30", false},
+		// 2026-10-25: 03:00 becomes 02:00.
+		{0, "2026-10-25 08:30", false},
+		{0, "2026-10-25 09:00", true},
+		{0, "2026-10-25 16:59", true},
+		{0, "2026-10-25 17:00", false},
+		{1, "2026-10-25 03:30", true},
+		{1, "2026-10-25 04:00", false},
+	} {
+		tm, err := time.ParseInLocation("2006-01-02 15:04", tc.when, paris)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := pol.Rules[tc.rule].When.During[0].contains(tm.UTC(), pol.loc); got != tc.want {
+			t.Errorf("%s, rule %s: in window = %v, want %v", tc.when, pol.Rules[tc.rule].Name, got, tc.want)
+		}
+	}
+}
+
 // TestServers: the server names a policy mentions, each once, for the
 // daemon to check against its pool.
 func TestServers(t *testing.T) {

@@ -36,13 +36,35 @@ func (e *Engine) eligible(r *Rule, v *view, port uint16) ([]Peer, []string) {
 // peers by the rule's strategy. It returns the moves and a description
 // of the choice, which says why nothing moves when moves is empty.
 func (e *Engine) targets(r *Rule, v *view, cands []Conn, n int) ([]Move, string) {
-	port := r.port
-	if port == 0 {
-		// One application per rule decision: the first candidate's.
-		port = appPort(cands[0].App)
-		cands = slices.DeleteFunc(slices.Clone(cands), func(c Conn) bool { return appPort(c.App) != port })
-		n = min(n, len(cands))
+	if r.port != 0 {
+		return e.targetsOf(r, v, r.port, cands, n)
 	}
+	// One application per rule decision: the first candidate's that
+	// has somewhere to go (another may have no target, and must not
+	// keep the others here).
+	var ports []uint16
+	for _, c := range cands {
+		if p := appPort(c.App); !slices.Contains(ports, p) {
+			ports = append(ports, p)
+		}
+	}
+	var why []string
+	for _, port := range ports {
+		of := slices.DeleteFunc(slices.Clone(cands), func(c Conn) bool { return appPort(c.App) != port })
+		moves, choice := e.targetsOf(r, v, port, of, min(n, len(of)))
+		if len(moves) > 0 {
+			return moves, choice
+		}
+		if len(ports) > 1 {
+			choice = fmt.Sprintf("port %d: %s", port, choice)
+		}
+		why = append(why, choice)
+	}
+	return nil, strings.Join(why, "; ")
+}
+
+// targetsOf is targets for candidates of the application on port.
+func (e *Engine) targetsOf(r *Rule, v *view, port uint16, cands []Conn, n int) ([]Move, string) {
 	peers, no := e.eligible(r, v, port)
 	if len(peers) == 0 {
 		if len(no) == 0 {
@@ -69,25 +91,36 @@ func leastLoaded(r *Rule, v *view, peers []Peer, cands []Conn, n int, no []strin
 	}
 	src := v.s.Self.Load.Metric(by)
 	if by == MetricConns {
-		src = float64(v.s.Self.Load.Conns)
+		src = float64(v.self)
 	}
 	guard := r.hasLoadCondition()
-	th := r.loadThreshold(by)
 	var ok []Peer
+peers:
 	for _, p := range peers {
 		l := load(p)
 		if guard && !(l < src-margin) {
 			no = append(no, fmt.Sprintf("%s's %s %s is not below this server's %s by more than %s", p.Name, by, fmtValue(by, l), fmtValue(by, src), fmtValue(by, margin)))
 			continue
 		}
-		if guard && th != nil && th.Above != nil {
+		// Never to a peer where the rule's load conditions would fire
+		// (each of them, not only the one it compares by): it would
+		// send the connections back.
+		for _, m := range loadMetrics {
+			th := r.loadThreshold(m)
+			if th == nil || th.Above == nil {
+				continue
+			}
 			quiet := float64(*th.Above)
 			if th.Clear != nil {
 				quiet = float64(*th.Clear)
 			}
-			if l >= quiet {
-				no = append(no, fmt.Sprintf("%s's %s %s would trigger the rule there", p.Name, by, fmtValue(by, l)))
-				continue
+			pl := p.Load.Metric(m)
+			if m == MetricConns {
+				pl = float64(v.conns[p.Name])
+			}
+			if pl >= quiet {
+				no = append(no, fmt.Sprintf("%s's %s %s would trigger the rule there", p.Name, m, fmtValue(m, pl)))
+				continue peers
 			}
 		}
 		ok = append(ok, p)
