@@ -137,6 +137,10 @@ func (ps *policyState) reload(cause string, force bool) {
 		return
 	}
 	ps.engine.SetPolicy(pol)
+	// Due now: the next decision waits for the new interval, not for
+	// what is left of the old one (10 minutes cut to a second, say).
+	// The engine keeps the cooldowns and the timing of the conditions.
+	ps.nextDecide = time.Time{}
 	ps.mu.Lock()
 	ps.missed = pol.Peers.Missed
 	ps.mu.Unlock()

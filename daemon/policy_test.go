@@ -92,3 +92,27 @@ func TestPolicyReloadAfterReadError(t *testing.T) {
 		t.Fatalf("reload_ok %v once the same file is back, want 1", got)
 	}
 }
+
+// TestPolicyReloadDecidesAnew: a reloaded policy decides at the next
+// tick, not once the old interval has run out.
+func TestPolicyReloadDecidesAnew(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(path, []byte("interval: 10m\nrules: []\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := newPolicyState(&Config{Policy: path}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps.nextDecide = time.Now().Add(10 * time.Minute) // as after a decision
+	if err := os.WriteFile(path, []byte("interval: 1s\nrules: []\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ps.reload("change", false)
+	if ps.engine.Policy().Interval.D() != time.Second {
+		t.Fatalf("interval %v after the reload, want 1s", ps.engine.Policy().Interval.D())
+	}
+	if time.Now().Before(ps.nextDecide) {
+		t.Fatalf("next decision in %v after the reload, want at the next tick", time.Until(ps.nextDecide).Round(time.Second))
+	}
+}
