@@ -238,7 +238,9 @@ func (d *Daemon) policyTick(ctx context.Context) {
 		Self:  policy.Server{Name: d.cfg.Name, Load: load, Paths: paths, Services: d.services()},
 		Peers: d.policyPeers()}
 	for _, dec := range d.decide(ps.engine, s) {
-		d.carryOut(ctx, dec)
+		if failed := d.carryOut(ctx, dec); len(failed) > 0 {
+			ps.engine.Done(dec, failed)
+		}
 	}
 	for _, p := range s.Peers {
 		up := 0.0
@@ -269,8 +271,9 @@ func (d *Daemon) services() []string {
 }
 
 // carryOut acts on a decision, then logs it and counts it: one log line
-// per decision, saying why.
-func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) {
+// per decision, saying why. It returns how many connections failed to
+// move, by target.
+func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo map[string]int) {
 	log := d.pol.log
 	dry := strconv.FormatBool(dec.DryRun)
 	policyDecisions.WithLabelValues(dec.Rule, dec.Reason, dry).Inc()
@@ -311,6 +314,12 @@ func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) {
 			n, f = len(rep.Moved), len(flows)-len(rep.Moved)
 		}
 		moved, failed = moved+n, failed+f
+		if f > 0 {
+			if failedTo == nil {
+				failedTo = map[string]int{}
+			}
+			failedTo[m.To] += f
+		}
 		policyMigrations.WithLabelValues(dec.Rule, dec.Trigger, "moved").Add(float64(n))
 		policyMigrations.WithLabelValues(dec.Rule, dec.Trigger, "failed").Add(float64(f))
 		if err != nil {
@@ -322,6 +331,7 @@ func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) {
 		attrs = append(attrs, "moved", moved, "failed", failed)
 	}
 	log.Info("policy decision", append(attrs, "detail", dec.Detail)...)
+	return failedTo
 }
 
 // policyConns lists the connections served here with their TCP figures

@@ -158,6 +158,9 @@ type Engine struct {
 	peerUp map[string]bool
 	moved  []stamp
 	conns  map[connKey]*connState
+	// refused are targets that took none of a move, until when they
+	// are avoided (Done).
+	refused map[string]time.Time
 }
 
 type ruleState struct {
@@ -174,8 +177,41 @@ type condState struct {
 }
 
 type stamp struct {
-	at time.Time
-	n  int
+	at   time.Time
+	rule string
+	n    int
+}
+
+// RefusedBackoff is how long the engine's decisions avoid a target after
+// every connection a decision sent it failed to move (its application
+// refuses them, say): other peers are chosen meanwhile.
+const RefusedBackoff = 30 * time.Second
+
+// Done tells the engine what became of a triggered decision it made:
+// failed[TO] connections of the move to TO did not move. They are given
+// back to the rate limit, and a target that took none of its move is
+// avoided for RefusedBackoff. Call it before the next Decide.
+func (e *Engine) Done(d Decision, failed map[string]int) {
+	if d.DryRun || len(failed) == 0 {
+		return
+	}
+	n := 0
+	for _, m := range d.Moves {
+		f := min(failed[m.To], len(m.Conns))
+		n += f
+		if f > 0 && f == len(m.Conns) {
+			if e.refused == nil {
+				e.refused = map[string]time.Time{}
+			}
+			e.refused[m.To] = d.Time.Add(RefusedBackoff)
+		}
+	}
+	for i := range e.moved {
+		if st := &e.moved[i]; st.at.Equal(d.Time) && st.rule == d.Rule {
+			st.n = max(0, st.n-n)
+			break
+		}
+	}
 }
 
 type connKey struct{ client, service netip.AddrPort }
@@ -258,6 +294,7 @@ func (e *Engine) Decide(s Snapshot) []Decision {
 	}
 	cut := s.Now.Add(-e.pol.Limits.Per.D())
 	e.moved = slices.DeleteFunc(e.moved, func(st stamp) bool { return !st.at.After(cut) })
+	maps.DeleteFunc(e.refused, func(_ string, until time.Time) bool { return !s.Now.Before(until) })
 	return out
 }
 
@@ -713,7 +750,7 @@ func (e *Engine) rule(r *Rule, real, dry *view) Decision {
 	rs.lastAct = s.Now
 	total := v.apply(d)
 	if !d.DryRun {
-		e.moved = append(e.moved, stamp{s.Now, total})
+		e.moved = append(e.moved, stamp{s.Now, r.Name, total})
 	}
 	return d
 }

@@ -607,3 +607,42 @@ rules:
 		}
 	}
 }
+
+// TestDone: connections that failed to move are given back to the rate
+// limit, and a target that took none of a move is avoided for a while.
+func TestDone(t *testing.T) {
+	pol := mustParse(t, `
+limits: {rate: 4, per: 1m}
+rules:
+  - name: drain
+    when: {maintenance: true}
+    migrate: {count: 2, to: least_loaded}
+    cooldown: 0s
+maintenance: [s1]
+`)
+	e := NewEngine(pol)
+	cs := conns(10, 1000)
+	d := ruleDecision(t, e.Decide(snap(t0, Load{}, Load{}, Load{}, cs)), "drain")
+	if moves(d) != "s2:2" {
+		t.Fatalf("first: %q (%s)", moves(d), d.Detail)
+	}
+	e.Done(d, map[string]int{"s2": 2}) // s2 refused both
+	d = ruleDecision(t, e.Decide(snap(t0.Add(time.Second), Load{}, Load{}, Load{}, cs)), "drain")
+	if moves(d) != "s3:2" || !strings.Contains(d.Detail, "s2 took none") {
+		t.Fatalf("after s2 refused: %q (%s), want s3:2", moves(d), d.Detail)
+	}
+	// 2 of the rate of 4 used (the 2 refused were given back): 2 more.
+	d = ruleDecision(t, e.Decide(snap(t0.Add(2*time.Second), Load{}, Load{}, Load{}, cs[2:])), "drain")
+	if d.Reason != ReasonTriggered || d.Count() != 2 {
+		t.Fatalf("third: %s %q (%s), want 2 moved", d.Reason, moves(d), d.Detail)
+	}
+	d = ruleDecision(t, e.Decide(snap(t0.Add(3*time.Second), Load{}, Load{}, Load{}, cs[4:])), "drain")
+	if d.Reason != ReasonRateLimit {
+		t.Fatalf("fourth: %s %q (%s), want rate_limit", d.Reason, moves(d), d.Detail)
+	}
+	// The backoff ends.
+	d = ruleDecision(t, e.Decide(snap(t0.Add(RefusedBackoff+time.Minute), Load{}, Load{}, Load{}, cs[4:])), "drain")
+	if !strings.Contains(moves(d), "s2") {
+		t.Fatalf("after the backoff: %q (%s), want s2 again", moves(d), d.Detail)
+	}
+}

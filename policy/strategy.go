@@ -23,6 +23,8 @@ func (e *Engine) eligible(r *Rule, v *view, port uint16) ([]Peer, []string) {
 			no = append(no, p.Name+" is down")
 		case e.pol.inMaintenance(p.Name):
 			no = append(no, p.Name+" is under maintenance")
+		case v.s.Now.Before(e.refused[p.Name]):
+			no = append(no, fmt.Sprintf("%s took none of the last connections sent to it (avoided for %v more)", p.Name, e.refused[p.Name].Sub(v.s.Now).Round(time.Second)))
 		case port != 0 && !servesPort(p.Services, port):
 			no = append(no, fmt.Sprintf("%s has no live application on port %d", p.Name, port))
 		default:
