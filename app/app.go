@@ -929,10 +929,17 @@ func (s *server) afterLinkLoss(c *served) string {
 func (s *server) shutdown() {
 	s.mu.Lock()
 	s.closing = true
+	tcs := make([]*net.TCPConn, 0, len(s.conns))
 	for _, c := range s.conns {
-		c.tc.Close() // unblocks the handlers
+		tcs = append(tcs, c.tc)
 	}
 	s.mu.Unlock()
+	// Not under s.mu: a socket lent to an answer under way (its
+	// RawConn.Control open) closes only once the answer is sent, and
+	// the answer takes s.mu.
+	for _, tc := range tcs {
+		tc.Close() // unblocks the handlers
+	}
 	s.wg.Wait()
 	s.mu.Lock()
 	l := s.link

@@ -91,11 +91,15 @@ func (c *conn) Write(p []byte) (int, error) {
 func (c *conn) Close() error {
 	c.mu.Lock()
 	retired := c.retired
+	if !retired {
+		// Under the lock: a handler returning meanwhile (retire) is
+		// then seen closed, and its connection is not exported.
+		c.closed.Store(true)
+	}
 	c.mu.Unlock()
 	if retired {
 		return nil
 	}
-	c.closed.Store(true)
 	return c.tc.Close()
 }
 
