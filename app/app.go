@@ -94,9 +94,11 @@ type Config struct {
 
 	// VerdictWait bounds how long a connection given to mtcpd waits for
 	// mtcpd's verdict (moved away, or resume here) while the link to
-	// mtcpd stays up. Past it the library decides as when the link is
-	// lost: a socket mtcpd did not freeze, or thawed, is served on here;
-	// one still frozen is given a while longer, then let go. 0 means
+	// mtcpd stays up. Past it the library disconnects from mtcpd (and
+	// connects again), which makes mtcpd let go of the socket, and
+	// decides as when the link is lost: a socket mtcpd did not freeze,
+	// or thawed, is served on here; one still frozen is given a while
+	// longer, then let go. 0 means
 	// DefaultVerdictWait, well past any migration's deadlines: only a
 	// stuck mtcpd makes it expire.
 	VerdictWait time.Duration
@@ -847,7 +849,13 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	case <-ex.link.done:
 		vm = decideHere("")
 	case <-wait.C:
-		vm = decideHere("no verdict from mtcpd on an exported connection; deciding here")
+		// mtcpd still has the socket and may yet freeze it: drop the
+		// link, which makes it let go of the socket (or finish freezing
+		// it first), then decide as for a lost link.
+		s.log.Warn("no verdict from mtcpd on an exported connection; disconnecting from it to decide here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
+		ex.link.mc.close()
+		<-ex.link.done
+		vm = decideHere("")
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
 	}
@@ -892,6 +900,10 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 // often, up to once a second).
 var frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
 
+// linkLossGrace is how long an exported connection waits, once the link
+// to mtcpd is gone, before it looks whether mtcpd froze its socket.
+var linkLossGrace = 500 * time.Millisecond
+
 // afterLinkLoss decides what becomes of exported connection c once the
 // link to mtcpd is gone and no verdict will come. A socket the daemon
 // did not freeze carries on here. One it froze (repair mode) cannot be
@@ -903,6 +915,14 @@ var frozenWait, frozenPoll = 2 * time.Minute, 50 * time.Millisecond
 // with its daemon, and is let go (closed in repair mode, it sends
 // nothing).
 func (s *server) afterLinkLoss(c *served) string {
+	// mtcpd may be freezing the socket as the link goes: it lets go of
+	// the link only once done (app.Exported.Claim), but may see the link
+	// gone a moment after this process. Give it that moment.
+	select {
+	case <-s.ctx.Done():
+		return "shutdown"
+	case <-time.After(linkLossGrace):
+	}
 	deadline := time.Now().Add(frozenWait)
 	poll := frozenPoll
 	for {

@@ -107,6 +107,23 @@ func (a *appConn) run(ctx context.Context, b *batch, each func(k int, it *item, 
 	return failed
 }
 
+// Claim keeps the application's link to this registry from being
+// dropped while the caller freezes e.Socket (TCP_REPAIR): an application
+// whose link is gone resumes an exported socket that it finds not
+// frozen, and must not find it so just before it is frozen. It fails,
+// wrapping ErrAppGone, once the application has disconnected: its socket
+// must then be left alone. Otherwise call release once the freeze is
+// done or has failed, and soon: the registry cannot drop the application
+// meanwhile.
+func (e *Exported) Claim() (release func(), err error) {
+	e.a.freezing.RLock()
+	if e.a.severed {
+		e.a.freezing.RUnlock()
+		return nil, fmt.Errorf("mtcp registry: connection %s of service %s: %w", e.Tuple, e.Service, ErrAppGone)
+	}
+	return e.a.freezing.RUnlock, nil
+}
+
 // Finish tells the application the outcome of the export. committed
 // means another server owns the connection now: the application closes
 // its descriptor (the daemon froze the socket in repair mode, so that

@@ -5,6 +5,7 @@ package app_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -227,5 +228,60 @@ func TestGoneVerdictLate(t *testing.T) {
 	}
 	if late == 0 {
 		t.Fatal("every verdict was answered in time: nothing tested")
+	}
+}
+
+// TestVerdictWaitLetsGo: past Config.VerdictWait the application
+// disconnects from mtcpd before it serves the connection on, so that
+// mtcpd lets go of the socket instead of freezing it later and moving a
+// connection the application serves: a claim to freeze it fails.
+func TestVerdictWaitLetsGo(t *testing.T) {
+	x := newExportSetup(t, 300*time.Millisecond)
+	x.c.c.SetDeadline(time.Now().Add(10 * time.Second))
+	x.c.do(t, "y", "2 A y")
+	release, err := x.e.Claim()
+	if err == nil {
+		release()
+		t.Fatal("the registry may still freeze a connection its application serves on")
+	}
+	if !errors.Is(err, app.ErrAppGone) {
+		t.Fatalf("claim: %v, want ErrAppGone", err)
+	}
+}
+
+// TestClaimHoldsLink: while mtcpd has claimed an exported socket to
+// freeze it, the link to its application stays up (its application
+// serves nothing of the connection meanwhile), so that the application,
+// which resumes a socket it finds not frozen once the link is gone, finds
+// it frozen.
+func TestClaimHoldsLink(t *testing.T) {
+	x := newExportSetup(t, 0)
+	claimed, err := x.e.Claim()
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := sync.OnceFunc(claimed)
+	t.Cleanup(release) // before the registry stops, if the test fails
+	stopped := make(chan struct{})
+	go func() { x.stopRegistry(); close(stopped) }()
+	select {
+	case <-stopped:
+		t.Fatal("the registry stopped, and broke the link, during a claim")
+	case <-time.After(time.Second): // longer than the application waits after a link loss
+	}
+	// Had the link gone, the application would serve this already.
+	x.c.send(t, "y\n")
+	x.c.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if l, err := x.c.rd.ReadString('\n'); err == nil {
+		t.Fatalf("the application served the connection during the claim: %q", l)
+	}
+	x.repair(t, unix.TCP_REPAIR_ON) // frozen under the claim
+	release()
+	<-stopped
+	time.Sleep(time.Second) // the application sees the link gone, and the socket frozen
+	x.repair(t, unix.TCP_REPAIR_OFF)
+	x.e.Socket.Close()
+	if got := x.c.line(t); got != "2 A y" {
+		t.Fatalf("after the thaw: %q, want %q", got, "2 A y")
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -55,6 +56,13 @@ type appConn struct {
 	mc   *msgConn
 	pid  int
 	done chan struct{} // closed when the connection is gone
+	// freezing is held (read) while the daemon freezes a socket the
+	// application exported (Exported.Claim), and taken by sever before
+	// the link closes: the application, which resumes an exported socket
+	// that is not frozen once its link is gone, then finds it frozen,
+	// or never to be. severed (guarded by it) makes later claims fail.
+	freezing sync.RWMutex
+	severed  bool
 
 	version int // negotiated at registration
 	service string
@@ -96,10 +104,11 @@ func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 	var wg sync.WaitGroup
 	defer func() {
 		r.mu.Lock()
-		for a := range r.apps {
-			a.mc.close()
-		}
+		apps := slices.Collect(maps.Keys(r.apps))
 		r.mu.Unlock()
+		for _, a := range apps {
+			a.sever()
+		}
 		wg.Wait()
 	}()
 	var wait time.Duration
@@ -159,6 +168,7 @@ func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 // drop forgets a disconnected application.
 // The service is gone before the application sees its socket close.
 func (r *Registry) drop(a *appConn) {
+	a.sever()
 	r.mu.Lock()
 	delete(r.apps, a)
 	if a.service != "" && r.services[a.service] == a {
@@ -170,6 +180,15 @@ func (r *Registry) drop(a *appConn) {
 	r.mu.Unlock()
 	a.mc.close()
 	a.mc.dropFDs()
+}
+
+// sever closes the link to the application once no freeze of one of its
+// sockets is under way, and keeps any from starting (Exported.Claim).
+func (a *appConn) sever() {
+	a.freezing.Lock()
+	a.severed = true
+	a.freezing.Unlock()
+	a.mc.close()
 }
 
 // serve reads one application's messages until it disconnects or breaks

@@ -180,7 +180,15 @@ func (s source) Capture(ctx context.Context, flows []migrate.Flow) ([]migrate.It
 // batch whose capture began at start, quiet with marks. On error the
 // socket is live again (o.frozen is nil) and the flow stays quiesced.
 func captureOne(o *outgoing, start time.Time, marks repair.Marks) (migrate.Item, error) {
+	// An application that disconnected resumes the sockets it finds
+	// not frozen: leave those alone, and keep it connected while this
+	// one freezes.
+	release, err := o.exp.Claim()
+	if err != nil {
+		return migrate.Item{}, err
+	}
 	fr, err := repair.Freeze(o.exp.Socket)
+	release()
 	if err != nil {
 		return migrate.Item{}, err
 	}
