@@ -374,19 +374,23 @@ func TestLazyDumpRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	var size int64
+	sizes := map[string]int{}
 	for _, n := range names {
 		b, err := os.ReadFile(src + "/" + n)
 		if err != nil {
 			t.Fatal(err)
 		}
 		size += int64(len(b))
+		sizes[n] = len(b)
 		if err := os.WriteFile(dst+"/"+n, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
 	t.Logf("images without the lazy pages: %d files, %d bytes", len(names), size)
 	if size > 16<<20 {
-		t.Errorf("the images hold %d bytes: the memory was not left for later", size)
+		// Seen once in about 100 runs (CI, 2026-11-29); which image
+		// held the bytes was not known then.
+		t.Errorf("the images hold %d bytes: the memory was not left for later; by image: %v", size, sizes)
 	}
 	if n, err := criu.Rewrite(dst, map[netip.Addr]netip.Addr{bed.S1.LAN4: bed.S2.LAN4}); err != nil || n != 1 {
 		t.Fatalf("rewrite: %d sockets, %v", n, err)
