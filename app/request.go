@@ -235,8 +235,11 @@ func (a *appConn) answer(m *message, fds []int) error {
 	}
 	if len(resume) > 0 {
 		r.log.Warn("export answered after its caller gave up; resuming the connections in the application", "service", a.service, "conns", len(resume))
-		// Sent from the reading goroutine: post must not wait.
-		a.post(&batch{kind: kindVerdict, verdict: verdictResume, items: resume}, true)
+		// Not from the reading goroutine, which must go on reading: the
+		// application may be writing to us while we write to it, and
+		// two full buffers would hold both until the write timeout
+		// breaks the link. Abandoned: nobody waits for the answer.
+		go a.post(&batch{kind: kindVerdict, verdict: verdictResume, items: resume}, true)
 	}
 	return nil
 }
