@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -106,7 +108,17 @@ func (d *Daemon) selectFlows(ctx context.Context, req *admin.MigrateRequest) ([]
 	if n != 1 {
 		return nil, errors.New("give exactly one of flows, service and all")
 	}
-	local := d.localFlows()
+	return chooseFlows(d.localFlows(), req, func(ap netip.AddrPort) error {
+		if pc, ok := d.processConnOf(ctx, ap); ok {
+			return fmt.Errorf("the connection from %v is held by process %d (%s), and no application registered with mtcpd serves it: it moves only with its whole process (mtcpctl migrate --pid %d --to PEER), unless that process uses mtcp's app library and has not registered with mtcpd yet (it reconnects after mtcpd restarts)", ap, pc.owner.PID, pc.owner.Comm, pc.owner.PID)
+		}
+		return fmt.Errorf("no connection from %v is served here (see mtcpctl conns)", ap)
+	})
+}
+
+// chooseFlows picks the flows of req (exactly one of its selections)
+// among local; unknown says why a client address names none of them.
+func chooseFlows(local []localFlow, req *admin.MigrateRequest, unknown func(netip.AddrPort) error) ([]migrate.Flow, error) {
 	var out []migrate.Flow
 	switch {
 	case req.All:
@@ -114,30 +126,53 @@ func (d *Daemon) selectFlows(ctx context.Context, req *admin.MigrateRequest) ([]
 			out = append(out, lf.Flow)
 		}
 	case req.Service != "":
-		port := servicePort(req.Service)
+		// ":PORT", "PORT", or "ADDR:PORT": those dialled to ADDR only.
+		svc := req.Service
+		if !strings.Contains(svc, ":") {
+			svc = ":" + svc
+		}
+		port := servicePort(svc)
+		if port == 0 {
+			return nil, fmt.Errorf("service %q: want :PORT or ADDR:PORT", req.Service)
+		}
+		var addr netip.Addr
+		if host := svc[:strings.LastIndexByte(svc, ':')]; host != "" {
+			a, err := netip.ParseAddr(strings.Trim(host, "[]"))
+			if err != nil {
+				return nil, fmt.Errorf("service %q: want :PORT or ADDR:PORT: %w", req.Service, err)
+			}
+			addr = a.Unmap()
+		}
 		for _, lf := range local {
-			if lf.Flow.Service.Port() == port {
+			if lf.Flow.Service.Port() == port && (!addr.IsValid() || lf.Flow.Service.Addr().Unmap() == addr) {
 				out = append(out, lf.Flow)
 			}
 		}
 	default:
-		byClient := map[netip.AddrPort]migrate.Flow{}
+		byClient := map[netip.AddrPort][]migrate.Flow{}
 		for _, lf := range local {
-			byClient[lf.Flow.Client] = lf.Flow
+			byClient[lf.Flow.Client] = append(byClient[lf.Flow.Client], lf.Flow)
 		}
 		for _, s := range req.Flows {
 			ap, err := netip.ParseAddrPort(s)
 			if err != nil {
 				return nil, fmt.Errorf("flow %q: want the client's IP:PORT: %w", s, err)
 			}
-			f, ok := byClient[unmapAP(ap)]
-			if !ok {
-				if pc, ok := d.processConnOf(ctx, unmapAP(ap)); ok {
-					return nil, fmt.Errorf("the connection from %v is held by process %d (%s), and no application registered with mtcpd serves it: it moves only with its whole process (mtcpctl migrate --pid %d --to PEER), unless that process uses mtcp's app library and has not registered with mtcpd yet (it reconnects after mtcpd restarts)", ap, pc.owner.PID, pc.owner.Comm, pc.owner.PID)
+			fs := byClient[unmapAP(ap)]
+			switch {
+			case len(fs) == 0:
+				return nil, unknown(unmapAP(ap))
+			case len(fs) > 1:
+				// One client port, several services dialled: which?
+				var svcs []string
+				for _, f := range fs {
+					svcs = append(svcs, f.Service.String())
 				}
-				return nil, fmt.Errorf("no connection from %v is served here (see mtcpctl conns)", ap)
+				return nil, fmt.Errorf("the client address %v has connections to %s here, which --flow cannot tell apart", ap, strings.Join(svcs, " and "))
 			}
-			out = append(out, f)
+			if !slices.Contains(out, fs[0]) { // named twice: moved once
+				out = append(out, fs[0])
+			}
 		}
 	}
 	if len(out) == 0 {
@@ -152,16 +187,27 @@ func (d *Daemon) Migrate(ctx context.Context, flows []migrate.Flow, to string) (
 	return d.migrate(ctx, flows, to, nil)
 }
 
+// checkTarget refuses a target that cannot take connections: this
+// server, a name not in the pool, the gateway.
+func (d *Daemon) checkTarget(to string) error {
+	switch _, ok := d.cfg.Peer(to); {
+	case to == d.cfg.Name:
+		return fmt.Errorf("the connections are already on %s", to)
+	case !ok:
+		return fmt.Errorf("%q is not a peer of %s", to, d.cfg.Name)
+	case to == d.cfg.Gateway:
+		return fmt.Errorf("%s is the pool's gateway, which serves no connections", to)
+	}
+	return nil
+}
+
 // migrate is Migrate; a drain's later collects the frozen sockets to
 // discard once it has moved everything.
 func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, later *laterDiscards) (*admin.Report, error) {
-	if to == d.cfg.Name {
-		return nil, fmt.Errorf("the connections are already on %s", to)
+	if err := d.checkTarget(to); err != nil {
+		return nil, err
 	}
-	cfg, ok := d.cfg.Peer(to)
-	if !ok {
-		return nil, fmt.Errorf("%q is not a peer of %s", to, d.cfg.Name)
-	}
+	cfg, _ := d.cfg.Peer(to)
 	rep := &admin.Report{To: to, Moved: []string{}, Failed: map[string]string{}, Timings: map[string]time.Duration{}}
 	c, err := d.peer(ctx, to)
 	if err != nil {
@@ -260,8 +306,8 @@ func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {
 		admin.WriteError(w, http.StatusBadRequest, errors.New("give either to or spread"))
 		return
 	case req.To != "":
-		if _, ok := d.cfg.Peer(req.To); !ok {
-			admin.WriteError(w, http.StatusBadRequest, fmt.Errorf("%q is not a peer of %s", req.To, d.cfg.Name))
+		if err := d.checkTarget(req.To); err != nil {
+			admin.WriteError(w, http.StatusBadRequest, err)
 			return
 		}
 		targets = []string{req.To}

@@ -213,7 +213,27 @@ func TestREADMEConfig(t *testing.T) {
 	if err != nil {
 		t.Fatalf("README.md's configuration:\n%s\n%v", conf.String(), err)
 	}
-	if c.Name != "s1" || len(c.Peers) != 1 || c.Policy == "" {
+	if c.Name != "s1" || len(c.Peers) != 2 || c.Policy == "" {
 		t.Errorf("README.md's configuration read as %+v", c)
+	}
+	// Its policy example names only servers of that pool.
+	_, rest, ok = strings.Cut(string(b), "\n    interval:")
+	if !ok {
+		t.Fatal("README.md no longer shows a policy file")
+	}
+	var pol strings.Builder
+	pol.WriteString("interval:")
+	for line := range strings.Lines(rest) {
+		if !strings.HasPrefix(line, "    ") && strings.TrimSpace(line) != "" {
+			break
+		}
+		pol.WriteString(strings.TrimPrefix(line, "    "))
+	}
+	pp, err := policy.Parse([]byte(pol.String()))
+	if err != nil {
+		t.Fatalf("README.md's policy:\n%s\n%v", pol.String(), err)
+	}
+	if err := c.CheckPolicy(pp); err != nil {
+		t.Errorf("README.md's policy with its configuration: %v", err)
 	}
 }

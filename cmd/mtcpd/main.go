@@ -45,6 +45,11 @@ Flags:
 		flag.PrintDefaults()
 	}
 	flag.Parse()
+	if flag.NArg() > 0 {
+		// A flag after it would be ignored too (-check, say).
+		fmt.Fprintf(os.Stderr, "mtcpd: unexpected argument %q: flags go before any argument, and the configuration is -config FILE\n", flag.Arg(0))
+		os.Exit(2)
+	}
 	cfg, err := daemon.LoadConfig(*config)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mtcpd:", err)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"sort"
 	"strings"
@@ -111,8 +112,9 @@ servers): its memory, threads, files and every established TCP connection,
 for servers that do not use mtcp's app library. --pid PID selects the
 process. --service :PORT selects the process that owns the listener on
 PORT when no application registered with mtcpd serves PORT (mtcpctl status
-lists those); --process forces process mode for --service. Each phase is
-printed as it finishes (dump, transfer, restore, switch, then pages; retry
+lists those; mtcpctl says so on stderr unless --process is given);
+--process forces process mode for --service. Each phase is printed as it
+finishes (prepare, hold, dump, transfer, restore, switch, pages, commit; retry
 when the process accepted a connection during the dump, which undoes the
 migration and starts it again; the third attempt goes through, and the
 report counts the connections that then did not move). By
@@ -145,11 +147,17 @@ must exist on both servers.`,
 			}
 			if service != "" && to != "" {
 				if port, ok := processService(cmd, sock, service); ok {
+					fmt.Fprintf(cmd.ErrOrStderr(), "mtcpctl: no application registered with mtcpd serves port %d: moving the whole process that listens on it, with CRIU (process mode; --process says so and keeps this note away)\n", port)
 					return migrateProcess(cmd, sock, output, 0, ":"+fmt.Sprint(port), true, false, to)
 				}
 			}
 			if to == "" {
 				return usageErrorf("--to PEER is required")
+			}
+			for _, f := range flows {
+				if _, err := netip.ParseAddrPort(f); err != nil {
+					return usageErrorf("--flow %q: want the client's IP:PORT (as mtcpctl conns shows it)", f)
+				}
 			}
 			rep, err := admin.NewClient(sock).Migrate(cmd.Context(), &admin.MigrateRequest{Flows: flows, Service: service, All: all, To: to})
 			if err != nil {
@@ -243,6 +251,9 @@ registered with mtcpd; a process that does not use mtcp's app library
 			if (to == "") == !spread {
 				return usageErrorf("give exactly one of --to PEER and --spread")
 			}
+			if batch < 0 {
+				return usageErrorf("--batch must be positive (or 0 for the daemon's default)")
+			}
 			errw := cmd.ErrOrStderr()
 			// A bar redrawn with carriage returns is for a terminal only.
 			if f, ok := errw.(*os.File); !ok || !isTerminal(f) {
@@ -262,7 +273,8 @@ registered with mtcpd; a process that does not use mtcp's app library
 				}
 			}
 			p, err := admin.NewClient(sock).Drain(cmd.Context(), &admin.DrainRequest{To: to, Spread: spread, Batch: batch}, bar)
-			if err != nil {
+			if p == nil {
+				// No final progress: the stream broke off.
 				if last.Total > 0 && !quiet {
 					fmt.Fprintln(errw)
 				}
@@ -271,22 +283,32 @@ registered with mtcpd; a process that does not use mtcp's app library
 				}
 				return err
 			}
+			// The drain ran to its end; err, if any, is why batches
+			// failed (a target that refused one, say): the reports say
+			// which connections, and the exit status how many.
 			if output == outputJSON {
 				if err := writeJSON(cmd.OutOrStdout(), p); err != nil {
 					return err
 				}
 			} else {
+				if p.Total == 0 {
+					fmt.Fprintln(errw, "nothing to drain: no connection of an application registered with mtcpd is served here")
+				}
 				for i := range p.Reports {
 					printReport(cmd.OutOrStdout(), &p.Reports[i])
 				}
 			}
+			why := ""
+			if err != nil {
+				why = ": " + err.Error()
+			}
 			switch {
 			case p.Failed > 0 && p.Done == 0:
-				return fmt.Errorf("none of %d connections could move", p.Total)
+				return fmt.Errorf("none of %d connections could move%s", p.Total, why)
 			case p.Failed > 0:
-				return &partialError{fmt.Sprintf("%d of %d connections could not move", p.Failed, p.Total)}
+				return &partialError{fmt.Sprintf("%d of %d connections could not move%s", p.Failed, p.Total, why)}
 			}
-			return nil
+			return err
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "move everything to this peer")

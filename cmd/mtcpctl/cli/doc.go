@@ -8,7 +8,8 @@
 // sysctl.
 //
 // Exit status: 0 on success, 1 when the command failed, 2 on a usage error
-// (unknown command or flag, bad flag value, missing subcommand).
+// (unknown command or flag, bad flag value, missing subcommand), 3 when a
+// migrate or drain moved some connections and not others.
 //
 // # Privileges
 //
@@ -18,7 +19,8 @@
 // # Tests
 //
 // The testbed commands are thin wrappers over tests/testbed, whose tests
-// cover building, repairing, sweeping and removing beds. The command tree
-// itself (flags, output, exit codes) has been exercised by hand; it has no
-// automated test yet.
+// cover building, repairing, sweeping and removing beds. This package's
+// tests run the command tree against fake admin sockets and files (conns'
+// table, drain's outcomes, policy check, certs); the end-to-end tests
+// under tests/ run mtcpctl against real daemons.
 package cli

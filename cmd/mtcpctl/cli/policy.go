@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/mtcp-dev/mtcp/internal/yamlerr"
 	"github.com/mtcp-dev/mtcp/policy"
 )
 
@@ -156,7 +157,7 @@ func poolOf(config string) ([]string, error) {
 		} `yaml:"peers"`
 	}
 	if err := yaml.Unmarshal(b, &c); err != nil {
-		return nil, fmt.Errorf("mtcpd configuration %s: %w", config, err)
+		return nil, fmt.Errorf("mtcpd configuration %s: %w", config, yamlerr.Explain(err))
 	}
 	if c.Name == "" {
 		return nil, fmt.Errorf("mtcpd configuration %s: no name: is it mtcpd's?", config)
