@@ -3,8 +3,12 @@
 // namespace holds.
 //
 // A migration moves one socket in four steps. [Freeze] puts a live socket
-// into repair mode: from then on the kernel neither sends nor times out
-// anything for it, and closing it sends neither FIN nor RST.
+// into repair mode: from then on its application can neither read nor
+// write it, and closing it sends neither FIN nor RST. The kernel still
+// acknowledges what reaches it, and its timers and arriving
+// acknowledgements may still send what was queued: [Frozen.Quiet] marks
+// it so that a firewall drops all that (mtcpd's table does), and a hold
+// keeps the peer's segments from reaching it.
 // [Frozen.Capture] reads everything the peer could notice — sequence
 // numbers, the bytes queued in both directions, the options negotiated in
 // the handshake, the window, the options the application set — into a
@@ -25,8 +29,8 @@
 // of it moves the socket on; a peer's segments that acknowledge that FIN
 // are then taken in from the switch on, before the commit.
 //
-// A socket in repair mode sends nothing of its own but acknowledges what
-// reaches it. [RestoreOptions.Quiet] marks a restored socket so that a
+// A restored socket in repair mode acknowledges what reaches it.
+// [RestoreOptions.Quiet] marks a restored socket so that a
 // firewall can drop those acknowledgements until the socket's address
 // rewrite is in; if it took anything in meanwhile, [Restored.Commit] makes
 // it acknowledge again, with a stale segment injected from the peer, which

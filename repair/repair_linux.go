@@ -100,6 +100,14 @@ func (f *Frozen) Capture() (*State, error) {
 			f.sinceData = time.Duration(info.lastDataRecv) * time.Millisecond
 			f.gotData = info.dataSegsIn > 0
 			st, err = captureState(fd, info, local, remote, f)
+			// No queue selected once read: with the send queue
+			// selected, the kernel takes an arriving acknowledgement as
+			// the cue to count unsent data as sent, without sending it
+			// (tcp_write_xmit in repair mode), which a Thaw or a second
+			// Capture would then miss.
+			if qerr := selectQueue(fd, queueNone); err == nil {
+				err = qerr
+			}
 			if !errors.Is(err, errStateChanged) || try == 2 {
 				return err
 			}
@@ -616,12 +624,16 @@ func (r *Restored) Remote() netip.AddrPort { return r.remote }
 
 // Commit leaves repair mode and completes the connection: it sends the
 // unsent tail of the send queue and replays the FINs of a half-closed
-// connection in the order its state needs. On error the socket is closed.
+// connection in the order its state needs. On error the socket is closed
+// silently, back in repair mode: a FIN would tell the peer the stream
+// ended well, where it was cut short (its next segment meets no socket,
+// and a RST).
 func (r *Restored) Commit() error {
 	if r.fd < 0 || r.committed {
 		return opErr("commit", ErrDone)
 	}
 	if err := r.commit(); err != nil {
+		repairOn(r.fd) // best effort: it is closed anyway
 		r.closeAll()
 		return opErr("commit", err)
 	}
@@ -659,8 +671,10 @@ func (r *Restored) commit() error {
 		return err
 	}
 	if tookIn {
-		if err := injectStaleACK(r); err != nil {
-			return err
+		// Only a shortcut (without it the peer resends what it sent,
+		// after its timeout): a failure must not cost the connection.
+		if injectStaleACK(r) != nil {
+			injectStaleACK(r)
 		}
 	}
 	if st.Unsent > 0 {
@@ -669,8 +683,12 @@ func (r *Restored) commit() error {
 		}
 	}
 	// Only now that the unsent tail is queued: set back earlier, the
-	// smaller buffer would make that (blocking) write wait for the peer.
+	// smaller buffer, a low TCP_NOTSENT_LOWAT or TCP_CORK would make
+	// that (blocking) write wait for the peer.
 	if err := restoreBuffers(fd, r.bufs); err != nil {
+		return err
+	}
+	if err := setLateSockopts(fd, &st.Sockopts); err != nil {
 		return err
 	}
 	shutdown := func() error {

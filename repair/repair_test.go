@@ -236,6 +236,9 @@ type streamCase struct {
 	minSendQ   int
 	minUnsent  int
 	post       int // bytes each side still sends after the restore
+	// serverLowat, if set, is the server's TCP_NOTSENT_LOWAT, set after
+	// its writes: less than what it has unsent.
+	serverLowat int
 }
 
 func TestMigrateLoopback(t *testing.T) {
@@ -250,6 +253,11 @@ func TestMigrateLoopback(t *testing.T) {
 			streamCase{name: "recv-queue", pair: p, clientPre: 3000, serverRead: 1000, want: StateEstablished, minRecvQ: 2000, post: 5000},
 			streamCase{name: "send-unsent", pair: pairOpts{ns: ns, network: network, serverBuf: 4 * mib, clientRcvBuf: 4096},
 				serverPre: 1 * mib, want: StateEstablished, minSendQ: 512 << 10, minUnsent: 512 << 10, post: 5000},
+			// The unsent tail, written at Commit, is more than the
+			// low-water mark allows unsent, and the client's window is
+			// closed: a commit that set the mark first waited for it.
+			streamCase{name: "send-unsent-lowat", pair: pairOpts{ns: ns, network: network, serverBuf: 4 * mib, clientRcvBuf: 4096},
+				serverPre: 1 * mib, serverLowat: 16 << 10, want: StateEstablished, minSendQ: 512 << 10, minUnsent: 512 << 10, post: 5000},
 			streamCase{name: "large-4MiB-each-way", pair: pairOpts{ns: ns, network: network, serverBuf: 24 * mib, clientRcvBuf: 4096},
 				clientPre: 5 * mib, serverRead: 1, serverPre: 6 * mib, want: StateEstablished,
 				minRecvQ: 4 * mib, minSendQ: 4 * mib, post: 1 * mib},
@@ -279,6 +287,18 @@ func runStreamCase(t *testing.T, tc streamCase) {
 	}
 	if _, err := io.Copy(server, down.Reader(0, int64(tc.serverPre))); err != nil {
 		t.Fatal(err)
+	}
+	if tc.serverLowat > 0 {
+		rc, err := server.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, tc.serverLowat)
+		}); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
 	}
 	if tc.clientFIN {
 		client.CloseWrite()

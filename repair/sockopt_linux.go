@@ -386,7 +386,8 @@ func getSockopts(fd int, v6, withBufs bool, mark uint32, markKnown bool) (Sockop
 
 // setSockopts applies o to a freshly made socket, skipping what already
 // matches so that nothing needs privileges it does not need. Buffer sizes
-// are handled by sizeBuffers, TCP_NODELAY and keepalive by undoGoDefaults.
+// are handled by sizeBuffers, TCP_NODELAY and keepalive by undoGoDefaults,
+// TCP_NOTSENT_LOWAT and TCP_CORK by setLateSockopts.
 func setSockopts(fd int, v6 bool, o *Sockopts) error {
 	type opt struct {
 		level, name int
@@ -399,11 +400,9 @@ func setSockopts(fd int, v6 bool, o *Sockopts) error {
 	}
 	for _, s := range [...]opt{
 		{unix.SOL_TCP, unix.TCP_USER_TIMEOUT, o.UserTimeout, o.UserTimeout == 0},
-		{unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, o.NotSentLowat, o.NotSentLowat == 0},
 		{tosLevel, tosName, uint32(o.TOS), o.TOS == 0},
 		{unix.SOL_SOCKET, unix.SO_MARK, o.Mark, o.Mark == 0},
 		{unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority, o.Priority == 0},
-		{unix.SOL_TCP, unix.TCP_CORK, 1, !o.Cork},
 	} {
 		if s.skip {
 			continue
@@ -570,6 +569,25 @@ func sizeBuffers(fd int, st *State) (plan bufPlan, err error) {
 // restoreBuffers carries out sizeBuffers' plan once the queues are in:
 // queued data stays, and new writes wait until it drains below the limit,
 // as they did on the source.
+// setLateSockopts applies the options of o that would hold up the
+// (blocking) write of the unsent tail at Commit: TCP_NOTSENT_LOWAT, below
+// which that write waits for the peer to take data (for ever, if its
+// window is closed), and TCP_CORK. Commit sets them once the tail is
+// queued.
+func setLateSockopts(fd int, o *Sockopts) error {
+	if o.NotSentLowat != 0 {
+		if err := setInt(fd, unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, int(o.NotSentLowat)); err != nil {
+			return fmt.Errorf("setsockopt TCP_NOTSENT_LOWAT=%d: %w", o.NotSentLowat, err)
+		}
+	}
+	if o.Cork {
+		if err := setInt(fd, unix.SOL_TCP, unix.TCP_CORK, 1); err != nil {
+			return fmt.Errorf("setsockopt TCP_CORK: %w", err)
+		}
+	}
+	return nil
+}
+
 func restoreBuffers(fd int, plan bufPlan) error {
 	for _, r := range plan.setBack {
 		if err := setInt(fd, unix.SOL_SOCKET, r[0], r[1]); err != nil {
