@@ -860,7 +860,10 @@ func threadsDead(pid int) bool {
 func thawTree(tree []int, socks []procSocket) error {
 	var errs []error
 	for _, s := range socks {
-		c, err := repair.TakeConn(s.owner.PID, s.owner.FD)
+		// A plain descriptor, not a net.Conn: net.FileConn would switch
+		// the socket, which the process shares, to non-blocking mode,
+		// with TCP_NODELAY and keepalive, under the process's feet.
+		c, err := repair.TakeFD(s.owner.PID, s.owner.FD)
 		if err != nil {
 			errs = append(errs, err)
 			continue
