@@ -83,23 +83,7 @@ func BenchmarkProcessHop(b *testing.B) {
 		gap  time.Duration
 	}{{"idle", 200 * time.Microsecond}, {"busy", 0}} {
 		b.Run(mode.name, func(b *testing.B) {
-			path := filepath.Join(b.TempDir(), "echo.sock")
-			ln, err := net.Listen("unix", path)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer ln.Close()
-			cmd := exec.Command(os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), hopEchoEnv+"="+path)
-			if err := cmd.Start(); err != nil {
-				b.Fatal(err)
-			}
-			c, err := ln.Accept()
-			if err != nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-				b.Fatal(err)
-			}
+			c, wait := startUnixEcho(b)
 			rtts := make([]time.Duration, 0, b.N)
 			buf := make([]byte, 1)
 			for b.Loop() {
@@ -118,7 +102,7 @@ func BenchmarkProcessHop(b *testing.B) {
 				rtts = append(rtts, time.Since(t))
 			}
 			c.Close() // the echo process exits when it reads EOF
-			if err := cmd.Wait(); err != nil {
+			if err := wait(); err != nil {
 				b.Fatalf("echo process: %v", err)
 			}
 			for _, p := range []struct {
@@ -129,6 +113,31 @@ func BenchmarkProcessHop(b *testing.B) {
 			}
 		})
 	}
+}
+
+// startUnixEcho starts an echo process (hopEcho) that dials a unix
+// socket, and returns its connection and what waits for it to end (once
+// the connection is closed).
+func startUnixEcho(tb testing.TB) (net.Conn, func() error) {
+	path := filepath.Join(tb.TempDir(), "echo.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), hopEchoEnv+"="+path)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	c, err := ln.Accept()
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		tb.Fatal(err)
+	}
+	return c, cmd.Wait
 }
 
 // echoes are echo processes (hopEcho) for BenchmarkPauseFloor's
@@ -147,29 +156,12 @@ const echoPort = 7390
 // the test's cleanup stops them.
 func startEchoes(tb testing.TB, hosts []*testbed.Host) *echoes {
 	e := &echoes{conns: map[[2]*testbed.Host]net.Conn{}}
-	path := filepath.Join(tb.TempDir(), "echo.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer ln.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), hopEchoEnv+"="+path)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
+	var wait func() error
+	e.local, wait = startUnixEcho(tb)
 	tb.Cleanup(func() {
-		if e.local != nil {
-			e.local.Close() // the echo process ends at EOF
-		} else {
-			cmd.Process.Kill()
-		}
-		cmd.Wait()
+		e.local.Close() // the echo process ends at EOF
+		wait()
 	})
-	if e.local, err = ln.Accept(); err != nil {
-		tb.Fatal(err)
-	}
 	for _, h := range hosts {
 		addr := netip.AddrPortFrom(h.Ctl4, echoPort).String()
 		cmd := h.CommandEnv(context.Background(), []string{hopEchoEnv + "=" + hopEchoListen + addr}, os.Args[0], "-test.run=^$")
