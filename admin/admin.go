@@ -67,6 +67,10 @@ type Report struct {
 	// that could not put everything back), if anything; Failed says
 	// which connections it cost.
 	Error string `json:"error,omitempty"`
+	// TargetFailed is how many of Failed failed on the target's side:
+	// it could not be reached, or refused or failed them at its
+	// prepare, restore or commit.
+	TargetFailed int `json:"target_failed,omitempty"`
 }
 
 // DrainRequest asks to move every connection away: to one peer (To) or

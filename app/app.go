@@ -205,14 +205,43 @@ type link struct {
 	mc      *msgConn
 	version int           // of the protocol, negotiated at registration
 	done    chan struct{} // closed once the connection is lost
+	hungUp  sync.Once
 }
 
 func (l *link) send(m *message, fds ...int) error {
 	err := l.mc.write(m, fds...)
 	if err != nil {
-		l.mc.close() // a half-written frame leaves the stream unusable
+		l.hangUp() // a half-written frame leaves the stream unusable
 	}
 	return err
+}
+
+// hangUpWait bounds how long a link hung up waits for mtcpd to close its
+// end before it is closed outright.
+const hangUpWait = 5 * time.Second
+
+// hangUp ends the link from this side: it stops writing, and mtcpd, seeing
+// the end, lets go of this process once no freeze of one of its sockets is
+// under way (app.Exported.Claim) and only then closes its end, which the
+// link's reader sees (done). So once done, a socket mtcpd did not freeze
+// will not be frozen. If mtcpd does not close its end within hangUpWait,
+// the link is closed outright.
+func (l *link) hangUp() {
+	l.hungUp.Do(func() {
+		if err := l.mc.uc.CloseWrite(); err != nil {
+			l.mc.close()
+			return
+		}
+		go func() {
+			t := time.NewTimer(hangUpWait)
+			defer t.Stop()
+			select {
+			case <-l.done:
+			case <-t.C:
+				l.mc.close()
+			}
+		}()
+	})
 }
 
 // served is one connection this server serves. Fields after tc are
@@ -849,11 +878,19 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	case <-ex.link.done:
 		vm = decideHere("")
 	case <-wait.C:
-		// mtcpd still has the socket and may yet freeze it: drop the
-		// link, which makes it let go of the socket (or finish freezing
-		// it first), then decide as for a lost link.
+		s.mu.Lock()
+		decided := ex.decided
+		s.mu.Unlock()
+		if decided {
+			// A verdict is being delivered after all.
+			vm = <-ex.verdict
+			break
+		}
+		// mtcpd still has the socket and may yet freeze it: hang up,
+		// which makes it let go of the socket (or finish freezing it
+		// first), then decide as for a lost link.
 		s.log.Warn("no verdict from mtcpd on an exported connection; disconnecting from it to decide here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
-		ex.link.mc.close()
+		ex.link.hangUp()
 		<-ex.link.done
 		vm = decideHere("")
 	case <-s.ctx.Done():
@@ -915,9 +952,10 @@ var linkLossGrace = 500 * time.Millisecond
 // with its daemon, and is let go (closed in repair mode, it sends
 // nothing).
 func (s *server) afterLinkLoss(c *served) string {
-	// mtcpd may be freezing the socket as the link goes: it lets go of
-	// the link only once done (app.Exported.Claim), but may see the link
-	// gone a moment after this process. Give it that moment.
+	// mtcpd closes its end only once no freeze is under way
+	// (app.Exported.Claim), and the link's reader waits for that (hangUp),
+	// but a link closed outright (hangUpWait passed, mtcpd stuck) may
+	// leave mtcpd freezing a moment after: give it that moment.
 	select {
 	case <-s.ctx.Done():
 		return "shutdown"

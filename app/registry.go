@@ -168,7 +168,7 @@ func (r *Registry) Serve(ctx context.Context, ln *net.UnixListener) error {
 // drop forgets a disconnected application.
 // The service is gone before the application sees its socket close.
 func (r *Registry) drop(a *appConn) {
-	a.sever()
+	a.stopClaims()
 	r.mu.Lock()
 	delete(r.apps, a)
 	if a.service != "" && r.services[a.service] == a {
@@ -182,12 +182,18 @@ func (r *Registry) drop(a *appConn) {
 	a.mc.dropFDs()
 }
 
-// sever closes the link to the application once no freeze of one of its
-// sockets is under way, and keeps any from starting (Exported.Claim).
-func (a *appConn) sever() {
+// stopClaims waits for the freezes of the application's sockets under way
+// (Exported.Claim) and keeps any from starting: then the link may close.
+func (a *appConn) stopClaims() {
 	a.freezing.Lock()
 	a.severed = true
 	a.freezing.Unlock()
+}
+
+// sever closes the link to the application once no freeze of one of its
+// sockets is under way, and keeps any from starting.
+func (a *appConn) sever() {
+	a.stopClaims()
 	a.mc.close()
 }
 

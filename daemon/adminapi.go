@@ -214,7 +214,7 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		for _, f := range flows {
 			rep.Failed[f.Client.String()] = err.Error()
 		}
-		rep.Aborted, rep.Error = true, err.Error()
+		rep.Aborted, rep.Error, rep.TargetFailed = true, err.Error(), len(flows)
 		return rep, err
 	}
 	// One transaction per application service: the target checks it has
@@ -244,6 +244,10 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		}
 		for f, e := range mr.Failed {
 			rep.Failed[f.Client.String()] = e.Error()
+			var pe *migrate.PhaseError
+			if errors.As(e, &pe) && (pe.Phase == migrate.PhasePrepare || pe.Phase == migrate.PhaseTransfer || pe.Phase == migrate.PhaseCommit) {
+				rep.TargetFailed++
+			}
 		}
 		for p, t := range mr.Timings {
 			rep.Timings[string(p)] += t

@@ -238,8 +238,8 @@ func (d *Daemon) policyTick(ctx context.Context) {
 		Self:  policy.Server{Name: d.cfg.Name, Load: load, Paths: paths, Services: d.services()},
 		Peers: d.policyPeers()}
 	for _, dec := range d.decide(ps.engine, s) {
-		if failed := d.carryOut(ctx, dec); len(failed) > 0 {
-			ps.engine.Done(dec, failed)
+		if failed, refused := d.carryOut(ctx, dec); len(failed) > 0 {
+			ps.engine.Done(dec, time.Now(), failed, refused)
 		}
 	}
 	for _, p := range s.Peers {
@@ -272,8 +272,9 @@ func (d *Daemon) services() []string {
 
 // carryOut acts on a decision, then logs it and counts it: one log line
 // per decision, saying why. It returns how many connections failed to
-// move, by target.
-func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo map[string]int) {
+// move, by target, and the targets that failed all of theirs on their
+// side (see policy.Engine.Done).
+func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo map[string]int, refused map[string]bool) {
 	log := d.pol.log
 	dry := strconv.FormatBool(dec.DryRun)
 	policyDecisions.WithLabelValues(dec.Rule, dec.Reason, dry).Inc()
@@ -316,9 +317,12 @@ func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo ma
 		moved, failed = moved+n, failed+f
 		if f > 0 {
 			if failedTo == nil {
-				failedTo = map[string]int{}
+				failedTo, refused = map[string]int{}, map[string]bool{}
 			}
 			failedTo[m.To] += f
+			if rep == nil || rep.TargetFailed == f {
+				refused[m.To] = true
+			}
 		}
 		policyMigrations.WithLabelValues(dec.Rule, dec.Trigger, "moved").Add(float64(n))
 		policyMigrations.WithLabelValues(dec.Rule, dec.Trigger, "failed").Add(float64(f))
@@ -331,7 +335,7 @@ func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo ma
 		attrs = append(attrs, "moved", moved, "failed", failed)
 	}
 	log.Info("policy decision", append(attrs, "detail", dec.Detail)...)
-	return failedTo
+	return failedTo, refused
 }
 
 // policyConns lists the connections served here with their TCP figures

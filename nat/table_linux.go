@@ -323,6 +323,9 @@ func (t *Table) removeStillThere(els [numSets][]setElem) (found [numSets][]setEl
 // indexed elements up by key, pruneChunk flows per hold: a long-running
 // owner calls it now and then, and an Apply (a migration's hold) waits
 // for one chunk at most, not for a dump of a table of 100,000 flows.
+// It only drops: an element the index lacks (its transaction went in but
+// its acknowledgement was lost) is learned by Flows or Reconcile, which a
+// daemon runs at start.
 func (t *Table) Prune() (int, error) {
 	t.mu.Lock()
 	if t.nft == nil {

@@ -182,28 +182,30 @@ type stamp struct {
 	n    int
 }
 
-// RefusedBackoff is how long the engine's decisions avoid a target after
-// every connection a decision sent it failed to move (its application
-// refuses them, say): other peers are chosen meanwhile.
+// RefusedBackoff is how long the engine's decisions avoid a target that
+// failed every connection a decision sent it, on its side (unreachable,
+// or refusing them: Done's refused): other peers are chosen meanwhile.
 const RefusedBackoff = 30 * time.Second
 
-// Done tells the engine what became of a triggered decision it made:
-// failed[TO] connections of the move to TO did not move. They are given
-// back to the rate limit, and a target that took none of its move is
-// avoided for RefusedBackoff. Call it before the next Decide.
-func (e *Engine) Done(d Decision, failed map[string]int) {
-	if d.DryRun || len(failed) == 0 {
+// Done tells the engine, at time at, what became of a triggered decision
+// it made: failed[TO] connections of the move to TO did not move, and
+// refused[TO] says that TO failed all of them on its side. The failed
+// connections are given back to the rate limit, and a target that
+// refused is avoided for RefusedBackoff from at. (Connections that failed
+// here, an application that would not give one up, say, are no reason
+// to avoid the target.) Call it before the next Decide.
+func (e *Engine) Done(d Decision, at time.Time, failed map[string]int, refused map[string]bool) {
+	if d.DryRun {
 		return
 	}
 	n := 0
 	for _, m := range d.Moves {
-		f := min(failed[m.To], len(m.Conns))
-		n += f
-		if f > 0 && f == len(m.Conns) {
+		n += min(failed[m.To], len(m.Conns))
+		if refused[m.To] {
 			if e.refused == nil {
 				e.refused = map[string]time.Time{}
 			}
-			e.refused[m.To] = d.Time.Add(RefusedBackoff)
+			e.refused[m.To] = at.Add(RefusedBackoff)
 		}
 	}
 	for i := range e.moved {

@@ -626,22 +626,29 @@ maintenance: [s1]
 	if moves(d) != "s2:2" {
 		t.Fatalf("first: %q (%s)", moves(d), d.Detail)
 	}
-	e.Done(d, map[string]int{"s2": 2}) // s2 refused both
+	// Both failed here (their application would not give them up, say):
+	// given back to the rate, s2 still a target.
+	e.Done(d, t0, map[string]int{"s2": 2}, nil)
 	d = ruleDecision(t, e.Decide(snap(t0.Add(time.Second), Load{}, Load{}, Load{}, cs)), "drain")
+	if moves(d) != "s2:2" {
+		t.Fatalf("after failures here: %q (%s), want s2:2", moves(d), d.Detail)
+	}
+	e.Done(d, t0.Add(40*time.Second), map[string]int{"s2": 2}, map[string]bool{"s2": true}) // s2 refused both, after a long wait
+	d = ruleDecision(t, e.Decide(snap(t0.Add(41*time.Second), Load{}, Load{}, Load{}, cs)), "drain")
 	if moves(d) != "s3:2" || !strings.Contains(d.Detail, "s2 took none") {
 		t.Fatalf("after s2 refused: %q (%s), want s3:2", moves(d), d.Detail)
 	}
-	// 2 of the rate of 4 used (the 2 refused were given back): 2 more.
-	d = ruleDecision(t, e.Decide(snap(t0.Add(2*time.Second), Load{}, Load{}, Load{}, cs[2:])), "drain")
+	// 2 of the rate of 4 used (the 4 failed were given back): 2 more.
+	d = ruleDecision(t, e.Decide(snap(t0.Add(42*time.Second), Load{}, Load{}, Load{}, cs[2:])), "drain")
 	if d.Reason != ReasonTriggered || d.Count() != 2 {
-		t.Fatalf("third: %s %q (%s), want 2 moved", d.Reason, moves(d), d.Detail)
+		t.Fatalf("fourth: %s %q (%s), want 2 moved", d.Reason, moves(d), d.Detail)
 	}
-	d = ruleDecision(t, e.Decide(snap(t0.Add(3*time.Second), Load{}, Load{}, Load{}, cs[4:])), "drain")
+	d = ruleDecision(t, e.Decide(snap(t0.Add(43*time.Second), Load{}, Load{}, Load{}, cs[4:])), "drain")
 	if d.Reason != ReasonRateLimit {
-		t.Fatalf("fourth: %s %q (%s), want rate_limit", d.Reason, moves(d), d.Detail)
+		t.Fatalf("fifth: %s %q (%s), want rate_limit", d.Reason, moves(d), d.Detail)
 	}
 	// The backoff ends.
-	d = ruleDecision(t, e.Decide(snap(t0.Add(RefusedBackoff+time.Minute), Load{}, Load{}, Load{}, cs[4:])), "drain")
+	d = ruleDecision(t, e.Decide(snap(t0.Add(40*time.Second+RefusedBackoff+time.Minute), Load{}, Load{}, Load{}, cs[4:])), "drain")
 	if !strings.Contains(moves(d), "s2") {
 		t.Fatalf("after the backoff: %q (%s), want s2 again", moves(d), d.Detail)
 	}

@@ -688,9 +688,9 @@ func (r *Restored) commit() error {
 	if err := restoreBuffers(fd, r.bufs); err != nil {
 		return err
 	}
-	if err := setLateSockopts(fd, &st.Sockopts); err != nil {
-		return err
-	}
+	// Best effort: past the point where a failure leaves the connection
+	// at its source, an option the application set is not worth it.
+	setLateSockopts(fd, &st.Sockopts)
 	shutdown := func() error {
 		if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
 			return fmt.Errorf("shutdown: %w", err)

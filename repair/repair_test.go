@@ -364,6 +364,36 @@ func TestThawContinues(t *testing.T) {
 	}
 }
 
+// TestCaptureSelectsNoQueue: Capture leaves no repair queue selected.
+// With the send queue selected, the kernel counts unsent data as sent
+// without sending it when an acknowledgement arrives (tcp_write_xmit in
+// repair mode), which a Thaw or a second Capture would then miss.
+func TestCaptureSelectsNoQueue(t *testing.T) {
+	skipUnlessRoot(t)
+	_, server := pair(t, pairOpts{network: "tcp4"})
+	if _, err := server.Write(make([]byte, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Freeze(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Thaw()
+	if _, err := f.Capture(); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := server.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var q int
+	var qerr error
+	rc.Control(func(fd uintptr) { q, qerr = unix.GetsockoptInt(int(fd), unix.SOL_TCP, unix.TCP_REPAIR_QUEUE) })
+	if qerr != nil || q != int(queueNone) {
+		t.Fatalf("TCP_REPAIR_QUEUE %d, %v after Capture; want %d (none)", q, qerr, queueNone)
+	}
+}
+
 // TestSinceData: Capture tells how long ago the socket last received
 // data, which a migration uses to tell a client that is sending from one
 // that is not; and that a restored socket has received none of its own

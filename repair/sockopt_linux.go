@@ -569,6 +569,20 @@ func sizeBuffers(fd int, st *State) (plan bufPlan, err error) {
 // restoreBuffers carries out sizeBuffers' plan once the queues are in:
 // queued data stays, and new writes wait until it drains below the limit,
 // as they did on the source.
+func restoreBuffers(fd int, plan bufPlan) error {
+	for _, r := range plan.setBack {
+		if err := setInt(fd, unix.SOL_SOCKET, r[0], r[1]); err != nil {
+			return fmt.Errorf("setsockopt %d=%d: %w", r[0], r[1], err)
+		}
+	}
+	if plan.lock >= 0 {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, plan.lock); err != nil {
+			return fmt.Errorf("setsockopt SO_BUF_LOCK=%d: %w", plan.lock, err)
+		}
+	}
+	return nil
+}
+
 // setLateSockopts applies the options of o that would hold up the
 // (blocking) write of the unsent tail at Commit: TCP_NOTSENT_LOWAT, below
 // which that write waits for the peer to take data (for ever, if its
@@ -583,20 +597,6 @@ func setLateSockopts(fd int, o *Sockopts) error {
 	if o.Cork {
 		if err := setInt(fd, unix.SOL_TCP, unix.TCP_CORK, 1); err != nil {
 			return fmt.Errorf("setsockopt TCP_CORK: %w", err)
-		}
-	}
-	return nil
-}
-
-func restoreBuffers(fd int, plan bufPlan) error {
-	for _, r := range plan.setBack {
-		if err := setInt(fd, unix.SOL_SOCKET, r[0], r[1]); err != nil {
-			return fmt.Errorf("setsockopt %d=%d: %w", r[0], r[1], err)
-		}
-	}
-	if plan.lock >= 0 {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, plan.lock); err != nil {
-			return fmt.Errorf("setsockopt SO_BUF_LOCK=%d: %w", plan.lock, err)
 		}
 	}
 	return nil
