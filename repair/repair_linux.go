@@ -544,6 +544,11 @@ func (r *Restored) build() error {
 	if err := setQueueSeq(fd, queueSend, st.SendSeq); err != nil {
 		return err
 	}
+	// Before connect, which looks the route up with the socket's mark
+	// and TOS (fwmark routing): the mtcp quiet bit goes on after it.
+	if err := setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts); err != nil {
+		return err
+	}
 	if err := unix.Bind(fd, sockaddr(r.local)); err != nil {
 		return fmt.Errorf("bind %v: %w", r.local, err)
 	}
@@ -599,9 +604,6 @@ func (r *Restored) build() error {
 		return err
 	}
 	r.bufs = bufs
-	if err := setSockopts(fd, r.local.Addr().Is6(), &st.Sockopts); err != nil {
-		return err
-	}
 	if r.quiet {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(int32(st.Sockopts.Mark|r.marks.Quiet))); err != nil {
 			return fmt.Errorf("SO_MARK (quiet): %w", err)
