@@ -32,6 +32,7 @@ type policyState struct {
 	sample *loadSampler
 
 	tried   [32]byte // the last file content tried
+	seen    [32]byte // the content at the last look, for a change to settle
 	readErr string   // the last error reading the file, logged once
 
 	// arrived is when each migrated-in connection was first seen here.
@@ -103,7 +104,8 @@ func newPolicyState(cfg *Config, log *slog.Logger) (*policyState, error) {
 }
 
 // reload reads the policy file again; force re-parses an unchanged file
-// (SIGHUP). A file that does not parse leaves the running policy in
+// (SIGHUP). Without force, a changed file is taken once it reads the same
+// at two looks in a row. A file that does not parse leaves the running policy in
 // place; the error is logged, with its line numbers, and shows in the
 // metrics (mtcp_policy_reload_ok 0).
 func (ps *policyState) reload(cause string, force bool) {
@@ -125,6 +127,14 @@ func (ps *policyState) reload(cause string, force bool) {
 	if sum == ps.tried && !force && !readFailed {
 		return
 	}
+	if sum != ps.tried && !force && sum != ps.seen {
+		// Changed since the last look: maybe half written by an editor
+		// that rewrites in place, and a part may parse (without its
+		// limits, say). Taken once it reads the same a tick later.
+		ps.seen = sum
+		return
+	}
+	ps.seen = sum
 	ps.tried = sum
 	pol, err := policy.Parse(b)
 	if err == nil {

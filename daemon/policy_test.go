@@ -108,11 +108,51 @@ func TestPolicyReloadDecidesAnew(t *testing.T) {
 	if err := os.WriteFile(path, []byte("interval: 1s\nrules: []\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	ps.reload("change", false) // seen changed: taken at the next look
 	ps.reload("change", false)
 	if ps.engine.Policy().Interval.D() != time.Second {
 		t.Fatalf("interval %v after the reload, want 1s", ps.engine.Policy().Interval.D())
 	}
 	if time.Now().Before(ps.nextDecide) {
 		t.Fatalf("next decision in %v after the reload, want at the next tick", time.Until(ps.nextDecide).Round(time.Second))
+	}
+}
+
+// TestPolicyChangeSettles: a changed policy file is taken only once it
+// reads the same at two looks in a row, so that one caught half written
+// (which may parse, without its limits, say) is not; SIGHUP takes it at
+// once.
+func TestPolicyChangeSettles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	write := func(s string) {
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	full := "limits: {rate: 5}\nrules: []\n"
+	write(full)
+	ps, err := newPolicyState(&Config{Policy: path}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rate := func() int { return ps.engine.Policy().Limits.Rate }
+	write("rules: []\n") // half way through a rewrite: no limits
+	ps.reload("change", false)
+	if rate() != 5 {
+		t.Fatalf("rate limit %d after a look at a file being rewritten, want 5 still", rate())
+	}
+	write("limits: {rate: 7}\nrules: []\n") // the rewrite done
+	ps.reload("change", false)
+	if rate() != 5 {
+		t.Fatalf("rate limit %d at the first look at the new file, want 5 still", rate())
+	}
+	ps.reload("change", false)
+	if rate() != 7 {
+		t.Fatalf("rate limit %d once the file read the same twice, want 7", rate())
+	}
+	write("limits: {rate: 9}\nrules: []\n")
+	ps.reload("sighup", true)
+	if rate() != 9 {
+		t.Fatalf("rate limit %d after SIGHUP, want 9", rate())
 	}
 }

@@ -32,7 +32,8 @@ at start, then exits. Relative paths in the configuration are taken from
 its own directory.
 
 Signals: SIGHUP reloads the TLS files and the policy file (mtcpd also
-notices within a second when they change). Every other setting, the
+notices when they change: the TLS files within a second, the policy file
+within two, once it reads the same twice). Every other setting, the
 pool's peers included, is read at start only: restart mtcpd to change it.
 SIGINT and SIGTERM stop mtcpd, letting migrations under way finish for up
 to 30 s.
