@@ -859,8 +859,10 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 	// decideHere decides as when the link is lost (afterLinkLoss), unless
 	// a verdict is being delivered already: then that one counts (a
 	// verdict that comes later is answered with an error, not taken and
-	// left unanswered).
-	decideHere := func(warn string) verdictMsg {
+	// left unanswered). With hangUp (the link is up, mtcpd silent) it
+	// hangs up first: mtcpd still has the socket and may yet freeze it,
+	// and it lets go of it (or finishes freezing it) as the link ends.
+	decideHere := func(hangUp bool) verdictMsg {
 		s.mu.Lock()
 		claimed := !ex.decided
 		ex.decided = true
@@ -868,31 +870,19 @@ func (s *server) handOver(c *served, ex *exportReq, snapshot []byte) (gone bool)
 		if !claimed {
 			return <-ex.verdict
 		}
-		if warn != "" {
-			s.log.Warn(warn, "conn", c.tuple, "waited", s.cfg.VerdictWait)
+		if hangUp {
+			s.log.Warn("no verdict from mtcpd on an exported connection; disconnecting from it to decide here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
+			ex.link.hangUp()
+			<-ex.link.done
 		}
 		return verdictMsg{v: s.afterLinkLoss(c)}
 	}
 	select {
 	case vm = <-ex.verdict:
 	case <-ex.link.done:
-		vm = decideHere("")
+		vm = decideHere(false)
 	case <-wait.C:
-		s.mu.Lock()
-		decided := ex.decided
-		s.mu.Unlock()
-		if decided {
-			// A verdict is being delivered after all.
-			vm = <-ex.verdict
-			break
-		}
-		// mtcpd still has the socket and may yet freeze it: hang up,
-		// which makes it let go of the socket (or finish freezing it
-		// first), then decide as for a lost link.
-		s.log.Warn("no verdict from mtcpd on an exported connection; disconnecting from it to decide here", "conn", c.tuple, "waited", s.cfg.VerdictWait)
-		ex.link.hangUp()
-		<-ex.link.done
-		vm = decideHere("")
+		vm = decideHere(true)
 	case <-s.ctx.Done():
 		vm.v = "shutdown"
 	}
