@@ -287,7 +287,15 @@ func (e *Engine) Decide(s Snapshot) []Decision {
 	dry := &view{s: s, taken: map[connKey]bool{}, conns: maps.Clone(v.conns), self: v.self}
 	for i := range e.pol.Rules {
 		r := &e.pol.Rules[i]
-		d := e.rule(r, v, dry)
+		// A dry-run rule decides as if the earlier dry-run rules had
+		// acted too; it changes nothing a rule that acts sees. (Its
+		// moves do not count against the rate limit: they move
+		// nothing.)
+		rv := v
+		if e.pol.DryRun || r.DryRun {
+			rv = dry
+		}
+		d := e.rule(r, rv)
 		if !d.DryRun {
 			// What it moves is gone for the dry-run rules too.
 			dry.apply(d)
@@ -535,16 +543,9 @@ func appPort(app string) uint16 {
 	return uint16(p)
 }
 
-func (e *Engine) rule(r *Rule, real, dry *view) Decision {
-	s := real.s
+func (e *Engine) rule(r *Rule, v *view) Decision {
+	s := v.s
 	d := Decision{Time: s.Now, Rule: r.Name, DryRun: e.pol.DryRun || r.DryRun}
-	// A dry-run rule decides as if the earlier dry-run rules had acted
-	// too; it changes nothing a rule that acts sees. (Its moves do not
-	// count against the rate limit: they move nothing.)
-	v := real
-	if d.DryRun {
-		v = dry
-	}
 	rs := e.rules[r.Name]
 	if rs == nil {
 		rs = &ruleState{conds: map[string]*condState{}}

@@ -85,12 +85,14 @@ func (e *Engine) targetsOf(r *Rule, v *view, port uint16, cands []Conn, n int) (
 
 func leastLoaded(r *Rule, v *view, peers []Peer, cands []Conn, n int, no []string) ([]Move, string) {
 	by, margin := r.Migrate.By, *r.Migrate.Margin
-	load := func(p Peer) float64 {
-		if by == MetricConns {
+	// A peer's connections count this snapshot's moves.
+	metric := func(p Peer, m string) float64 {
+		if m == MetricConns {
 			return float64(v.conns[p.Name])
 		}
-		return p.Load.Metric(by)
+		return p.Load.Metric(m)
 	}
+	load := func(p Peer) float64 { return metric(p, by) }
 	src := v.s.Self.Load.Metric(by)
 	if by == MetricConns {
 		src = float64(v.self)
@@ -116,11 +118,7 @@ peers:
 			if th.Clear != nil {
 				quiet = float64(*th.Clear)
 			}
-			pl := p.Load.Metric(m)
-			if m == MetricConns {
-				pl = float64(v.conns[p.Name])
-			}
-			if pl >= quiet {
+			if pl := metric(p, m); pl >= quiet {
 				no = append(no, fmt.Sprintf("%s's %s %s would trigger the rule there", p.Name, m, fmtValue(m, pl)))
 				continue peers
 			}
