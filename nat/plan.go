@@ -203,6 +203,18 @@ func addTo[K comparable](m map[Flow]map[K]struct{}, f Flow, k K) {
 	s[k] = struct{}{}
 }
 
+// elements calls fn with the set and the key of each of f's indexed
+// elements (ReplyFrom, GatewayReply), and with what drops it from x.
+func (x *index) elements(f Flow, fn func(id setID, key []byte, drop func())) {
+	v6 := f.Is6()
+	for local := range x.reply[f] {
+		fn(setOf(KindReplyFrom, v6), replyKey(f, local), func() { dropFrom(x.reply, f, local) })
+	}
+	for target := range x.gw[f] {
+		fn(setOf(KindGatewayReply, v6), gwKey(f, target), func() { dropFrom(x.gw, f, target) })
+	}
+}
+
 // dropFrom removes k from f's entries in m, and f once it has none.
 func dropFrom[K comparable](m map[Flow]map[K]struct{}, f Flow, k K) {
 	s := m[f]

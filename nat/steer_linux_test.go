@@ -781,7 +781,7 @@ func TestRefresh(t *testing.T) {
 }
 
 // TestRefreshMany: Refresh works through more flows than one lock hold
-// takes (refreshChunk), finds every kind of element they have (forward,
+// takes (lockChunk), finds every kind of element they have (forward,
 // gateway reply, reply rewrite, both families) and only those, and leaves
 // their data as it was.
 func TestRefreshMany(t *testing.T) {
@@ -790,7 +790,7 @@ func TestRefreshMany(t *testing.T) {
 	tb := openIn(t, ns, Options{Idle: time.Hour})
 	var flows []Flow
 	var b Batch
-	for i := range 2*refreshChunk + 10 {
+	for i := range 2*lockChunk + 10 {
 		f := Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("10.77.1.2"), uint16(20000+i)), Service: netip.MustParseAddrPort("10.77.2.11:7000")}
 		if i%2 == 1 {
 			f = Flow{Client: netip.AddrPortFrom(netip.MustParseAddr("fd77:1::2"), uint16(20000+i)), Service: netip.MustParseAddrPort("[fd77:2::11]:7000")}

@@ -5,7 +5,6 @@ package nat
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -320,7 +319,7 @@ func (t *Table) removeStillThere(els [numSets][]setElem) (found [numSets][]setEl
 // elements the kernel no longer holds (timed out: a flow whose rules were
 // never removed), and returns how many it dropped. Unlike Flows, which
 // reads the whole table in one hold of the Table's lock, it looks the
-// indexed elements up by key, pruneChunk flows per hold: a long-running
+// indexed elements up by key, lockChunk flows per hold: a long-running
 // owner calls it now and then, and an Apply (a migration's hold) waits
 // for one chunk at most, not for a dump of a table of 100,000 flows.
 // It only drops: an element the index lacks (its transaction went in but
@@ -343,8 +342,8 @@ func (t *Table) Prune() (int, error) {
 	}
 	t.mu.Unlock()
 	n := 0
-	for lo := 0; lo < len(flows); lo += pruneChunk {
-		k, err := t.pruneSome(flows[lo:min(lo+pruneChunk, len(flows))])
+	for lo := 0; lo < len(flows); lo += lockChunk {
+		k, err := t.pruneSome(flows[lo:min(lo+lockChunk, len(flows))])
 		n += k
 		if err != nil {
 			return n, &OpError{Op: "prune", Table: t.name(), Err: err}
@@ -352,10 +351,6 @@ func (t *Table) Prune() (int, error) {
 	}
 	return n, nil
 }
-
-// pruneChunk is how many flows Prune looks up in one hold of the Table's
-// lock (as refreshChunk).
-const pruneChunk = 256
 
 // pruneSome drops from the index those of the indexed elements of flows
 // that the kernel does not hold.
@@ -365,28 +360,16 @@ func (t *Table) pruneSome(flows []Flow) (int, error) {
 	if t.nft == nil {
 		return 0, ErrClosed
 	}
-	type indexed struct {
-		f      Flow
-		local  netip.AddrPort // ReplyFrom
-		target netip.Addr     // GatewayReply
-	}
 	var keys [numSets][]setElem
-	var of [numSets]map[string]indexed
-	add := func(id setID, key []byte, e indexed) {
-		if of[id] == nil {
-			of[id] = map[string]indexed{}
-		}
-		keys[id] = append(keys[id], setElem{key: key})
-		of[id][string(key)] = e
-	}
+	var drops [numSets]map[string]func()
 	for _, f := range flows {
-		v6 := f.Is6()
-		for local := range t.idx.reply[f] {
-			add(setOf(KindReplyFrom, v6), replyKey(f, local), indexed{f: f, local: local})
-		}
-		for target := range t.idx.gw[f] {
-			add(setOf(KindGatewayReply, v6), gwKey(f, target), indexed{f: f, target: target})
-		}
+		t.idx.elements(f, func(id setID, key []byte, drop func()) {
+			if drops[id] == nil {
+				drops[id] = map[string]func(){}
+			}
+			keys[id] = append(keys[id], setElem{key: key})
+			drops[id][string(key)] = drop
+		})
 	}
 	n := 0
 	for id := range numSets {
@@ -398,14 +381,10 @@ func (t *Table) pruneSome(flows []Flow) (int, error) {
 			return n, err
 		}
 		for _, e := range there {
-			delete(of[id], string(e.key))
+			delete(drops[id], string(e.key))
 		}
-		for _, e := range of[id] {
-			if e.local.IsValid() {
-				dropFrom(t.idx.reply, e.f, e.local)
-			} else {
-				dropFrom(t.idx.gw, e.f, e.target)
-			}
+		for _, drop := range drops[id] {
+			drop()
 			n++
 		}
 	}
@@ -454,8 +433,8 @@ func (t *Table) Refresh(flows []Flow) (int, error) {
 		}
 	}
 	n := 0
-	for lo := 0; lo < len(fs) || lo == 0; lo += refreshChunk {
-		k, err := t.refreshSome(fs[lo:min(lo+refreshChunk, len(fs))])
+	for lo := 0; lo < len(fs) || lo == 0; lo += lockChunk {
+		k, err := t.refreshSome(fs[lo:min(lo+lockChunk, len(fs))])
 		n += k
 		if err != nil {
 			return n, &OpError{Op: "refresh", Table: t.name(), Err: err}
@@ -464,10 +443,10 @@ func (t *Table) Refresh(flows []Flow) (int, error) {
 	return n, nil
 }
 
-// refreshChunk is how many flows Refresh looks up and refreshes in one
-// hold of the Table's lock: an Apply (a migration's hold) waits for one
-// chunk at most, not for the whole refresh of a busy steering point.
-const refreshChunk = 256
+// lockChunk is how many flows Refresh and Prune look up in one hold of
+// the Table's lock: an Apply (a migration's hold) waits for one chunk at
+// most, not for the whole of a busy steering point's table.
+const lockChunk = 256
 
 // refreshSome refreshes the elements of flows: it looks up the keys the
 // flows' elements may have (the index gives the local addresses of
@@ -481,14 +460,9 @@ func (t *Table) refreshSome(flows []Flow) (int, error) {
 	}
 	var keys [numSets][]setElem
 	for _, f := range flows {
-		v6 := f.Is6()
-		keys[setOf(KindForward, v6)] = append(keys[setOf(KindForward, v6)], setElem{key: flowKey(f)})
-		for local := range t.idx.reply[f] {
-			keys[setOf(KindReplyFrom, v6)] = append(keys[setOf(KindReplyFrom, v6)], setElem{key: replyKey(f, local)})
-		}
-		for target := range t.idx.gw[f] {
-			keys[setOf(KindGatewayReply, v6)] = append(keys[setOf(KindGatewayReply, v6)], setElem{key: gwKey(f, target)})
-		}
+		fwd := setOf(KindForward, f.Is6())
+		keys[fwd] = append(keys[fwd], setElem{key: flowKey(f)})
+		t.idx.elements(f, func(id setID, key []byte, _ func()) { keys[id] = append(keys[id], setElem{key: key}) })
 	}
 	var reqs []nftReq
 	n := 0

@@ -233,7 +233,7 @@ func TestPrune(t *testing.T) {
 	ns := newNamespace(t, "prune")
 	const idle = 300 * time.Millisecond
 	tb := openIn(t, ns, Options{Idle: idle})
-	old := manyFlows(2*pruneChunk + 10)
+	old := manyFlows(2*lockChunk + 10)
 	var b Batch
 	for _, f := range old {
 		b.ReplyFrom(f, netip.MustParseAddrPort("10.77.2.12:7001"))
