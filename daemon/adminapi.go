@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -131,20 +133,21 @@ func chooseFlows(local []localFlow, req *admin.MigrateRequest, unknown func(neti
 		if !strings.Contains(svc, ":") {
 			svc = ":" + svc
 		}
-		port := servicePort(svc)
-		if port == 0 {
-			return nil, fmt.Errorf("service %q: want :PORT or ADDR:PORT", req.Service)
+		host, p, err := net.SplitHostPort(svc)
+		port, perr := strconv.ParseUint(p, 10, 16)
+		if err = errors.Join(err, perr); err != nil || port == 0 {
+			return nil, fmt.Errorf("service %q: want :PORT or ADDR:PORT: %w", req.Service, err)
 		}
 		var addr netip.Addr
-		if host := svc[:strings.LastIndexByte(svc, ':')]; host != "" {
-			a, err := netip.ParseAddr(strings.Trim(host, "[]"))
+		if host != "" {
+			a, err := netip.ParseAddr(host)
 			if err != nil {
 				return nil, fmt.Errorf("service %q: want :PORT or ADDR:PORT: %w", req.Service, err)
 			}
 			addr = a.Unmap()
 		}
 		for _, lf := range local {
-			if lf.Flow.Service.Port() == port && (!addr.IsValid() || lf.Flow.Service.Addr().Unmap() == addr) {
+			if lf.Flow.Service.Port() == uint16(port) && (!addr.IsValid() || lf.Flow.Service.Addr().Unmap() == addr) {
 				out = append(out, lf.Flow)
 			}
 		}
@@ -244,8 +247,7 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		}
 		for f, e := range mr.Failed {
 			rep.Failed[f.Client.String()] = e.Error()
-			var pe *migrate.PhaseError
-			if errors.As(e, &pe) && (pe.Phase == migrate.PhasePrepare || pe.Phase == migrate.PhaseTransfer || pe.Phase == migrate.PhaseCommit) {
+			if pe, ok := errors.AsType[*migrate.PhaseError](e); ok && (pe.Phase == migrate.PhasePrepare || pe.Phase == migrate.PhaseTransfer || pe.Phase == migrate.PhaseCommit) {
 				rep.TargetFailed++
 			}
 		}

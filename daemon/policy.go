@@ -124,17 +124,20 @@ func (ps *policyState) reload(cause string, force bool) {
 	readFailed := ps.readErr != ""
 	ps.readErr = ""
 	sum := sha256.Sum256(b)
-	if sum == ps.tried && !force && !readFailed {
-		return
-	}
-	if sum != ps.tried && !force && sum != ps.seen {
+	settled := sum == ps.seen
+	ps.seen = sum
+	switch {
+	case force:
+	case sum == ps.tried:
+		if !readFailed {
+			return
+		}
+	case !settled:
 		// Changed since the last look: maybe half written by an editor
 		// that rewrites in place, and a part may parse (without its
 		// limits, say). Taken once it reads the same a tick later.
-		ps.seen = sum
 		return
 	}
-	ps.seen = sum
 	ps.tried = sum
 	pol, err := policy.Parse(b)
 	if err == nil {
