@@ -674,7 +674,9 @@ func (r *Restored) commit() error {
 	}
 	if tookIn {
 		// Only a shortcut (without it the peer resends what it sent,
-		// after its timeout): a failure must not cost the connection.
+		// after its timeout): tried twice (a raw socket's buffer may be
+		// full for a moment), and a failure must not cost the
+		// connection.
 		if injectStaleACK(r) != nil {
 			injectStaleACK(r)
 		}

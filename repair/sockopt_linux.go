@@ -389,27 +389,17 @@ func getSockopts(fd int, v6, withBufs bool, mark uint32, markKnown bool) (Sockop
 // are handled by sizeBuffers, TCP_NODELAY and keepalive by undoGoDefaults,
 // TCP_NOTSENT_LOWAT and TCP_CORK by setLateSockopts.
 func setSockopts(fd int, v6 bool, o *Sockopts) error {
-	type opt struct {
-		level, name int
-		val         uint32
-		skip        bool
-	}
 	tosLevel, tosName := unix.SOL_IP, unix.IP_TOS
 	if v6 {
 		tosLevel, tosName = unix.SOL_IPV6, unix.IPV6_TCLASS
 	}
-	for _, s := range [...]opt{
+	if err := setOpts(fd, []intOpt{
 		{unix.SOL_TCP, unix.TCP_USER_TIMEOUT, o.UserTimeout, o.UserTimeout == 0},
 		{tosLevel, tosName, uint32(o.TOS), o.TOS == 0},
 		{unix.SOL_SOCKET, unix.SO_MARK, o.Mark, o.Mark == 0},
 		{unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority, o.Priority == 0},
-	} {
-		if s.skip {
-			continue
-		}
-		if err := setInt(fd, s.level, s.name, int(s.val)); err != nil {
-			return fmt.Errorf("setsockopt %d/%d=%d: %w", s.level, s.name, s.val, err)
-		}
+	}); err != nil {
+		return err
 	}
 	if o.Congestion != "" {
 		cur, err := unix.GetsockoptString(fd, unix.SOL_TCP, unix.TCP_CONGESTION)
@@ -589,14 +579,28 @@ func restoreBuffers(fd int, plan bufPlan) error {
 // window is closed), and TCP_CORK. Commit sets them once the tail is
 // queued.
 func setLateSockopts(fd int, o *Sockopts) error {
-	if o.NotSentLowat != 0 {
-		if err := setInt(fd, unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, int(o.NotSentLowat)); err != nil {
-			return fmt.Errorf("setsockopt TCP_NOTSENT_LOWAT=%d: %w", o.NotSentLowat, err)
+	return setOpts(fd, []intOpt{
+		{unix.SOL_TCP, unix.TCP_NOTSENT_LOWAT, o.NotSentLowat, o.NotSentLowat == 0},
+		{unix.SOL_TCP, unix.TCP_CORK, 1, !o.Cork},
+	})
+}
+
+// intOpt is an integer socket option to set, unless skip (the socket has
+// it already).
+type intOpt struct {
+	level, name int
+	val         uint32
+	skip        bool
+}
+
+// setOpts sets opts on fd, but those to skip.
+func setOpts(fd int, opts []intOpt) error {
+	for _, s := range opts {
+		if s.skip {
+			continue
 		}
-	}
-	if o.Cork {
-		if err := setInt(fd, unix.SOL_TCP, unix.TCP_CORK, 1); err != nil {
-			return fmt.Errorf("setsockopt TCP_CORK: %w", err)
+		if err := setInt(fd, s.level, s.name, int(s.val)); err != nil {
+			return fmt.Errorf("setsockopt %d/%d=%d: %w", s.level, s.name, s.val, err)
 		}
 	}
 	return nil
