@@ -91,8 +91,11 @@ func processAlive(pid int) bool {
 
 // Sweep deletes the test beds (prefix mtt<pid>x<hex>) whose creating
 // process is no longer alive, such as those of a test run killed with
-// SIGKILL. Beds of live processes and beds with other prefixes are left
-// alone. A reused pid keeps a dead run's bed until that pid exits too.
+// SIGKILL or by its timeout, and every other namespace named
+// mtt<pid>x<hex>-NAME after such a process (tests that need a namespace
+// of their own, not a bed, name it so). Beds of live processes and beds
+// with other prefixes are left alone. A reused pid keeps a dead run's bed
+// until that pid exits too.
 func Sweep(ctx context.Context) error {
 	prefixes, err := List(ctx)
 	if err != nil {
@@ -102,6 +105,15 @@ func Sweep(ctx context.Context) error {
 	for _, p := range prefixes {
 		if Orphaned(p) {
 			errs = append(errs, Describe(p).Down(ctx))
+		}
+	}
+	names, err := namespaces()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, n := range names {
+		if p, _, ok := strings.Cut(n, "-"); ok && Orphaned(p) {
+			errs = append(errs, removeNetNS(ctx, n))
 		}
 	}
 	return errors.Join(errs...)

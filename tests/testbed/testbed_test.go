@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -502,11 +504,22 @@ func TestSweep(t *testing.T) {
 		slept = sleepInside(t, ctx, b)
 	}
 
+	// A namespace of the dead process's that is not a bed host, as
+	// repair's tests make.
+	stray := dead + "-repair"
+	if out, err := exec.Command("ip", "netns", "add", stray).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", stray, err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", stray).Run() })
+
 	if err := testbed.Sweep(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if left, err := testbed.Leftovers(ctx, dead); err != nil || len(left) > 0 {
 		t.Errorf("after Sweep: leftovers of %s: %v, %v", dead, left, err)
+	}
+	if _, err := os.Stat("/run/netns/" + stray); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("after Sweep: netns %s: %v; want it deleted", stray, err)
 	}
 	select {
 	case err := <-slept:
