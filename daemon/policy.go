@@ -181,10 +181,26 @@ func (d *Daemon) runPolicy(ctx context.Context) {
 	}
 	t := time.NewTicker(tick)
 	defer t.Stop()
+	// A decision's moves run beside this loop, so that measuring (the
+	// figures the peers read), reloads and SIGHUP go on while they wait
+	// on a slow target or a large process's checkpoint; the engine
+	// decides again only once they have ended. moving is non-nil while
+	// they run.
+	var moving chan []moveOutcome
+	defer func() {
+		if moving != nil {
+			d.settle(<-moving) // ctx is done: they are giving up
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case outs := <-moving:
+			moving = nil
+			policyMoving.Set(0)
+			d.settle(outs)
+			continue
 		case <-hup:
 			if d.tlsFiles != nil {
 				d.tlsFiles.reload("sighup", true)
@@ -206,12 +222,65 @@ func (d *Daemon) runPolicy(ctx context.Context) {
 				t.Reset(tick)
 			}
 		}
-		d.policyTick(ctx)
+		decs := d.policyTick(ctx, moving != nil)
+		if n := moves(decs); n > 0 {
+			ch := make(chan []moveOutcome, 1)
+			moving = ch
+			policyMoving.Set(float64(n))
+			go func() { ch <- d.carryOutAll(ctx, decs) }()
+		} else if len(decs) > 0 {
+			d.settle(d.carryOutAll(ctx, decs)) // logged and counted, at once
+		}
 	}
 }
 
-// policyTick measures, and decides when the policy's interval is due.
-func (d *Daemon) policyTick(ctx context.Context) {
+// moves counts the connections that decs move (dry runs move none).
+func moves(decs []policy.Decision) int {
+	n := 0
+	for _, dec := range decs {
+		if dec.DryRun {
+			continue
+		}
+		for _, m := range dec.Moves {
+			n += len(m.Conns)
+		}
+	}
+	return n
+}
+
+// moveOutcome is how a decision's moves went, for the engine
+// (policy.Engine.Done): when they ended, how many connections failed by
+// target, and the targets that failed all of theirs on their side.
+type moveOutcome struct {
+	dec     policy.Decision
+	at      time.Time
+	failed  map[string]int
+	refused map[string]bool
+}
+
+// carryOutAll carries out decs in order.
+func (d *Daemon) carryOutAll(ctx context.Context, decs []policy.Decision) []moveOutcome {
+	var outs []moveOutcome
+	for _, dec := range decs {
+		if failed, refused := d.carryOut(ctx, dec); len(failed) > 0 {
+			outs = append(outs, moveOutcome{dec, time.Now(), failed, refused})
+		}
+	}
+	return outs
+}
+
+// settle tells the engine how its decisions' moves went; only the policy
+// loop calls it, as it does everything else of the engine's.
+func (d *Daemon) settle(outs []moveOutcome) {
+	for _, o := range outs {
+		d.pol.engine.Done(o.dec, o.at, o.failed, o.refused)
+	}
+}
+
+// policyTick measures and, when the policy's interval is due and no
+// earlier decision's moves are under way (busy), decides: it returns the
+// decisions to carry out.
+func (d *Daemon) policyTick(ctx context.Context, busy bool) []policy.Decision {
 	ps := d.pol
 	now := time.Now()
 	load, err := ps.sample.sample(now)
@@ -244,17 +313,18 @@ func (d *Daemon) policyTick(ctx context.Context) {
 		loadGauge.WithLabelValues(m).Set(load.Metric(m))
 	}
 	if ps.engine == nil || now.Before(ps.nextDecide) {
-		return
+		return nil
+	}
+	if busy {
+		// Due, and decided at the first tick after the moves end.
+		ps.log.Debug("policy decision deferred: the last decision's moves are under way")
+		return nil
 	}
 	ps.nextDecide = now.Add(ps.engine.Policy().Interval.D() - 10*time.Millisecond)
 	s := policy.Snapshot{Now: now, Heartbeat: HeartbeatInterval, Conns: conns,
 		Self:  policy.Server{Name: d.cfg.Name, Load: load, Paths: paths, Services: d.services()},
 		Peers: d.policyPeers()}
-	for _, dec := range d.decide(ps.engine, s) {
-		if failed, refused := d.carryOut(ctx, dec); len(failed) > 0 {
-			ps.engine.Done(dec, time.Now(), failed, refused)
-		}
-	}
+	decs := d.decide(ps.engine, s)
 	for _, p := range s.Peers {
 		up := 0.0
 		if ps.engine.PeerUp(p.Name) {
@@ -262,6 +332,7 @@ func (d *Daemon) policyTick(ctx context.Context) {
 		}
 		peerUp.WithLabelValues(p.Name).Set(up)
 	}
+	return decs
 }
 
 // decide runs the engine's decision. A bug in it costs that decision, not

@@ -23,6 +23,10 @@ var (
 		Name: "mtcp_policy_reload_ok",
 		Help: "1 when the policy running is the policy file's current content; 0 when the last reload failed and the previous policy still runs.",
 	})
+	policyMoving = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "mtcp_policy_moving",
+		Help: "Connections the policy engine is moving now (its last decision's moves, under way); it decides again once they have ended.",
+	})
 	connsOwned = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "mtcp_connections_owned",
 		Help: "Connections this server serves now.",
@@ -42,5 +46,5 @@ var (
 )
 
 func init() {
-	registry.MustRegister(policyDecisions, policyMigrations, policyReloads, policyOK, connsOwned, heldPackets, loadGauge, peerUp)
+	registry.MustRegister(policyDecisions, policyMigrations, policyReloads, policyOK, policyMoving, connsOwned, heldPackets, loadGauge, peerUp)
 }

@@ -598,3 +598,76 @@ rules:
 		t.Error("no nothing_to_move decision once s1 was empty")
 	}
 }
+
+// TestPolicySlowTarget: while a decision's move waits on a target that
+// never answers its transfer (until the 10 s deadline), s1's policy loop
+// goes on: it takes SIGHUP at once and does not decide again; the move
+// then fails, the sessions stay on s1, unbroken, and the engine counts the
+// failure against s2.
+func TestPolicySlowTarget(t *testing.T) {
+	testbed.RequireNetns(t) // the metrics are read from inside the servers' namespaces
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	tap := &logTap{TB: t}
+	const base = `
+interval: 250ms
+rules:
+  - name: drain
+    when: {maintenance: true}
+    migrate: {count: 1, to: weighted, weights: {s2: 1}}
+    cooldown: 1s
+`
+	p := pool.Start(tap, bed, pool.Options{Policy: base, Env: map[string][]string{"mtcpd-s2": {"MTCP_FAULT=transfer-hang"}}})
+	ss := []*session{
+		startSession(t, p, bed.S1, false, "slow0", 20*time.Millisecond),
+		startSession(t, p, bed.S1, true, "slow1", 20*time.Millisecond),
+	}
+	steady(t, p, ss, 500*time.Millisecond)
+	moving := func() float64 { return metric(t, p, bed.S1, "mtcp_policy_moving") }
+	triggered := func() float64 {
+		return metric(t, p, bed.S1, "mtcp_policy_decisions_total", "rule", "drain", "reason", "triggered", "dry_run", "false")
+	}
+
+	p.WritePolicy(bed.S1, base+"maintenance: [s1]\n")
+	eventually(t, 10*time.Second, "s1 to start moving a connection to s2", func() (bool, string) {
+		m := moving()
+		return m == 1, fmt.Sprint(m)
+	})
+	if err := p.Signal("mtcpd-s1", syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "s1 to reload on SIGHUP while its move waits", func() (bool, string) {
+		return metric(t, p, bed.S1, "mtcp_policy_reloads_total", "cause", "sighup", "result", "ok") == 1, ""
+	})
+	// Still waiting (the transfer's deadline is 10 s), and not decided
+	// again meanwhile, though the interval has passed many times.
+	if m := moving(); m != 1 {
+		t.Fatalf("mtcp_policy_moving = %v once SIGHUP was taken, want 1 (the move to s2 still waiting)", m)
+	}
+	time.Sleep(time.Second)
+	if n := triggered(); n != 1 {
+		t.Fatalf("%v triggered drain decisions while the first one's move waited, want 1", n)
+	}
+
+	eventually(t, 20*time.Second, "the move to s2 to fail", func() (bool, string) {
+		checkSessions(t, ss)
+		m := moving()
+		return m == 0, fmt.Sprint(m)
+	})
+	p.WritePolicy(bed.S1, base)
+	if l := tap.matching("mtcpd-s1", "policy decision", "rule=drain", "reason=triggered", "moves=s2:1", "moved=0", "failed=1"); len(l) != 1 {
+		t.Errorf("want one log line of the failed drain decision: %q", tap.matching("mtcpd-s1", "policy decision", "rule=drain"))
+	}
+	if n := metric(t, p, bed.S1, "mtcp_policy_migrations_total", "rule", "drain", "result", "failed"); n != 1 {
+		t.Errorf("s1 counted %v connections failed to move, want 1", n)
+	}
+	steady(t, p, ss, time.Second)
+	for _, s := range ss {
+		if h := s.finish(t); h != "s1" {
+			t.Errorf("session %s ended on %s, want s1 (its move failed)", s.name, h)
+		}
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
