@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -326,14 +327,15 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			d.log.Info("process migration: memory pages in place", "from", from, "tx", r.TxID, "err", err, "pages", st.Pages,
 				"faults", st.Faults, "fault_wait_mean", st.FaultWait/time.Duration(max(st.Faults, 1)), "fault_wait_max", st.FaultWaitMax, "processes", st.Processes)
 			if err != nil {
-				in.lp.Kill()
 				// Without the daemon the process's missing pages
 				// would read as zeros: better dead than corrupt.
-				if tree, terr := treeOf(res.PID); terr == nil {
-					for _, p := range tree {
-						signal(p, syscall.SIGKILL)
-					}
+				// Silently, as the source's copy carries on; and
+				// before the daemon goes, or a fault could kill it
+				// (SIGBUS), its connections ending aloud.
+				if kerr := killQuietly(context.Background(), res.PID, in.flows); kerr != nil {
+					d.log.Warn("process migration: killing the restored process", "from", from, "tx", r.TxID, "pid", res.PID, "err", kerr)
 				}
+				in.lp.Kill()
 				d.log.Error("process migration: the memory pages stopped coming; the restored process is killed, its connections are lost",
 					"from", from, "tx", r.TxID, "pid", res.PID, "err", err)
 			}
@@ -527,9 +529,10 @@ func restoredLocal(pf peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) netip
 }
 
 // undoRestore removes what the restore of an aborted migration made:
-// its reply rewrites, and the restored process (killed after them, so
-// that what it sends on dying cannot reach the client as the service).
-// Each is taken once.
+// its reply rewrites, and the restored process, killed after them (so
+// that what it sends on dying cannot reach the client as the service)
+// and without a word to its clients (see killQuietly). Each is taken
+// once.
 func (d *Daemon) undoRestore(in *procIn) error {
 	d.proc.mu.Lock()
 	rules, pid := in.rules, in.pid
@@ -544,13 +547,54 @@ func (d *Daemon) undoRestore(in *procIn) error {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	if pid > 0 {
-		if tree, err := treeOf(pid); err == nil {
-			for _, p := range tree {
-				if err := signal(p, syscall.SIGKILL); err != nil {
-					errs = append(errs, err)
-				}
-			}
+		errs = append(errs, killQuietly(context.Background(), pid, in.flows))
+	}
+	return errors.Join(errs...)
+}
+
+// killQuietly kills the restored process pid and its descendants, its
+// connections that are the migration's flows (by their tuples here)
+// first put into repair mode, in which closing them sends nothing. A
+// FIN or RST from this copy would end its clients' connections, which
+// the source's copy, carrying on when a migration is undone, still
+// serves (those that exchanged no data here meanwhile; the others are
+// broken either way). Its other connections end as a death ends them.
+// The tree is stopped first, so that it closes nothing meanwhile. A
+// process already gone is not an error.
+func killQuietly(ctx context.Context, pid int, flows map[app.Tuple]migrate.Flow) error {
+	tree, err := treeOf(pid)
+	if err != nil {
+		return nil
+	}
+	var errs []error
+	in := map[int]bool{}
+	for _, p := range tree {
+		in[p] = true
+		errs = append(errs, signal(p, syscall.SIGSTOP))
+	}
+	conns, err := repair.List(ctx, repair.ListOptions{Owners: true})
+	errs = append(errs, err)
+	for _, c := range conns {
+		if _, ok := flows[app.Tuple{Local: c.Local, Remote: c.Remote}]; !ok {
+			continue
 		}
+		i := slices.IndexFunc(c.Owners, func(o repair.Owner) bool { return in[o.PID] })
+		if i < 0 {
+			continue
+		}
+		// Frozen through a copy of the descriptor, and left so when
+		// the copy is closed: the process's own keeps the socket.
+		f, err := repair.TakeFD(c.Owners[i].PID, c.Owners[i].FD)
+		if err == nil {
+			_, err = repair.Freeze(f)
+			f.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("silencing connection %v->%v: %w", c.Remote, c.Local, err))
+		}
+	}
+	for _, p := range tree {
+		errs = append(errs, signal(p, syscall.SIGKILL))
 	}
 	return errors.Join(errs...)
 }

@@ -684,6 +684,7 @@ func TestProcessSourceStopsMidMigration(t *testing.T) {
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
 		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=restore-delay=1500ms"}}})
 	r, _, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	type result struct {
 		rep *admin.ProcessReport
 		err error
@@ -715,6 +716,9 @@ func TestProcessSourceStopsMidMigration(t *testing.T) {
 	p.RestartDaemon(bed.S1) // exited once the migration was done
 	if _, _, err := loop.finish(); err != nil {
 		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
 
@@ -1022,6 +1026,7 @@ func lazyPagesBreak(t *testing.T, fault string) {
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "lazy",
 		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=" + fault}}})
 	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	gc, err := r.Dial()
 	if err != nil {
 		t.Fatal(err)
@@ -1055,6 +1060,13 @@ func lazyPagesBreak(t *testing.T, fault string) {
 		t.Errorf("a redis (pid %d) listens on s2", pid)
 	}
 	noProcessRules(t, bed, bed.S2)
+	// The client from before the migration is served at s1 too.
+	if got, err := newRESP(gc).do("GET", "k"); err != nil || got != "v" {
+		t.Errorf("GET k on the connection from before the migration: %q, %v", got, err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the clients saw %d RSTs and sent %d", in, out)
+	}
 }
 
 // TestConnsListsProcesses: `mtcpctl conns` (the admin API's conns) lists,
