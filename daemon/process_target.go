@@ -336,7 +336,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 					d.log.Warn("process migration: killing the restored process", "from", from, "tx", r.TxID, "pid", res.PID, "err", kerr)
 				}
 				in.lp.Kill()
-				d.log.Error("process migration: the memory pages stopped coming; the restored process is killed, its connections are lost",
+				d.log.Error("process migration: the memory pages stopped coming; the restored process is killed, without a word to its clients (the source's copy may carry on with them)",
 					"from", from, "tx", r.TxID, "pid", res.PID, "err", err)
 			}
 			in.endLazy(err)
