@@ -3,6 +3,7 @@ package criu_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -545,11 +546,57 @@ func TestLazyProcessTree(t *testing.T) {
 	}
 }
 
+// lazyCheckProg fills a 256 MiB mapping, says ready, and on its go checks
+// it against the pattern (exit status 10 if it differs). Its pages take
+// the background transfer most of a second here, long after the restore
+// is done.
+const lazyCheckProg = lazyProgHead + `int main(int argc, char **argv) {
+	size_t n = 256 * MB;
+	unsigned char *a = fill(n, 1);
+	ready_then_wait(argv[1]);
+	return check(a, 0, n, 1) ? 0 : 10;
+}
+`
+
+// TestLazyStreamBreak restores a process post-copy through a page stream
+// that fails right after the restore, most of its pages still to come
+// (lazyCheckProg): the daemon fails, and the process, faulting on a
+// missing page, waits rather than run on with zeros in its place; it dies
+// when killed.
+func TestLazyStreamBreak(t *testing.T) {
+	s := runLazyProgOn(t, lazyCheckProg, true)
+	if all := 256 << 20 / 4096; s.Pages >= all {
+		t.Errorf("%d pages came before the stream broke, all of the program's %d: the test shows nothing", s.Pages, all)
+	}
+}
+
+// breakable is a page stream whose reads fail once broken is closed.
+type breakable struct {
+	io.ReadWriter
+	broken chan struct{}
+}
+
+func (b breakable) Read(p []byte) (int, error) {
+	select {
+	case <-b.broken:
+		return 0, errors.New("the page stream broke (test)")
+	default:
+	}
+	return b.ReadWriter.Read(p)
+}
+
 // runLazyProg compiles the C program prog, runs it in s1 until it says
 // ready, moves its process tree to s2 post-copy, gives the restored
 // program its go and checks that it exits 0 (within 30 seconds) and that
 // every page arrived. It returns what the lazy-pages daemon did.
 func runLazyProg(t *testing.T, prog string) criu.LazyStats {
+	return runLazyProgOn(t, prog, false)
+}
+
+// runLazyProgOn is runLazyProg, or with broken, the same through a page
+// stream that breaks once the restore is done (brokenStream): then the
+// program must not exit (its pages never come) until it is killed.
+func runLazyProgOn(t *testing.T, prog string, broken bool) criu.LazyStats {
 	testbed.RequireNetns(t)
 	skipUnlessCRIU(t)
 	cc, err := exec.LookPath("cc")
@@ -601,6 +648,7 @@ func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	pc, lc := loopbackPair(t)
 	served := make(chan error, 1)
 	go func() { served <- criu.ServeLazyPages(ctx, pc, procs) }()
+	brk := breakable{ReadWriter: lc, broken: make(chan struct{})}
 	names, err := criu.Images(src)
 	if err != nil {
 		t.Fatal(err)
@@ -614,7 +662,7 @@ func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 			t.Fatal(err)
 		}
 	}
-	lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Dir: dst, Conn: lc})
+	lp, err := criu.StartLazyPages(ctx, criu.LazyOptions{Dir: dst, Conn: brk})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -623,6 +671,35 @@ func runLazyProg(t *testing.T, prog string) criu.LazyStats {
 	p, _ := os.FindProcess(rr.PID)
 	watchdog := time.AfterFunc(30*time.Second, func() { p.Kill() })
 	defer watchdog.Stop()
+	if broken {
+		close(brk.broken)
+		lc.Close() // a read under way fails too
+		if err := lp.Wait(ctx); err == nil {
+			t.Fatal("the lazy-pages daemon reports every page in place through a broken stream")
+		} else {
+			t.Logf("lazy pages, as the stream broke: %v", err)
+		}
+		if err := os.WriteFile(trigger, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan *os.ProcessState, 1)
+		go func() { st, _ := p.Wait(); exited <- st }()
+		select {
+		case st := <-exited:
+			t.Fatalf("the restored program ran on without its pages: %v (exit status 10: it read other bytes, zeros, where its pattern was)", st)
+		case <-time.After(1500 * time.Millisecond):
+		}
+		p.Kill()
+		select {
+		case st := <-exited:
+			if ws, ok := st.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+				t.Errorf("the restored program ended with %v, want killed", st)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the restored program, waiting for a page, did not die of SIGKILL")
+		}
+		return lp.Stats()
+	}
 	if err := os.WriteFile(trigger, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}

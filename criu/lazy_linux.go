@@ -126,9 +126,23 @@ func (lp *LazyPages) Wait(ctx context.Context) error {
 	return nil
 }
 
-// Kill stops the daemon at once. A restored process still missing pages
-// cannot run on without it: its missing pages read as zeros from then on.
-func (lp *LazyPages) Kill() { lp.finish(errors.New("stopped")) }
+// Kill stops the daemon at once and lets go of the processes'
+// userfaultfds. A restored process still missing pages cannot run on
+// without it: its missing pages read as zeros from then on, so kill the
+// process first. (A daemon that failed, its page stream broken, keeps
+// them until Kill: a process that faults on a missing page waits, to be
+// killed, rather than run on with zeros.)
+func (lp *LazyPages) Kill() {
+	lp.finish(errors.New("stopped"))
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	for _, p := range lp.procs {
+		if !p.exited {
+			p.exited = true
+			closeUFFD(p.uffd)
+		}
+	}
+}
 
 // Stats reports what the daemon did so far.
 func (lp *LazyPages) Stats() LazyStats {
@@ -138,12 +152,13 @@ func (lp *LazyPages) Stats() LazyStats {
 }
 
 // finish ends the daemon with err (nil: every page is in place), once.
+// Failed, it keeps the userfaultfds (see Kill).
 func (lp *LazyPages) finish(err error) {
 	lp.end.Do(func() {
 		lp.mu.Lock()
 		lp.err = err
 		for _, p := range lp.procs {
-			if !p.exited {
+			if !p.exited && err == nil {
 				p.exited = true
 				closeUFFD(p.uffd)
 			}
@@ -273,7 +288,11 @@ func (lp *LazyPages) add(pid uint64, fd int) error {
 // start serves p. lp.mu is held.
 func (lp *LazyPages) start(p *lazyProc) {
 	if lp.ended() {
-		closeUFFD(p.uffd)
+		if lp.err != nil {
+			lp.procs = append(lp.procs, p) // kept until Kill, unserved
+		} else {
+			closeUFFD(p.uffd)
+		}
 		return
 	}
 	lp.procs = append(lp.procs, p)

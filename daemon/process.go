@@ -825,7 +825,7 @@ func waitDead(tree []int, timeout time.Duration) error {
 	for _, p := range tree {
 		for !threadsDead(p) {
 			if time.Now().After(deadline) {
-				return fmt.Errorf("the source process %d still runs %v after SIGKILL", p, timeout)
+				return fmt.Errorf("process %d still runs %v after SIGKILL", p, timeout)
 			}
 			time.Sleep(time.Millisecond)
 		}

@@ -33,7 +33,8 @@ type procIn struct {
 	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
 	finished bool       // ProcessFinish ended it (d.proc.mu)
 	flows    map[app.Tuple]migrate.Flow
-	expire   *time.Timer // discards the migration if the source vanishes
+	restored map[app.Tuple]bool // every connection, as restored here (d.proc.mu)
+	expire   *time.Timer        // discards the migration if the source vanishes
 
 	// A lazy (post-copy) migration: the pages stream is handed to a
 	// lazy-pages daemon, which lives on after the restore until the
@@ -268,15 +269,20 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	// with a RST.
 	var b nat.Batch
 	var rules []nat.Flow
+	flows, restored := map[app.Tuple]migrate.Flow{}, map[app.Tuple]bool{}
 	for _, pf := range r.Flows {
 		f := migrate.Flow{Client: pf.Flow.Client, Service: pf.Flow.Service}
 		local := restoredLocal(pf, rewrite)
+		restored[app.Tuple{Local: unmapAP(local), Remote: unmapAP(f.Client)}] = true
 		if local.Addr().Unmap() != f.Service.Addr().Unmap() {
 			b.ReplyFrom(natFlow(f), local)
 			rules = append(rules, natFlow(f))
-			in.flows[app.Tuple{Local: local, Remote: f.Client}] = f
+			flows[app.Tuple{Local: local, Remote: f.Client}] = f
 		}
 	}
+	d.proc.mu.Lock()
+	in.flows, in.restored = flows, restored
+	d.proc.mu.Unlock()
 	if b.Len() > 0 {
 		if err := d.nat.Apply(&b); err != nil {
 			return nil, fmt.Errorf("installing reply rewrites: %w", err)
@@ -305,6 +311,18 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		}
 		return nil, err
 	}
+	rep.PID, rep.Restore = res.PID, res.Took
+	aborted := d.procUpdate(in, func() { in.pid = res.PID })
+	// The restored process is this daemon's child (CRIU's restore
+	// sibling): reap it when it exits.
+	if p, err := os.FindProcess(res.PID); err == nil {
+		go p.Wait()
+	}
+	if aborted {
+		// The source gave up (its deadline) while CRIU restored: what
+		// the restore made goes, as the abort would have done.
+		return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
+	}
 	if in.lp != nil {
 		// The process runs; its pages keep coming until it has them all,
 		// for up to lazyPagesTimeout, and the commit comes after the
@@ -327,15 +345,14 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			d.log.Info("process migration: memory pages in place", "from", from, "tx", r.TxID, "err", err, "pages", st.Pages,
 				"faults", st.Faults, "fault_wait_mean", st.FaultWait/time.Duration(max(st.Faults, 1)), "fault_wait_max", st.FaultWaitMax, "processes", st.Processes)
 			if err != nil {
-				// Without the daemon the process's missing pages
-				// would read as zeros: better dead than corrupt.
-				// Silently, as the source's copy carries on; and
-				// before the daemon goes, or a fault could kill it
-				// (SIGBUS), its connections ending aloud.
-				if kerr := killQuietly(context.Background(), res.PID, in.flows); kerr != nil {
-					d.log.Warn("process migration: killing the restored process", "from", from, "tx", r.TxID, "pid", res.PID, "err", kerr)
+				// Without its pages the process cannot go on (a
+				// failed lazy-pages daemon keeps it waiting on them,
+				// rather than let it read zeros): better dead than
+				// corrupt. Its rules and itself go, silently, as the
+				// source's copy carries on.
+				if kerr := d.undoRestore(in); kerr != nil {
+					d.log.Warn("process migration: removing the restored process", "from", from, "tx", r.TxID, "pid", res.PID, "err", kerr)
 				}
-				in.lp.Kill()
 				d.log.Error("process migration: the memory pages stopped coming; the restored process is killed, without a word to its clients (the source's copy may carry on with them)",
 					"from", from, "tx", r.TxID, "pid", res.PID, "err", err)
 			}
@@ -347,17 +364,6 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 				d.ProcessFinish(context.Background(), from, &peer.ProcessFinishRequest{TxID: r.TxID, Reason: "the memory pages stopped coming"})
 			}
 		}()
-	}
-	rep.PID, rep.Restore = res.PID, res.Took
-	if d.procUpdate(in, func() { in.pid = res.PID }) {
-		// The source gave up (its deadline) while CRIU restored: what
-		// the restore made goes, as the abort would have done.
-		return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
-	}
-	// The restored process is this daemon's child (CRIU's restore
-	// sibling): reap it when it exits.
-	if p, err := os.FindProcess(res.PID); err == nil {
-		go p.Wait()
 	}
 	d.log.Info("process restored", "from", from, "tx", r.TxID, "name", in.name, "pid", res.PID, "conns", len(r.Flows), "rewritten", rep.Rewritten,
 		"prepare", prepared, "lazy_pages_start", lazyStarted, "restore", res.Took, "lazy", in.lazy)
@@ -422,7 +428,7 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		select {
 		case <-in.lazyEnd:
 		case <-ctx.Done():
-			lp.Kill()
+			d.undoRestore(in) // the process, then its daemon
 			<-in.lazyEnd
 		}
 		if in.lazyErr != nil {
@@ -439,10 +445,9 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 			return errors.Join(fmt.Errorf("process migration %d on %s: %s: its memory pages stopped coming (%v): its process is gone", r.TxID, d.cfg.Name, endedAborted, in.lazyErr),
 				d.undoRestore(in))
 		}
-	} else if lp != nil {
-		lp.Kill()
 	}
 	if in.lazy {
+		// An abort: its daemon goes with the process (undoRestore).
 		in.endLazy(errors.New("the migration ended"))
 	}
 	if r.Commit {
@@ -529,13 +534,15 @@ func restoredLocal(pf peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) netip
 }
 
 // undoRestore removes what the restore of an aborted migration made:
-// its reply rewrites, and the restored process, killed after them (so
-// that what it sends on dying cannot reach the client as the service)
-// and without a word to its clients (see killQuietly). Each is taken
-// once.
+// its reply rewrites; the restored process, killed after them (so that
+// what it sends on dying cannot reach the client as the service) and
+// without a word to its clients (see killQuietly); then, for a lazy
+// migration, its lazy-pages daemon, which keeps a process that faults on
+// a missing page waiting until then (its pages would read as zeros).
+// Each is taken once.
 func (d *Daemon) undoRestore(in *procIn) error {
 	d.proc.mu.Lock()
-	rules, pid := in.rules, in.pid
+	rules, pid, restored, lp := in.rules, in.pid, in.restored, in.lp
 	in.rules, in.pid = nil, 0
 	d.proc.mu.Unlock()
 	var errs []error
@@ -547,21 +554,26 @@ func (d *Daemon) undoRestore(in *procIn) error {
 		errs = append(errs, d.nat.Apply(&b))
 	}
 	if pid > 0 {
-		errs = append(errs, killQuietly(context.Background(), pid, in.flows))
+		errs = append(errs, killQuietly(context.Background(), pid, restored))
+	}
+	if lp != nil {
+		lp.Kill()
 	}
 	return errors.Join(errs...)
 }
 
-// killQuietly kills the restored process pid and its descendants, its
-// connections that are the migration's flows (by their tuples here)
-// first put into repair mode, in which closing them sends nothing. A
-// FIN or RST from this copy would end its clients' connections, which
-// the source's copy, carrying on when a migration is undone, still
-// serves (those that exchanged no data here meanwhile; the others are
-// broken either way). Its other connections end as a death ends them.
-// The tree is stopped first, so that it closes nothing meanwhile. A
-// process already gone is not an error.
-func killQuietly(ctx context.Context, pid int, flows map[app.Tuple]migrate.Flow) error {
+// killQuietly kills the restored process pid and its descendants, and
+// waits for them to die. Its connections that the migration brought
+// (restored: their tuples here) are first put into repair mode, in which
+// closing them sends nothing. A FIN or RST from this copy would end its
+// clients' connections, which the source's copy, carrying on when a
+// migration is undone, still serves (those that exchanged no data here
+// meanwhile; the others are broken either way). Its other connections end
+// as a death ends them. The tree is stopped first, so that it closes
+// nothing meanwhile. A process already gone is not an error.
+func killQuietly(ctx context.Context, pid int, restored map[app.Tuple]bool) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	tree, err := treeOf(pid)
 	if err != nil {
 		return nil
@@ -575,7 +587,7 @@ func killQuietly(ctx context.Context, pid int, flows map[app.Tuple]migrate.Flow)
 	conns, err := repair.List(ctx, repair.ListOptions{Owners: true})
 	errs = append(errs, err)
 	for _, c := range conns {
-		if _, ok := flows[app.Tuple{Local: c.Local, Remote: c.Remote}]; !ok {
+		if !restored[app.Tuple{Local: c.Local, Remote: c.Remote}] {
 			continue
 		}
 		i := slices.IndexFunc(c.Owners, func(o repair.Owner) bool { return in[o.PID] })
@@ -596,5 +608,6 @@ func killQuietly(ctx context.Context, pid int, flows map[app.Tuple]migrate.Flow)
 	for _, p := range tree {
 		errs = append(errs, signal(p, syscall.SIGKILL))
 	}
+	errs = append(errs, waitDead(tree, 5*time.Second))
 	return errors.Join(errs...)
 }

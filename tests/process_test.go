@@ -1010,21 +1010,30 @@ func TestProcessEndedRulesGo(t *testing.T) {
 // right after the target restored the process (MTCP_FAULT=
 // target-pages-refuse on s2), or once every page is there, which lets the
 // source commit meanwhile (target-pages-end-refuse), so the target kills
-// its copy. The source lets its own copy carry on instead of killing it
-// too (told by the target's answer to its commit, the second time): redis
-// runs at s1 and serves a new client, and s2 keeps no copy and no rules.
+// its copy, without a word to the clients. The source lets its own copy
+// carry on instead of killing it too (told by the target's answer to its
+// commit, the second time): redis runs at s1, serves a new client and the
+// connection from before, no RST, and s2 keeps no copy and no rules. In
+// "home", redis first moves to s2, and the pages break on its way back to
+// s1, where its connections are restored on their own address (no
+// rewrite): s2's copy carries on.
 func TestProcessLazyPagesBreak(t *testing.T) {
 	skipUnlessProcessMode(t)
 	for _, fault := range []string{"target-pages-refuse", "target-pages-end-refuse"} {
-		t.Run(fault, func(t *testing.T) { lazyPagesBreak(t, fault) })
+		t.Run(fault, func(t *testing.T) { lazyPagesBreak(t, fault, false) })
 	}
+	t.Run("home", func(t *testing.T) { lazyPagesBreak(t, "target-pages-refuse", true) })
 }
 
-func lazyPagesBreak(t *testing.T, fault string) {
+func lazyPagesBreak(t *testing.T, fault string, home bool) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
+	from, to := bed.S1, bed.S2
+	if home {
+		from, to = bed.S2, bed.S1
+	}
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "lazy",
-		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=" + fault}}})
+		Env: map[string][]string{"mtcpd-" + to.Name: {daemon.FaultEnv + "=" + fault}}})
 	r := p.StartRedis(bed.S1, pool.RedisOptions{})
 	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	gc, err := r.Dial()
@@ -1036,31 +1045,40 @@ func lazyPagesBreak(t *testing.T, fault string) {
 	if _, err := newRESP(gc).do("SET", "k", "v"); err != nil {
 		t.Fatal(err)
 	}
+	if home {
+		r.MigrateProcess(bed.S2)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil); err == nil {
+	if _, err := p.Admin(from).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: to.Name}, nil); err == nil {
 		t.Fatal("the migration reported success although its pages stopped coming")
 	} else {
 		t.Logf("migration: %v", err)
 	}
-	eventually(t, 10*time.Second, "redis at s1 to run", func() (bool, string) {
+	eventually(t, 10*time.Second, "redis at "+from.Name+" to run", func() (bool, string) {
 		st := testbed.ProcState(r.PID)
 		return st == "S" || st == "R", st
 	})
-	nc, err := r.Dial()
+	// A new client dials the address of the server redis runs on (new
+	// connections to the address it left are not forwarded).
+	at := *r
+	at.Home = from
+	nc, err := at.Dial()
 	if err != nil {
-		t.Fatalf("a new client of s1's redis: %v", err)
+		t.Fatalf("a new client of %s's redis: %v", from.Name, err)
 	}
 	defer nc.Close()
 	nc.SetDeadline(time.Now().Add(10 * time.Second))
 	if got, err := newRESP(nc).do("GET", "k"); err != nil || got != "v" {
-		t.Fatalf("GET k at s1: %q, %v", got, err)
+		t.Fatalf("GET k at %s: %q, %v", from.Name, got, err)
 	}
-	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
-		t.Errorf("a redis (pid %d) listens on s2", pid)
+	if pid := pool.ListenerPID(to, r.Port); pid != 0 {
+		t.Errorf("a redis (pid %d) listens on %s", pid, to.Name)
 	}
-	noProcessRules(t, bed, bed.S2)
-	// The client from before the migration is served at s1 too.
+	if !home { // s1 forwards the flows to s2 in "home"
+		noProcessRules(t, bed, to)
+	}
+	// The client from before the migration is served there too.
 	if got, err := newRESP(gc).do("GET", "k"); err != nil || got != "v" {
 		t.Errorf("GET k on the connection from before the migration: %q, %v", got, err)
 	}
