@@ -315,16 +315,19 @@ func (d *Daemon) policyTick(ctx context.Context, busy bool) []policy.Decision {
 	if ps.engine == nil || now.Before(ps.nextDecide) {
 		return nil
 	}
-	if busy {
-		// Due, and decided at the first tick after the moves end.
-		ps.log.Debug("policy decision deferred: the last decision's moves are under way")
-		return nil
-	}
-	ps.nextDecide = now.Add(ps.engine.Policy().Interval.D() - 10*time.Millisecond)
 	s := policy.Snapshot{Now: now, Heartbeat: HeartbeatInterval, Conns: conns,
 		Self:  policy.Server{Name: d.cfg.Name, Load: load, Paths: paths, Services: d.services()},
 		Peers: d.policyPeers()}
-	decs := d.decide(ps.engine, s)
+	var decs []policy.Decision
+	if busy {
+		// Due, and decided at the first tick after the moves end; the
+		// peers' health is followed meanwhile.
+		ps.log.Debug("policy decision deferred: the last decision's moves are under way")
+		decs = ps.engine.PeerHealth(s)
+	} else {
+		ps.nextDecide = now.Add(ps.engine.Policy().Interval.D() - 10*time.Millisecond)
+		decs = d.decide(ps.engine, s)
+	}
 	for _, p := range s.Peers {
 		up := 0.0
 		if ps.engine.PeerUp(p.Name) {
@@ -394,6 +397,7 @@ func (d *Daemon) carryOut(ctx context.Context, dec policy.Decision) (failedTo ma
 		mctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 		rep, err := d.Migrate(mctx, flows, m.To)
 		cancel()
+		policyMoving.Sub(float64(len(flows)))
 		n, f := 0, len(flows)
 		if rep != nil {
 			n, f = len(rep.Moved), len(flows)-len(rep.Moved)

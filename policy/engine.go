@@ -332,6 +332,17 @@ func (v *view) apply(d Decision) int {
 	return total
 }
 
+// PeerHealth returns the peer events of s alone (peer_up, peer_down), as
+// Decide would begin with, for a server that does not decide now (its
+// last decision's moves are still under way). The next Decide does not
+// repeat them.
+func (e *Engine) PeerHealth(s Snapshot) []Decision {
+	if e.start.IsZero() {
+		e.start = s.Now
+	}
+	return e.peerHealth(s)
+}
+
 func (e *Engine) peerHealth(s Snapshot) []Decision {
 	var out []Decision
 	hb := s.Heartbeat

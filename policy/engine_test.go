@@ -406,6 +406,15 @@ maintenance: [s1]
 }
 
 func TestPeerHealth(t *testing.T) {
+	for _, busy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "decide", true: "busy"}[busy], func(t *testing.T) { peerHealth(t, busy) })
+	}
+}
+
+// peerHealth runs TestPeerHealth's scenario; busy has every other tick
+// take only the peer events (Engine.PeerHealth), as while moves run: the
+// events are the same, each once.
+func peerHealth(t *testing.T, busy bool) {
 	pol := mustParse(t, "peers: {missed: 3}\n")
 	e := NewEngine(pol)
 	seen := t0
@@ -420,7 +429,11 @@ func TestPeerHealth(t *testing.T) {
 		if i >= 10 {
 			s.Peers[0].LastSeen = now // s2 is back
 		}
-		for _, d := range e.Decide(s) {
+		decide := e.Decide
+		if busy && i%2 == 1 {
+			decide = e.PeerHealth // a tick while moves are under way
+		}
+		for _, d := range decide(s) {
 			events = append(events, fmt.Sprintf("t+%d %s %s", i, d.Peer, d.Reason))
 		}
 	}

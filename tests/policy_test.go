@@ -601,9 +601,9 @@ rules:
 
 // TestPolicySlowTarget: while a decision's move waits on a target that
 // never answers its transfer (until the 10 s deadline), s1's policy loop
-// goes on: it takes SIGHUP at once and does not decide again; the move
-// then fails, the sessions stay on s1, unbroken, and the engine counts the
-// failure against s2.
+// goes on: it takes SIGHUP at once, sees a peer (s3) stop answering, and
+// does not decide again; the move then fails, the sessions stay on s1,
+// unbroken, and the engine counts the failure against s2.
 func TestPolicySlowTarget(t *testing.T) {
 	testbed.RequireNetns(t) // the metrics are read from inside the servers' namespaces
 	bed := testbed.ForTest(t)
@@ -639,12 +639,22 @@ rules:
 	eventually(t, 5*time.Second, "s1 to reload on SIGHUP while its move waits", func() (bool, string) {
 		return metric(t, p, bed.S1, "mtcp_policy_reloads_total", "cause", "sighup", "result", "ok") == 1, ""
 	})
+	// s3 stops answering heartbeats: s1 says so while its move waits.
+	if err := p.Signal("mtcpd-s3", syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Signal("mtcpd-s3", syscall.SIGCONT) })
+	eventually(t, 6*time.Second, "s1 to see s3 down while its move waits", func() (bool, string) {
+		return len(tap.matching("mtcpd-s1", "policy decision", "peer=s3", "reason=peer_down")) == 1, ""
+	})
+	if err := p.Signal("mtcpd-s3", syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
 	// Still waiting (the transfer's deadline is 10 s), and not decided
 	// again meanwhile, though the interval has passed many times.
 	if m := moving(); m != 1 {
-		t.Fatalf("mtcp_policy_moving = %v once SIGHUP was taken, want 1 (the move to s2 still waiting)", m)
+		t.Fatalf("mtcp_policy_moving = %v once SIGHUP was taken and s3 seen down, want 1 (the move to s2 still waiting)", m)
 	}
-	time.Sleep(time.Second)
 	if n := triggered(); n != 1 {
 		t.Fatalf("%v triggered drain decisions while the first one's move waited, want 1", n)
 	}
