@@ -202,15 +202,25 @@ func (m *lazyMap) set(s *lazySeg, i int, st uint8) {
 }
 
 // find returns the segment holding the page at run, the process's
-// address, and the page's index in it.
+// address, and the page's index in it. Gone pages stay in their segments
+// at the addresses they left, where mremap may since have moved others:
+// a page that is not gone is found first.
 func (m *lazyMap) find(run uint64) (*lazySeg, int, bool) {
+	var gone *lazySeg
+	gi := 0
 	for k := range m.segs {
 		s := &m.segs[k]
 		if run >= s.run && run < s.run+s.size() {
-			return s, int((run - s.run) / pageSize), true
+			i := int((run - s.run) / pageSize)
+			if s.state[i] != pgGone {
+				return s, i, true
+			}
+			if gone == nil {
+				gone, gi = s, i
+			}
 		}
 	}
-	return nil, 0, false
+	return gone, gi, gone != nil
 }
 
 // overlapping calls fn for each part of the checkpoint range [img,
@@ -268,8 +278,12 @@ func (m *lazyMap) splitRun(start, end uint64) {
 }
 
 // remap follows mremap(2) moving n bytes from the process address from to
-// to.
+// to. What was at to before is gone (the kernel unmapped it; its unmap
+// event may not have come first).
 func (m *lazyMap) remap(from, to, n uint64) {
+	if to+n <= from || from+n <= to { // mremap never overlaps them
+		m.drop(to, to+n)
+	}
 	m.splitRun(from, from+n)
 	for k := range m.segs {
 		s := &m.segs[k]

@@ -40,6 +40,32 @@ func TestLazyMapSplitsAtMappings(t *testing.T) {
 	}
 }
 
+// TestLazyMapRemapOntoDropped moves a mapping (mremap) onto the addresses
+// of one unmapped before: its pages are found there, not the gone ones
+// (which would be filled with zeros), and what the move covers is gone
+// even without an unmap event for it.
+func TestLazyMapRemapOntoDropped(t *testing.T) {
+	m := mapOf(t, []span{{0x10 * pg, 0x14 * pg}, {0x40 * pg, 0x44 * pg}, {0x60 * pg, 0x64 * pg}},
+		[2]uint64{0x10 * pg, 4}, [2]uint64{0x40 * pg, 4}, [2]uint64{0x60 * pg, 4})
+	m.drop(0x10*pg, 0x14*pg)
+	m.remap(0x40*pg, 0x10*pg, 4*pg)
+	for a := uint64(0x10); a < 0x14; a++ {
+		s, i, ok := m.find(a * pg)
+		if !ok || s.state[i] == pgGone || s.img+uint64(i)*pg != (a+0x30)*pg {
+			t.Fatalf("page at %#x after the remap onto dropped memory: %v, gone %v", a, ok, ok && s.state[i] == pgGone)
+		}
+	}
+	// The mapping at 0x60 moves onto 0x10 in turn, without an unmap
+	// event for what was there: those pages are gone.
+	m.remap(0x60*pg, 0x10*pg, 4*pg)
+	if s, i, ok := m.find(0x11 * pg); !ok || s.img+uint64(i)*pg != 0x61*pg {
+		t.Fatalf("page at 0x11 after the second remap: %v %+v %d", ok, s, i)
+	}
+	if m.missing != 4 {
+		t.Fatalf("missing %d, want 4 (the pages of the last mapping moved)", m.missing)
+	}
+}
+
 func TestLazyMapRemapDropFork(t *testing.T) {
 	m := mapOf(t, []span{{0x10 * pg, 0x20 * pg}}, [2]uint64{0x10 * pg, 16})
 	// Move pages 0x14..0x18 to 0x40.
