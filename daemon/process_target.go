@@ -29,7 +29,7 @@ type procIn struct {
 	pages    chan error // the pages stream's outcome, once
 	started  bool       // a pages stream was opened
 	restore  bool       // its restore was asked for (d.proc.mu): once only
-	pid      int        // the restored process, once restored (d.proc.mu)
+	pid      int        // the restored process, once restored and until it is reaped (d.proc.mu)
 	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
 	finished bool       // ProcessFinish ended it (d.proc.mu)
 	flows    map[app.Tuple]migrate.Flow
@@ -303,6 +303,10 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		d.proc.mu.Unlock()
 	}
 	lazyStarted := time.Since(t0) - prepared
+	if d.procUpdate(in, func() {}) {
+		// Aborted meanwhile (without rewrites, not looked at above).
+		return nil, errors.Join(errAbortedMeanwhile, d.undoRestore(in))
+	}
 	res, err := pr.Run(ctx, criu.RestoreOptions{Options: d.criuOpts(), Dir: in.dir, Lazy: in.lazy})
 	if err != nil {
 		if in.lp != nil {
@@ -314,9 +318,17 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	rep.PID, rep.Restore = res.PID, res.Took
 	aborted := d.procUpdate(in, func() { in.pid = res.PID })
 	// The restored process is this daemon's child (CRIU's restore
-	// sibling): reap it when it exits.
+	// sibling): reap it when it exits, and forget its pid then, which
+	// may be another process's next.
 	if p, err := os.FindProcess(res.PID); err == nil {
-		go p.Wait()
+		go func() {
+			p.Wait()
+			d.procUpdate(in, func() {
+				if in.pid == res.PID {
+					in.pid = 0
+				}
+			})
+		}()
 	}
 	if aborted {
 		// The source gave up (its deadline) while CRIU restored: what
@@ -539,7 +551,9 @@ func restoredLocal(pf peer.ProcessFlow, rewrite map[netip.Addr]netip.Addr) netip
 // without a word to its clients (see killQuietly); then, for a lazy
 // migration, its lazy-pages daemon, which keeps a process that faults on
 // a missing page waiting until then (its pages would read as zeros).
-// Each is taken once.
+// Each is taken once. (An abort while CRIU restores lets the pages go
+// before the process is known: the restore, which needs some of them,
+// then ends, and its process is killed at once, its rewrites gone.)
 func (d *Daemon) undoRestore(in *procIn) error {
 	d.proc.mu.Lock()
 	rules, pid, restored, lp := in.rules, in.pid, in.restored, in.lp
