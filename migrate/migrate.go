@@ -356,13 +356,25 @@ func Run(ctx context.Context, flows []Flow, src Source, st Steering, tgt Target,
 	switchFlows := func(ctx context.Context) error { return switchTo(ctx, tgt.Addr) }
 	// lose reports flows past the point of no return as failed in phase
 	// p, each with the error errOf gives it: moved, but maybe not alive.
+	// A flow whose switch failed stays failed at the switch, whatever
+	// else failed too (the commit's error is added): its caller switches
+	// it again (the target owns it), which a commit's failure alone does
+	// not call for.
 	lose := func(fs []Flow, p Phase, errOf func(Flow) error) {
 		timings.Lock()
 		defer timings.Unlock()
 		gone := make(map[Flow]bool, len(fs))
 		for _, f := range fs {
 			gone[f] = true
-			rep.Failed[f] = &PhaseError{Phase: p, Err: errOf(f)}
+			e := &PhaseError{Phase: p, Err: errOf(f)}
+			if prev, ok := rep.Failed[f].(*PhaseError); ok && (prev.Phase == PhaseSwitch) != (p == PhaseSwitch) {
+				if p == PhaseSwitch {
+					e.Err = errors.Join(e.Err, prev)
+				} else {
+					e = &PhaseError{Phase: PhaseSwitch, Err: errors.Join(prev.Err, e)}
+				}
+			}
+			rep.Failed[f] = e
 		}
 		// Not in place: rep.Moved may be moving, which is shared.
 		rep.Moved = slices.DeleteFunc(slices.Clone(rep.Moved), func(f Flow) bool { return gone[f] })

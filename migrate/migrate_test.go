@@ -320,6 +320,31 @@ func TestRun(t *testing.T) {
 	}
 }
 
+// TestSwitchFailureKept: the switch fails twice and the commit loses a
+// flow too (a client was sending, so the commit came after the switch):
+// every flow is still reported failed at the switch, which is what has
+// the caller switch them again (the daemon's lostAtSwitch), and the
+// commit's error is kept beside it.
+func TestSwitchFailureKept(t *testing.T) {
+	fs := flows(3)
+	w := &world{mu: new(sync.Mutex), where: map[Flow]string{}, failAt: "st.Switch",
+		lost: map[Flow]bool{fs[1]: true}, receiving: map[Flow]bool{fs[0]: true, fs[1]: true, fs[2]: true}}
+	d := Deadlines{Transfer: 20 * time.Millisecond, Switch: 20 * time.Millisecond, Commit: 200 * time.Millisecond}
+	rep, err := Run(context.Background(), fs, fakeSource{w}, fakeSteering{w}, fakeTarget{w}, d)
+	if err == nil {
+		t.Fatal("Run succeeded with a switch that failed twice")
+	}
+	for _, f := range fs {
+		var pe *PhaseError
+		if !errors.As(rep.Failed[f], &pe) || pe.Phase != PhaseSwitch {
+			t.Errorf("flow %v failed with %v, want a switch failure", f.Client, rep.Failed[f])
+		}
+	}
+	if msg := fmt.Sprint(rep.Failed[fs[1]]); !strings.Contains(msg, "no application took it") || !strings.Contains(msg, "st.Switch failed") {
+		t.Errorf("the flow lost at the commit too: %q, want both errors", msg)
+	}
+}
+
 // runCase runs one case of TestRun. After the transfer the switch, the
 // commit and the discard may run at the same time (the switch and the
 // commit only with forward steering and no client sending): their order
