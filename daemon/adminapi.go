@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -296,8 +297,30 @@ var streamWriteTimeout = 30 * time.Second
 const drainInFlight = 4
 
 // drainDeferMax bounds the given-away sockets a drain keeps open until
-// its end (laterDiscards).
-const drainDeferMax = 50000
+// its end (laterDiscards): 50,000, and at most half of this
+// process's descriptor limit, which every application link, peer
+// connection and migration in flight shares (20,000 on some machines: a
+// drain that kept them all would starve the rest).
+var drainDeferMax = deferMax(50000)
+
+// deferMax is max, or half of this process's soft limit on open
+// files (/proc/self/limits) if that is less.
+func deferMax(max int) int {
+	b, err := os.ReadFile("/proc/self/limits")
+	if err != nil {
+		return max
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				if n, err := strconv.Atoi(f[0]); err == nil && n/2 < max {
+					return n / 2
+				}
+			}
+		}
+	}
+	return max
+}
 
 // serveDrain moves everything away in batches, streaming progress lines.
 func (d *Daemon) serveDrain(w http.ResponseWriter, r *http.Request) {

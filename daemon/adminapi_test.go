@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -34,5 +35,22 @@ func TestStreamStalledClient(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the handler is still writing to a client that stopped reading")
+	}
+}
+
+// TestDeferMax: a drain keeps at most half of the descriptor limit
+// open for later (this machine's is 20,000 by default, less than the
+// 50,000 of the constant).
+func TestDeferMax(t *testing.T) {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		t.Fatal(err)
+	}
+	want := min(50000, int(rl.Cur/2))
+	if got := deferMax(50000); got != want {
+		t.Fatalf("deferMax(50000) = %d with a limit of %d open files, want %d", got, rl.Cur, want)
+	}
+	if got := deferMax(10); got != min(10, want) {
+		t.Fatalf("deferMax(10) = %d", got)
 	}
 }
