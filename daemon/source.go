@@ -343,20 +343,24 @@ func (s source) Discard(ctx context.Context, flows []migrate.Flow) error {
 	return errors.Join(errs...)
 }
 
-// discard closes the frozen sockets outs and removes the rewrites of rm.
+// discard removes the rewrites of rm, then closes the frozen sockets
+// outs. In that order: a socket closed frees its tuple, which a flow
+// migrating back here may take at once, rewrite included, and a removal
+// after that would take the new rewrite away. (Frozen and quiet, the
+// sockets send nothing meanwhile.)
 func (d *Daemon) discard(outs, rm []*outgoing) error {
 	var errs []error
-	for _, o := range outs {
-		if o.frozen != nil {
-			errs = append(errs, o.frozen.Discard())
-		}
-	}
 	if len(rm) > 0 {
 		var b nat.Batch
 		for _, o := range rm {
 			b.Remove(natFlow(o.flow))
 		}
 		errs = append(errs, d.nat.Apply(&b))
+	}
+	for _, o := range outs {
+		if o.frozen != nil {
+			errs = append(errs, o.frozen.Discard())
+		}
 	}
 	return errors.Join(errs...)
 }
