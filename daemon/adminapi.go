@@ -211,6 +211,11 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 	if err := d.checkTarget(to); err != nil {
 		return nil, err
 	}
+	end, ok := d.beginMigration()
+	if !ok {
+		return nil, errStopping
+	}
+	defer end()
 	cfg, _ := d.cfg.Peer(to)
 	rep := &admin.Report{To: to, Moved: []string{}, Failed: map[string]string{}, Timings: map[string]time.Duration{}}
 	c, err := d.peer(ctx, to)
@@ -240,7 +245,12 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		mr, err := migrate.Run(ctx, fs, source{d: d, later: later}, steering{d}, tgt, migrate.Deadlines{})
 		observe(mr, time.Since(start))
 		if lost := lostAtSwitch(mr); len(lost) > 0 {
-			go d.keepSwitching(lost, tgt)
+			if end, ok := d.beginMigration(); ok { // not once mtcpd stops
+				go func() {
+					defer end()
+					d.keepSwitching(lost, tgt)
+				}()
+			}
 		}
 		errs = append(errs, err)
 		for _, f := range mr.Moved {

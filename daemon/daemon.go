@@ -32,6 +32,13 @@ type Daemon struct {
 	// inject sends restored sockets the segments their restore needs
 	// from the peer, for every restore here (one set of raw sockets).
 	inject *repair.Injector
+	// txs counts the migrations under way (connection and process mode,
+	// and the background retries of switches): a stopping daemon waits
+	// for them once it has cancelled them, as their rollback (a thaw, a
+	// switch back) needs its services.
+	txs      sync.WaitGroup
+	txMu     sync.Mutex
+	txClosed bool // no migration may start: the daemon waits for txs
 
 	peersMu sync.Mutex
 	peers   map[string]*peerConn
@@ -144,6 +151,13 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if unclaimedEvery == 0 {
 		unclaimedEvery = UnclaimedReapInterval
 	}
+	grace, err := faultDuration("shutdown-grace")
+	if err != nil {
+		return fmt.Errorf("mtcpd: %w", err)
+	}
+	if grace == 0 {
+		grace = ShutdownGrace
+	}
 	adm, err := admin.Listen(cfg.AdminSocket)
 	if err != nil {
 		return fmt.Errorf("mtcpd: %w", err)
@@ -224,7 +238,11 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		serve("app registry", func() error { return d.apps.Serve(ctx, aln) })
 	}
 
-	hs := admin.NewServer(ctx, d.adminHandler())
+	// The admin requests have their own context, cancelled before the
+	// services' (see the end of Run).
+	reqCtx, cancelRequests := context.WithCancel(ctx)
+	defer cancelRequests()
+	hs := admin.NewServer(reqCtx, d.adminHandler())
 	serve("admin", func() error {
 		if err := hs.Serve(adm); !errors.Is(err, http.ErrServerClosed) {
 			return err
@@ -271,16 +289,22 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		// half-way (a process left stopped at the source, or a lazy
 		// one's pages cut off on the target); nothing new starts.
 		stopPolicy()
-		log.Info("stopping: letting the admin requests under way finish", "grace", ShutdownGrace)
-		sctx, scancel := context.WithTimeout(context.Background(), ShutdownGrace)
+		log.Info("stopping: letting the admin requests under way finish", "grace", grace)
+		sctx, scancel := context.WithTimeout(context.Background(), grace)
 		if err := hs.Shutdown(sctx); err != nil {
 			log.Warn("stopping: admin requests still under way after the grace are cancelled", "err", err)
 		}
 		scancel()
-		cancel()
 	case <-ctx.Done(): // a service failed
 	}
+	// Cancelled, the migrations under way roll back (or, past their
+	// switch, finish): with the services still running, which a thaw,
+	// an abort or a switch back needs.
+	cancelRequests()
+	stopPolicy()
 	hs.Close()
+	d.waitMigrations(log, rollbackWait)
+	cancel()
 	wg.Wait()
 	d.closePeers()
 	d.mu.Lock()
@@ -303,6 +327,45 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 // ShutdownGrace is how long a stopping mtcpd lets the admin requests under
 // way (migrations, drains) finish before it cancels them.
 const ShutdownGrace = 30 * time.Second
+
+// rollbackWait bounds how long a stopping mtcpd waits, once it has
+// cancelled the migrations under way, for them to end (the phases'
+// deadlines bound each step of a rollback: an abort, a thaw, a switch
+// back).
+const rollbackWait = 30 * time.Second
+
+// beginMigration counts a migration starting in d.txs; ok is false once
+// the daemon is stopping (none may start then).
+func (d *Daemon) beginMigration() (done func(), ok bool) {
+	d.txMu.Lock()
+	defer d.txMu.Unlock()
+	if d.txClosed {
+		return nil, false
+	}
+	d.txs.Add(1)
+	return d.txs.Done, true
+}
+
+// errStopping refuses a migration asked for while mtcpd stops.
+var errStopping = errors.New("mtcpd is stopping")
+
+// waitMigrations lets no migration start any more and waits up to max for
+// those under way (d.txs).
+func (d *Daemon) waitMigrations(log *slog.Logger, max time.Duration) {
+	d.txMu.Lock()
+	d.txClosed = true
+	d.txMu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		d.txs.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(max):
+		log.Warn("stopping: migrations still under way after their cancellation; leaving them", "waited", max)
+	}
+}
 
 // reconcile clears what a previous run may have left: holds (nothing is
 // migrating at start; a hold left in place would black-hole its flow),

@@ -73,6 +73,8 @@ import (
 //	drain-flush-delay=D  a drain waits D once it has said it is done
 //	                 before it closes its frozen copies (a connection
 //	                 migrated back meanwhile must not meet them)
+//	shutdown-grace=D  a stopping daemon lets the admin requests under
+//	                 way finish for D instead of ShutdownGrace (tests)
 //	orphan-after=D   transactions of other daemons left without their end
 //	                 (see expire.go) expire after D instead of
 //	                 OrphanTimeout; for tests

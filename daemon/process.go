@@ -357,6 +357,12 @@ func flowsOf(socks []procSocket) []migrate.Flow {
 // the process stayed here.
 func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, progress func(admin.ProcessPhase)) *admin.ProcessReport {
 	rep := &admin.ProcessReport{To: r.To, PID: r.PID, Phases: []admin.ProcessPhase{}}
+	end, ok := d.beginMigration()
+	if !ok {
+		rep.Error = errStopping.Error()
+		return rep
+	}
+	defer end()
 	start := time.Now()
 	phase := func(name string, took time.Duration) {
 		p := admin.ProcessPhase{Name: name, Took: took}

@@ -1407,3 +1407,50 @@ func TestRefuseProcessFlows(t *testing.T) {
 		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
+
+// TestStopDuringTransfer: s1's mtcpd is told to stop (SIGTERM) while a
+// migration waits on a target that never answers its transfer
+// (MTCP_FAULT=transfer-hang on s2), and its grace ends first (1 s here,
+// MTCP_FAULT=shutdown-grace): cancelled, the migration rolls back, aborting
+// on s2 (whose answers take 300 ms, peer-delay), thawing the sockets and
+// lifting the holds, before the daemon exits, as that needs its services. The sessions go on at s1, served by
+// the application alone, their state intact, with no RST.
+func TestStopDuringTransfer(t *testing.T) {
+	bed := testbed.ForTest(t)
+	rsts := watchRSTs(t, bed.Client)
+	p := pool.Start(t, bed, pool.Options{Env: map[string][]string{
+		"mtcpd-s1": {daemon.FaultEnv + "=shutdown-grace=1s"},
+		"mtcpd-s2": {daemon.FaultEnv + "=transfer-hang,peer-delay=300ms"},
+	}})
+	sessions := []*abortSession{newAbortSession(t, p, bed, false), newAbortSession(t, p, bed, true)}
+	req := &admin.MigrateRequest{To: "s2"}
+	for _, s := range sessions {
+		req.Flows = append(req.Flows, s.client.String())
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Admin(bed.S1).Migrate(abortCtx(t, 30*time.Second), req)
+		done <- err
+	}()
+	for _, s := range sessions {
+		eventually(t, 5*time.Second, "s1 to hold "+s.String(), func() (bool, string) {
+			e := flowElems(t, bed.S1, s.client, "hold")
+			return len(e) == 1, fmt.Sprint(e)
+		})
+	}
+	if err := p.Signal("mtcpd-s1", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Ended("mtcpd-s1"):
+	case <-time.After(20 * time.Second):
+		t.Fatal("s1's mtcpd did not exit on SIGTERM")
+	}
+	t.Logf("the migration, as s1's mtcpd stopped: %v", <-done)
+	for _, s := range sessions {
+		s.check(t)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}

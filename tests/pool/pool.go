@@ -428,6 +428,9 @@ func (p *Pool) RestartDaemon(h *testbed.Host) {
 	})
 }
 
+// Ended is closed once the process name has exited.
+func (p *Pool) Ended(name string) <-chan struct{} { return p.ended[name] }
+
 // RunDaemonAgain starts a second mtcpd on h with h's configuration, as an
 // operator might by mistake while the first runs, and returns its exit
 // code once it has exited.
