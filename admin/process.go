@@ -83,8 +83,12 @@ type ProcessReport struct {
 	// end of the switch, what a client can notice at most.
 	Pause time.Duration `json:"pause_ns"`
 	// Aborted is set when the process stayed here (Error says why).
-	Aborted bool   `json:"aborted"`
-	Error   string `json:"error,omitempty"`
+	Aborted bool `json:"aborted"`
+	// Error says why the process stayed here or, not aborted, that the
+	// target did not answer the commit: the source then asks again in
+	// the background, its copy stopped, until the target answers (the
+	// process runs there) or has dropped its own copy (it resumes here).
+	Error string `json:"error,omitempty"`
 }
 
 // Phase returns the time of the named phase (0 if it did not run).

@@ -245,12 +245,9 @@ func (d *Daemon) migrate(ctx context.Context, flows []migrate.Flow, to string, l
 		mr, err := migrate.Run(ctx, fs, source{d: d, later: later}, steering{d}, tgt, migrate.Deadlines{})
 		observe(mr, time.Since(start))
 		if lost := lostAtSwitch(mr); len(lost) > 0 {
-			if end, ok := d.beginMigration(); ok { // not once mtcpd stops
-				go func() {
-					defer end()
-					d.keepSwitching(lost, tgt)
-				}()
-			}
+			// Not counted in d.txs: it tries for minutes, and a
+			// stopping daemon need not wait for it (the holds expire).
+			go d.keepSwitching(lost, tgt)
 		}
 		errs = append(errs, err)
 		for _, f := range mr.Moved {

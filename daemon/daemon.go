@@ -32,11 +32,14 @@ type Daemon struct {
 	// inject sends restored sockets the segments their restore needs
 	// from the peer, for every restore here (one set of raw sockets).
 	inject *repair.Injector
-	// txs counts the migrations under way (connection and process mode,
-	// and the background retries of switches): a stopping daemon waits
-	// for them once it has cancelled them, as their rollback (a thaw, a
-	// switch back) needs its services.
-	txs      sync.WaitGroup
+	// txs counts the migrations under way (connection and process
+	// mode): a stopping daemon waits for them once it has cancelled
+	// them, as their rollback (a thaw, a switch back) needs its
+	// services.
+	txs sync.WaitGroup
+	// life is cancelled when the daemon stops its services: for work
+	// started in the background, such as recoverUnconfirmed.
+	life     context.Context
 	txMu     sync.Mutex
 	txClosed bool // no migration may start: the daemon waits for txs
 
@@ -209,6 +212,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	stopping := ctx
 	ctx, cancel := context.WithCancel(context.WithoutCancel(stopping))
 	defer cancel()
+	d.life = ctx
 	policyCtx, stopPolicy := context.WithCancel(ctx)
 	defer stopPolicy()
 	var wg sync.WaitGroup

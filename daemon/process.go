@@ -389,12 +389,17 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 		*rep = admin.ProcessReport{To: r.To, PID: r.PID, Phases: retries}
 		phase(admin.PhaseRetry, time.Since(t0))
 	}
-	if err != nil {
+	switch {
+	case errors.Is(err, errCommitUnconfirmed):
+		rep.Error = err.Error()
+		processMigrations.WithLabelValues("unconfirmed").Inc()
+		d.log.Warn("process migration: commit unconfirmed", "pid", rep.PID, "to", r.To, "err", err)
+	case err != nil:
 		rep.Aborted = true
 		rep.Error = err.Error()
 		processMigrations.WithLabelValues("aborted").Inc()
 		d.log.Warn("process migration aborted", "pid", rep.PID, "to", r.To, "err", err)
-	} else {
+	default:
 		processMigrations.WithLabelValues("moved").Inc()
 		processPauseSeconds.Observe(rep.Pause.Seconds())
 		d.log.Info("process migrated", "pid", rep.PID, "new_pid", rep.NewPID, "to", r.To, "conns", rep.Conns, "pause", rep.Pause, "took", time.Since(start))
@@ -441,7 +446,14 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if err != nil {
 		return err
 	}
-	defer done()
+	// handedOff: a commit went unanswered, and the mark as leaving and
+	// the checkpoint's journal go to recoverUnconfirmed.
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			done()
+		}
+	}()
 	socks, err := d.procSockets(ctx, tree)
 	if err != nil {
 		return err
@@ -480,7 +492,11 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		finish(err.Error())
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() {
+		if !handedOff {
+			os.RemoveAll(dir)
+		}
+	}()
 	// CRIU starts before the hold: its start-up is not spent while the
 	// connections wait.
 	pd, err := criu.PrepareDump(criu.DumpOptions{Options: d.criuOpts(), PID: pid, Dir: dir, LeaveStopped: true, Lazy: lazy, SkipInFlight: last})
@@ -656,6 +672,11 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	phase(admin.PhaseTransfer, time.Since(t0)-rr.Restore)
 	phase(admin.PhaseRestore, rr.Restore)
 
+	if lazy {
+		// The target keeps its copy waiting for its pages, then for
+		// the commit, that long from its restore.
+		j.Expires = time.Now().Add(lazyPagesTimeout + procInTimeout)
+	}
 	if err := j.write(journalSwitching); err != nil {
 		return abort(err)
 	}
@@ -717,6 +738,16 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			// timeout passed): the process carries on here, as when
 			// the pages break.
 			return abort(errors.Join(fmt.Errorf("commit on %s: %w", r.To, err), steerBack()))
+		}
+		if !errors.As(err, new(*peer.RemoteError)) {
+			// No answer: the target may have committed or not, so
+			// neither copy may go yet. The recovery of a daemon
+			// restarted at this point takes over (the journal says
+			// committing), in the background.
+			if d.recoverUnconfirmed(dir, done) {
+				handedOff = true
+				return fmt.Errorf("%w: %s: %w", errCommitUnconfirmed, r.To, err)
+			}
 		}
 		errs = append(errs, fmt.Errorf("commit on %s: %w", r.To, err))
 	} else {

@@ -5,7 +5,7 @@ import "github.com/prometheus/client_golang/prometheus"
 var (
 	processMigrations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "mtcp_process_migrations_total",
-		Help: "Process migrations (CRIU) started here, by result (moved, aborted).",
+		Help: "Process migrations (CRIU) started here, by result (moved, aborted, unconfirmed: the commit went unanswered, and the migration is ended in the background).",
 	}, []string{"result"})
 	processPhaseSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "mtcp_process_migration_phase_seconds",

@@ -53,19 +53,26 @@ import (
 // wait until it has dropped it on its own), lift the holds, steer the
 // flows back here if they were switched, and thaw the process.
 type procJournal struct {
-	Phase    string         `json:"phase"`
-	To       string         `json:"to"`
-	TxID     uint64         `json:"tx"`
-	Lazy     bool           `json:"lazy"`
-	Prepared time.Time      `json:"prepared"` // when the target prepared
-	Procs    []journalProc  `json:"procs"`
-	Sockets  []journalSock  `json:"sockets"`
-	path     string         // the journal file
-	root     int            // Procs[0].PID
-	tree     []int          // the processes still there, once checked
-	socks    []procSocket   // from Sockets
-	flows    []migrate.Flow // from Sockets
-	release  func()         // ends the tree's mark as leaving (leftCheckpoints)
+	Phase    string    `json:"phase"`
+	To       string    `json:"to"`
+	TxID     uint64    `json:"tx"`
+	Lazy     bool      `json:"lazy"`
+	Prepared time.Time `json:"prepared"` // when the target prepared
+	// Expires is when the target drops the migration unless a commit
+	// reaches it, if later than procInTimeout after its prepare: a lazy
+	// migration's restored copy waits for its pages, then its commit.
+	Expires time.Time      `json:"expires,omitzero"`
+	Procs   []journalProc  `json:"procs"`
+	Sockets []journalSock  `json:"sockets"`
+	path    string         // the journal file
+	root    int            // Procs[0].PID
+	tree    []int          // the processes still there, once checked
+	socks   []procSocket   // from Sockets
+	flows   []migrate.Flow // from Sockets
+	release func()         // ends the tree's mark as leaving (leftCheckpoints)
+	// unconfirmed: handed over by a migration whose commit went
+	// unanswered (recoverUnconfirmed), not left by an earlier run.
+	unconfirmed bool
 }
 
 // The journal's phases (see procJournal).
@@ -171,6 +178,15 @@ func readJournal(dir string) (*procJournal, error) {
 	return j, nil
 }
 
+// expires is when the target drops the migration, its copy killed, unless
+// a commit reaches it first.
+func (j *procJournal) expires() time.Time {
+	if !j.Expires.IsZero() {
+		return j.Expires
+	}
+	return j.Prepared.Add(procInTimeout)
+}
+
 // forward reports whether the migration is to be finished rather than
 // undone (see procJournal).
 func (j *procJournal) forward() bool {
@@ -272,6 +288,32 @@ func ownDir(dir string) error {
 	return nil
 }
 
+// errCommitUnconfirmed: a process migration's commit went unanswered,
+// and recoverUnconfirmed ends it.
+var errCommitUnconfirmed = errors.New("no answer to the commit; the process stays stopped here, and mtcpd asks again in the background until the target answers (then its copy here goes) or has dropped its own (then it resumes here)")
+
+// recoverUnconfirmed ends in the background, as the recovery of a daemon
+// restarted at that point does (recoverProcess), the migration whose
+// checkpoint is in dir: its commit went unanswered, so the target may run
+// the process or not. It takes over release, the tree's mark as leaving,
+// and the directory, or reports false if it cannot (the journal cannot be
+// read).
+func (d *Daemon) recoverUnconfirmed(dir string, release func()) bool {
+	j, err := readJournal(dir)
+	if err != nil {
+		d.log.Error("process migration: the commit went unanswered, and the journal cannot be read", "dir", dir, "err", err)
+		return false
+	}
+	j.release, j.unconfirmed = release, true
+	go func() {
+		defer j.release()
+		if d.recoverProcess(d.life, j) {
+			os.RemoveAll(dir)
+		}
+	}()
+	return true
+}
+
 // recoverProcesses ends, one after the other, the process migrations an
 // earlier run of this daemon left half-way (see procJournal).
 func (d *Daemon) recoverProcesses(ctx context.Context, js []*procJournal) {
@@ -297,7 +339,11 @@ func (d *Daemon) recoverProcesses(ctx context.Context, js []*procJournal) {
 // reports whether it ended it; if not, the journal should stay.
 func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) (ended bool) {
 	log := d.log.With("pid", j.root, "to", j.To, "tx", j.TxID, "phase", j.Phase)
-	log.Warn("process mode: a migration was under way when this daemon last stopped; ending it")
+	if j.unconfirmed {
+		log.Warn("process mode: the target did not answer the commit; asking again, the process stopped here until it answers or has dropped its copy")
+	} else {
+		log.Warn("process mode: a migration was under way when this daemon last stopped; ending it")
+	}
 	if len(j.tree) == 0 {
 		// Killed meanwhile (or by the earlier run itself, after the
 		// switch): nothing is left here to resume or to kill, but a
@@ -340,9 +386,9 @@ func (d *Daemon) finishProcess(ctx context.Context, j *procJournal) error {
 	if !ok {
 		return fmt.Errorf("%q is no longer a peer of %s", j.To, d.cfg.Name)
 	}
-	// The target drops the migration procInTimeout after its prepare:
-	// until shortly before, it is worth trying again.
-	until := j.Prepared.Add(procInTimeout - 10*time.Second)
+	// The target drops the migration when it expires: until shortly
+	// before, it is worth trying again.
+	until := j.expires().Add(-10 * time.Second)
 	var err error
 	for {
 		err = d.commitOnTarget(ctx, j, pcfg)
@@ -384,9 +430,12 @@ func (d *Daemon) commitOnTarget(ctx context.Context, j *procJournal, pcfg PeerCo
 func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logger) bool {
 	// No copy may live on the target: abort the migration there. Before
 	// its restore was asked for, it has none; after, one that cannot be
-	// reached drops it on its own procInTimeout after its prepare.
+	// reached drops it on its own when it expires.
 	reason := "the source's mtcpd restarted during the migration"
-	until := j.Prepared.Add(procInTimeout + 5*time.Second)
+	if j.unconfirmed {
+		reason = "the source got no answer to its commit"
+	}
+	until := j.expires().Add(5 * time.Second)
 	for {
 		err := d.abortOnTarget(ctx, j, reason)
 		if err != nil && strings.Contains(err.Error(), endedCommitted) {

@@ -23,18 +23,19 @@ import (
 
 // procIn is a process migration arriving here.
 type procIn struct {
-	from     string
-	name     string
-	dir      string     // the checkpoint (tmpfs)
-	pages    chan error // the pages stream's outcome, once
-	started  bool       // a pages stream was opened
-	restore  bool       // its restore was asked for (d.proc.mu): once only
-	pid      int        // the restored process, once restored and until it is reaped (d.proc.mu)
-	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
-	finished bool       // ProcessFinish ended it (d.proc.mu)
-	flows    map[app.Tuple]migrate.Flow
-	restored map[app.Tuple]bool // every connection, as restored here (d.proc.mu)
-	expire   *time.Timer        // discards the migration if the source vanishes
+	from       string
+	name       string
+	dir        string     // the checkpoint (tmpfs)
+	pages      chan error // the pages stream's outcome, once
+	started    bool       // a pages stream was opened
+	restore    bool       // its restore was asked for (d.proc.mu): once only
+	pid        int        // the restored process, once restored and until it is reaped (d.proc.mu)
+	rules      []nat.Flow // flows given a reply rewrite here (d.proc.mu)
+	finished   bool       // ProcessFinish ended it (d.proc.mu)
+	restoredAt time.Time  // when its process was restored (d.proc.mu)
+	flows      map[app.Tuple]migrate.Flow
+	restored   map[app.Tuple]bool // every connection, as restored here (d.proc.mu)
+	expire     *time.Timer        // discards the migration if the source vanishes
 
 	// A lazy (post-copy) migration: the pages stream is handed to a
 	// lazy-pages daemon, which lives on after the restore until the
@@ -316,7 +317,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	}
 	rep.PID, rep.Restore = res.PID, res.Took
-	aborted := d.procUpdate(in, func() { in.pid = res.PID })
+	aborted := d.procUpdate(in, func() { in.pid, in.restoredAt = res.PID, time.Now() })
 	// The restored process is this daemon's child (CRIU's restore
 	// sibling): reap it when it exits, and forget its pid then, which
 	// may be another process's next.
@@ -392,6 +393,12 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 	if ok && in.from != from {
 		d.proc.mu.Unlock()
 		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
+	}
+	if lost, _ := faultDuration("process-commit-unanswered"); ok && r.Commit && lost > 0 && time.Since(in.restoredAt) < lost {
+		// Tests: the commit is lost on the way, unanswered.
+		d.proc.mu.Unlock()
+		<-ctx.Done()
+		return ctx.Err()
 	}
 	delete(d.proc.in, r.TxID)
 	now := time.Now()

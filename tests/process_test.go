@@ -1327,3 +1327,52 @@ func TestProcessMovesUnderNewConnections(t *testing.T) {
 		t.Fatalf("first client: %v", err)
 	}
 }
+
+// TestProcessCommitUnanswered: the target leaves the commits of the first
+// 14 s after its restore unanswered, as if lost on the way
+// (MTCP_FAULT=process-commit-unanswered on s2), longer than the source
+// asks for (10 s). The source kills its stopped copy only once the target
+// has answered: it reports the commit unconfirmed, keeps the copy stopped,
+// and asks again in the background, as after a restart, until the commit
+// goes through; then its copy goes, and the client, served at s2
+// throughout, never notices. (The source used to kill its copy when it
+// gave up asking, leaving the process to the target's timeout, which
+// kills an uncommitted copy: the process ran nowhere.)
+func TestProcessCommitUnanswered(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=process-commit-unanswered=14s"}}})
+	r, _, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+	if err == nil || rep == nil || rep.Aborted || !strings.Contains(err.Error(), "no answer to the commit") {
+		t.Fatalf("migration whose commit goes unanswered: %v (report %+v), want it reported unconfirmed, not aborted", err, rep)
+	}
+	t.Logf("migration: %v", err)
+	if st := testbed.ProcState(r.PID); st != "T" {
+		t.Fatalf("the source's copy is %q once the commit went unanswered, want stopped (T): it must stay until the target answers", st)
+	}
+	old := r.PID
+	r.Host, r.PID = bed.S2, rep.NewPID
+	eventually(t, 20*time.Second, "the commit to go through and the source's copy to go", func() (bool, string) {
+		_, err := os.Stat(fmt.Sprintf("/proc/%d", old))
+		return err != nil, testbed.ProcState(old)
+	})
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to be served from s2", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if st := testbed.ProcState(r.PID); st != "S" && st != "R" {
+		t.Fatalf("s2's copy is %q, want running", st)
+	}
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}

@@ -88,6 +88,9 @@ func migrateProcess(cmd *cobra.Command, sock string, output outputFormat, pid in
 		}
 		return fmt.Errorf("process %d stayed here: %s", rep.PID, rep.Error)
 	}
+	if rep.Error != "" {
+		return fmt.Errorf("process %d: %s", rep.PID, rep.Error)
+	}
 	return nil
 }
 
@@ -98,6 +101,12 @@ func printProcessReport(w io.Writer, rep *admin.ProcessReport) {
 			return
 		}
 		fmt.Fprintf(w, "process %d (%s) stayed here, with its %d connection(s): %s\n", rep.PID, rep.Command, rep.Conns, rep.Error)
+		return
+	}
+	if rep.Error != "" {
+		// Not aborted, not known to be moved: the commit went
+		// unanswered, and mtcpd ends the migration in the background.
+		fmt.Fprintf(w, "process %d (%s) restored on %s as pid %d, not known to be committed: %s\n", rep.PID, rep.Command, rep.To, rep.NewPID, rep.Error)
 		return
 	}
 	if rep.Lazy {
