@@ -55,9 +55,13 @@ import (
 //	                 the process (which it then kills)
 //	target-pages-end-refuse  the same, once the target has every page
 //	                 (so that the source commits meanwhile)
-//	process-commit-unanswered=D  the target of a process migration
-//	                 leaves the commits that come within D of its restore
-//	                 unanswered and unhandled, as if lost on the way
+//	restored-hang    the target of a process migration restores the
+//	                 process, then never answers (until the source gives
+//	                 up), as if its answer were lost on the way
+//	process-finish-unanswered=D  the target of a process migration
+//	                 leaves the commits and aborts that come within D of
+//	                 the restore's request unanswered and unhandled, as if
+//	                 lost on the way
 //	process-committed-crash  the source of a process migration exits
 //	                 (status 3) once the target has committed, before its
 //	                 journal records it

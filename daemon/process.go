@@ -390,7 +390,7 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 		phase(admin.PhaseRetry, time.Since(t0))
 	}
 	switch {
-	case errors.Is(err, errCommitUnconfirmed):
+	case errors.Is(err, errCommitUnconfirmed), errors.Is(err, errAbortUnconfirmed):
 		rep.Error = err.Error()
 		processMigrations.WithLabelValues("unconfirmed").Inc()
 		d.log.Warn("process migration: commit unconfirmed", "pid", rep.PID, "to", r.To, "err", err)
@@ -474,12 +474,14 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		return fmt.Errorf("prepare on %s: %w", r.To, err)
 	}
 	// From here on the target holds state for tx: abort it on failure.
-	finish := func(reason string) {
+	finish := func(reason string) error {
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		if err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Reason: reason}); err != nil {
+		err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Reason: reason})
+		if err != nil {
 			d.log.Warn("process migration: aborting on the target", "to", r.To, "err", err)
 		}
+		return err
 	}
 	pages, err := peer.DialPages(ctx, pcfg.Addr, r.To, d.tls, tx)
 	if err != nil {
@@ -533,9 +535,11 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	// process until the target has them all, past the switch: the
 	// outcome arrives here.
 	var lazyDone <-chan error
+	// restoreAsked: the target may have a copy of the process.
+	restoreAsked := false
 	// abort lets the process carry on here.
 	abort := func(cause error) error {
-		finish(cause.Error())
+		ferr := finish(cause.Error())
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		if lazyDone != nil {
@@ -545,6 +549,16 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			select {
 			case <-lazyDone:
 			case <-actx.Done():
+			}
+		}
+		if ferr != nil && restoreAsked && !errors.As(ferr, new(*peer.RemoteError)) {
+			// No answer: the target may run a copy, restored and
+			// alive, and the copy here must not run beside it. The
+			// recovery of a daemon restarted at this point takes
+			// over, in the background (see recoverUnconfirmed).
+			if d.recoverUnconfirmed(dir, done) {
+				handedOff = true
+				return fmt.Errorf("%w: %w (%w)", errAbortUnconfirmed, ferr, cause)
 			}
 		}
 		err := errors.Join(thawTree(tree, socks), (steering{d}).Unhold(actx, flows))
@@ -662,6 +676,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if err := j.write(journalRestoring); err != nil {
 		return abort(err)
 	}
+	restoreAsked = true
 	rctx, rcancel := context.WithTimeout(ctx, restoreWithin)
 	rr, err := c.ProcessRestore(rctx, req)
 	rcancel()

@@ -292,10 +292,14 @@ func ownDir(dir string) error {
 // and recoverUnconfirmed ends it.
 var errCommitUnconfirmed = errors.New("no answer to the commit; the process stays stopped here, and mtcpd asks again in the background until the target answers (then its copy here goes) or has dropped its own (then it resumes here)")
 
+// errAbortUnconfirmed: a process migration's abort went unanswered after
+// the target was asked to restore, and recoverUnconfirmed ends it.
+var errAbortUnconfirmed = errors.New("no answer to the abort; the process stays stopped here, and mtcpd asks again in the background until the target answers or has dropped its copy, then it resumes here (or, if the target committed, runs there)")
+
 // recoverUnconfirmed ends in the background, as the recovery of a daemon
 // restarted at that point does (recoverProcess), the migration whose
-// checkpoint is in dir: its commit went unanswered, so the target may run
-// the process or not. It takes over release, the tree's mark as leaving,
+// checkpoint is in dir: its commit or its abort went unanswered, so the
+// target may run the process or not. It takes over release, the tree's mark as leaving,
 // and the directory, or reports false if it cannot (the journal cannot be
 // read).
 func (d *Daemon) recoverUnconfirmed(dir string, release func()) bool {
@@ -340,7 +344,7 @@ func (d *Daemon) recoverProcesses(ctx context.Context, js []*procJournal) {
 func (d *Daemon) recoverProcess(ctx context.Context, j *procJournal) (ended bool) {
 	log := d.log.With("pid", j.root, "to", j.To, "tx", j.TxID, "phase", j.Phase)
 	if j.unconfirmed {
-		log.Warn("process mode: the target did not answer the commit; asking again, the process stopped here until it answers or has dropped its copy")
+		log.Warn("process mode: the target did not answer; asking again, the process stopped here until it answers or has dropped its copy")
 	} else {
 		log.Warn("process mode: a migration was under way when this daemon last stopped; ending it")
 	}
@@ -433,7 +437,7 @@ func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logg
 	// reached drops it on its own when it expires.
 	reason := "the source's mtcpd restarted during the migration"
 	if j.unconfirmed {
-		reason = "the source got no answer to its commit"
+		reason = "the source got no answer"
 	}
 	until := j.expires().Add(5 * time.Second)
 	for {

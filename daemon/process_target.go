@@ -23,19 +23,19 @@ import (
 
 // procIn is a process migration arriving here.
 type procIn struct {
-	from       string
-	name       string
-	dir        string     // the checkpoint (tmpfs)
-	pages      chan error // the pages stream's outcome, once
-	started    bool       // a pages stream was opened
-	restore    bool       // its restore was asked for (d.proc.mu): once only
-	pid        int        // the restored process, once restored and until it is reaped (d.proc.mu)
-	rules      []nat.Flow // flows given a reply rewrite here (d.proc.mu)
-	finished   bool       // ProcessFinish ended it (d.proc.mu)
-	restoredAt time.Time  // when its process was restored (d.proc.mu)
-	flows      map[app.Tuple]migrate.Flow
-	restored   map[app.Tuple]bool // every connection, as restored here (d.proc.mu)
-	expire     *time.Timer        // discards the migration if the source vanishes
+	from     string
+	name     string
+	dir      string     // the checkpoint (tmpfs)
+	pages    chan error // the pages stream's outcome, once
+	started  bool       // a pages stream was opened
+	restore  bool       // its restore was asked for (d.proc.mu): once only
+	pid      int        // the restored process, once restored and until it is reaped (d.proc.mu)
+	rules    []nat.Flow // flows given a reply rewrite here (d.proc.mu)
+	finished bool       // ProcessFinish ended it (d.proc.mu)
+	askedAt  time.Time  // when its restore was asked for (d.proc.mu)
+	flows    map[app.Tuple]migrate.Flow
+	restored map[app.Tuple]bool // every connection, as restored here (d.proc.mu)
+	expire   *time.Timer        // discards the migration if the source vanishes
 
 	// A lazy (post-copy) migration: the pages stream is handed to a
 	// lazy-pages daemon, which lives on after the restore until the
@@ -182,7 +182,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 	}
 	d.proc.mu.Lock()
 	again := in.restore
-	in.restore = true
+	in.restore, in.askedAt = true, time.Now()
 	d.proc.mu.Unlock()
 	if again {
 		// A second restore would start a second copy of the process.
@@ -317,7 +317,7 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 		return nil, err
 	}
 	rep.PID, rep.Restore = res.PID, res.Took
-	aborted := d.procUpdate(in, func() { in.pid, in.restoredAt = res.PID, time.Now() })
+	aborted := d.procUpdate(in, func() { in.pid = res.PID })
 	// The restored process is this daemon's child (CRIU's restore
 	// sibling): reap it when it exits, and forget its pid then, which
 	// may be another process's next.
@@ -378,6 +378,9 @@ func (d *Daemon) ProcessRestore(ctx context.Context, from string, r *peer.Proces
 			}
 		}()
 	}
+	if err := fault(ctx, "restored"); err != nil { // restored-hang: the answer is lost (tests)
+		return nil, err
+	}
 	d.log.Info("process restored", "from", from, "tx", r.TxID, "name", in.name, "pid", res.PID, "conns", len(r.Flows), "rewritten", rep.Rewritten,
 		"prepare", prepared, "lazy_pages_start", lazyStarted, "restore", res.Took, "lazy", in.lazy)
 	return rep, nil
@@ -394,8 +397,8 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		d.proc.mu.Unlock()
 		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
 	}
-	if lost, _ := faultDuration("process-commit-unanswered"); ok && r.Commit && lost > 0 && time.Since(in.restoredAt) < lost {
-		// Tests: the commit is lost on the way, unanswered.
+	if lost, _ := faultDuration("process-finish-unanswered"); ok && lost > 0 && !in.askedAt.IsZero() && time.Since(in.askedAt) < lost {
+		// Tests: the commit or abort is lost on the way, unanswered.
 		d.proc.mu.Unlock()
 		<-ctx.Done()
 		return ctx.Err()

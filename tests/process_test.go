@@ -1330,7 +1330,7 @@ func TestProcessMovesUnderNewConnections(t *testing.T) {
 
 // TestProcessCommitUnanswered: the target leaves the commits of the first
 // 14 s after its restore unanswered, as if lost on the way
-// (MTCP_FAULT=process-commit-unanswered on s2), longer than the source
+// (MTCP_FAULT=process-finish-unanswered on s2), longer than the source
 // asks for (10 s). The source kills its stopped copy only once the target
 // has answered: it reports the commit unconfirmed, keeps the copy stopped,
 // and asks again in the background, as after a restart, until the commit
@@ -1343,7 +1343,7 @@ func TestProcessCommitUnanswered(t *testing.T) {
 	bed := testbed.ForTest(t)
 	testbed.RequireNetns(t)
 	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager",
-		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=process-commit-unanswered=14s"}}})
+		Env: map[string][]string{"mtcpd-s2": {daemon.FaultEnv + "=process-finish-unanswered=14s"}}})
 	r, _, loop := redisWithClient(t, p, bed.S1)
 	rsts := watchPortRSTs(t, bed.Client, r.Port)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -1374,5 +1374,58 @@ func TestProcessCommitUnanswered(t *testing.T) {
 	}
 	if in, out := rsts(); in != 0 || out != 0 {
 		t.Fatalf("the client saw %d RSTs and sent %d", in, out)
+	}
+}
+
+// TestProcessAbortUnanswered: s2 restores the process, but its answer is
+// lost (restored-hang), so the source gives up (restore-deadline=1s on
+// s1) and aborts; s2 leaves the abort unanswered and unhandled too, as if
+// lost on the way (process-finish-unanswered=6s), its copy alive. The
+// source must not resume its copy beside s2's: it reports the abort unconfirmed,
+// keeps its copy stopped and asks again in the background until s2 has
+// answered, which it does once its copy is gone. Then the process carries
+// on at s1 with its client, and s2 keeps nothing. (The source used to
+// resume at once: two live copies, s2's until its timeout.)
+func TestProcessAbortUnanswered(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: map[string][]string{
+		"mtcpd-s1": {daemon.FaultEnv + "=restore-deadline=1s"},
+		"mtcpd-s2": {daemon.FaultEnv + "=restored-hang,process-finish-unanswered=6s"}}})
+	r, gc, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+	if err == nil || rep == nil || rep.Aborted || !strings.Contains(err.Error(), "no answer to the abort") {
+		t.Fatalf("migration whose abort goes unanswered: %v (report %+v), want it reported unconfirmed", err, rep)
+	}
+	t.Logf("migration: %v", err)
+	// Never two live copies: s1's resumes only once s2's is gone.
+	eventually(t, 30*time.Second, "s1's copy to resume", func() (bool, string) {
+		st := testbed.ProcState(r.PID)
+		running := st == "S" || st == "R"
+		if pid := pool.ListenerPID(bed.S2, r.Port); running && pid != 0 {
+			t.Fatalf("s1's copy runs (%s) while s2's (pid %d) does too", st, pid)
+		}
+		return running, st
+	})
+	before := loop.count()
+	eventually(t, 10*time.Second, "the client to be served at s1 again", func() (bool, string) {
+		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
+	})
+	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
+		t.Errorf("s2 keeps a copy (pid %d) of an aborted migration", pid)
+	}
+	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
+		t.Errorf("s2 keeps rules of an aborted migration: %v", e)
+	}
+	if _, _, err := loop.finish(); err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	if in, out := rsts(); in != 0 || out != 0 {
+		t.Errorf("the client saw %d RSTs and sent %d", in, out)
 	}
 }
