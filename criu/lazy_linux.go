@@ -71,6 +71,7 @@ type LazyPages struct {
 	chunk    int  // pages per background request now
 	pending  int  // requests of any kind not answered yet
 	closing  bool // every page is in place; the close is sent
+	killed   bool // Kill has let go of the userfaultfds
 	stats    LazyStats
 	asked    map[uint64]time.Time // when each fault's page was asked for
 	out      chan [psRequestSize]byte
@@ -136,6 +137,7 @@ func (lp *LazyPages) Kill() {
 	lp.finish(errors.New("stopped"))
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
+	lp.killed = true
 	for _, p := range lp.procs {
 		if !p.exited {
 			p.exited = true
@@ -288,7 +290,7 @@ func (lp *LazyPages) add(pid uint64, fd int) error {
 // start serves p. lp.mu is held.
 func (lp *LazyPages) start(p *lazyProc) {
 	if lp.ended() {
-		if lp.err != nil {
+		if lp.err != nil && !lp.killed {
 			lp.procs = append(lp.procs, p) // kept until Kill, unserved
 		} else {
 			closeUFFD(p.uffd)

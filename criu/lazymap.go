@@ -278,12 +278,9 @@ func (m *lazyMap) splitRun(start, end uint64) {
 }
 
 // remap follows mremap(2) moving n bytes from the process address from to
-// to. What was at to before is gone (the kernel unmapped it; its unmap
-// event may not have come first).
+// to. (What was at to before is gone: the kernel's unmap event for it
+// comes first.)
 func (m *lazyMap) remap(from, to, n uint64) {
-	if to+n <= from || from+n <= to { // mremap never overlaps them
-		m.drop(to, to+n)
-	}
 	m.splitRun(from, from+n)
 	for k := range m.segs {
 		s := &m.segs[k]

@@ -41,9 +41,9 @@ func TestLazyMapSplitsAtMappings(t *testing.T) {
 }
 
 // TestLazyMapRemapOntoDropped moves a mapping (mremap) onto the addresses
-// of one unmapped before: its pages are found there, not the gone ones
-// (which would be filled with zeros), and what the move covers is gone
-// even without an unmap event for it.
+// of one unmapped before (the kernel's unmap event for the destination
+// comes before the remap): its pages are found there, not the gone ones,
+// which would be filled with zeros.
 func TestLazyMapRemapOntoDropped(t *testing.T) {
 	m := mapOf(t, []span{{0x10 * pg, 0x14 * pg}, {0x40 * pg, 0x44 * pg}, {0x60 * pg, 0x64 * pg}},
 		[2]uint64{0x10 * pg, 4}, [2]uint64{0x40 * pg, 4}, [2]uint64{0x60 * pg, 4})
@@ -55,8 +55,9 @@ func TestLazyMapRemapOntoDropped(t *testing.T) {
 			t.Fatalf("page at %#x after the remap onto dropped memory: %v, gone %v", a, ok, ok && s.state[i] == pgGone)
 		}
 	}
-	// The mapping at 0x60 moves onto 0x10 in turn, without an unmap
-	// event for what was there: those pages are gone.
+	// The mapping at 0x60 moves onto 0x10 in turn, after the unmap
+	// event for what was there.
+	m.drop(0x10*pg, 0x14*pg)
 	m.remap(0x60*pg, 0x10*pg, 4*pg)
 	if s, i, ok := m.find(0x11 * pg); !ok || s.img+uint64(i)*pg != 0x61*pg {
 		t.Fatalf("page at 0x11 after the second remap: %v %+v %d", ok, s, i)

@@ -37,9 +37,10 @@ type Daemon struct {
 	// them, as their rollback (a thaw, a switch back) needs its
 	// services.
 	txs sync.WaitGroup
-	// life is cancelled when the daemon stops its services: for work
-	// started in the background, such as recoverUnconfirmed.
-	life     context.Context
+	// stopping is cancelled when the daemon starts to stop, with the
+	// admin requests: for work started in the background, such as
+	// recoverUnconfirmed.
+	stopping context.Context
 	txMu     sync.Mutex
 	txClosed bool // no migration may start: the daemon waits for txs
 
@@ -212,7 +213,6 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	stopping := ctx
 	ctx, cancel := context.WithCancel(context.WithoutCancel(stopping))
 	defer cancel()
-	d.life = ctx
 	policyCtx, stopPolicy := context.WithCancel(ctx)
 	defer stopPolicy()
 	var wg sync.WaitGroup
@@ -245,6 +245,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// The admin requests have their own context, cancelled before the
 	// services' (see the end of Run).
 	reqCtx, cancelRequests := context.WithCancel(ctx)
+	d.stopping = reqCtx
 	defer cancelRequests()
 	hs := admin.NewServer(reqCtx, d.adminHandler())
 	serve("admin", func() error {

@@ -393,7 +393,7 @@ func (d *Daemon) MigrateProcess(ctx context.Context, r *admin.ProcessRequest, pr
 	case errors.Is(err, errCommitUnconfirmed), errors.Is(err, errAbortUnconfirmed):
 		rep.Error = err.Error()
 		processMigrations.WithLabelValues("unconfirmed").Inc()
-		d.log.Warn("process migration: commit unconfirmed", "pid", rep.PID, "to", r.To, "err", err)
+		d.log.Warn("process migration: the target did not answer; ending it in the background", "pid", rep.PID, "to", r.To, "err", err)
 	case err != nil:
 		rep.Aborted = true
 		rep.Error = err.Error()
@@ -475,6 +475,8 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	}
 	// From here on the target holds state for tx: abort it on failure.
 	finish := func(reason string) error {
+		// (An answer later than this hands the migration to the
+		// recovery, below: slower, still safe.)
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		err := c.ProcessFinish(fctx, &peer.ProcessFinishRequest{TxID: tx, Reason: reason})
@@ -551,12 +553,16 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			case <-actx.Done():
 			}
 		}
-		if ferr != nil && restoreAsked && !errors.As(ferr, new(*peer.RemoteError)) {
+		gone := strings.Contains(cause.Error(), endedAborted) // the target said so
+		if ferr != nil && restoreAsked && !gone && !errors.As(ferr, new(*peer.RemoteError)) {
 			// No answer: the target may run a copy, restored and
 			// alive, and the copy here must not run beside it. The
 			// recovery of a daemon restarted at this point takes
-			// over, in the background (see recoverUnconfirmed).
-			if d.recoverUnconfirmed(dir, done) {
+			// over, in the background (see recoverUnconfirmed); the
+			// journal says to undo, whatever phase it was in.
+			if err := j.write(journalAborting); err != nil {
+				d.log.Error("process migration: the target did not answer the abort, and the journal cannot say so; resuming here", "err", err)
+			} else if d.recoverUnconfirmed(dir, done) {
 				handedOff = true
 				return fmt.Errorf("%w: %w (%w)", errAbortUnconfirmed, ferr, cause)
 			}
@@ -672,6 +678,12 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	restoreWithin, err := faultDuration("restore-deadline")
 	if err != nil || restoreWithin == 0 {
 		restoreWithin = procRestoreDeadline
+	}
+	if lazy {
+		// From its restore, the target keeps a lazy copy waiting
+		// for its pages, then for the commit: at the latest, that
+		// long from now (made exact once the restore answers).
+		j.Expires = time.Now().Add(restoreWithin + lazyPagesTimeout + procInTimeout)
 	}
 	if err := j.write(journalRestoring); err != nil {
 		return abort(err)

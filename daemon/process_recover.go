@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -45,6 +46,9 @@ import (
 //	committed  the target has committed: only the stopped copy here and
 //	           its rules are left to remove (a second commit would be
 //	           refused: the target has forgotten the migration)
+//	aborting   this daemon decided to undo the migration, but the target
+//	           did not answer its abort (recoverUnconfirmed): undo,
+//	           steering the flows back here
 //
 // To finish is to have the target commit (which it does only while it
 // still has the migration: it drops one procInTimeout after its
@@ -82,6 +86,7 @@ const (
 	journalSwitching  = "switching"
 	journalCommitting = "committing"
 	journalCommitted  = "committed"
+	journalAborting   = "aborting"
 )
 
 // journalName is the journal's file in a checkpoint directory; it is not
@@ -158,7 +163,7 @@ func readJournal(dir string) (*procJournal, error) {
 		return nil, fmt.Errorf("process migration journal %s: %w", j.path, err)
 	}
 	switch {
-	case j.Phase != journalHeld && j.Phase != journalRestoring && j.Phase != journalSwitching && j.Phase != journalCommitting && j.Phase != journalCommitted:
+	case !slices.Contains([]string{journalHeld, journalRestoring, journalSwitching, journalCommitting, journalCommitted, journalAborting}, j.Phase):
 		return nil, fmt.Errorf("process migration journal %s: unknown phase %q", j.path, j.Phase)
 	case len(j.Procs) == 0 || j.To == "":
 		return nil, fmt.Errorf("process migration journal %s: no process or no target", j.path)
@@ -305,13 +310,18 @@ var errAbortUnconfirmed = errors.New("no answer to the abort; the process stays 
 func (d *Daemon) recoverUnconfirmed(dir string, release func()) bool {
 	j, err := readJournal(dir)
 	if err != nil {
-		d.log.Error("process migration: the commit went unanswered, and the journal cannot be read", "dir", dir, "err", err)
+		d.log.Error("process migration: the target did not answer, and the journal cannot be read", "dir", dir, "err", err)
 		return false
 	}
 	j.release, j.unconfirmed = release, true
+	// Counted as a migration under way (the caller's still is, so the
+	// count is not at zero): a stopping daemon cancels it (d.stopping),
+	// waits for it, and its next start takes up what is left.
+	d.txs.Add(1)
 	go func() {
+		defer d.txs.Done()
 		defer j.release()
-		if d.recoverProcess(d.life, j) {
+		if d.recoverProcess(d.stopping, j) {
 			os.RemoveAll(dir)
 		}
 	}()
@@ -390,13 +400,18 @@ func (d *Daemon) finishProcess(ctx context.Context, j *procJournal) error {
 	if !ok {
 		return fmt.Errorf("%q is no longer a peer of %s", j.To, d.cfg.Name)
 	}
-	// The target drops the migration when it expires: until shortly
-	// before, it is worth trying again.
-	until := j.expires().Add(-10 * time.Second)
+	// Only an answer of the target's says whether it runs the process:
+	// one that did not commit drops the migration when it expires, and
+	// answers a commit after that with endedAborted; one that did
+	// answers it as the first, for outcomeKeep. Silence says nothing (a
+	// commit whose answer was lost, and the copy here must not resume
+	// beside the target's), so it is asked again for that long.
+	until := j.Prepared.Add(outcomeKeep)
 	var err error
 	for {
-		err = d.commitOnTarget(ctx, j, pcfg)
-		if err == nil || time.Now().After(until) || strings.Contains(err.Error(), endedAborted) {
+		var answered bool
+		answered, err = d.commitOnTarget(ctx, j, pcfg)
+		if answered || time.Now().After(until) {
 			break
 		}
 		select {
@@ -411,21 +426,23 @@ func (d *Daemon) finishProcess(ctx context.Context, j *procJournal) error {
 	return errors.Join(d.retireSource(j.tree, j.socks)...)
 }
 
-// commitOnTarget switches the flows to the target and has it commit.
-func (d *Daemon) commitOnTarget(ctx context.Context, j *procJournal, pcfg PeerConfig) error {
+// commitOnTarget switches the flows to the target and has it commit. It
+// reports whether the target answered the commit (err is then nil, or
+// its refusal).
+func (d *Daemon) commitOnTarget(ctx context.Context, j *procJournal, pcfg PeerConfig) (answered bool, err error) {
 	cctx, cancel := context.WithTimeout(ctx, procSwitchDeadline)
 	defer cancel()
 	if err := d.switchProcess(cctx, j.flows, pcfg); err != nil {
-		return fmt.Errorf("switch: %w", err)
+		return false, fmt.Errorf("switch: %w", err)
 	}
 	c, err := d.peer(cctx, j.To)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if err := c.ProcessFinish(cctx, &peer.ProcessFinishRequest{TxID: j.TxID, Commit: true}); err != nil {
-		return fmt.Errorf("commit on %s: %w", j.To, err)
+		return errors.As(err, new(*peer.RemoteError)), fmt.Errorf("commit on %s: %w", j.To, err)
 	}
-	return nil
+	return true, nil
 }
 
 // undoProcess lets the process of an unfinished migration carry on here.
@@ -466,7 +483,7 @@ func (d *Daemon) undoProcess(ctx context.Context, j *procJournal, log *slog.Logg
 		}
 	}
 	var errs []error
-	if j.Phase == journalSwitching || j.Phase == journalCommitting {
+	if j.Phase == journalSwitching || j.Phase == journalCommitting || j.Phase == journalAborting {
 		// The flows may have gone to the target: steer them back to
 		// this host's address, where they went before.
 		for _, v6 := range []bool{false, true} {

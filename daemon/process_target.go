@@ -397,7 +397,9 @@ func (d *Daemon) ProcessFinish(ctx context.Context, from string, r *peer.Process
 		d.proc.mu.Unlock()
 		return fmt.Errorf("process migration %d on %s belongs to %s, not %s", r.TxID, d.cfg.Name, in.from, from)
 	}
-	if lost, _ := faultDuration("process-finish-unanswered"); ok && lost > 0 && !in.askedAt.IsZero() && time.Since(in.askedAt) < lost {
+	if lost, _ := faultDuration("process-finish-unanswered"); ok && lost > 0 && ctx.Done() != nil && !in.askedAt.IsZero() && time.Since(in.askedAt) < lost {
+		// (Peers' requests only: this daemon's own, from its expiry
+		// or its pages' end, cannot be cancelled.)
 		// Tests: the commit or abort is lost on the way, unanswered.
 		d.proc.mu.Unlock()
 		<-ctx.Done()
@@ -608,7 +610,7 @@ func killQuietly(ctx context.Context, pid int, restored map[app.Tuple]bool) erro
 		in[p] = true
 		errs = append(errs, signal(p, syscall.SIGSTOP))
 	}
-	conns, err := repair.List(ctx, repair.ListOptions{Owners: true})
+	conns, err := repair.List(ctx, repair.ListOptions{Owners: true, OwnersAmong: tree})
 	errs = append(errs, err)
 	for _, c := range conns {
 		if !restored[app.Tuple{Local: c.Local, Remote: c.Remote}] {

@@ -104,9 +104,9 @@ func printProcessReport(w io.Writer, rep *admin.ProcessReport) {
 		return
 	}
 	if rep.Error != "" {
-		// Not aborted, not known to be moved: the commit went
-		// unanswered, and mtcpd ends the migration in the background.
-		fmt.Fprintf(w, "process %d (%s) restored on %s as pid %d, not known to be committed: %s\n", rep.PID, rep.Command, rep.To, rep.NewPID, rep.Error)
+		// Neither aborted nor known to be moved: the target did not
+		// answer, and mtcpd ends the migration in the background.
+		fmt.Fprintf(w, "process %d (%s): not known to have moved to %s or to have stayed: %s\n", rep.PID, rep.Command, rep.To, rep.Error)
 		return
 	}
 	if rep.Lazy {
