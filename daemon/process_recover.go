@@ -314,6 +314,13 @@ func (d *Daemon) recoverUnconfirmed(dir string, release func()) bool {
 		return false
 	}
 	j.release, j.unconfirmed = release, true
+	// The recovery reads the journal alone: the images (an eager
+	// dump holds the whole memory, on a tmpfs) go now.
+	if names, err := checkpointFiles(dir); err == nil {
+		for _, n := range names {
+			os.Remove(filepath.Join(dir, n))
+		}
+	}
 	// Counted as a migration under way (the caller's still is, so the
 	// count is not at zero): a stopping daemon cancels it (d.stopping),
 	// waits for it, and its next start takes up what is left.
