@@ -747,13 +747,21 @@ func TestProcessRestoreDeadline(t *testing.T) {
 	if took := time.Since(t0); took > 2500*time.Millisecond {
 		t.Errorf("the migration took %v to give up; its restore deadline is 1 s", took)
 	}
+	time.Sleep(3 * time.Second) // past s2's delay
+	stayedAtS1(t, bed, r, client, loop, rsts)
+}
+
+// stayedAtS1 checks what an aborted process migration from s1 to s2
+// leaves: the client served at s1 again, without error or RST, and
+// nothing of the process on s2, neither a copy nor rules.
+func stayedAtS1(t *testing.T, bed *testbed.Bed, r *pool.Redis, client netip.AddrPort, loop *goLoop, rsts func() (int, int)) {
+	t.Helper()
 	before := loop.count()
 	eventually(t, 10*time.Second, "the client to be served at s1 again", func() (bool, string) {
 		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
 	})
-	time.Sleep(3 * time.Second) // past s2's delay
 	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
-		t.Errorf("s2 restored the process (pid %d) of an aborted migration", pid)
+		t.Errorf("s2 keeps a copy of the process (pid %d) of an aborted migration", pid)
 	}
 	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
 		t.Errorf("s2 keeps rules of an aborted migration: %v", e)
@@ -1381,9 +1389,9 @@ func TestProcessCommitUnanswered(t *testing.T) {
 // lost (restored-hang), so the source gives up (restore-deadline=1s on
 // s1) and aborts; s2 leaves the abort unanswered and unhandled too, as if
 // lost on the way (process-finish-unanswered=6s), its copy alive. The
-// source must not resume its copy beside s2's: it reports the abort unconfirmed,
-// keeps its copy stopped and asks again in the background until s2 has
-// answered, which it does once its copy is gone. Then the process carries
+// source must not resume its copy beside s2's: it reports the abort
+// unconfirmed, keeps its copy stopped and asks again in the background
+// until s2 has answered, which it does once its copy is gone. Then the process carries
 // on at s1 with its client, and s2 keeps nothing. (The source used to
 // resume at once: two live copies, s2's until its timeout.)
 func TestProcessAbortUnanswered(t *testing.T) {
@@ -1412,20 +1420,5 @@ func TestProcessAbortUnanswered(t *testing.T) {
 		}
 		return running, st
 	})
-	before := loop.count()
-	eventually(t, 10*time.Second, "the client to be served at s1 again", func() (bool, string) {
-		return loop.count() > before+100, fmt.Sprint(loop.count() - before)
-	})
-	if pid := pool.ListenerPID(bed.S2, r.Port); pid != 0 {
-		t.Errorf("s2 keeps a copy (pid %d) of an aborted migration", pid)
-	}
-	if e := flowElems(t, bed.S2, client, ""); len(e) != 0 {
-		t.Errorf("s2 keeps rules of an aborted migration: %v", e)
-	}
-	if _, _, err := loop.finish(); err != nil {
-		t.Fatalf("client: %v", err)
-	}
-	if in, out := rsts(); in != 0 || out != 0 {
-		t.Errorf("the client saw %d RSTs and sent %d", in, out)
-	}
+	stayedAtS1(t, bed, r, client, loop, rsts)
 }
