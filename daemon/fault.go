@@ -55,6 +55,11 @@ import (
 //	                 the process (which it then kills)
 //	target-pages-end-refuse  the same, once the target has every page
 //	                 (so that the source commits meanwhile)
+//	pages-in-hang    the target of an eager process migration never reads
+//	                 the page images (its connection stays open)
+//	pages-stall=D    the source of an eager process migration gives up
+//	                 after D without progress in sending its page images,
+//	                 instead of 30 s
 //	restored-hang    the target of a process migration restores the
 //	                 process, then never answers (until the source gives
 //	                 up), as if its answer were lost on the way

@@ -652,8 +652,13 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 				small = append(small, n)
 			}
 		}
+		stall, err := faultDuration("pages-stall")
+		if err != nil || stall == 0 {
+			stall = pagesStall
+		}
 		stop := context.AfterFunc(ctx, func() { pages.SetDeadline(time.Unix(1, 0)) })
-		sent, err := peer.SendFiles(pages, pages, dir, big)
+		g := stallGuard{pages, stall}
+		sent, err := peer.SendFiles(g, g, dir, big)
 		stop()
 		pages.Close()
 		if err != nil {
@@ -816,6 +821,28 @@ func (d *Daemon) commitOn(ctx context.Context, to string, tx uint64) error {
 		case <-time.After(commitRetry):
 		}
 	}
+}
+
+// pagesStall bounds how long the transfer of an eager migration's page
+// images may make no progress (a write of one buffer, or the target's
+// acknowledgement of the last): a target that hangs with its connection
+// open must not keep the process stopped, whatever the memory's size.
+const pagesStall = 30 * time.Second
+
+// stallGuard gives each read and write of its connection d to complete.
+type stallGuard struct {
+	net.Conn
+	d time.Duration
+}
+
+func (g stallGuard) Write(p []byte) (int, error) {
+	g.SetWriteDeadline(time.Now().Add(g.d))
+	return g.Conn.Write(p)
+}
+
+func (g stallGuard) Read(p []byte) (int, error) {
+	g.SetReadDeadline(time.Now().Add(g.d))
+	return g.Conn.Read(p)
 }
 
 // commitAttempt bounds one try of a commit, commitRetry is the wait

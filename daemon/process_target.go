@@ -133,6 +133,9 @@ func (d *Daemon) ProcessPages(ctx context.Context, from string, tx uint64, conn 
 		<-in.lazyEnd
 		return in.lazyErr
 	}
+	if err := fault(ctx, "pages-in"); err != nil { // pages-in-hang: the images are never read (tests)
+		return err
+	}
 	// The pages come within the migration's own bound, or not at all:
 	// a source that stops sending must not keep this reader for ever.
 	conn.SetDeadline(time.Now().Add(procInTimeout))

@@ -1422,3 +1422,34 @@ func TestProcessAbortUnanswered(t *testing.T) {
 	})
 	stayedAtS1(t, bed, r, client, loop, rsts)
 }
+
+// TestProcessPagesStall: the target of an eager migration never reads its
+// page images (MTCP_FAULT=pages-in-hang on s2), its connection open. The
+// source gives up once the transfer has made no progress for a while
+// (pages-stall=1s on s1, 30 s by default) rather than keep the process
+// stopped until the request's own end: the migration aborts within
+// seconds, and the process carries on at s1 with its client.
+func TestProcessPagesStall(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: map[string][]string{
+		"mtcpd-s1": {daemon.FaultEnv + "=pages-stall=1s"},
+		"mtcpd-s2": {daemon.FaultEnv + "=pages-in-hang"}}})
+	r, gc, loop := redisWithClient(t, p, bed.S1)
+	rsts := watchPortRSTs(t, bed.Client, r.Port)
+	client := pool.Unmap(gc.LocalAddr().(*net.TCPAddr).AddrPort())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+	took := time.Since(t0)
+	if err == nil || rep == nil || !rep.Aborted || !strings.Contains(err.Error(), "sending the memory pages") {
+		t.Fatalf("migration to a target that reads no pages: %v (report %+v), want it aborted while sending the pages", err, rep)
+	}
+	if took > 10*time.Second {
+		t.Errorf("the migration took %v to give up on a stalled transfer", took)
+	}
+	t.Logf("aborted after %v: %v", took.Round(time.Millisecond), err)
+	stayedAtS1(t, bed, r, client, loop, rsts)
+}
