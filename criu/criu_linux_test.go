@@ -570,6 +570,49 @@ func TestLazyStreamBreak(t *testing.T) {
 	}
 }
 
+// lazyRaceProg fills 16 MiB and maps another 16 MiB it never touches
+// (none of it in the checkpoint), says ready and waits for its go. Then
+// one thread drops a small mapping with madvise again and again (each a
+// memory-map event the lazy-pages daemon must read before it can fill
+// any page) while another touches every untouched page (each a fault
+// the daemon answers with a zero page), and the main thread checks the
+// filled memory. Its exit status says which check failed.
+const lazyRaceProg = "#define _GNU_SOURCE\n#include <pthread.h>\n" + lazyProgHead + `static unsigned char *small;
+static volatile int stop;
+static void *dropper(void *arg) {
+	while (!stop)
+		if (madvise(small, 64 << 10, MADV_DONTNEED)) return (void *)1;
+	return 0;
+}
+int main(int argc, char **argv) {
+	size_t n = 16 * MB;
+	unsigned char *a = fill(n, 1);
+	unsigned char *fresh = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	small = fill(64 << 10, 2);
+	if (fresh == MAP_FAILED) return 2;
+	ready_then_wait(argv[1]);
+	pthread_t th;
+	if (pthread_create(&th, 0, dropper, 0)) return 3;
+	for (size_t i = 0; i < n; i += 4096)
+		if (fresh[i]) return 10;
+	int ok = check(a, 0, n, 1);
+	stop = 1;
+	void *r;
+	pthread_join(th, &r);
+	if (r) return 11;
+	return ok ? 0 : 12;
+}
+`
+
+// TestLazyFaultsDuringEvents: zero-page faults come while memory-map
+// events wait to be read (lazyRaceProg). The kernel refuses to fill a
+// page while an event waits, and the events and the faults come through
+// one descriptor, read by one goroutine: the fault must wait for the
+// event, not the event for the fault.
+func TestLazyFaultsDuringEvents(t *testing.T) {
+	runLazyProg(t, lazyRaceProg)
+}
+
 // breakable is a page stream whose reads fail once broken is closed.
 type breakable struct {
 	io.ReadWriter

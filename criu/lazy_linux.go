@@ -397,27 +397,70 @@ func (lp *LazyPages) event(p *lazyProc, ev repair.UFFDEvent) ([]byte, error) {
 	return nil, nil
 }
 
-// zero maps a zero page at addr in p. lp.mu is held.
+// zero maps a zero page at addr in p. lp.mu is held. While the memory
+// map changes (an event waits to be read, which only p's events
+// goroutine does, the one calling this), the kernel refuses: the page is
+// then left to zeroLater, so that the event can be read.
 func (lp *LazyPages) zero(p *lazyProc, addr uint64) error {
-	for t0 := time.Now(); ; {
-		err := p.uffd.ZeroPage(addr, pageSize)
-		switch {
-		case err == nil, errors.Is(err, repair.ErrUFFDNoRange):
-			return nil
-		case errors.Is(err, repair.ErrUFFDExists):
-			return p.uffd.Wake(addr, pageSize)
-		case errors.Is(err, repair.ErrUFFDGone):
-			lp.exit(p)
-			return nil
-		case errors.Is(err, repair.ErrUFFDAgain) && time.Since(t0) < lazyAgainLimit:
+	again, err := lp.tryZero(p, addr)
+	if again {
+		go lp.zeroLater(p, addr, time.Now())
+	}
+	return err
+}
+
+// tryZero tries once to map a zero page at addr in p; again says the
+// kernel refused while the memory map changes. lp.mu is held.
+func (lp *LazyPages) tryZero(p *lazyProc, addr uint64) (again bool, err error) {
+	err = p.uffd.ZeroPage(addr, pageSize)
+	switch {
+	case err == nil, errors.Is(err, repair.ErrUFFDNoRange):
+		return false, nil
+	case errors.Is(err, repair.ErrUFFDExists):
+		return false, p.uffd.Wake(addr, pageSize)
+	case errors.Is(err, repair.ErrUFFDGone):
+		lp.exit(p)
+		return false, nil
+	case errors.Is(err, repair.ErrUFFDAgain):
+		return true, nil
+	}
+	return false, err
+}
+
+// zeroLater answers p's fault at addr with a zero page once the memory
+// map has stopped changing, trying again for up to lazyAgainLimit since
+// first (the daemon fails after that). A page that a move (mremap) has
+// meanwhile brought to addr from the checkpoint is asked for instead.
+func (lp *LazyPages) zeroLater(p *lazyProc, addr uint64, first time.Time) {
+	for {
+		time.Sleep(50 * time.Microsecond)
+		lp.mu.Lock()
+		if p.exited || lp.ended() {
 			lp.mu.Unlock()
-			time.Sleep(50 * time.Microsecond)
-			lp.mu.Lock()
-			if p.exited {
-				return nil
+			return
+		}
+		if s, i, ok := p.m.find(addr); ok && s.state[i] != pgGone {
+			if s.state[i] == pgMissing {
+				p.m.set(s, i, pgUrgent)
+				img := s.img + uint64(i)*pageSize
+				lp.stats.Faults++
+				lp.asked[img] = time.Now()
+				lp.request(psUrgent, p.pid, img, 1)
 			}
-		default:
-			return err
+			lp.mu.Unlock()
+			return
+		}
+		again, err := lp.tryZero(p, addr)
+		lp.mu.Unlock()
+		switch {
+		case err != nil:
+			lp.finish(fmt.Errorf("process %d: %w", p.pid, err))
+			return
+		case !again:
+			return
+		case time.Since(first) > lazyAgainLimit:
+			lp.finish(fmt.Errorf("process %d: a zero page refused for %v while the memory map changed", p.pid, lazyAgainLimit))
+			return
 		}
 	}
 }
