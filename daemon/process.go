@@ -604,6 +604,26 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 			}
 		}
 	}
+	if err == nil {
+		// A child forked after the tree was listed is in the
+		// checkpoint, stopped with the rest: it moves too, so it must
+		// be thawed or killed with them, and its pages served.
+		if now, terr := treeOf(pid); terr == nil {
+			for _, p := range now {
+				if slices.Contains(tree, p) {
+					continue
+				}
+				st, serr := procStart(p)
+				if serr != nil {
+					continue // gone
+				}
+				tree = append(tree, p)
+				j.Procs = append(j.Procs, journalProc{PID: p, Start: st})
+				d.log.Info("process migration: a child forked during the migration moves too", "pid", pid, "child", p)
+			}
+			err = j.write(journalHeld)
+		}
+	}
 	if err != nil {
 		pages.Close()
 		return abort(err)

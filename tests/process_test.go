@@ -1453,3 +1453,67 @@ func TestProcessPagesStall(t *testing.T) {
 	t.Logf("aborted after %v: %v", took.Round(time.Millisecond), err)
 	stayedAtS1(t, bed, r, client, loop, rsts)
 }
+
+// TestProcessForkDuringMigration: redis forks a child (BGSAVE, slowed by
+// rdb-key-save-delay) after the source listed its process tree and before
+// the dump (MTCP_FAULT=listed-delay on s1). The child is in the
+// checkpoint, stopped with its parent, so it belongs to the migration:
+// when the migration is undone (s2 never reads the page images,
+// pages-in-hang, and s1 gives up after pages-stall), it resumes with its
+// parent. (It stayed stopped for good, and redis's BGSAVE with it.)
+func TestProcessForkDuringMigration(t *testing.T) {
+	skipUnlessProcessMode(t)
+	bed := testbed.ForTest(t)
+	testbed.RequireNetns(t)
+	p := pool.Start(t, bed, pool.Options{Quiet: true, ProcessPages: "eager", Env: map[string][]string{
+		"mtcpd-s1": {daemon.FaultEnv + "=listed-delay=3s,pages-stall=1s"},
+		"mtcpd-s2": {daemon.FaultEnv + "=pages-in-hang"}}})
+	r := p.StartRedis(bed.S1, pool.RedisOptions{})
+	c, err := r.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	rc := newRESP(c)
+	for i := range 50 {
+		if _, err := rc.do("SET", fmt.Sprint("k", i), "v"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := rc.do("CONFIG", "SET", "rdb-key-save-delay", "100000"); err != nil || got != "OK" {
+		t.Fatalf("CONFIG SET rdb-key-save-delay: %q %v", got, err)
+	}
+	type result struct {
+		rep *admin.ProcessReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		rep, err := p.Admin(bed.S1).MigrateProcess(ctx, &admin.ProcessRequest{PID: r.PID, To: bed.S2.Name}, nil)
+		done <- result{rep, err}
+	}()
+	time.Sleep(1500 * time.Millisecond) // within the listed-delay: the tree is listed
+	if got, err := rc.do("BGSAVE"); err != nil || !strings.Contains(got, "started") {
+		t.Fatalf("BGSAVE: %q %v", got, err)
+	}
+	kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", r.PID, r.PID))
+	var child int
+	if _, err := fmt.Sscan(string(kids), &child); err != nil {
+		t.Fatalf("redis's BGSAVE child: %q %v", kids, err)
+	}
+	t.Cleanup(func() { syscall.Kill(child, syscall.SIGKILL) })
+	res := <-done
+	if res.err == nil || res.rep == nil || !res.rep.Aborted {
+		t.Fatalf("migration to a target that reads no pages: %v (report %+v), want it aborted", res.err, res.rep)
+	}
+	eventually(t, 5*time.Second, "the BGSAVE child to resume with its parent", func() (bool, string) {
+		st := testbed.ProcState(child)
+		return st != "T", st
+	})
+	if got, err := rc.do("GET", "k7"); err != nil || got != "v" {
+		t.Fatalf("GET at s1 after the abort: %q %v", got, err)
+	}
+}
