@@ -360,13 +360,7 @@ func (lp *LazyPages) event(p *lazyProc, ev repair.UFFDEvent) ([]byte, error) {
 		if s.state[i] == pgUrgent {
 			return nil, nil // asked for already
 		}
-		p.m.set(s, i, pgUrgent)
-		img := s.img + uint64(i)*pageSize
-		lp.stats.Faults++
-		lp.chunk = lazyChunkPages
-		lp.asked[img] = time.Now()
-		lp.pending++
-		return psGet(psUrgent, p.pid, img, 1), nil
+		return lp.askUrgent(p, s, i), nil
 	case repair.UFFDFork:
 		u, err := repair.NewUFFD(ev.FD)
 		if err != nil {
@@ -395,6 +389,19 @@ func (lp *LazyPages) event(p *lazyProc, ev repair.UFFDEvent) ([]byte, error) {
 	}
 	lp.checkDone()
 	return nil, nil
+}
+
+// askUrgent marks page i of segment s, which p faulted on, asked for, and
+// returns the request for it, which overtakes the background transfer.
+// lp.mu is held.
+func (lp *LazyPages) askUrgent(p *lazyProc, s *lazySeg, i int) []byte {
+	p.m.set(s, i, pgUrgent)
+	img := s.img + uint64(i)*pageSize
+	lp.stats.Faults++
+	lp.chunk = lazyChunkPages
+	lp.asked[img] = time.Now()
+	lp.pending++
+	return psGet(psUrgent, p.pid, img, 1)
 }
 
 // zero maps a zero page at addr in p. lp.mu is held. While the memory
@@ -441,11 +448,7 @@ func (lp *LazyPages) zeroLater(p *lazyProc, addr uint64, first time.Time) {
 		}
 		if s, i, ok := p.m.find(addr); ok && s.state[i] != pgGone {
 			if s.state[i] == pgMissing {
-				p.m.set(s, i, pgUrgent)
-				img := s.img + uint64(i)*pageSize
-				lp.stats.Faults++
-				lp.asked[img] = time.Now()
-				lp.request(psUrgent, p.pid, img, 1)
+				lp.out <- [psRequestSize]byte(lp.askUrgent(p, s, i))
 			}
 			lp.mu.Unlock()
 			return
