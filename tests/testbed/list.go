@@ -97,20 +97,11 @@ func processAlive(pid int) bool {
 // with other prefixes are left alone. A reused pid keeps a dead run's bed
 // until that pid exits too.
 func Sweep(ctx context.Context) error {
-	prefixes, err := List(ctx)
+	names, err := namespaces()
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for _, p := range prefixes {
-		if Orphaned(p) {
-			errs = append(errs, Describe(p).Down(ctx))
-		}
-	}
-	names, err := namespaces()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
 	for _, n := range names {
 		if p, _, ok := strings.Cut(n, "-"); ok && Orphaned(p) {
 			errs = append(errs, removeNetNS(ctx, n))
