@@ -308,7 +308,8 @@ const drainInFlight = 4
 // process's descriptor limit, which every application link, peer
 // connection and migration in flight shares (20,000 on some machines: a
 // drain that kept them all would starve the rest).
-var drainDeferMax = deferMax(50000)
+// Read at the first drain, not when the package is loaded.
+var drainDeferMax = sync.OnceValue(func() int { return deferMax(50000) })
 
 // deferMax is max, or half of this process's soft limit on open
 // files (/proc/self/limits) if that is less.

@@ -386,7 +386,7 @@ type laterDiscards struct {
 func (l *laterDiscards) add(outs, rm []*outgoing) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if len(l.outs)+len(outs) > drainDeferMax {
+	if len(l.outs)+len(outs) > drainDeferMax() {
 		return false
 	}
 	if l.outs == nil {
