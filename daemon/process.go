@@ -446,8 +446,8 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 	if err != nil {
 		return err
 	}
-	// handedOff: a commit went unanswered, and the mark as leaving and
-	// the checkpoint's journal go to recoverUnconfirmed.
+	// handedOff: a commit or an abort went unanswered, and the mark as
+	// leaving and the checkpoint's journal go to recoverUnconfirmed.
 	handedOff := false
 	defer func() {
 		if !handedOff {
@@ -609,6 +609,7 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 		// checkpoint, stopped with the rest: it moves too, so it must
 		// be thawed or killed with them, and its pages served.
 		if now, terr := treeOf(pid); terr == nil {
+			listed := len(tree)
 			for _, p := range now {
 				if slices.Contains(tree, p) {
 					continue
@@ -621,7 +622,9 @@ func (d *Daemon) migrateProcess(ctx context.Context, r *admin.ProcessRequest, re
 				j.Procs = append(j.Procs, journalProc{PID: p, Start: st})
 				d.log.Info("process migration: a child forked during the migration moves too", "pid", pid, "child", p)
 			}
-			err = j.write(journalHeld)
+			if len(tree) > listed {
+				err = j.write(journalHeld)
+			}
 		}
 	}
 	if err != nil {
