@@ -96,7 +96,7 @@ func (d *Daemon) ProcessPrepare(ctx context.Context, from string, r *peer.Proces
 	if err != nil {
 		return err
 	}
-	in := &procIn{from: from, name: r.Name, dir: dir, pages: make(chan error, 1), flows: map[app.Tuple]migrate.Flow{},
+	in := &procIn{from: from, name: r.Name, dir: dir, pages: make(chan error, 1),
 		lazy: r.Lazy, lazyConn: make(chan net.Conn, 1), lazyEnd: make(chan struct{})}
 	d.proc.mu.Lock()
 	if _, dup := d.proc.in[r.TxID]; dup {
